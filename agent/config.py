@@ -1,0 +1,301 @@
+"""The one settings model and its sources.
+
+Sources, strongest first: command-line flags (passed to :func:`load_settings` as ``overrides``),
+environment (``CHRONICLE_AGENT_`` prefix, ``__`` for nesting), the TOML file, defaults.
+
+The TOML file is ``--config PATH``, else ``$CHRONICLE_AGENT_CONFIG``, else
+``/etc/chronicle-agent/config.toml`` for root or
+``$XDG_CONFIG_HOME/chronicle-agent/config.toml``. A missing default file is fine; a missing
+file that was asked for by name is an error.
+
+Any unknown key or bad value raises :class:`agent.errors.ConfigError` with one line naming the
+key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from agent.errors import ConfigError
+
+MiB = 1024 * 1024
+ENV_PREFIX = "CHRONICLE_AGENT_"
+Visibility = Literal["private", "organization", "team", "public"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ChronicleSection(_Section):
+    url: str = ""
+    """Chronicle's base URL; empty means the embedded local server."""
+    token_file: Path | None = None
+    token: SecretStr | None = None
+    """Only from the environment (CHRONICLE_AGENT_CHRONICLE__TOKEN); refused in the TOML file."""
+    request_timeout_s: float = 60.0
+
+
+class AgentSection(_Section):
+    state_dir: Path | None = None
+    socket_path: Path | None = None
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    roots: list[Path] = Field(default_factory=list)
+    """Directories the daemon may read from and write into for callers; empty = no limit
+    beyond the caller's own permissions."""
+    workers: int = Field(default=4, ge=1, le=256)
+    """Jobs worked on at once (transfers within them share upload.concurrency)."""
+
+
+class UploadSection(_Section):
+    concurrency: int = Field(default=8, ge=1, le=1024)
+    """Transfers (PUTs, part PUTs and GETs) in flight at once, across every job."""
+    max_attempts: int = Field(default=8, ge=1, le=1000)
+    """Attempts per request on retryable errors before the job fails."""
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=20.0, gt=0)
+    stall_timeout_s: float = Field(default=30.0, gt=0)
+    """A transfer that moves no byte for this long is cut and retried."""
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    bandwidth_limit_bytes_per_s: int = Field(default=0, ge=0)
+    """0 = unlimited."""
+    chunk_bytes: int = Field(default=1 * MiB, ge=4096, le=64 * MiB)
+    """Read size when streaming from disk."""
+    visibility: Visibility = "private"
+
+
+class DownloadSection(_Section):
+    cache_dir: Path | None = None
+    cache_max_bytes: int = Field(default=50 * 1024 * MiB, ge=0)
+
+
+SealKind = Literal["marker", "dcp_metadata", "rename_dir", "rename_file", "quiescence"]
+
+
+class WatchRule(_Section):
+    path: str
+    """Glob of checkpoint paths (directories or files), e.g. /scratch/runs/*/ckpt/step-*."""
+    asset_type: str = "checkpoint"
+    seal: list[SealKind] = Field(
+        default_factory=lambda: ["marker", "dcp_metadata", "rename_dir", "quiescence"]
+    )
+    markers: list[str] = Field(default_factory=lambda: ["_SUCCESS", "commit_success.txt"])
+    quiescence_s: float = Field(default=30.0, gt=0)
+    run_id: str = ""
+    """Where the run id comes from: a literal id, or "{N}" for the N-th path segment of the
+    match, or empty for the run that registered the rule."""
+    copy_files: list[str] = Field(default_factory=list)
+    """Globs (relative to the checkpoint) of files copied at seal rather than hardlinked,
+    for writers that rewrite a file in place."""
+    poll: bool | None = None
+    """Force polling (True) or events (False); None = decide by filesystem type."""
+
+
+class RunsSection(_Section):
+    lease_s: float = Field(default=60.0, gt=0)
+    on_exit: Literal["drain", "abandon"] = "drain"
+
+
+class ServerSection(_Section):
+    listen: str = ""
+    """HOST:PORT; empty = 127.0.0.1:8470 standalone, an ephemeral loopback port embedded."""
+    public_url: str = ""
+    state_dir: Path | None = None
+    storage: str = ""
+    """file:///DIR (default: <state_dir>/objects) or s3://BUCKET?endpoint=URL."""
+    multipart_threshold_bytes: int = Field(default=64 * MiB, ge=5 * MiB)
+    part_size_bytes: int = Field(default=32 * MiB, ge=5 * MiB)
+    tokens_file: Path | None = None
+    url_expiry_s: int = Field(default=3600, ge=1)
+    inline_max_bytes: int = Field(default=8 * MiB, ge=1)
+
+
+class LogSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class DebugSection(_Section):
+    crash_point: str = ""
+    """Makes the daemon SIGKILL itself at a named step, for crash-recovery tests:
+    before_register, after_register_sent, after_register, after_part:N, before_finalize,
+    after_finalize_sent, after_finalize. Empty = never."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    chronicle: ChronicleSection = Field(default_factory=ChronicleSection)
+    agent: AgentSection = Field(default_factory=AgentSection)
+    upload: UploadSection = Field(default_factory=UploadSection)
+    download: DownloadSection = Field(default_factory=DownloadSection)
+    watch: list[WatchRule] = Field(default_factory=list)
+    runs: RunsSection = Field(default_factory=RunsSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    log: LogSection = Field(default_factory=LogSection)
+    debug: DebugSection = Field(default_factory=DebugSection)
+
+    @field_validator("watch", mode="before")
+    @classmethod
+    def _watch_list(cls, v: Any) -> Any:
+        return v if v is not None else []
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    # ---- resolved paths -------------------------------------------------------------
+
+    def state_dir(self) -> Path:
+        if self.agent.state_dir is not None:
+            return self.agent.state_dir
+        if os.geteuid() == 0:
+            return Path("/var/lib/chronicle-agent")
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "chronicle-agent"
+
+    def socket_path(self) -> Path:
+        return resolve_socket_path(self.agent.socket_path)
+
+    def server_state_dir(self) -> Path:
+        return self.server.state_dir or (self.state_dir() / "server")
+
+    def cache_dir(self) -> Path:
+        return self.download.cache_dir or (self.state_dir() / "cache")
+
+    def token(self) -> str | None:
+        """The daemon's own Chronicle token: env, else token_file, else systemd credential."""
+        if self.chronicle.token is not None:
+            return self.chronicle.token.get_secret_value()
+        if self.chronicle.token_file is not None:
+            try:
+                return self.chronicle.token_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError(
+                    f"chronicle.token_file = {str(self.chronicle.token_file)!r}: cannot read "
+                    f"({e.strerror})"
+                ) from None
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir:
+            p = Path(cred_dir) / "chronicle-token"
+            if p.exists():
+                return p.read_text().strip()
+        return None
+
+
+def resolve_socket_path(configured: Path | None = None) -> Path:
+    env = os.environ.get(ENV_PREFIX + "SOCKET")
+    if env:
+        return Path(env)
+    if configured is not None:
+        return configured
+    if os.geteuid() == 0:
+        return Path("/run/chronicle-agent/agent.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "chronicle-agent" / "agent.sock"
+    return Path(f"/tmp/chronicle-agent-{os.getuid()}/agent.sock")
+
+
+def default_config_path() -> tuple[Path, bool]:
+    """The TOML file to read and whether it was asked for explicitly."""
+    env = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env:
+        return Path(env), True
+    if os.geteuid() == 0:
+        return Path("/etc/chronicle-agent/config.toml"), False
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "chronicle-agent" / "config.toml", False
+
+
+_config_file: Path | None = None
+_config_required = False
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file
+        if path is None:
+            return {}
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            if _config_required:
+                raise ConfigError(f"config file {str(path)!r} does not exist") from None
+            return {}
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r}: cannot read ({e.strerror})") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r}: not valid TOML ({e})") from None
+        chron = data.get("chronicle")
+        if isinstance(chron, dict) and "token" in chron:
+            raise ConfigError(
+                f"config file {str(path)!r}: chronicle.token is not allowed in the file; "
+                "use chronicle.token_file or CHRONICLE_AGENT_CHRONICLE__TOKEN"
+            )
+        return data
+
+
+def _format_error(e: ValidationError) -> str:
+    err = e.errors(include_url=False)[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}"
+    shown = "****" if "token" in key else repr(value)
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"config key {key!r} = {shown}: {err['msg']}{more}"
+
+
+def load_settings(
+    config_path: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the settings from every source. ``overrides`` are command-line flags, nested
+    as in the TOML file (``{"server": {"listen": "127.0.0.1:0"}}``)."""
+    global _config_file, _config_required
+    if config_path is not None:
+        _config_file, _config_required = Path(config_path), True
+    else:
+        _config_file, _config_required = default_config_path()
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+    except ValueError as e:  # pydantic-settings' own parse errors (bad JSON in env, ...)
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def local_login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
