@@ -63,7 +63,10 @@ class UploadSection(_Section):
     concurrency: int = Field(default=8, ge=1, le=1024)
     """Transfers (PUTs, part PUTs and GETs) in flight at once, across every job."""
     max_attempts: int = Field(default=8, ge=1, le=1000)
-    """Attempts per request on retryable errors before the job fails."""
+    """Attempts per request on retryable errors before the job gives up this round."""
+    job_max_attempts: int = Field(default=5, ge=1, le=1000)
+    """Rounds per job: a job whose requests ran out of retries is queued again (after 30 s,
+    doubling up to 10 min) until it has been tried this many times, then it fails."""
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=20.0, gt=0)
     stall_timeout_s: float = Field(default=30.0, gt=0)
@@ -82,15 +85,14 @@ class DownloadSection(_Section):
 
 
 SealKind = Literal["marker", "dcp_metadata", "rename_dir", "rename_file", "quiescence"]
+DEFAULT_SEALS: tuple[SealKind, ...] = ("marker", "dcp_metadata", "rename_dir", "quiescence")
 
 
 class WatchRule(_Section):
     path: str
     """Glob of checkpoint paths (directories or files), e.g. /scratch/runs/*/ckpt/step-*."""
     asset_type: str = "checkpoint"
-    seal: list[SealKind] = Field(
-        default_factory=lambda: ["marker", "dcp_metadata", "rename_dir", "quiescence"]
-    )
+    seal: list[SealKind] = Field(default_factory=lambda: list(DEFAULT_SEALS))
     markers: list[str] = Field(default_factory=lambda: ["_SUCCESS", "commit_success.txt"])
     quiescence_s: float = Field(default=30.0, gt=0)
     run_id: str = ""

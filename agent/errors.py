@@ -158,7 +158,7 @@ _BY_STATUS: dict[int, type[ChronicleError]] = {
 
 def chronicle_error(status: int, body: Any) -> ChronicleError:
     """Build the right ChronicleError from a status and a decoded JSON body (or None)."""
-    code, message = "http_%d" % status, f"Chronicle answered HTTP {status}"
+    code, message = f"http_{status}", f"Chronicle answered HTTP {status}"
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         code = str(body["error"].get("code") or code)
         message = str(body["error"].get("message") or message)

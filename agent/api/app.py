@@ -1,0 +1,383 @@
+"""The daemon's socket API: HTTP/1.1 with JSON over a Unix socket.
+
+Every call is tied to the caller's uid from SO_PEERCRED. Calls only validate and write rows
+into the queue (or, for the guide's register step, register through the engine and answer
+with the URLs); transfers happen in the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import anyio.to_thread
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent import __version__
+from agent.errors import AgentError, ChronicleError, UsageError
+from agent.queue.store import TERMINAL, Job, JobKind, StateConflict
+from agent.transfer.download import check_dest
+from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+
+log = logging.getLogger(__name__)
+Visibility = Literal["private", "organization", "team", "public"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UploadReq(_Body):
+    path: str
+    asset_type: str = Field(min_length=1)
+    run_id: str | None = None
+    content_type: str | None = None
+    visibility: Visibility | None = None
+
+
+class InlineReq(_Body):
+    asset_type: str = Field(min_length=1)
+    content: Any
+    content_type: str | None = None
+    run_id: str | None = None
+    visibility: Visibility | None = None
+
+
+class ComponentSpec(_Body):
+    name: str
+    size: int | None = Field(default=None, ge=0)
+    content_type: str | None = None
+
+
+class PresignedReq(_Body):
+    asset_type: str = Field(min_length=1)
+    components: list[str | ComponentSpec] = Field(min_length=1)
+    run_id: str | None = None
+    visibility: Visibility | None = None
+
+
+class ComponentReq(_Body):
+    url: str | None = None
+    name: str | None = None
+    path: str
+    content_type: str | None = None
+
+
+class DownloadReq(_Body):
+    asset_id: str = Field(min_length=1)
+    dest: str
+    allow_invalid: bool = False
+
+
+class RunReq(_Body):
+    run_id: str | None = None
+    pid: int | None = None
+    watch: list[dict[str, Any]] | None = None
+    on_exit: Literal["drain", "abandon"] | None = None
+    name: str | None = None
+
+
+class FinishReq(_Body):
+    status: Literal["finished", "failed", "crashed"] = "finished"
+
+
+def peer_uid(request: web.Request) -> int:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return os.getuid()
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error_response(e.status, "not_found" if e.status == 404 else
+                                  "method_not_allowed" if e.status == 405 else "invalid_request",
+                                  f"{request.method} {request.path}: {e.reason}")
+        raise
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        return error_response(400, "invalid_request", f"{loc}: {msg}")
+    except StateConflict as e:
+        return error_response(404 if e.code == "not_found" else 409, e.code, e.message)
+    except ChronicleError as e:
+        return error_response(e.status, e.code, e.message)
+    except UsageError as e:
+        return error_response(400, e.code, e.message)
+    except AgentError as e:
+        return error_response(502, e.code, e.message)
+    except Exception:
+        log.exception("socket API %s %s failed", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; see the daemon's log")
+
+
+async def _json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise UsageError(f"malformed JSON body: {e}") from None
+
+
+class Api:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.q = daemon.queue
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[errors_middleware], client_max_size=64 << 20)
+        r = app.router
+        r.add_get("/v1/health", self.health)
+        r.add_get("/metrics", self.metrics)
+        r.add_post("/v1/runs", self.create_run)
+        r.add_post("/v1/runs/{run_id}/heartbeat", self.heartbeat)
+        r.add_post("/v1/runs/{run_id}/finish", self.finish_run)
+        r.add_post("/v1/uploads", self.upload)
+        r.add_post("/v1/assets/inline", self.inline)
+        r.add_post("/v1/assets/presigned", self.presigned)
+        r.add_post("/v1/assets/{asset_id}/components", self.component)
+        r.add_post("/v1/assets/{asset_id}/finalize", self.finalize)
+        r.add_post("/v1/downloads", self.download)
+        r.add_get("/v1/jobs", self.jobs)
+        r.add_get("/v1/jobs/{job_id}", self.job)
+        r.add_get("/v1/jobs/{job_id}/wait", self.wait)
+        r.add_post("/v1/jobs/{job_id}/cancel", self.cancel)
+        r.add_post("/v1/jobs/{job_id}/retry", self.retry)
+        return app
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _view(self, job: Job) -> dict[str, Any]:
+        out = job.to_api()
+        live = self.d.workers.live_bytes(job.job_id) if self.d.workers else None
+        if live is not None:
+            out["bytes_done"] = max(0, live)
+        return out
+
+    async def _own_job(self, request: web.Request) -> Job:
+        jid = request.match_info["job_id"]
+        job = await self.q.do(self.q.s.get, jid)
+        uid = peer_uid(request)
+        if job is None or (uid not in (0, job.uid)):
+            raise StateConflict(f"no job {jid}", code="not_found")
+        return job
+
+    async def _enqueue(self, request: web.Request, kind: JobKind, payload: dict[str, Any],
+                       run_id: str | None, asset_key: str | None = None,
+                       bytes_total: int = 0) -> web.Response:
+        job = await self.q.change(self.q.s.enqueue, kind, peer_uid(request), payload,
+                                  run_id=run_id, asset_key=asset_key, bytes_total=bytes_total)
+        log.info("job %s queued (%s)", job.job_id, kind)
+        return web.json_response(self._view(job), status=202)
+
+    def _run_id(self, given: str | None) -> str | None:
+        return given or None
+
+    # ---- service -------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        counts = await self.q.do(self.q.s.counts)
+        m = self.d.metrics
+        return web.json_response({
+            "version": __version__,
+            "chronicle_url": self.d.chronicle_url,
+            "queue": counts,
+            "transfer": {"bytes_per_s_up": round(m.rate_up.per_s()),
+                         "bytes_per_s_down": round(m.rate_down.per_s())},
+            "staging_bytes": self.d.staging_bytes(),
+            "socket": str(self.d.socket_path),
+            "state_dir": str(self.d.state_dir),
+            "pid": os.getpid(),
+        })
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        counts = await self.q.do(self.q.s.counts)
+        text = self.d.metrics.prometheus(counts, self.d.staging_bytes())
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    # ---- runs ----------------------------------------------------------------------------
+
+    async def create_run(self, request: web.Request) -> web.Response:
+        req = RunReq.model_validate(await _json(request))
+        run = await self.d.runs.register(req.run_id, req.pid, peer_uid(request), req.name)
+        return web.json_response(run, status=201)
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        run = await self.d.runs.heartbeat(request.match_info["run_id"])
+        return web.json_response(run)
+
+    async def finish_run(self, request: web.Request) -> web.Response:
+        req = FinishReq.model_validate(await _json(request))
+        run = await self.d.runs.finish(request.match_info["run_id"], req.status)
+        return web.json_response(run)
+
+    # ---- uploads -------------------------------------------------------------------------
+
+    async def upload(self, request: web.Request) -> web.Response:
+        req = UploadReq.model_validate(await _json(request))
+        if not os.path.isabs(req.path):
+            raise UsageError(f"path must be absolute: {req.path!r}")
+        exists = await anyio.to_thread.run_sync(os.path.exists, req.path)
+        if not exists:
+            raise UsageError(f"no such file or directory: {req.path}")
+        payload = req.model_dump(exclude_none=True, exclude={"run_id"})
+        payload.setdefault("visibility", self.d.settings.upload.visibility)
+        return await self._enqueue(request, JobKind.UPLOAD, payload, self._run_id(req.run_id))
+
+    async def inline(self, request: web.Request) -> web.Response:
+        req = InlineReq.model_validate(await _json(request))
+        size = len(json.dumps(req.content))
+        if size > self.d.inline_max_bytes:
+            raise UsageError(f"inline content is {size} bytes; the limit is "
+                             f"{self.d.inline_max_bytes} (upload it as a file instead)",
+                             code="payload_too_large")
+        payload = req.model_dump(exclude_none=True, exclude={"run_id"})
+        payload.setdefault("visibility", self.d.settings.upload.visibility)
+        return await self._enqueue(request, JobKind.INLINE, payload, self._run_id(req.run_id))
+
+    async def presigned(self, request: web.Request) -> web.Response:
+        """The guide's step 1, owned by the daemon: register now, answer with the URLs."""
+        req = PresignedReq.model_validate(await _json(request))
+        comps: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for c in req.components:
+            spec = ComponentSpec(name=c) if isinstance(c, str) else c
+            check_component_name(spec.name)
+            if spec.name in seen:
+                raise UsageError(f"component {spec.name!r} is listed twice")
+            seen.add(spec.name)
+            comps.append({"name": spec.name, "size": spec.size,
+                          "content_type": spec.content_type})
+        rec = await self.q.do(
+            self.q.s.create_asset, asset_type=req.asset_type, uid=peer_uid(request),
+            run_id=req.run_id, visibility=req.visibility or self.d.settings.upload.visibility,
+            components=comps,
+        )
+        up = AssetUpload(self.d.engine, rec, Progress())
+        await up.ensure_registered()
+        upload_urls = {n: p.url for n, p in up.plans.items() if p.url is not None}
+        multipart = {
+            n: {"part_size": p.part_size,
+                "parts": [{"part_number": k, "url": u} for k, u in sorted(p.part_urls.items())]}
+            for n, p in up.plans.items() if p.part_size is not None
+        }
+        return web.json_response({"asset_id": up.asset_id, "upload_urls": upload_urls,
+                                  "multipart": multipart}, status=201)
+
+    async def _asset_of(self, request: web.Request, asset_id: str, url: str | None) -> Any:
+        rec = None
+        if asset_id != "-":
+            rec = await self.q.do(self.q.s.asset_by_id, asset_id)
+        elif url:
+            comp = await self.q.do(self.q.s.component_by_url_hash, url_hash(url))
+            rec = await self.q.do(self.q.s.asset, comp.asset_key) if comp else None
+        uid = peer_uid(request)
+        if rec is None or uid not in (0, rec.uid):
+            raise StateConflict(
+                f"asset {asset_id} was not registered through this daemon "
+                "(register it with create_asset_presigned first)", code="not_found")
+        return rec
+
+    async def component(self, request: web.Request) -> web.Response:
+        req = ComponentReq.model_validate(await _json(request))
+        rec = await self._asset_of(request, request.match_info["asset_id"], req.url)
+        comps = {c.name: c for c in await self.q.do(self.q.s.components, rec.asset_key)}
+        if req.name is not None:
+            name = req.name
+        elif req.url is not None:
+            h = url_hash(req.url)
+            match = [c.name for c in comps.values() if c.url_hash == h]
+            if not match:
+                raise UsageError("that URL is not one this asset's registration returned; "
+                                 "pass the component name instead")
+            name = match[0]
+        else:
+            raise UsageError("give the component's url or name")
+        if name not in comps:
+            raise UsageError(f"asset {rec.asset_id} has no component {name!r}; it has: "
+                             + ", ".join(sorted(comps)))
+        if not os.path.isabs(req.path):
+            raise UsageError(f"path must be absolute: {req.path!r}")
+        if not await anyio.to_thread.run_sync(os.path.isfile, req.path):
+            raise UsageError(f"no such file: {req.path}")
+        payload = {"name": name, "path": req.path, "content_type": req.content_type,
+                   "asset_type": rec.asset_type}
+        size = (await anyio.to_thread.run_sync(os.stat, req.path)).st_size
+        return await self._enqueue(request, JobKind.COMPONENT, payload, rec.run_id,
+                                   asset_key=rec.asset_key, bytes_total=size)
+
+    async def finalize(self, request: web.Request) -> web.Response:
+        rec = await self._asset_of(request, request.match_info["asset_id"], None)
+        return await self._enqueue(request, JobKind.FINALIZE, {"asset_type": rec.asset_type},
+                                   rec.run_id, asset_key=rec.asset_key)
+
+    async def download(self, request: web.Request) -> web.Response:
+        req = DownloadReq.model_validate(await _json(request))
+        await anyio.to_thread.run_sync(check_dest, req.dest)
+        return await self._enqueue(request, JobKind.DOWNLOAD, req.model_dump(), None)
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        uid = peer_uid(request)
+        q = request.query
+        jobs = await self.q.do(self.q.s.list_jobs, run_id=q.get("run_id") or None,
+                               state=q.get("state") or None, uid=None if uid == 0 else uid)
+        return web.json_response({"jobs": [self._view(j) for j in jobs]})
+
+    async def job(self, request: web.Request) -> web.Response:
+        return web.json_response(self._view(await self._own_job(request)))
+
+    async def wait(self, request: web.Request) -> web.Response:
+        job = await self._own_job(request)
+        try:
+            timeout_s = float(request.query.get("timeout_s", "30"))
+        except ValueError:
+            raise UsageError("timeout_s must be a number of seconds") from None
+        deadline = time.monotonic() + max(0.0, min(timeout_s, 300.0))
+        while job.state not in TERMINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await self.q.changed.wait(min(left, 1.0))
+            found = await self.q.do(self.q.s.get, job.job_id)
+            assert found is not None
+            job = found
+        return web.json_response(self._view(job))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        job = await self._own_job(request)
+        job = await self.q.change(self.q.s.request_cancel, job.job_id)
+        self.d.workers.cancel_running(job.job_id)
+        return web.json_response(self._view(job))
+
+    async def retry(self, request: web.Request) -> web.Response:
+        job = await self._own_job(request)
+        job = await self.q.change(self.q.s.retry, job.job_id)
+        return web.json_response(self._view(job))

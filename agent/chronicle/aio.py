@@ -1,0 +1,77 @@
+"""The daemon's carrier for the Chronicle contract: aiohttp, with retries.
+
+Only calls that are safe to repeat are retried: reads, and mutating calls that carry an
+``Idempotency-Key`` (the server replays the first result). Chronicle's own 5xx and
+connection errors are retryable; its 4xx answers become :class:`ChronicleError`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+import aiohttp
+
+from agent.chronicle.contract import Call
+from agent.errors import RETRYABLE_STATUSES, RetryableError, chronicle_error
+from agent.transfer.retry import RetryPolicy
+
+T = TypeVar("T")
+
+
+class AsyncChronicle:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        token: str | None,
+        retry: RetryPolicy | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.retry = retry or RetryPolicy()
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    def __repr__(self) -> str:
+        return f"AsyncChronicle({self.base_url!r})"
+
+    async def send(self, call: Call[T], *, token: str | None = None) -> T:
+        """Send one call; ``token`` overrides the daemon's own (a caller's credentials)."""
+        if call.mutating and call.idempotency_key is None:
+            return await self._once(call, token)
+        return await self.retry.run(lambda: self._once(call, token), f"{call.method} {call.path}")
+
+    async def _once(self, call: Call[T], token: str | None) -> T:
+        headers = {"Accept": "application/json"}
+        bearer = token or self._token
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        if call.idempotency_key:
+            headers["Idempotency-Key"] = call.idempotency_key
+        data = None
+        if call.json is not None:
+            data = json.dumps(call.json).encode()
+            headers["Content-Type"] = "application/json"
+        async with self.session.request(
+            call.method,
+            self.base_url + call.target(),
+            data=data,
+            headers=headers,
+            timeout=self.timeout,
+        ) as resp:
+            raw = await resp.read()
+            body: Any = None
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+            if resp.status in call.ok:
+                return call.parse(body)
+            if resp.status in RETRYABLE_STATUSES:
+                raise RetryableError(
+                    f"Chronicle {call.method} {call.path}: HTTP {resp.status}", status=resp.status
+                )
+            raise chronicle_error(resp.status, body)

@@ -1,0 +1,280 @@
+"""The Chronicle asset API as data: one function per call, each returning a :class:`Call`.
+
+This is the only place in the agent that knows Chronicle's routes and bodies. A transport
+(``agent.chronicle.sync`` on the standard library, ``agent.chronicle.aio`` on aiohttp)
+sends a Call and hands the decoded JSON to ``call.parse``. A Chronicle that differs in
+detail needs a change here, not in the daemon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote, urlencode
+
+from agent.chronicle import models as m
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    json: Any = None
+    query: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    ok: tuple[int, ...] = (200, 201)
+
+    @property
+    def mutating(self) -> bool:
+        return self.method != "GET"
+
+    def target(self) -> str:
+        """Path and query (no host)."""
+        q = {k: v for k, v in self.query.items() if v is not None}
+        return self.path + ("?" + urlencode(q) if q else "")
+
+
+def _p(segment: str) -> str:
+    return quote(segment, safe="")
+
+
+def _raw(body: Any) -> Any:
+    return body
+
+
+def _none(body: Any) -> None:
+    return None
+
+
+def _components(components: Iterable[str | m.ComponentDecl | Mapping[str, Any]]) -> list[Any]:
+    out: list[Any] = []
+    for c in components:
+        if isinstance(c, m.ComponentDecl):
+            out.append(c.wire())
+        elif isinstance(c, str):
+            out.append(c)
+        else:
+            out.append(m.ComponentDecl.model_validate(dict(c)).wire())
+    return out
+
+
+# ---- service -------------------------------------------------------------------------------
+
+
+def health() -> Call[dict[str, Any]]:
+    return Call("GET", "/v1/health", _raw)
+
+
+# ---- runs ----------------------------------------------------------------------------------
+
+
+def create_run(run_id: str | None = None, name: str | None = None) -> Call[m.Run]:
+    body: dict[str, Any] = {}
+    if run_id:
+        body["run_id"] = run_id
+    if name:
+        body["name"] = name
+    key = f"run-create:{run_id}" if run_id else None
+    return Call("POST", "/v1/runs", m.Run.model_validate, body, idempotency_key=key)
+
+
+def get_run(run_id: str) -> Call[m.Run]:
+    return Call("GET", f"/v1/runs/{_p(run_id)}", m.Run.model_validate)
+
+
+def end_run(run_id: str, status: str, idempotency_key: str | None = None) -> Call[m.Run]:
+    return Call(
+        "POST",
+        f"/v1/runs/{_p(run_id)}/end",
+        m.Run.model_validate,
+        {"status": status},
+        idempotency_key=idempotency_key,
+    )
+
+
+# ---- assets: upload ------------------------------------------------------------------------
+
+
+def create_inline(
+    asset_type: str,
+    content: Any,
+    *,
+    content_type: str | None = None,
+    output_of: str | None = None,
+    visibility: str | None = None,
+    idempotency_key: str | None = None,
+) -> Call[m.Asset]:
+    body: dict[str, Any] = {"asset_type": asset_type, "content": content}
+    if content_type:
+        body["content_type"] = content_type
+    if output_of:
+        body["output_of"] = output_of
+    if visibility:
+        body["visibility"] = visibility
+    return Call(
+        "POST", "/v1/assets/inline", m.Asset.model_validate, body, idempotency_key=idempotency_key
+    )
+
+
+def register(
+    asset_type: str,
+    components: Iterable[str | m.ComponentDecl | Mapping[str, Any]],
+    *,
+    output_of: str | None = None,
+    visibility: str | None = None,
+    idempotency_key: str | None = None,
+) -> Call[m.UploadUrls]:
+    body: dict[str, Any] = {"asset_type": asset_type, "components": _components(components)}
+    if output_of:
+        body["output_of"] = output_of
+    if visibility:
+        body["visibility"] = visibility
+    return Call(
+        "POST", "/v1/assets", m.UploadUrls.model_validate, body, idempotency_key=idempotency_key
+    )
+
+
+def upload_urls(
+    asset_id: str,
+    components: Iterable[str | m.ComponentDecl | Mapping[str, Any]],
+    parts: Mapping[str, list[int]] | None = None,
+) -> Call[m.UploadUrls]:
+    body: dict[str, Any] = {"components": _components(components)}
+    if parts:
+        body["parts"] = {k: list(v) for k, v in parts.items()}
+    return Call(
+        "POST", f"/v1/assets/{_p(asset_id)}/upload-urls", m.UploadUrls.model_validate, body
+    )
+
+
+def list_uploads(asset_id: str) -> Call[m.Uploads]:
+    return Call("GET", f"/v1/assets/{_p(asset_id)}/uploads", m.Uploads.model_validate)
+
+
+def finalize(
+    asset_id: str,
+    components: Mapping[str, m.FinalizeComponent],
+    idempotency_key: str | None = None,
+) -> Call[m.Asset]:
+    body = {"components": {k: v.model_dump(exclude_none=True) for k, v in components.items()}}
+    return Call(
+        "POST",
+        f"/v1/assets/{_p(asset_id)}/finalize",
+        m.Asset.model_validate,
+        body,
+        idempotency_key=idempotency_key,
+    )
+
+
+def abandon(asset_id: str, reason: str, idempotency_key: str | None = None) -> Call[m.Asset]:
+    return Call(
+        "POST",
+        f"/v1/assets/{_p(asset_id)}/abandon",
+        m.Asset.model_validate,
+        {"reason": reason},
+        idempotency_key=idempotency_key,
+    )
+
+
+# ---- assets: read --------------------------------------------------------------------------
+
+
+def get_asset(asset_id: str, include_presigned: bool = False) -> Call[m.Asset]:
+    query = {"include_presigned": "true"} if include_presigned else {}
+    return Call("GET", f"/v1/assets/{_p(asset_id)}", m.Asset.model_validate, query=query)
+
+
+def list_assets(
+    output_of: str | None = None, state: str | None = None, asset_type: str | None = None
+) -> Call[m.AssetList]:
+    query = {
+        k: v
+        for k, v in {"output_of": output_of, "state": state, "asset_type": asset_type}.items()
+        if v
+    }
+    return Call("GET", "/v1/assets", m.AssetList.model_validate, query=query)
+
+
+# ---- assets: management --------------------------------------------------------------------
+
+
+def deprecate(asset_id: str, reason: str) -> Call[m.Asset]:
+    return Call(
+        "POST", f"/v1/assets/{_p(asset_id)}/deprecate", m.Asset.model_validate, {"reason": reason}
+    )
+
+
+def invalidate(asset_id: str, reason: str) -> Call[m.Asset]:
+    return Call(
+        "POST", f"/v1/assets/{_p(asset_id)}/invalidate", m.Asset.model_validate, {"reason": reason}
+    )
+
+
+def delete(asset_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/assets/{_p(asset_id)}", _none, ok=(200, 204))
+
+
+def grant_access(asset_id: str, principal_id: str, action: str) -> Call[Any]:
+    body = {"principal_id": principal_id, "action": action}
+    return Call("POST", f"/v1/assets/{_p(asset_id)}/access", _raw, body)
+
+
+def revoke_access(asset_id: str, principal_id: str, action: str) -> Call[Any]:
+    query = {"principal_id": principal_id, "action": action}
+    return Call("DELETE", f"/v1/assets/{_p(asset_id)}/access", _raw, query=query, ok=(200, 204))
+
+
+def list_access(asset_id: str) -> Call[m.Grants]:
+    return Call("GET", f"/v1/assets/{_p(asset_id)}/access", m.Grants.model_validate)
+
+
+def share_with_scope(asset_id: str, scope_id: str) -> Call[Any]:
+    return Call("POST", f"/v1/assets/{_p(asset_id)}/share", _raw, {"scope_id": scope_id})
+
+
+def set_visibility(asset_id: str, visibility: str) -> Call[m.Asset]:
+    return Call(
+        "PUT",
+        f"/v1/assets/{_p(asset_id)}/visibility",
+        m.Asset.model_validate,
+        {"visibility": visibility},
+    )
+
+
+def move(asset_id: str, organization_id: str, visibility: str | None = None) -> Call[m.Asset]:
+    body: dict[str, Any] = {"organization_id": organization_id}
+    if visibility:
+        body["visibility"] = visibility
+    return Call("POST", f"/v1/assets/{_p(asset_id)}/move", m.Asset.model_validate, body)
+
+
+def me_scopes() -> Call[m.Scopes]:
+    return Call("GET", "/v1/me/scopes", m.Scopes.model_validate)
+
+
+# ---- experiments (only what assets need) ---------------------------------------------------
+
+
+def create_experiment(name: str) -> Call[dict[str, Any]]:
+    return Call("POST", "/v1/experiments", _raw, {"name": name})
+
+
+def create_variation(
+    experiment_id: str, name: str, inputs: list[str], allow_invalid_assets: bool = False
+) -> Call[dict[str, Any]]:
+    body = {"name": name, "inputs": inputs, "allow_invalid_assets": allow_invalid_assets}
+    return Call("POST", f"/v1/experiments/{_p(experiment_id)}/variations", _raw, body)
+
+
+def add_output(variation_id: str, asset_id: str) -> Call[dict[str, Any]]:
+    return Call(
+        "POST", f"/v1/variations/{_p(variation_id)}/outputs", _raw, {"asset_id": asset_id}
+    )
+
+
+def retract_experiment(experiment_id: str, reason: str) -> Call[dict[str, Any]]:
+    return Call("POST", f"/v1/experiments/{_p(experiment_id)}/retract", _raw, {"reason": reason})

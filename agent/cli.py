@@ -1,0 +1,527 @@
+"""The ``chronicle-agent`` command line: argument parsing and output, nothing else.
+
+:func:`cli` is a function of its arguments that returns the exit code; :func:`main` is the
+console script. Exit codes: 0 success; 1 the operation failed (a failed job, a refusal, a
+verification error); 2 usage or configuration error; 3 the daemon is not reachable.
+Logging handlers are installed here and only here, for the duration of one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from agent.client import SOCKET_ENV, SocketClient
+from agent.errors import (
+    AgentError,
+    ApiError,
+    ConfigError,
+    DaemonUnreachable,
+    JobFailed,
+    UsageError,
+)
+from agent.progress import format_bytes, wait_with_progress
+
+if TYPE_CHECKING:
+    from agent.config import Settings
+
+PROG = "chronicle-agent"
+RUN_ID_ENV = "METHODIC_RUN_ID"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+log = logging.getLogger(__name__)
+
+
+# ---- parsing ----------------------------------------------------------------------------
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    """Options accepted before or after the subcommand (SUPPRESS: unset ones stay unset)."""
+    g = parser.add_argument_group("global options")
+    g.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                   help="settings file (default: $CHRONICLE_AGENT_CONFIG, else the "
+                        "per-user or system config.toml)")
+    g.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                   help="the daemon's socket (same as CHRONICLE_AGENT_SOCKET)")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging")
+    g.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                   help="log line format (default: log.format from the settings)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Upload/download sidecar for Chronicle assets.",
+        epilog="exit codes: 0 ok, 1 operation failed, 2 usage or configuration error, "
+               "3 daemon not reachable",
+    )
+    _global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _global_options(p)
+        return p
+
+    p = command("daemon", "run the daemon: socket API, queue, watcher, transfers")
+    p.add_argument("--state-dir", metavar="DIR", help="overrides agent.state_dir")
+    p.add_argument("--chronicle-url", metavar="URL",
+                   help="overrides chronicle.url (empty: the embedded local server)")
+    p.set_defaults(handler=cmd_daemon)
+
+    p = command("server", "run the local Chronicle-compatible server on its own")
+    p.add_argument("--storage", metavar="URL", help="file:///DIR or s3://BUCKET?endpoint=URL")
+    p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8470")
+    p.add_argument("--state-dir", metavar="DIR", help="overrides server.state_dir")
+    p.add_argument("--public-url", metavar="URL",
+                   help="base URL put into presigned disk-store URLs")
+    p.set_defaults(handler=cmd_server)
+
+    p = command("upload", "upload a file or a directory as one asset, through the daemon")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--type", dest="asset_type", required=True, metavar="TYPE",
+                   help="asset type, e.g. checkpoint")
+    _upload_options(p)
+    p.add_argument("--visibility", metavar="V", help="private, organization, team or public")
+    p.set_defaults(handler=cmd_upload)
+
+    p = command("upload-inline", "create a small inline asset (JSON or text)")
+    p.add_argument("--type", dest="asset_type", required=True, metavar="TYPE")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", metavar="F",
+                     help="text file (.md → text/markdown, .json → JSON, else text/plain)")
+    src.add_argument("--json-content", metavar="JSON", help="the content, as JSON")
+    _upload_options(p)
+    p.add_argument("--visibility", metavar="V", help="private, organization, team or public")
+    p.set_defaults(handler=cmd_upload_inline)
+
+    p = command("download", "download an asset into an empty or new directory")
+    p.add_argument("asset_id", metavar="ASSET_ID")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--allow-invalid", action="store_true",
+                   help="download an invalidated asset anyway")
+    p.add_argument("--json", action="store_true", help="print the files as JSON")
+    p.set_defaults(handler=cmd_download)
+
+    p = command("status", "the daemon's health: version, Chronicle, queue, rates")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = command("jobs", "list jobs")
+    p.add_argument("--run", metavar="RUN_ID")
+    p.add_argument("--state", metavar="STATE",
+                   help="queued, running, done, failed, cancelled or abandoned")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_jobs)
+
+    for name, help_ in (("cancel", "cancel a job"), ("retry", "retry a failed job")):
+        p = command(name, help_)
+        p.add_argument("job_id", metavar="JOB")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=cmd_cancel if name == "cancel" else cmd_retry)
+    return parser
+
+
+def _upload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", metavar="RUN_ID", help="the run (default: $METHODIC_RUN_ID)")
+    p.add_argument("--content-type", metavar="T")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the asset to be ready, showing progress")
+    p.add_argument("--json", action="store_true", help="print the job object")
+
+
+# ---- entry points -----------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    out: TextIO
+    err: TextIO
+    _settings: Settings | None = None
+
+    def settings(self, overrides: dict[str, Any] | None = None) -> Settings:
+        if self._settings is None or overrides:
+            from agent.config import load_settings
+
+            self._settings = load_settings(getattr(self.args, "config", None), overrides)
+        return self._settings
+
+    def client(self) -> SocketClient:
+        return SocketClient(self.settings().socket_path())
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    def print_json(self, obj: Any) -> None:
+        print(json.dumps(obj, indent=2), file=self.out)
+
+    def warn(self, text: str) -> None:
+        print(text, file=self.err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script ``chronicle-agent`` (and ``python -m agent``)."""
+    return cli(*(sys.argv[1:] if argv is None else argv))
+
+
+def cli(*args: str) -> int:
+    """Run one command line; returns its exit code. Output goes to the current
+    ``sys.stdout`` / ``sys.stderr``."""
+    out, err = sys.stdout, sys.stderr
+    try:
+        ns = build_parser().parse_args(list(args))
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    ctx = Ctx(ns, out, err)
+    with _socket_env(getattr(ns, "socket", None)):
+        try:
+            with _logging(ctx):
+                handler: Callable[[Ctx], int] = ns.handler
+                return handler(ctx)
+        except (ConfigError, UsageError) as e:
+            return _fail(ctx, str(e), EXIT_USAGE)
+        except DaemonUnreachable as e:
+            return _fail(ctx, str(e), EXIT_UNREACHABLE)
+        except ApiError as e:
+            return _fail(ctx, f"{e.code}: {e.message}", EXIT_FAILED)
+        except JobFailed as e:
+            return _fail(ctx, str(e), EXIT_FAILED)
+        except AgentError as e:
+            return _fail(ctx, f"{e.code}: {e.message}", EXIT_FAILED)
+        except KeyboardInterrupt:
+            return 130
+
+
+def _fail(ctx: Ctx, message: str, code: int) -> int:
+    ctx.warn(f"{PROG}: error: {message}")
+    return code
+
+
+@contextmanager
+def _socket_env(path: str | None) -> Iterator[None]:
+    """``--socket`` sets CHRONICLE_AGENT_SOCKET for this call (the daemon reads it too)."""
+    if path is None:
+        yield
+        return
+    old = os.environ.get(SOCKET_ENV)
+    os.environ[SOCKET_ENV] = str(Path(path).expanduser().absolute())
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SOCKET_ENV, None)
+        else:
+            os.environ[SOCKET_ENV] = old
+
+
+# ---- logging ------------------------------------------------------------------------------
+
+_STD_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and any ``extra=`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STD_RECORD_ATTRS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+@contextmanager
+def _logging(ctx: Ctx) -> Iterator[None]:
+    """Install one stderr handler on the root logger for the duration of the command."""
+    args = ctx.args
+    long_running = args.command in ("daemon", "server")
+    fmt = getattr(args, "log_format", None)
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    elif long_running:
+        level = logging.getLevelName(ctx.settings().log.level.upper())
+    else:
+        level = logging.WARNING
+    if fmt is None and long_running:
+        fmt = ctx.settings().log.format
+    handler = logging.StreamHandler(ctx.err)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+# ---- services -----------------------------------------------------------------------------
+
+
+def cmd_daemon(ctx: Ctx) -> int:
+    args = ctx.args
+    overrides: dict[str, Any] = {}
+    if args.state_dir:
+        overrides.setdefault("agent", {})["state_dir"] = args.state_dir
+    if args.chronicle_url is not None:
+        overrides.setdefault("chronicle", {})["url"] = args.chronicle_url
+    settings = ctx.settings(overrides)
+    from agent.daemon import run_daemon  # type: ignore[import-not-found, attr-defined, unused-ignore]
+
+    return int(run_daemon(settings))
+
+
+def cmd_server(ctx: Ctx) -> int:
+    args = ctx.args
+    server = {
+        key: value
+        for key, value in (
+            ("storage", args.storage),
+            ("listen", args.listen),
+            ("state_dir", args.state_dir),
+            ("public_url", args.public_url),
+        )
+        if value is not None
+    }
+    settings = ctx.settings({"server": server} if server else None)
+    from agent.server import serve_forever  # type: ignore[attr-defined, unused-ignore]
+
+    return int(serve_forever(settings))
+
+
+# ---- transfers ----------------------------------------------------------------------------
+
+
+def _existing_path(raw: str) -> Path:
+    path = Path(os.path.abspath(Path(raw).expanduser()))
+    if not path.exists():
+        raise UsageError(f"no such file or directory: {raw}")
+    return path
+
+
+def _run_id(args: argparse.Namespace) -> str | None:
+    return args.run or os.environ.get(RUN_ID_ENV) or None
+
+
+def _put_opt(body: dict[str, Any], **values: Any) -> None:
+    for key, value in values.items():
+        if value is not None:
+            body[key] = value
+
+
+def cmd_upload(ctx: Ctx) -> int:
+    args = ctx.args
+    path = _existing_path(args.path)
+    body: dict[str, Any] = {"path": str(path), "asset_type": args.asset_type}
+    _put_opt(body, run_id=_run_id(args), content_type=args.content_type,
+             visibility=args.visibility)
+    client = ctx.client()
+    job = client.request("POST", "/v1/uploads", body)
+    return _report_job(ctx, client, job, wait=args.wait)
+
+
+def _inline_content(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The content and content type of ``upload-inline``."""
+    if args.json_content is not None:
+        try:
+            return json.loads(args.json_content), args.content_type
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--json-content is not valid JSON: {e}") from None
+    path = _existing_path(args.file)
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--file {args.file}: not UTF-8 text") from None
+    except OSError as e:
+        raise UsageError(f"--file {args.file}: {e.strerror}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json" and args.content_type is None:
+        try:
+            return json.loads(text), None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--file {args.file} is not valid JSON: {e}") from None
+    if args.content_type is not None:
+        return text, args.content_type
+    return text, "text/markdown" if suffix in (".md", ".markdown") else "text/plain"
+
+
+def cmd_upload_inline(ctx: Ctx) -> int:
+    args = ctx.args
+    content, content_type = _inline_content(args)
+    body: dict[str, Any] = {"asset_type": args.asset_type, "content": content}
+    _put_opt(body, content_type=content_type, run_id=_run_id(args), visibility=args.visibility)
+    client = ctx.client()
+    job = client.request("POST", "/v1/assets/inline", body)
+    return _report_job(ctx, client, job, wait=args.wait)
+
+
+def _report_job(ctx: Ctx, client: SocketClient, job: dict[str, Any], *, wait: bool) -> int:
+    """Shared ending of upload and upload-inline: print the job id, or wait and report."""
+    if not wait:
+        if ctx.args.json:
+            ctx.print_json(job)
+        else:
+            ctx.print(str(job["job_id"]))
+        return EXIT_OK
+    final = _wait(ctx, client, job)
+    if ctx.args.json:
+        ctx.print_json(final)
+    elif final.get("state") == "done":
+        ctx.print(str(final.get("asset_id")))
+    return _job_exit(ctx, final)
+
+
+def _wait(ctx: Ctx, client: SocketClient, job: dict[str, Any]) -> dict[str, Any]:
+    try:
+        final = wait_with_progress(client, job, ctx.err)
+    except KeyboardInterrupt:
+        jid = job["job_id"]
+        ctx.warn(f"interrupted: job {jid} goes on in the daemon "
+                 f"(`{PROG} cancel {jid}` stops it)")
+        raise
+    for warning in final.get("warnings") or []:
+        ctx.warn(f"warning: {warning}")
+    return final
+
+
+def _job_exit(ctx: Ctx, job: dict[str, Any]) -> int:
+    if job.get("state") == "done":
+        return EXIT_OK
+    err = job.get("error") or {}
+    detail = f": {err.get('code')}: {err.get('message')}" if err else ""
+    ctx.warn(f"{PROG}: error: job {job.get('job_id')} ended {job.get('state')}{detail}")
+    return EXIT_FAILED
+
+
+def cmd_download(ctx: Ctx) -> int:
+    args = ctx.args
+    dest = Path(os.path.abspath(Path(args.dest).expanduser()))
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UsageError(f"{args.dest} exists and is not an empty directory")
+    body = {"asset_id": args.asset_id, "dest": str(dest), "allow_invalid": args.allow_invalid}
+    client = ctx.client()
+    final = _wait(ctx, client, client.request("POST", "/v1/downloads", body))
+    if final.get("state") != "done":
+        return _job_exit(ctx, final)
+    result = final.get("result") or {}
+    files = list(result.get("files") or []) if isinstance(result, dict) else []
+    if args.json:
+        ctx.print_json({"asset_id": args.asset_id, "dest": str(dest), "files": files})
+    else:
+        total = sum(int(f.get("size") or 0) for f in files)
+        ctx.print(f"{args.asset_id}: {len(files)} file(s), {format_bytes(total)} in {dest}")
+    return EXIT_OK
+
+
+# ---- the queue ----------------------------------------------------------------------------
+
+
+def cmd_status(ctx: Ctx) -> int:
+    client = ctx.client()
+    health = client.health()
+    if ctx.args.json:
+        ctx.print_json(health)
+        return EXIT_OK
+    queue = health.get("queue") or {}
+    transfer = health.get("transfer") or {}
+    rows = [
+        ("version", str(health.get("version"))),
+        ("socket", str(client.socket_path)),
+        ("chronicle", str(health.get("chronicle_url") or "-")),
+        ("queue", ", ".join(f"{k} {v}" for k, v in queue.items()) or "empty"),
+        ("upload", f"{format_bytes(float(transfer.get('bytes_per_s_up') or 0))}/s"),
+        ("download", f"{format_bytes(float(transfer.get('bytes_per_s_down') or 0))}/s"),
+        ("staging", format_bytes(float(health.get("staging_bytes") or 0))),
+    ]
+    for key, value in rows:
+        ctx.print(f"{key + ':':<11}{value}")
+    return EXIT_OK
+
+
+def _progress_cell(job: dict[str, Any]) -> str:
+    total, done = int(job.get("bytes_total") or 0), int(job.get("bytes_done") or 0)
+    if total <= 0:
+        return format_bytes(done) if done else "-"
+    return f"{done * 100 // total}% of {format_bytes(total)}"
+
+
+def _error_cell(job: dict[str, Any]) -> str:
+    err = job.get("error")
+    if not err:
+        return ""
+    return f"{err.get('code')}: {err.get('message')}"
+
+
+def format_jobs_table(jobs: list[dict[str, Any]]) -> str:
+    header = ("JOB", "KIND", "STATE", "PROGRESS", "ASSET", "ERROR")
+    rows = [
+        (
+            str(j.get("job_id")),
+            str(j.get("kind")),
+            str(j.get("state")),
+            _progress_cell(j),
+            str(j.get("asset_id") or "-"),
+            _error_cell(j),
+        )
+        for j in jobs
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_jobs(ctx: Ctx) -> int:
+    jobs = ctx.client().list_jobs(run_id=ctx.args.run, state=ctx.args.state)
+    if ctx.args.json:
+        ctx.print_json({"jobs": jobs})
+    elif jobs:
+        ctx.print(format_jobs_table(jobs))
+    else:
+        ctx.warn("no jobs")
+    return EXIT_OK
+
+
+def _print_job(ctx: Ctx, job: dict[str, Any]) -> None:
+    if ctx.args.json:
+        ctx.print_json(job)
+    else:
+        ctx.print(format_jobs_table([job]))
+
+
+def cmd_cancel(ctx: Ctx) -> int:
+    _print_job(ctx, ctx.client().cancel_job(ctx.args.job_id))
+    return EXIT_OK
+
+
+def cmd_retry(ctx: Ctx) -> int:
+    _print_job(ctx, ctx.client().retry_job(ctx.args.job_id))
+    return EXIT_OK
+

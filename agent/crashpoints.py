@@ -1,0 +1,72 @@
+"""Crash points: the daemon SIGKILLs itself at a named step, so tests can hit the narrow
+windows of crash recovery for real (``debug.crash_point`` / CHRONICLE_AGENT_DEBUG__CRASH_POINT).
+
+Names: ``before_register``, ``after_register_sent`` (Chronicle answered, the answer is not
+stored yet), ``after_register``, ``after_part:N`` (the N-th part acknowledged by storage in
+this process, its ETag stored), ``mid_part:N`` (during the N-th part PUT, after half its
+bytes), ``after_component:N`` (the N-th component fully uploaded), ``before_finalize``,
+``after_finalize_sent`` (Chronicle finalized, nothing stored), ``after_finalize`` (stored, job
+not yet marked done), ``mid_download:N`` (after N bytes of a download). A point may be
+followed by ``@K`` to fire only on the K-th start of the daemon with this state dir (counted in
+``<state_dir>/crash-starts``), so a test can let the restart pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+
+class CrashPoints:
+    def __init__(self, spec: str) -> None:
+        self.name, self.n = "", 0
+        self._counts: dict[str, int] = {}
+        if spec:
+            name, _, n = spec.partition(":")
+            self.name = name
+            self.n = int(n) if n else 0
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.name)
+
+    def hit(self, name: str) -> None:
+        """Call at a named step; kills the process if this is the configured point."""
+        if name != self.name:
+            return
+        c = self._counts[name] = self._counts.get(name, 0) + 1
+        if self.n and c != self.n:
+            return
+        log.warning("crash point %s reached: killing the daemon (SIGKILL)", name)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def progress(self, name: str, done: int) -> None:
+        """For byte-count points (``mid_download:N``): fire once ``done`` reaches N."""
+        if name == self.name and self.n and done >= self.n:
+            self.n = 0
+            self.name = name
+            self._counts[name] = -1
+            log.warning("crash point %s reached: killing the daemon (SIGKILL)", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def from_settings(spec: str, state_dir: str) -> CrashPoints:
+    """Honour ``name@K``: armed only on the K-th start with this state dir."""
+    if "@" not in spec:
+        return CrashPoints(spec)
+    point, _, k = spec.partition("@")
+    path = os.path.join(state_dir, "crash-starts")
+    try:
+        with open(path) as f:
+            starts = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        starts = 0
+    starts += 1
+    with open(path, "w") as f:
+        f.write(str(starts))
+    return CrashPoints(point if starts == int(k) else "")

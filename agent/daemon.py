@@ -1,0 +1,221 @@
+"""The daemon: start order, stop order.
+
+Start: state dir (0700) and its lock (one daemon per state dir) → queue (jobs left running
+by a dead daemon go back to the queue) → Chronicle (the embedded local server when no URL
+is configured) → HTTP sessions and the transfer engine → socket → workers.
+
+Stop (SIGTERM/SIGINT): stop claiming work, cancel in-flight transfers (every acknowledged
+part is already recorded, so the restart resumes them), close the socket, the sessions, the
+embedded server and the queue.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.abc
+import anyio.to_thread
+from aiohttp import web
+
+from agent.chronicle.aio import AsyncChronicle
+from agent.config import Settings
+from agent.crashpoints import from_settings
+from agent.errors import AgentError, ConfigError
+from agent.metrics import Metrics
+from agent.queue.aqueue import AsyncQueue
+from agent.queue.store import new_id
+from agent.runs.registry import RunRegistry
+from agent.transfer.limits import Limits
+from agent.transfer.retry import RetryPolicy
+from agent.transfer.upload import Engine
+from agent.transfer.worker import Workers
+
+log = logging.getLogger(__name__)
+
+
+class DaemonError(AgentError):
+    code = "daemon_error"
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir()
+        self.socket_path = settings.socket_path()
+        self.metrics = Metrics()
+        self.chronicle_url = ""
+        self.inline_max_bytes = settings.server.inline_max_bytes
+        self.queue: AsyncQueue
+        self.engine: Engine
+        self.workers: Workers
+        self.runs = RunRegistry(self)
+        self._lock_fd: int | None = None
+        self._server: Any = None
+        self._stop = anyio.Event()
+
+    def staging_bytes(self) -> int:
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ---- start pieces --------------------------------------------------------------------
+
+    def _lock_state_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(
+                f"another chronicle-agent daemon is running with state dir {self.state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def _chronicle(self) -> tuple[str, str | None]:
+        url = self.settings.chronicle.url
+        if url:
+            return url.rstrip("/"), self.settings.token()
+        from agent.server import start_server
+
+        self._server = await start_server(self.settings, embedded=True)
+        token = self._server.local_token
+        log.info("embedded Chronicle at %s", self._server.url)
+        return str(self._server.url), token
+
+    def _bind_socket(self) -> socket.socket:
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.exists() or path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale, from a daemon that died
+            else:
+                raise DaemonError(f"socket {path} is in use by another daemon")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, self.settings.agent.socket_mode)
+        group = self.settings.agent.socket_group
+        if group:
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except KeyError:
+                raise ConfigError(f"agent.socket_group = {group!r}: no such group") from None
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    # ---- main ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._lock_state_dir()
+        crash = from_settings(self.settings.debug.crash_point, str(self.state_dir))
+        self.queue = await AsyncQueue.open(self.state_dir / "queue.db")
+        requeued = await self.queue.do(self.queue.s.recover)
+        if requeued:
+            log.info("resuming %d job(s) left running by the previous daemon", requeued)
+        up = self.settings.upload
+        try:
+            self.chronicle_url, token = await self._chronicle()
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
+            storage = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout_s),
+                auto_decompress=False,
+            )
+            # Our retry policy owns retries: aiohttp's own silent resend of an idempotent
+            # request could replay a half-consumed streaming body.
+            storage._retry_connection = False
+            api_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=self.settings.chronicle.request_timeout_s,
+                sock_connect=up.connect_timeout_s))
+            try:
+                chronicle = AsyncChronicle(
+                    api_session, self.chronicle_url, token,
+                    RetryPolicy(up.max_attempts, up.backoff_base_s, up.backoff_max_s),
+                    self.settings.chronicle.request_timeout_s,
+                )
+                limits = Limits(up.concurrency, up.bandwidth_limit_bytes_per_s)
+                self.engine = Engine(self.settings, self.queue, chronicle, storage, limits,
+                                     self.metrics, crash)
+                self.workers = Workers(self.engine, owner=new_id("daemon"),
+                                       job_max_attempts=up.job_max_attempts)
+                await self._serve()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await storage.close()
+                    await api_session.close()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self._server is not None:
+                    await self._server.stop()
+                await self.queue.close()
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+
+    async def _serve(self) -> None:
+        from agent.api.app import Api
+
+        sock = self._bind_socket()
+        runner = web.AppRunner(Api(self).app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.SockSite(runner, sock, shutdown_timeout=2.0)
+        await site.start()
+        log.info("listening on %s (chronicle %s, state %s)", self.socket_path,
+                 self.chronicle_url, self.state_dir)
+        try:
+            async with anyio.create_task_group() as tg:
+                self.runs.bind(tg)
+                await tg.start(self.workers.run, self.settings.agent.workers)
+                tg.start_soon(self._signals, tg.cancel_scope)
+                await self._stop.wait()
+                log.info("stopping: no new work is claimed; in-flight transfers resume at "
+                         "the next start")
+                self.workers.stop_claiming()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+                try:
+                    self.socket_path.unlink()
+                except FileNotFoundError:
+                    pass
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("received %s", signal.Signals(sig).name)
+                self.request_stop()
+                return
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    try:
+        anyio.run(Daemon(settings).run)
+    except ConfigError as e:
+        log.error("%s", e.message)
+        return 2
+    except AgentError as e:
+        log.error("%s", e.message)
+        return 1
+    return 0

@@ -1,0 +1,149 @@
+"""The queue's SQLite schema, its migrations, and opening the database safely.
+
+The database lives in the state directory on local disk (WAL does not work on network
+filesystems). A database that is not ours, or is corrupt, is refused at open with a message
+that says how to get out (:class:`QueueCorrupt`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from agent.errors import AgentError
+
+APP_ID = 0x43484147  # "CHAG", in SQLite's application_id header field
+SCHEMA_VERSION = 1
+
+_V1 = """
+CREATE TABLE jobs (
+    job_id           TEXT PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    uid              INTEGER NOT NULL,
+    run_id           TEXT,
+    asset_key        TEXT,
+    payload          TEXT NOT NULL,
+    result           TEXT,
+    warnings         TEXT,
+    bytes_total      INTEGER NOT NULL DEFAULT 0,
+    bytes_done       INTEGER NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    error_code       TEXT,
+    error_message    TEXT,
+    next_attempt_at  REAL NOT NULL DEFAULT 0,
+    lease_owner      TEXT,
+    lease_expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL
+);
+CREATE INDEX jobs_state ON jobs (state, next_attempt_at);
+CREATE INDEX jobs_run ON jobs (run_id);
+CREATE INDEX jobs_asset ON jobs (asset_key);
+
+-- One row per Chronicle asset the agent uploads. register_key is the Idempotency-Key of the
+-- registration: it is stored here before the request is sent, so a crash between sending
+-- and storing the response repeats the same key and Chronicle creates nothing new.
+CREATE TABLE assets (
+    asset_key    TEXT PRIMARY KEY,
+    register_key TEXT NOT NULL UNIQUE,
+    asset_id     TEXT UNIQUE,
+    asset_type   TEXT NOT NULL,
+    run_id       TEXT,
+    visibility   TEXT,
+    uid          INTEGER NOT NULL,
+    state        TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+
+CREATE TABLE components (
+    asset_key    TEXT NOT NULL REFERENCES assets (asset_key) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    path         TEXT,
+    size         INTEGER,
+    mtime_ns     INTEGER,
+    ino          INTEGER,
+    dev          INTEGER,
+    content_type TEXT,
+    part_size    INTEGER,
+    sha256       TEXT,
+    uploaded     INTEGER NOT NULL DEFAULT 0,
+    url_hash     TEXT,
+    PRIMARY KEY (asset_key, name)
+);
+CREATE INDEX components_url ON components (url_hash);
+
+-- A part's ETag is stored the moment storage acknowledges it.
+CREATE TABLE parts (
+    asset_key   TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    part_size   INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    etag        TEXT NOT NULL,
+    PRIMARY KEY (asset_key, name, part_number),
+    FOREIGN KEY (asset_key, name) REFERENCES components (asset_key, name) ON DELETE CASCADE
+);
+"""
+
+
+class QueueCorrupt(AgentError):
+    code = "queue_corrupt"
+
+
+def _way_out(path: Path) -> str:
+    return (
+        f"stop the daemon, move {path} (and its -wal/-shm files) aside, and start again: "
+        "queued work in it is lost; see docs/operations.md, 'A broken queue database'"
+    )
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) and check the queue database; migrate it to the current
+    schema. Raises QueueCorrupt for a foreign or damaged file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fresh = not path.exists() or path.stat().st_size == 0
+    try:
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise QueueCorrupt(f"cannot open queue database {path}: {e}; {_way_out(path)}") from None
+    try:
+        if not fresh:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APP_ID:
+                raise QueueCorrupt(
+                    f"{path} is not a chronicle-agent queue database (application_id "
+                    f"{app_id:#x}); {_way_out(path)}"
+                )
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise QueueCorrupt(f"queue database {path} is damaged ({ok}); {_way_out(path)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _V1.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA application_id={APP_ID}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        elif version > SCHEMA_VERSION:
+            raise QueueCorrupt(
+                f"queue database {path} has schema {version}, newer than this agent "
+                f"({SCHEMA_VERSION}); upgrade chronicle-agent or {_way_out(path)}"
+            )
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise QueueCorrupt(f"queue database {path} is unreadable ({e}); {_way_out(path)}") from None
+    except QueueCorrupt:
+        conn.close()
+        raise
+    os.chmod(path, 0o600)
+    return conn

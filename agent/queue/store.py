@@ -1,0 +1,629 @@
+"""The persistent job queue: jobs, their guarded state moves, and the upload records
+(assets, components, parts) whose every durable step lets a restart resume.
+
+This is synchronous SQLite behind one lock; the daemon calls it through
+:class:`agent.queue.aqueue.AsyncQueue`, which runs every method in a worker thread. Every
+state change is guarded by the state it expects (``UPDATE … WHERE state = ?``), and a
+claim is a transaction (``BEGIN IMMEDIATE``): decide in a transaction, act outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+from agent.queue.schema import open_db
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ABANDONED = "abandoned"
+
+
+class JobKind(StrEnum):
+    UPLOAD = "upload"
+    INLINE = "inline"
+    COMPONENT = "component"
+    FINALIZE = "finalize"
+    DOWNLOAD = "download"
+
+
+TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.ABANDONED})
+
+
+class StateConflict(AgentError):
+    """A guarded move found the job in another state than it expected."""
+
+    code = "conflict"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{int(time.time() * 1000):x}{secrets.token_hex(6)}"
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: JobKind
+    state: JobState
+    uid: int
+    run_id: str | None
+    asset_key: str | None
+    payload: dict[str, Any]
+    bytes_total: int
+    bytes_done: int
+    attempts: int
+    error: dict[str, str] | None
+    next_attempt_at: float
+    lease_owner: str | None
+    cancel_requested: bool
+    created_at: float
+    updated_at: float
+    result: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    asset_id: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_api(self) -> dict[str, Any]:
+        """The job object of the socket API."""
+        out: dict[str, Any] = {
+            "job_id": self.job_id,
+            "kind": str(self.kind),
+            "state": str(self.state),
+            "asset_id": self.asset_id,
+            "run_id": self.run_id,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done,
+            "attempts": self.attempts,
+            "error": self.error,
+            "created_at": _rfc3339(self.created_at),
+            "updated_at": _rfc3339(self.updated_at),
+        }
+        for key in ("asset_type", "path", "dest", "name"):
+            if key in self.payload:
+                out[key] = self.payload[key]
+        if self.result is not None:
+            out["result"] = self.result
+        if self.warnings:
+            out["warnings"] = self.warnings
+        return out
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+@dataclass
+class AssetRecord:
+    asset_key: str
+    register_key: str
+    asset_id: str | None
+    asset_type: str
+    run_id: str | None
+    visibility: str | None
+    uid: int
+    state: str  # new | registered | finalized | abandoned
+
+
+@dataclass
+class ComponentRecord:
+    asset_key: str
+    name: str
+    path: str | None
+    size: int | None
+    mtime_ns: int | None
+    ino: int | None
+    dev: int | None
+    content_type: str | None
+    part_size: int | None
+    sha256: str | None
+    uploaded: bool
+    url_hash: str | None
+
+
+@dataclass
+class PartRecord:
+    part_number: int
+    part_size: int
+    size: int
+    etag: str
+
+
+_JOB_COLS = (
+    "job_id, kind, jobs.state, jobs.uid, jobs.run_id, jobs.asset_key, payload, bytes_total, "
+    "bytes_done, "
+    "attempts, error_code, error_message, next_attempt_at, lease_owner, cancel_requested, "
+    "jobs.created_at, jobs.updated_at, result, warnings, assets.asset_id"
+)
+_JOB_FROM = "jobs LEFT JOIN assets ON assets.asset_key = jobs.asset_key"
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    return Job(
+        job_id=row[0],
+        kind=JobKind(row[1]),
+        state=JobState(row[2]),
+        uid=row[3],
+        run_id=row[4],
+        asset_key=row[5],
+        payload=json.loads(row[6]),
+        bytes_total=row[7],
+        bytes_done=row[8],
+        attempts=row[9],
+        error={"code": row[10], "message": row[11]} if row[10] else None,
+        next_attempt_at=row[12],
+        lease_owner=row[13],
+        cancel_requested=bool(row[14]),
+        created_at=row[15],
+        updated_at=row[16],
+        result=json.loads(row[17]) if row[17] else None,
+        warnings=json.loads(row[18]) if row[18] else [],
+        asset_id=row[19],
+    )
+
+
+class Queue:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = open_db(path)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _txn(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- jobs --------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        kind: JobKind,
+        uid: int,
+        payload: dict[str, Any],
+        *,
+        run_id: str | None = None,
+        asset_key: str | None = None,
+        bytes_total: int = 0,
+        job_id: str | None = None,
+    ) -> Job:
+        """Add a job; durable (fsynced) before it returns, since the caller is told it is
+        queued."""
+        now = time.time()
+        jid = job_id or new_id("job")
+        with self._txn(durable=True) as db:
+            db.execute(
+                "INSERT INTO jobs (job_id, kind, state, uid, run_id, asset_key, payload, "
+                "bytes_total, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    jid,
+                    str(kind),
+                    "queued",
+                    uid,
+                    run_id,
+                    asset_key,
+                    json.dumps(payload),
+                    bytes_total,
+                    now,
+                    now,
+                ),
+            )
+        job = self.get(jid)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._read(f"SELECT {_JOB_COLS} FROM {_JOB_FROM} WHERE job_id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def list_jobs(
+        self,
+        *,
+        run_id: str | None = None,
+        state: str | None = None,
+        uid: int | None = None,
+        asset_key: str | None = None,
+        kind: str | None = None,
+        limit: int = 1000,
+    ) -> list[Job]:
+        where: list[str] = []
+        args: list[Any] = []
+        for col, val in (
+            ("jobs.run_id", run_id),
+            ("jobs.state", state),
+            ("jobs.uid", uid),
+            ("jobs.asset_key", asset_key),
+            ("kind", kind),
+        ):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = f"SELECT {_JOB_COLS} FROM {_JOB_FROM}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY jobs.created_at, job_id LIMIT ?"
+        return [_job(r) for r in self._read(sql, (*args, limit))]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._read("SELECT state, count(*) FROM jobs GROUP BY state")
+        out = {str(s): 0 for s in JobState}
+        out.update({r[0]: r[1] for r in rows})
+        return out
+
+    def claim(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
+        """Take the oldest runnable job. A finalize job is runnable only once no component
+        job of its asset is still queued or running."""
+        now = time.time() if now is None else now
+        with self._txn() as db:
+            row = db.execute(
+                "SELECT job_id FROM jobs j WHERE state = 'queued' AND next_attempt_at <= ? "
+                "AND NOT (kind = 'finalize' AND EXISTS (SELECT 1 FROM jobs c WHERE "
+                "c.asset_key = j.asset_key AND c.kind = 'component' "
+                "AND c.state IN ('queued', 'running'))) "
+                "ORDER BY next_attempt_at, created_at LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
+                "lease_expires_at = ?, updated_at = ? WHERE job_id = ? AND state = 'queued'",
+                (owner, now + lease_s, now, row[0]),
+            )
+        return self.get(row[0])
+
+    def next_wakeup(self) -> float | None:
+        rows = self._read("SELECT min(next_attempt_at) FROM jobs WHERE state = 'queued'")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    def _move(
+        self,
+        job_id: str,
+        expect: tuple[JobState, ...],
+        to: JobState,
+        owner: str | None = None,
+        **cols: Any,
+    ) -> Job:
+        now = time.time()
+        sets = ["state = ?", "updated_at = ?"]
+        args: list[Any] = [str(to), now]
+        for k, v in cols.items():
+            sets.append(f"{k} = ?")
+            args.append(v)
+        where = f"job_id = ? AND state IN ({','.join('?' * len(expect))})"
+        args += [job_id, *map(str, expect)]
+        if owner is not None:
+            where += " AND lease_owner = ?"
+            args.append(owner)
+        with self._txn() as db:
+            cur = db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", args)
+            changed = cur.rowcount
+        job = self.get(job_id)
+        if job is None:
+            raise StateConflict(f"no job {job_id}", code="not_found")
+        if not changed:
+            raise StateConflict(
+                f"job {job_id} is {job.state}, expected one of {', '.join(map(str, expect))}"
+            )
+        return job
+
+    def finish(
+        self,
+        job_id: str,
+        owner: str,
+        state: JobState,
+        error: dict[str, str] | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Job:
+        assert state in TERMINAL
+        return self._move(
+            job_id,
+            (JobState.RUNNING,),
+            state,
+            owner,
+            error_code=error["code"] if error else None,
+            error_message=error["message"] if error else None,
+            result=json.dumps(result) if result is not None else None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
+    def release(
+        self, job_id: str, owner: str, delay_s: float, error: dict[str, str] | None = None
+    ) -> Job:
+        """Put a running job back in the queue, to run again after ``delay_s``."""
+        return self._move(
+            job_id,
+            (JobState.RUNNING,),
+            JobState.QUEUED,
+            owner,
+            next_attempt_at=time.time() + delay_s,
+            error_code=error["code"] if error else None,
+            error_message=error["message"] if error else None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
+    def recover(self) -> int:
+        """At start: every job left running by a dead daemon goes back to the queue."""
+        with self._txn(durable=True) as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+                "next_attempt_at = 0, updated_at = ? WHERE state = 'running'",
+                (time.time(),),
+            )
+            return cur.rowcount
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Queued → cancelled at once; running → flagged (the worker stops it)."""
+        job = self.get(job_id)
+        if job is None:
+            raise StateConflict(f"no job {job_id}", code="not_found")
+        if job.state == JobState.QUEUED:
+            try:
+                return self._move(
+                    job_id,
+                    (JobState.QUEUED,),
+                    JobState.CANCELLED,
+                    error_code="cancelled",
+                    error_message="cancelled by request",
+                )
+            except StateConflict:
+                job = self.get(job_id)
+                assert job is not None
+        if job.state == JobState.RUNNING:
+            with self._txn() as db:
+                db.execute(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at = ? "
+                    "WHERE job_id = ? AND state = 'running'",
+                    (time.time(), job_id),
+                )
+            job = self.get(job_id)
+            assert job is not None
+            return job
+        raise StateConflict(f"job {job_id} is already {job.state}")
+
+    def retry(self, job_id: str) -> Job:
+        """A failed or cancelled job goes back to the queue with its attempts kept."""
+        return self._move(
+            job_id,
+            (JobState.FAILED, JobState.CANCELLED),
+            JobState.QUEUED,
+            error_code=None,
+            error_message=None,
+            next_attempt_at=0,
+            cancel_requested=0,
+        )
+
+    def abandon_job(self, job_id: str, reason: str) -> Job:
+        return self._move(
+            job_id,
+            (JobState.QUEUED, JobState.RUNNING),
+            JobState.ABANDONED,
+            error_code="abandoned",
+            error_message=reason,
+            lease_owner=None,
+        )
+
+    def set_progress(
+        self,
+        job_id: str,
+        *,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+        asset_key: str | None = None,
+        warnings: list[str] | None = None,
+    ) -> None:
+        sets: list[str] = ["updated_at = ?"]
+        args: list[Any] = [time.time()]
+        for col, val in (
+            ("bytes_done", bytes_done),
+            ("bytes_total", bytes_total),
+            ("asset_key", asset_key),
+        ):
+            if val is not None:
+                sets.append(f"{col} = ?")
+                args.append(val)
+        if warnings is not None:
+            sets.append("warnings = ?")
+            args.append(json.dumps(warnings))
+        with self._txn() as db:
+            db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ?", (*args, job_id))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        rows = self._read("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,))
+        return bool(rows and rows[0][0])
+
+    # ---- upload records ----------------------------------------------------------------------
+
+    def create_asset(
+        self,
+        *,
+        asset_type: str,
+        uid: int,
+        run_id: str | None,
+        visibility: str | None,
+        components: list[dict[str, Any]],
+        register_key: str | None = None,
+        job_id: str | None = None,
+    ) -> AssetRecord:
+        """Create the local record of an asset (not yet registered) with its components,
+        and bind it to ``job_id``, in one transaction."""
+        now = time.time()
+        key = new_id("la")
+        reg = register_key or f"register:{key}"
+        with self._txn(durable=True) as db:
+            db.execute(
+                "INSERT INTO assets (asset_key, register_key, asset_type, run_id, visibility, "
+                "uid, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (key, reg, asset_type, run_id, visibility, uid, "new", now, now),
+            )
+            db.executemany(
+                "INSERT INTO components (asset_key, name, path, size, mtime_ns, ino, dev, "
+                "content_type) VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        key,
+                        c["name"],
+                        c.get("path"),
+                        c.get("size"),
+                        c.get("mtime_ns"),
+                        c.get("ino"),
+                        c.get("dev"),
+                        c.get("content_type"),
+                    )
+                    for c in components
+                ],
+            )
+            if job_id is not None:
+                total = sum(c.get("size") or 0 for c in components)
+                db.execute(
+                    "UPDATE jobs SET asset_key = ?, bytes_total = ?, updated_at = ? "
+                    "WHERE job_id = ?",
+                    (key, total, now, job_id),
+                )
+        rec = self.asset(key)
+        assert rec is not None
+        return rec
+
+    def asset(self, asset_key: str) -> AssetRecord | None:
+        rows = self._read(
+            "SELECT asset_key, register_key, asset_id, asset_type, run_id, visibility, uid, state "
+            "FROM assets WHERE asset_key = ?",
+            (asset_key,),
+        )
+        return AssetRecord(*rows[0]) if rows else None
+
+    def asset_by_id(self, asset_id: str) -> AssetRecord | None:
+        rows = self._read("SELECT asset_key FROM assets WHERE asset_id = ?", (asset_id,))
+        return self.asset(rows[0][0]) if rows else None
+
+    def set_asset(
+        self, asset_key: str, *, asset_id: str | None = None, state: str | None = None
+    ) -> None:
+        sets: list[str] = ["updated_at = ?"]
+        args: list[Any] = [time.time()]
+        if asset_id is not None:
+            sets.append("asset_id = ?")
+            args.append(asset_id)
+        if state is not None:
+            sets.append("state = ?")
+            args.append(state)
+        with self._txn() as db:
+            db.execute(
+                f"UPDATE assets SET {', '.join(sets)} WHERE asset_key = ?", (*args, asset_key)
+            )
+
+    def components(self, asset_key: str) -> list[ComponentRecord]:
+        rows = self._read(
+            "SELECT asset_key, name, path, size, mtime_ns, ino, dev, content_type, part_size, "
+            "sha256, uploaded, url_hash FROM components WHERE asset_key = ? ORDER BY name",
+            (asset_key,),
+        )
+        return [ComponentRecord(*r[:10], bool(r[10]), r[11]) for r in rows]  # type: ignore[misc,call-arg]
+
+    def component_by_url_hash(self, url_hash: str) -> ComponentRecord | None:
+        rows = self._read("SELECT asset_key, name FROM components WHERE url_hash = ?", (url_hash,))
+        if not rows:
+            return None
+        return next(c for c in self.components(rows[0][0]) if c.name == rows[0][1])
+
+    def update_component(self, asset_key: str, name: str, **cols: Any) -> None:
+        allowed = {
+            "path",
+            "size",
+            "mtime_ns",
+            "ino",
+            "dev",
+            "content_type",
+            "part_size",
+            "sha256",
+            "uploaded",
+            "url_hash",
+        }
+        assert set(cols) <= allowed, cols
+        sets = ", ".join(f"{k} = ?" for k in cols)
+        with self._txn() as db:
+            db.execute(
+                f"UPDATE components SET {sets} WHERE asset_key = ? AND name = ?",
+                (*cols.values(), asset_key, name),
+            )
+
+    def set_url_hashes(self, asset_key: str, hashes: dict[str, str]) -> None:
+        with self._txn() as db:
+            db.executemany(
+                "UPDATE components SET url_hash = ? WHERE asset_key = ? AND name = ?",
+                [(h, asset_key, n) for n, h in hashes.items()],
+            )
+
+    def parts(self, asset_key: str, name: str) -> list[PartRecord]:
+        rows = self._read(
+            "SELECT part_number, part_size, size, etag FROM parts WHERE asset_key = ? AND name = ? "
+            "ORDER BY part_number",
+            (asset_key, name),
+        )
+        return [PartRecord(*r) for r in rows]
+
+    def record_part(self, asset_key: str, name: str, part: PartRecord) -> None:
+        with self._txn() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO parts (asset_key, name, part_number, part_size, size, etag)"
+                " VALUES (?,?,?,?,?,?)",
+                (asset_key, name, part.part_number, part.part_size, part.size, part.etag),
+            )
+
+    def clear_parts(self, asset_key: str, name: str) -> None:
+        with self._txn() as db:
+            db.execute("DELETE FROM parts WHERE asset_key = ? AND name = ?", (asset_key, name))
+
+    def reset_asset(self, asset_key: str) -> None:
+        """Forget everything sent for this asset (it was abandoned): a fresh registration
+        key, no id, nothing uploaded."""
+        with self._txn() as db:
+            db.execute(
+                "UPDATE assets SET register_key = ?, asset_id = NULL, state = 'new', "
+                "updated_at = ? WHERE asset_key = ?",
+                (f"register:{new_id('la')}", time.time(), asset_key),
+            )
+            db.execute(
+                "UPDATE components SET uploaded = 0, sha256 = NULL, part_size = NULL, "
+                "url_hash = NULL WHERE asset_key = ?",
+                (asset_key,),
+            )
+            db.execute("DELETE FROM parts WHERE asset_key = ?", (asset_key,))

@@ -1,0 +1,240 @@
+"""The local Chronicle's aiohttp application: the shared request context (who is calling,
+the parsed body, the idempotency key), the endpoint wrapper that applies authentication and
+idempotency to every call, and the route table.
+
+Handlers live by concern: :mod:`.assets` (lifecycle, upload, download, validity, delete),
+:mod:`.sharing` (grants, visibility, ownership, scopes), :mod:`.runs` (runs, experiments,
+variations). Each mutating handler ends in :meth:`Ctx.commit`, one SQLite transaction that
+makes its change and stores the idempotent response together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from agent.config import ServerSection
+
+from . import auth, db
+from .auth import Principal, Protected, TokenStore
+from .db import AssetRow, Database, IdemKey
+from .http import Reply, conflict, error_middleware, fail, forbidden, invalid, not_found
+from .locks import KeyedLocks
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+@dataclass
+class Core:
+    """Everything a handler needs: configuration, database, storage, tokens, locks."""
+
+    config: ServerSection
+    db: Database
+    storage: Storage
+    tokens: TokenStore
+    version: str
+    public_url: str = ""
+    asset_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    idem_locks: KeyedLocks = field(default_factory=KeyedLocks)
+
+    async def authenticate(self, request: web.Request) -> Principal:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        principal = None
+        if scheme.lower() == "bearer":
+            principal = await self.tokens.principal(token.strip())
+        if principal is None:
+            why = "missing bearer token" if not header else "unknown bearer token"
+            raise fail(401, "unauthorized", f"{why}: send Authorization: Bearer <token>")
+        return principal
+
+    def expires_at(self) -> str:
+        at = datetime.now(UTC) + timedelta(seconds=self.config.url_expiry_s)
+        return at.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    async def gather(self, aws: Iterable[Awaitable[T]], limit: int = 16) -> list[T]:
+        """Await storage calls with at most ``limit`` in flight; the first error is raised
+        after all have finished (in input order)."""
+        sem = asyncio.Semaphore(limit)
+
+        async def one(aw: Awaitable[T]) -> T:
+            async with sem:
+                return await aw
+
+        results = await asyncio.gather(*(one(a) for a in aws), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+
+class Ctx:
+    """One API call: the caller, its JSON body, and its idempotency key (if any)."""
+
+    def __init__(
+        self,
+        core: Core,
+        request: web.Request,
+        principal: Principal,
+        body: dict[str, Any],
+        idem: IdemKey | None,
+    ) -> None:
+        self.core = core
+        self.request = request
+        self.principal = principal
+        self.body = body
+        self._idem = idem
+
+    def arg(self, name: str) -> str:
+        return self.request.match_info[name]
+
+    async def commit(self, fn: Callable[[sqlite3.Connection], Reply]) -> Reply:
+        """Run ``fn`` in one write transaction that also stores this call's idempotency
+        record (for a 2xx reply), so effect and recorded response commit together."""
+        idem = self._idem
+
+        def run(conn: sqlite3.Connection) -> Reply:
+            reply = fn(conn)
+            if idem is not None and 200 <= reply.status < 300:
+                db.put_idempotent(conn, idem, reply.status, reply.body)
+            return reply
+
+        reply = await self.core.db.write(run)
+        self._idem = None
+        return reply
+
+    async def record(self, reply: Reply) -> None:
+        """Store the idempotency record of a call whose handler committed nothing."""
+        if self._idem is not None and 200 <= reply.status < 300:
+            await self.commit(lambda conn: reply)
+
+
+Handler = Callable[[Ctx], Awaitable[Reply]]
+
+
+def _request_hash(request: web.Request, body: dict[str, Any]) -> str:
+    canonical = json.dumps(
+        [request.method, request.path, sorted(request.query.items()), body],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def endpoint(
+    core: Core, handler: Handler, *, mutating: bool = False
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a handler: authenticate, parse the body and apply ``Idempotency-Key``."""
+    from .http import read_json_object
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        principal = await core.authenticate(request)
+        body = await read_json_object(request) if mutating else {}
+        key = request.headers.get("Idempotency-Key") if mutating else None
+        if not key:
+            ctx = Ctx(core, request, principal, body, None)
+            return (await handler(ctx)).response()
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            raise invalid(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        idem = IdemKey(principal.id, key, _request_hash(request, body))
+        async with core.idem_locks.hold(f"{principal.id}\0{key}"):
+            stored = await core.db.read(db.get_idempotent, idem)
+            if stored is not None:
+                request_hash, status, stored_body = stored
+                if request_hash != idem.request_hash:
+                    raise conflict("this Idempotency-Key was already used with a different request")
+                response = Reply(status, stored_body).response()
+                response.headers["Idempotent-Replayed"] = "true"
+                return response
+            ctx = Ctx(core, request, principal, body, idem)
+            reply = await handler(ctx)
+            await ctx.record(reply)
+            return reply.response()
+
+    return handle
+
+
+# ---- access checks shared by the handler modules -------------------------------------------------
+
+
+def protected(asset: AssetRow) -> Protected:
+    return Protected(asset.created_by, asset.visibility, asset.organization_id, tuple(asset.grants))
+
+
+def can(principal: Principal, asset: AssetRow, action: str) -> bool:
+    return auth.allows(principal, protected(asset), action)
+
+
+def require_asset(
+    conn: sqlite3.Connection, principal: Principal, asset_id: str, action: str
+) -> AssetRow:
+    """The asset if ``principal`` may ``action`` it; 404 when it may not even read it (its
+    existence is not disclosed), 403 when it may read it but not ``action`` it."""
+    asset = db.get_asset(conn, asset_id)
+    if asset is None or not can(principal, asset, "read"):
+        raise not_found(f"asset {asset_id} not found")
+    if not can(principal, asset, action):
+        raise forbidden(f"{action} access to asset {asset_id} is required")
+    return asset
+
+
+def require_run_for_output(conn: sqlite3.Connection, principal: Principal, run_id: str) -> None:
+    """A new asset may name ``run_id`` as ``output_of`` only if the run exists, belongs to
+    the caller and has not ended."""
+    run = db.get_run(conn, run_id)
+    if run is None:
+        raise not_found(f"run {run_id} not found")
+    if not auth.owns(principal, run.created_by):
+        raise forbidden(f"run {run_id} belongs to another principal")
+    if run.ended_at is not None:
+        raise conflict(f"run {run_id} has ended ({run.status}); it takes no new assets")
+
+
+# ---- the application -------------------------------------------------------------------------
+
+
+async def _health(request: web.Request) -> web.Response:
+    core: Core = request.app[CORE]
+    return web.json_response(
+        {
+            "status": "ok",
+            "url": core.public_url,
+            "version": core.version,
+            "storage": core.storage.description,
+        }
+    )
+
+
+CORE = web.AppKey("core", Core)
+
+
+def make_app(core: Core) -> web.Application:
+    from . import assets, runs, sharing
+
+    client_max = max(32 * 1024 * 1024, core.config.inline_max_bytes * 8 + 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=client_max)
+    app[CORE] = core
+    app.router.add_get("/v1/health", _health)
+    for module in (runs, assets, sharing):
+        for method, path, handler, mutating in module.routes(core):
+            app.router.add_route(method, path, endpoint(core, handler, mutating=mutating))
+    core.storage.add_routes(app)
+    return app

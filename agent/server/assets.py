@@ -1,0 +1,703 @@
+"""Asset lifecycle: register (presigned flow), inline, upload URLs, uploads listing, finalize,
+abandon, get (with download URLs), list, deprecate / invalidate, delete.
+
+Pattern of every mutating handler: validate the body, check access, do the storage side
+effects that must precede the decision (create a multipart upload, assemble parts), then
+decide and record in one transaction (:meth:`Ctx.commit`), then the storage clean-up that
+follows from it (abort a replaced plan, drop an abandoned asset's bytes). Work on one asset
+is serialized by a per-asset lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import db
+from .app import Core, Ctx, Handler, can, new_id, require_asset, require_run_for_output
+from .auth import VISIBILITIES
+from .db import AssetRow, ComponentRow, utcnow
+from .http import (
+    Reply,
+    conflict,
+    fail,
+    forbidden,
+    invalid,
+    one_of,
+    opt_object,
+    opt_size,
+    opt_str,
+    query_flag,
+    req_str,
+)
+from .storage import MAX_PARTS, MIN_PART_BYTES, PartInfo, part_count, plan_part_size
+
+log = logging.getLogger(__name__)
+
+MAX_COMPONENTS = 100_000
+MAX_NAME_BYTES = 900
+"""S3 keys are at most 1024 bytes; ours are ``assets/<asset_id>/<name>``."""
+STATES = ("pending", "ready", "abandoned")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a usable component name (a relative POSIX path), or None."""
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "contains NUL"
+    if name.startswith("/"):
+        return "is absolute"
+    segments = name.split("/")
+    if "" in segments:
+        return "has an empty path segment"
+    if ".." in segments:
+        return "contains '..'"
+    if "." in segments:
+        return "contains a '.' segment"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def check_name(name: str, where: str) -> None:
+    problem = name_problem(name)
+    if problem:
+        raise invalid(
+            f"{where}: component name {name!r} {problem} (names are relative POSIX paths)"
+        )
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    size: int | None = None
+    content_type: str | None = None
+
+
+def parse_components(value: Any, *, field: str = "components") -> list[ComponentSpec]:
+    if not isinstance(value, list) or not value:
+        raise invalid(f"{field} must be a non-empty array of names or {{name, size}} objects")
+    if len(value) > MAX_COMPONENTS:
+        raise invalid(f"{field}: at most {MAX_COMPONENTS} components per asset")
+    specs: list[ComponentSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if isinstance(item, str):
+            spec = ComponentSpec(item)
+        elif isinstance(item, dict):
+            spec = ComponentSpec(
+                req_str(item, "name", where=f"{where}."),
+                opt_size(item, "size", where=f"{where}."),
+                opt_str(item, "content_type", where=f"{where}."),
+            )
+        else:
+            raise invalid(f"{where} must be a name or a {{name, size, content_type}} object")
+        check_name(spec.name, where)
+        if spec.name in seen:
+            raise invalid(f"{where}: component {spec.name!r} is listed twice")
+        seen.add(spec.name)
+        specs.append(spec)
+    return specs
+
+
+@dataclass(frozen=True)
+class FinalizeSpec:
+    size: int | None = None
+    sha256: str | None = None
+    content_type: str | None = None
+    parts: tuple[PartInfo, ...] | None = None
+
+
+def parse_finalize(body: dict[str, Any]) -> dict[str, FinalizeSpec]:
+    specs: dict[str, FinalizeSpec] = {}
+    for name, raw in opt_object(body, "components").items():
+        where = f"components[{name!r}]."
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise invalid(f"components[{name!r}] must be an object")
+        sha = opt_str(raw, "sha256", where=where)
+        if sha is not None and not _SHA256.fullmatch(sha):
+            raise invalid(f"{where}sha256 must be 64 hex digits")
+        parts = None
+        if raw.get("parts") is not None:
+            if not isinstance(raw["parts"], list):
+                raise invalid(f"{where}parts must be an array of {{part_number, etag}}")
+            parsed = []
+            for j, p in enumerate(raw["parts"]):
+                pw = f"{where}parts[{j}]."
+                if not isinstance(p, dict):
+                    raise invalid(f"{pw[:-1]} must be an object {{part_number, etag}}")
+                n = p.get("part_number")
+                if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PARTS:
+                    raise invalid(f"{pw}part_number must be an integer 1-{MAX_PARTS}")
+                parsed.append(PartInfo(n, req_str(p, "etag", where=pw)))
+            numbers = [p.part_number for p in parsed]
+            if numbers != sorted(set(numbers)):
+                raise invalid(f"{where}parts must be in ascending part_number order, no repeats")
+            parts = tuple(parsed)
+        specs[name] = FinalizeSpec(
+            opt_size(raw, "size", where=where),
+            sha.lower() if sha else None,
+            opt_str(raw, "content_type", where=where),
+            parts,
+        )
+    return specs
+
+
+def _placement(ctx: Ctx) -> tuple[str, str | None]:
+    visibility = one_of(opt_str(ctx.body, "visibility"), VISIBILITIES, "visibility") or "private"
+    organization_id = opt_str(ctx.body, "organization_id")
+    if organization_id and not ctx.principal.member_of(organization_id):
+        raise forbidden(f"you are not a member of {organization_id}")
+    return visibility, organization_id
+
+
+def _missing(message: str) -> Exception:
+    return conflict(message, code="components_missing")
+
+
+def _mismatch(message: str) -> Exception:
+    return fail(422, "checksum_mismatch", message)
+
+
+def _etag_value(etag: str) -> str:
+    return etag.strip().strip('"')
+
+
+# ---- storage clean-up shared with runs -------------------------------------------------------
+
+
+async def release_storage(core: Core, asset_id: str) -> None:
+    """Abort an abandoned or deleted asset's multipart uploads and drop its bytes. Failures
+    are logged: they leave garbage, never a wrong answer."""
+    async with core.asset_locks.hold(asset_id):
+        asset = await core.db.read(db.get_asset, asset_id)
+        if asset is not None and asset.state != "abandoned":
+            return  # finalized meanwhile (the abandon lost the race): keep its bytes
+        comps = asset.components if asset is not None else []
+        await _drop(core, comps)
+
+
+async def _drop(core: Core, comps: list[ComponentRow]) -> None:
+    for c in comps:
+        try:
+            if c.upload_id:
+                await core.storage.abort_multipart(c.object_key, c.upload_id)
+            await core.storage.delete(c.object_key)
+        except Exception as e:  # storage unreachable, I/O error: garbage, not an error
+            log.warning("could not release %s: %s", c.object_key, e)
+
+
+# ---- handlers --------------------------------------------------------------------------------
+
+
+class Assets:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.cfg = core.config
+
+    # -- helpers --
+
+    async def _plan(self, c: ComponentRow, size: int) -> ComponentRow:
+        """``c`` planned for ``size`` bytes: multipart above the threshold (a new upload id),
+        else a single PUT."""
+        if size > self.cfg.multipart_threshold_bytes:
+            upload_id = await self.core.storage.create_multipart(c.object_key)
+            return replace(
+                c,
+                size=size,
+                upload_id=upload_id,
+                part_size=plan_part_size(size, self.cfg.part_size_bytes),
+            )
+        return replace(c, size=size, upload_id=None, part_size=None)
+
+    async def _urls(
+        self, comps: list[ComponentRow], parts: dict[str, list[int]] | None = None
+    ) -> dict[str, Any]:
+        """The upload URLs of ``comps`` in the contract's shape."""
+        storage, expiry = self.core.storage, self.cfg.url_expiry_s
+        upload_urls: dict[str, str] = {}
+        multipart: dict[str, Any] = {}
+        for c in comps:
+            if c.upload_id and c.size is not None and c.part_size:
+                count = part_count(c.size, c.part_size)
+                numbers = (parts or {}).get(c.name) or list(range(1, count + 1))
+                urls = await storage.presign_parts(c.object_key, c.upload_id, numbers, expiry)
+                multipart[c.name] = {
+                    "part_size": c.part_size,
+                    "part_count": count,
+                    "size": c.size,
+                    "parts": [{"part_number": n, "url": urls[n]} for n in numbers],
+                }
+            else:
+                upload_urls[c.name] = await storage.presign_put(c.object_key, expiry)
+        return {"upload_urls": upload_urls, "multipart": multipart}
+
+    async def _abort_quietly(self, comps: list[ComponentRow]) -> None:
+        for c in comps:
+            if c.upload_id:
+                try:
+                    await self.core.storage.abort_multipart(c.object_key, c.upload_id)
+                except Exception as e:
+                    log.warning("could not abort upload of %s: %s", c.object_key, e)
+
+    # -- register, inline --
+
+    async def register(self, ctx: Ctx) -> Reply:
+        asset_type = req_str(ctx.body, "asset_type")
+        output_of = opt_str(ctx.body, "output_of")
+        visibility, organization_id = _placement(ctx)
+        specs = parse_components(ctx.body.get("components"))
+        if output_of:
+            await self.core.db.read(require_run_for_output, ctx.principal, output_of)
+        asset_id = new_id("ast")
+        comps = [
+            ComponentRow(s.name, f"assets/{asset_id}/{s.name}", i, content_type=s.content_type)
+            for i, s in enumerate(specs)
+        ]
+        planned: list[ComponentRow] = []
+        try:
+            for i, s in enumerate(specs):
+                if s.size is not None:
+                    comps[i] = await self._plan(comps[i], s.size)
+                    planned.append(comps[i])
+            asset = AssetRow(
+                asset_id=asset_id,
+                asset_type=asset_type,
+                state="pending",
+                created_by=ctx.principal.id,
+                visibility=visibility,
+                created_at=utcnow(),
+                output_of=output_of,
+                organization_id=organization_id,
+                content_type=opt_str(ctx.body, "content_type"),
+                components=comps,
+            )
+            body = {
+                "asset_id": asset_id,
+                "state": "pending",
+                "expires_at": self.core.expires_at(),
+                **(await self._urls(comps)),
+            }
+
+            def txn(conn: sqlite3.Connection) -> Reply:
+                if output_of:
+                    require_run_for_output(conn, ctx.principal, output_of)
+                db.insert_asset(conn, asset)
+                return Reply(201, body)
+
+            return await ctx.commit(txn)
+        except BaseException:
+            await self._abort_quietly(planned)
+            raise
+
+    async def inline(self, ctx: Ctx) -> Reply:
+        asset_type = req_str(ctx.body, "asset_type")
+        if ctx.body.get("content") is None:
+            raise invalid("content is required (a JSON value or a string)")
+        content = ctx.body["content"]
+        content_type = opt_str(ctx.body, "content_type")
+        if isinstance(content, str):
+            data = content.encode("utf-8", "surrogatepass")
+            content_type = content_type or "text/plain"
+        else:
+            data = json.dumps(content, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            content_type = content_type or "application/json"
+        limit = self.cfg.inline_max_bytes
+        if len(data) > limit:
+            raise fail(
+                413,
+                "payload_too_large",
+                f"inline content is {len(data)} bytes, the limit is {limit} "
+                "(server.inline_max_bytes): upload it as a binary asset",
+            )
+        output_of = opt_str(ctx.body, "output_of")
+        visibility, organization_id = _placement(ctx)
+        if output_of:
+            await self.core.db.read(require_run_for_output, ctx.principal, output_of)
+        asset_id = new_id("ast")
+        key = f"assets/{asset_id}/content"
+        info = await self.core.storage.put_object(key, data, content_type)
+        sha = info.sha256 or hashlib.sha256(data).hexdigest()
+        now = utcnow()
+        asset = AssetRow(
+            asset_id=asset_id,
+            asset_type=asset_type,
+            state="ready",
+            created_by=ctx.principal.id,
+            visibility=visibility,
+            created_at=now,
+            output_of=output_of,
+            organization_id=organization_id,
+            content_type=content_type,
+            finalized_at=now,
+            components=[
+                ComponentRow("content", key, 0, info.size, sha, True, content_type, uploaded=True)
+            ],
+        )
+
+        def txn(conn: sqlite3.Connection) -> Reply:
+            if output_of:
+                require_run_for_output(conn, ctx.principal, output_of)
+            db.insert_asset(conn, asset)
+            return Reply(201, asset.to_json())
+
+        try:
+            return await ctx.commit(txn)
+        except BaseException:
+            await _drop(self.core, asset.components)
+            raise
+
+    # -- upload URLs and what storage holds --
+
+    async def upload_urls(self, ctx: Ctx) -> Reply:
+        asset_id = ctx.arg("asset_id")
+        wanted = parse_components(ctx.body["components"]) if ctx.body.get("components") else None
+        parts_filter = self._parse_parts_filter(ctx.body)
+        async with self.core.asset_locks.hold(asset_id):
+            asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "write")
+            if asset.state != "pending":
+                raise conflict(f"asset {asset_id} is {asset.state}", code="asset_not_pending")
+            by_name = {c.name: c for c in asset.components}
+            for name in [s.name for s in wanted or []] + list(parts_filter):
+                if name not in by_name:
+                    raise invalid(f"asset {asset_id} has no component {name!r}")
+            if wanted is None:
+                names = [c.name for c in asset.components]
+            else:
+                names = list(dict.fromkeys([s.name for s in wanted] + list(parts_filter)))
+            replaced: list[ComponentRow] = []
+            planned: list[ComponentRow] = []
+            try:
+                for s in wanted or []:
+                    old = by_name[s.name]
+                    if s.size is None or s.size == old.size:
+                        continue
+                    by_name[s.name] = await self._plan(old, s.size)
+                    planned.append(by_name[s.name])
+                    replaced.append(old)
+                selected = [by_name[n] for n in names]
+                self._check_parts_filter(selected, parts_filter)
+                body = {
+                    "asset_id": asset_id,
+                    "state": "pending",
+                    "expires_at": self.core.expires_at(),
+                    **(await self._urls(selected, parts_filter)),
+                }
+
+                def txn(conn: sqlite3.Connection) -> Reply:
+                    current = require_asset(conn, ctx.principal, asset_id, "write")
+                    if current.state != "pending":
+                        raise conflict(
+                            f"asset {asset_id} is {current.state}", code="asset_not_pending"
+                        )
+                    db.save_components(conn, asset_id, planned)
+                    return Reply(200, body)
+
+                reply = await ctx.commit(txn)
+            except BaseException:
+                await self._abort_quietly(planned)
+                raise
+            await self._abort_quietly(replaced)  # the old plans: their parts are now garbage
+            return reply
+
+    @staticmethod
+    def _parse_parts_filter(body: dict[str, Any]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for name, numbers in opt_object(body, "parts").items():
+            if not isinstance(numbers, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) for n in numbers
+            ):
+                raise invalid(f"parts[{name!r}] must be an array of part numbers")
+            out[name] = sorted(set(numbers))
+        return out
+
+    @staticmethod
+    def _check_parts_filter(comps: list[ComponentRow], parts: dict[str, list[int]]) -> None:
+        for c in comps:
+            numbers = parts.get(c.name)
+            if not numbers:
+                continue
+            if not (c.upload_id and c.size is not None and c.part_size):
+                raise invalid(f"component {c.name!r} is not planned as multipart: no parts")
+            count = part_count(c.size, c.part_size)
+            bad = [n for n in numbers if not 1 <= n <= count]
+            if bad:
+                raise invalid(f"component {c.name!r} has parts 1-{count}, not {bad[0]}")
+
+    async def uploads(self, ctx: Ctx) -> Reply:
+        asset_id = ctx.arg("asset_id")
+        asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "read")
+        storage = self.core.storage
+
+        async def one(c: ComponentRow) -> dict[str, Any]:
+            out: dict[str, Any] = {"uploaded": False, "size": None, "parts": []}
+            if asset.state == "ready":
+                return {**out, "uploaded": True, "size": c.size}
+            if c.upload_id:
+                out.update(part_size=c.part_size, declared_size=c.size)
+                parts = await storage.list_parts(c.object_key, c.upload_id)
+                if parts is not None:
+                    out["parts"] = [p.to_json() for p in parts]
+                    return out
+                # no such upload: completed by an earlier finalize attempt, or aborted
+            info = await storage.head(c.object_key)
+            if info is not None:
+                out.update(uploaded=True, size=info.size)
+            return out
+
+        listed = await self.core.gather(one(c) for c in asset.components)
+        return Reply(
+            200,
+            {
+                "asset_id": asset_id,
+                "state": asset.state,
+                "components": {c.name: v for c, v in zip(asset.components, listed, strict=True)},
+            },
+        )
+
+    # -- finalize, abandon --
+
+    async def finalize(self, ctx: Ctx) -> Reply:
+        asset_id = ctx.arg("asset_id")
+        specs = parse_finalize(ctx.body)
+        async with self.core.asset_locks.hold(asset_id):
+            asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "write")
+            names = {c.name for c in asset.components}
+            unknown = sorted(set(specs) - names)
+            if unknown:
+                raise invalid(f"asset {asset_id} has no component {unknown[0]!r}")
+            if asset.state == "abandoned":
+                raise conflict(f"asset {asset_id} is abandoned", code="asset_not_pending")
+            if asset.state == "ready":
+                return Reply(200, self._same_as_ready(asset, specs).to_json())
+            results = await self.core.gather(
+                (self._verify(c, specs.get(c.name, FinalizeSpec())) for c in asset.components),
+            )
+
+            def txn(conn: sqlite3.Connection) -> Reply:
+                current = require_asset(conn, ctx.principal, asset_id, "write")
+                if current.state == "abandoned":
+                    raise conflict(f"asset {asset_id} is abandoned", code="asset_not_pending")
+                if current.state == "pending":
+                    db.save_components(conn, asset_id, results)
+                    db.set_state(conn, asset_id, "ready")
+                done = db.get_asset(conn, asset_id)
+                assert done is not None
+                return Reply(200, done.to_json())
+
+            return await ctx.commit(txn)
+
+    @staticmethod
+    def _same_as_ready(asset: AssetRow, specs: dict[str, FinalizeSpec]) -> AssetRow:
+        """A ready asset finalized again: fine if the body agrees with it (a retry)."""
+        for c in asset.components:
+            s = specs.get(c.name)
+            if s is None:
+                continue
+            if (s.size is not None and s.size != c.size) or (
+                s.sha256 is not None and c.sha256 is not None and s.sha256 != c.sha256
+            ):
+                raise conflict(
+                    f"asset {asset.asset_id} is already ready and component {c.name!r} differs "
+                    "from this finalize request",
+                    code="asset_not_pending",
+                )
+        return asset
+
+    async def _verify(self, c: ComponentRow, spec: FinalizeSpec) -> ComponentRow:
+        """Check one component against storage (assembling a multipart upload); the row
+        to record. Raises components_missing / checksum_mismatch."""
+        storage = self.core.storage
+        declared = spec.size if spec.size is not None else c.size
+        info = None
+        if c.upload_id:
+            stored = await storage.list_parts(c.object_key, c.upload_id)
+            if stored is None:  # assembled by an earlier attempt, or aborted
+                info = await storage.head(c.object_key)
+                if info is None:
+                    raise _missing(f"component {c.name!r}: its multipart upload is gone")
+            else:
+                parts = self._choose_parts(c.name, spec.parts, stored)
+                total = sum(p.size for p in parts)
+                if declared is not None and total != declared:
+                    raise _mismatch(
+                        f"component {c.name!r}: its parts hold {total} bytes, declared {declared}"
+                    )
+                small = [p.part_number for p in parts[:-1] if p.size < MIN_PART_BYTES]
+                if small:
+                    raise _mismatch(
+                        f"component {c.name!r}: part {small[0]} is under 5 MiB and not the last"
+                    )
+                info = await storage.complete_multipart(c.object_key, c.upload_id, parts)
+        else:
+            info = await storage.head(c.object_key)
+            if info is None:
+                raise _missing(f"component {c.name!r} is not in storage")
+        if declared is not None and info.size != declared:
+            raise _mismatch(
+                f"component {c.name!r}: storage holds {info.size} bytes, declared {declared}"
+            )
+        sha = info.sha256 or await storage.sha256(c.object_key, info.size)
+        if spec.sha256 and sha and sha != spec.sha256:
+            raise _mismatch(
+                f"component {c.name!r}: SHA-256 of the stored bytes is {sha}, "
+                f"declared {spec.sha256}"
+            )
+        return replace(
+            c,
+            size=info.size,
+            sha256=sha or spec.sha256,
+            sha256_verified=sha is not None,
+            content_type=spec.content_type or c.content_type,
+            upload_id=None,
+            uploaded=True,
+        )
+
+    @staticmethod
+    def _choose_parts(
+        name: str, claimed: tuple[PartInfo, ...] | None, stored: list[PartInfo]
+    ) -> list[PartInfo]:
+        by_number = {p.part_number: p for p in stored}
+        if claimed:
+            chosen = []
+            for p in claimed:
+                have = by_number.get(p.part_number)
+                if have is None:
+                    raise _missing(f"component {name!r}: part {p.part_number} is not in storage")
+                if _etag_value(have.etag) != _etag_value(p.etag):
+                    raise _mismatch(
+                        f"component {name!r}: part {p.part_number} ETag {p.etag} does not "
+                        f"match the stored part ({have.etag})"
+                    )
+                chosen.append(have)
+            return chosen
+        if not stored:
+            raise _missing(f"component {name!r}: no part is in storage")
+        gaps = [n for n in range(1, len(stored) + 1) if n not in by_number]
+        if gaps:
+            raise _missing(f"component {name!r}: part {gaps[0]} is not in storage")
+        return stored
+
+    async def abandon(self, ctx: Ctx) -> Reply:
+        asset_id = ctx.arg("asset_id")
+        reason = opt_str(ctx.body, "reason") or ""
+
+        def txn(conn: sqlite3.Connection) -> Reply:
+            asset = require_asset(conn, ctx.principal, asset_id, "write")
+            if asset.state == "ready":
+                raise conflict(
+                    f"asset {asset_id} is ready; only a pending asset can be abandoned",
+                    code="asset_not_pending",
+                )
+            if asset.state == "pending":
+                db.set_state(conn, asset_id, "abandoned", reason=reason)
+            done = db.get_asset(conn, asset_id)
+            assert done is not None
+            return Reply(200, done.to_json())
+
+        async with self.core.asset_locks.hold(asset_id):
+            reply = await ctx.commit(txn)
+        await release_storage(self.core, asset_id)
+        return reply
+
+    # -- read --
+
+    async def get(self, ctx: Ctx) -> Reply:
+        asset_id = ctx.arg("asset_id")
+        asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "read")
+        body = asset.to_json()
+        if query_flag(ctx.request, "include_presigned"):
+            urls: dict[str, str] = {}
+            if asset.state == "ready":  # require_asset checked read access: URLs may go out
+                for c in asset.components:
+                    urls[c.name] = await self.core.storage.presign_get(
+                        c.object_key, self.cfg.url_expiry_s
+                    )
+            body["download_urls"] = urls
+            body["expires_at"] = self.core.expires_at()
+        return Reply(200, body)
+
+    async def list(self, ctx: Ctx) -> Reply:
+        q = ctx.request.query
+        state = one_of(q.get("state") or None, STATES, "state")
+        found = await self.core.db.read(
+            lambda conn: db.list_assets(
+                conn,
+                output_of=q.get("output_of") or None,
+                state=state,
+                asset_type=q.get("asset_type") or None,
+            )
+        )
+        visible = [a.to_json() for a in found if can(ctx.principal, a, "read")]
+        return Reply(200, {"assets": visible})
+
+    # -- validity, delete --
+
+    async def deprecate(self, ctx: Ctx) -> Reply:
+        return await self._flag(ctx, "deprecated")
+
+    async def invalidate(self, ctx: Ctx) -> Reply:
+        return await self._flag(ctx, "invalidated")
+
+    async def _flag(self, ctx: Ctx, flag: str) -> Reply:
+        asset_id = ctx.arg("asset_id")
+        reason = opt_str(ctx.body, "reason") or ""
+
+        def txn(conn: sqlite3.Connection) -> Reply:
+            require_asset(conn, ctx.principal, asset_id, "write")
+            db.set_flag(conn, asset_id, flag, reason)
+            done = db.get_asset(conn, asset_id)
+            assert done is not None
+            return Reply(200, done.to_json())
+
+        return await ctx.commit(txn)
+
+    async def delete(self, ctx: Ctx) -> Reply:
+        asset_id = ctx.arg("asset_id")
+        gone: list[ComponentRow] = []
+
+        def txn(conn: sqlite3.Connection) -> Reply:
+            asset = require_asset(conn, ctx.principal, asset_id, "delete")
+            if db.is_linked(conn, asset_id):
+                raise conflict(
+                    f"asset {asset_id} is referenced by an experiment or variation",
+                    code="asset_linked",
+                )
+            gone.extend(asset.components)
+            db.delete_asset(conn, asset_id)
+            return Reply(204, None)
+
+        async with self.core.asset_locks.hold(asset_id):
+            reply = await ctx.commit(txn)
+            await _drop(self.core, gone)
+        return reply
+
+
+def routes(core: Core) -> list[tuple[str, str, Handler, bool]]:
+    a = Assets(core)
+    return [
+        ("POST", "/v1/assets", a.register, True),
+        ("GET", "/v1/assets", a.list, False),
+        ("POST", "/v1/assets/inline", a.inline, True),
+        ("GET", "/v1/assets/{asset_id}", a.get, False),
+        ("DELETE", "/v1/assets/{asset_id}", a.delete, True),
+        ("POST", "/v1/assets/{asset_id}/upload-urls", a.upload_urls, True),
+        ("GET", "/v1/assets/{asset_id}/uploads", a.uploads, False),
+        ("POST", "/v1/assets/{asset_id}/finalize", a.finalize, True),
+        ("POST", "/v1/assets/{asset_id}/abandon", a.abandon, True),
+        ("POST", "/v1/assets/{asset_id}/deprecate", a.deprecate, True),
+        ("POST", "/v1/assets/{asset_id}/invalidate", a.invalidate, True),
+    ]

@@ -1,0 +1,653 @@
+"""The local server's metadata in SQLite: schema, row types and queries.
+
+All SQLite work runs on one dedicated thread (:class:`Database`), never on the event loop.
+A mutating API call runs its checks and writes in one ``BEGIN IMMEDIATE`` transaction that
+also stores the idempotency record, so a crash can never leave an effect without its
+recorded response (which would let a retry create a second asset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    name        TEXT,
+    status      TEXT NOT NULL,          -- running | finished | failed | crashed
+    created_by  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    ended_at    TEXT
+);
+CREATE TABLE IF NOT EXISTS assets (
+    asset_id            TEXT PRIMARY KEY,
+    asset_type          TEXT NOT NULL,
+    state               TEXT NOT NULL,  -- pending | ready | abandoned
+    output_of           TEXT REFERENCES runs(run_id),
+    created_by          TEXT NOT NULL,
+    organization_id     TEXT,
+    visibility          TEXT NOT NULL,
+    content_type        TEXT,
+    deprecated_reason   TEXT,
+    deprecated_at       TEXT,
+    invalidated_reason  TEXT,
+    invalidated_at      TEXT,
+    abandoned_reason    TEXT,
+    created_at          TEXT NOT NULL,
+    finalized_at        TEXT
+);
+CREATE INDEX IF NOT EXISTS assets_by_run ON assets(output_of, state);
+CREATE TABLE IF NOT EXISTS components (
+    asset_id        TEXT NOT NULL REFERENCES assets(asset_id) ON DELETE CASCADE,
+    position        INTEGER NOT NULL,
+    name            TEXT NOT NULL,
+    object_key      TEXT NOT NULL,
+    size            INTEGER,            -- declared until finalize, then stored
+    sha256          TEXT,
+    sha256_verified INTEGER NOT NULL DEFAULT 0,
+    content_type    TEXT,
+    upload_id       TEXT,               -- set while planned as multipart
+    part_size       INTEGER,
+    uploaded        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (asset_id, name)
+);
+CREATE TABLE IF NOT EXISTS grants (
+    asset_id     TEXT NOT NULL REFERENCES assets(asset_id) ON DELETE CASCADE,
+    principal_id TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    PRIMARY KEY (asset_id, principal_id, action)
+);
+CREATE TABLE IF NOT EXISTS experiments (
+    experiment_id    TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    created_by       TEXT NOT NULL,
+    created_at       TEXT NOT NULL,
+    retracted_reason TEXT,
+    retracted_at     TEXT
+);
+CREATE TABLE IF NOT EXISTS variations (
+    variation_id  TEXT PRIMARY KEY,
+    experiment_id TEXT NOT NULL REFERENCES experiments(experiment_id),
+    name          TEXT NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS variation_assets (
+    variation_id TEXT NOT NULL REFERENCES variations(variation_id),
+    asset_id     TEXT NOT NULL,
+    role         TEXT NOT NULL,         -- input | output
+    PRIMARY KEY (variation_id, asset_id, role)
+);
+CREATE INDEX IF NOT EXISTS variation_assets_by_asset ON variation_assets(asset_id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    principal_id TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    status       INTEGER NOT NULL,
+    body         TEXT,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (principal_id, key)
+);
+"""
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---- rows -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    name: str | None
+    status: str
+    created_by: str
+    created_at: str
+    ended_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "name": self.name,
+            "status": self.status,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "ended_at": self.ended_at,
+        }
+
+
+@dataclass
+class ComponentRow:
+    name: str
+    object_key: str
+    position: int
+    size: int | None = None
+    sha256: str | None = None
+    sha256_verified: bool = False
+    content_type: str | None = None
+    upload_id: str | None = None
+    part_size: int | None = None
+    uploaded: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "content_type": self.content_type or "application/octet-stream",
+            "uploaded": self.uploaded,
+        }
+
+
+@dataclass
+class AssetRow:
+    asset_id: str
+    asset_type: str
+    state: str
+    created_by: str
+    visibility: str
+    created_at: str
+    output_of: str | None = None
+    organization_id: str | None = None
+    content_type: str | None = None
+    deprecated_reason: str | None = None
+    deprecated_at: str | None = None
+    invalidated_reason: str | None = None
+    invalidated_at: str | None = None
+    abandoned_reason: str | None = None
+    finalized_at: str | None = None
+    components: list[ComponentRow] = field(default_factory=list)
+    grants: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def flag(reason: str | None, at: str | None) -> dict[str, str] | None:
+            return None if at is None else {"reason": reason or "", "at": at}
+
+        return {
+            "asset_id": self.asset_id,
+            "asset_type": self.asset_type,
+            "state": self.state,
+            "deprecated": flag(self.deprecated_reason, self.deprecated_at),
+            "invalidated": flag(self.invalidated_reason, self.invalidated_at),
+            "output_of": self.output_of,
+            "created_by": self.created_by,
+            "organization_id": self.organization_id,
+            "visibility": self.visibility,
+            "content_type": self.content_type,
+            "components": [c.to_json() for c in self.components],
+            "created_at": self.created_at,
+            "finalized_at": self.finalized_at,
+        }
+
+
+_ASSET_COLS = (
+    "asset_id, asset_type, state, created_by, visibility, created_at, output_of, "
+    "organization_id, content_type, deprecated_reason, deprecated_at, invalidated_reason, "
+    "invalidated_at, abandoned_reason, finalized_at"
+)
+_COMP_COLS = (
+    "name, object_key, position, size, sha256, sha256_verified, content_type, upload_id, "
+    "part_size, uploaded"
+)
+
+
+def _asset(row: sqlite3.Row) -> AssetRow:
+    return AssetRow(*tuple(row))
+
+
+def _component(row: sqlite3.Row) -> ComponentRow:
+    c = ComponentRow(*tuple(row))
+    c.sha256_verified, c.uploaded = bool(c.sha256_verified), bool(c.uploaded)
+    return c
+
+
+# ---- the database thread ------------------------------------------------------------------------
+
+
+class Database:
+    """One SQLite connection on one worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="server-db")
+        self._conn: sqlite3.Connection | None = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version != SCHEMA_VERSION:
+            conn.close()
+            raise RuntimeError(
+                f"{self.path}: schema version {version}, this server knows {SCHEMA_VERSION}"
+            )
+        self._conn = conn
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._call(close)
+        self._pool.shutdown(wait=True)
+
+    def _conn_or_fail(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("database is closed")
+        return self._conn
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in one read transaction."""
+
+        def run() -> T:
+            conn = self._conn_or_fail()
+            conn.execute("BEGIN")
+            try:
+                return fn(conn, *args)
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._call(run)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in one ``BEGIN IMMEDIATE`` transaction; an exception rolls
+        it back."""
+
+        def run() -> T:
+            conn = self._conn_or_fail()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._call(run)
+
+
+# ---- idempotency -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdemKey:
+    principal_id: str
+    key: str
+    request_hash: str
+
+
+def get_idempotent(conn: sqlite3.Connection, k: IdemKey) -> tuple[str, int, Any] | None:
+    row = conn.execute(
+        "SELECT request_hash, status, body FROM idempotency WHERE principal_id=? AND key=?",
+        (k.principal_id, k.key),
+    ).fetchone()
+    if row is None:
+        return None
+    return row[0], row[1], None if row[2] is None else json.loads(row[2])
+
+
+def put_idempotent(conn: sqlite3.Connection, k: IdemKey, status: int, body: Any) -> None:
+    conn.execute(
+        "INSERT INTO idempotency (principal_id, key, request_hash, status, body, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            k.principal_id,
+            k.key,
+            k.request_hash,
+            status,
+            None if body is None else json.dumps(body),
+            utcnow(),
+        ),
+    )
+
+
+# ---- runs --------------------------------------------------------------------------------------
+
+
+def get_run(conn: sqlite3.Connection, run_id: str) -> RunRow | None:
+    row = conn.execute(
+        "SELECT run_id, name, status, created_by, created_at, ended_at FROM runs WHERE run_id=?",
+        (run_id,),
+    ).fetchone()
+    return None if row is None else RunRow(*tuple(row))
+
+
+def insert_run(conn: sqlite3.Connection, run: RunRow) -> None:
+    conn.execute(
+        "INSERT INTO runs (run_id, name, status, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
+        (run.run_id, run.name, run.status, run.created_by, run.created_at),
+    )
+
+
+def end_run(conn: sqlite3.Connection, run_id: str, status: str, reason: str) -> list[str]:
+    """Mark the run ended and abandon its pending assets; the abandoned asset ids."""
+    at = utcnow()
+    conn.execute(
+        "UPDATE runs SET status=?, ended_at=? WHERE run_id=? AND ended_at IS NULL",
+        (status, at, run_id),
+    )
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT asset_id FROM assets WHERE output_of=? AND state='pending'", (run_id,)
+        )
+    ]
+    conn.executemany(
+        "UPDATE assets SET state='abandoned', abandoned_reason=? WHERE asset_id=?",
+        [(reason, i) for i in ids],
+    )
+    return ids
+
+
+# ---- assets ------------------------------------------------------------------------------------
+
+
+def get_asset(conn: sqlite3.Connection, asset_id: str) -> AssetRow | None:
+    row = conn.execute(f"SELECT {_ASSET_COLS} FROM assets WHERE asset_id=?", (asset_id,)).fetchone()
+    if row is None:
+        return None
+    asset = _asset(row)
+    asset.components = [
+        _component(r)
+        for r in conn.execute(
+            f"SELECT {_COMP_COLS} FROM components WHERE asset_id=? ORDER BY position", (asset_id,)
+        )
+    ]
+    asset.grants = list_grants(conn, asset_id)
+    return asset
+
+
+def list_assets(
+    conn: sqlite3.Connection,
+    *,
+    output_of: str | None = None,
+    state: str | None = None,
+    asset_type: str | None = None,
+) -> list[AssetRow]:
+    where, args = [], []
+    for col, value in (("output_of", output_of), ("state", state), ("asset_type", asset_type)):
+        if value is not None:
+            where.append(f"{col}=?")
+            args.append(value)
+    sql = f"SELECT asset_id FROM assets {'WHERE ' + ' AND '.join(where) if where else ''}"
+    ids = [r[0] for r in conn.execute(sql + " ORDER BY created_at, asset_id", args)]
+    return [a for a in (get_asset(conn, i) for i in ids) if a is not None]
+
+
+def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
+    conn.execute(
+        f"INSERT INTO assets ({_ASSET_COLS}) VALUES ({', '.join('?' * 15)})",
+        (
+            asset.asset_id,
+            asset.asset_type,
+            asset.state,
+            asset.created_by,
+            asset.visibility,
+            asset.created_at,
+            asset.output_of,
+            asset.organization_id,
+            asset.content_type,
+            asset.deprecated_reason,
+            asset.deprecated_at,
+            asset.invalidated_reason,
+            asset.invalidated_at,
+            asset.abandoned_reason,
+            asset.finalized_at,
+        ),
+    )
+    conn.executemany(
+        f"INSERT INTO components (asset_id, {_COMP_COLS}) VALUES ({', '.join('?' * 11)})",
+        [
+            (
+                asset.asset_id,
+                c.name,
+                c.object_key,
+                c.position,
+                c.size,
+                c.sha256,
+                int(c.sha256_verified),
+                c.content_type,
+                c.upload_id,
+                c.part_size,
+                int(c.uploaded),
+            )
+            for c in asset.components
+        ],
+    )
+
+
+def save_components(conn: sqlite3.Connection, asset_id: str, comps: Iterable[ComponentRow]) -> None:
+    conn.executemany(
+        "UPDATE components SET size=?, sha256=?, sha256_verified=?, content_type=?, "
+        "upload_id=?, part_size=?, uploaded=? WHERE asset_id=? AND name=?",
+        [
+            (
+                c.size,
+                c.sha256,
+                int(c.sha256_verified),
+                c.content_type,
+                c.upload_id,
+                c.part_size,
+                int(c.uploaded),
+                asset_id,
+                c.name,
+            )
+            for c in comps
+        ],
+    )
+
+
+def set_state(
+    conn: sqlite3.Connection, asset_id: str, state: str, *, reason: str | None = None
+) -> None:
+    if state == "ready":
+        conn.execute(
+            "UPDATE assets SET state='ready', finalized_at=? WHERE asset_id=?",
+            (utcnow(), asset_id),
+        )
+    else:
+        conn.execute(
+            "UPDATE assets SET state=?, abandoned_reason=? WHERE asset_id=?",
+            (state, reason, asset_id),
+        )
+
+
+def set_flag(conn: sqlite3.Connection, asset_id: str, flag: str, reason: str) -> None:
+    if flag not in ("deprecated", "invalidated"):
+        raise ValueError(flag)
+    conn.execute(
+        f"UPDATE assets SET {flag}_reason=?, {flag}_at=? WHERE asset_id=?",
+        (reason, utcnow(), asset_id),
+    )
+
+
+def set_placement(
+    conn: sqlite3.Connection, asset_id: str, *, visibility: str, organization_id: str | None
+) -> None:
+    conn.execute(
+        "UPDATE assets SET visibility=?, organization_id=? WHERE asset_id=?",
+        (visibility, organization_id, asset_id),
+    )
+
+
+def delete_asset(conn: sqlite3.Connection, asset_id: str) -> None:
+    conn.execute("DELETE FROM assets WHERE asset_id=?", (asset_id,))
+
+
+def is_linked(conn: sqlite3.Connection, asset_id: str) -> bool:
+    row = conn.execute("SELECT 1 FROM variation_assets WHERE asset_id=? LIMIT 1", (asset_id,))
+    return row.fetchone() is not None
+
+
+# ---- grants ------------------------------------------------------------------------------------
+
+
+def list_grants(conn: sqlite3.Connection, asset_id: str) -> list[tuple[str, str]]:
+    return [
+        (r[0], r[1])
+        for r in conn.execute(
+            "SELECT principal_id, action FROM grants WHERE asset_id=? "
+            "ORDER BY principal_id, action",
+            (asset_id,),
+        )
+    ]
+
+
+def add_grant(conn: sqlite3.Connection, asset_id: str, principal_id: str, action: str) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO grants (asset_id, principal_id, action) VALUES (?, ?, ?)",
+        (asset_id, principal_id, action),
+    )
+
+
+def remove_grant(conn: sqlite3.Connection, asset_id: str, principal_id: str, action: str) -> None:
+    conn.execute(
+        "DELETE FROM grants WHERE asset_id=? AND principal_id=? AND action=?",
+        (asset_id, principal_id, action),
+    )
+
+
+# ---- experiments and variations ----------------------------------------------------------------
+
+
+@dataclass
+class ExperimentRow:
+    experiment_id: str
+    name: str
+    created_by: str
+    created_at: str
+    retracted_reason: str | None = None
+    retracted_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "experiment_id": self.experiment_id,
+            "name": self.name,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "retracted": None
+            if self.retracted_at is None
+            else {"reason": self.retracted_reason or "", "at": self.retracted_at},
+        }
+
+
+@dataclass
+class VariationRow:
+    variation_id: str
+    experiment_id: str
+    name: str
+    created_by: str
+    created_at: str
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "variation_id": self.variation_id,
+            "experiment_id": self.experiment_id,
+            "name": self.name,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+        }
+
+
+def insert_experiment(conn: sqlite3.Connection, e: ExperimentRow) -> None:
+    conn.execute(
+        "INSERT INTO experiments (experiment_id, name, created_by, created_at) VALUES (?,?,?,?)",
+        (e.experiment_id, e.name, e.created_by, e.created_at),
+    )
+
+
+def get_experiment(conn: sqlite3.Connection, experiment_id: str) -> ExperimentRow | None:
+    row = conn.execute(
+        "SELECT experiment_id, name, created_by, created_at, retracted_reason, retracted_at "
+        "FROM experiments WHERE experiment_id=?",
+        (experiment_id,),
+    ).fetchone()
+    return None if row is None else ExperimentRow(*tuple(row))
+
+
+def retract_experiment(conn: sqlite3.Connection, experiment_id: str, reason: str) -> None:
+    conn.execute(
+        "UPDATE experiments SET retracted_reason=?, retracted_at=? WHERE experiment_id=?",
+        (reason, utcnow(), experiment_id),
+    )
+
+
+def insert_variation(conn: sqlite3.Connection, v: VariationRow) -> None:
+    conn.execute(
+        "INSERT INTO variations (variation_id, experiment_id, name, created_by, created_at) "
+        "VALUES (?,?,?,?,?)",
+        (v.variation_id, v.experiment_id, v.name, v.created_by, v.created_at),
+    )
+    link_assets(conn, v.variation_id, v.inputs, "input")
+
+
+def link_assets(
+    conn: sqlite3.Connection, variation_id: str, asset_ids: Sequence[str], role: str
+) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO variation_assets (variation_id, asset_id, role) VALUES (?,?,?)",
+        [(variation_id, a, role) for a in asset_ids],
+    )
+
+
+def get_variation(conn: sqlite3.Connection, variation_id: str) -> VariationRow | None:
+    row = conn.execute(
+        "SELECT variation_id, experiment_id, name, created_by, created_at FROM variations "
+        "WHERE variation_id=?",
+        (variation_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    v = VariationRow(*tuple(row))
+    for asset_id, role in conn.execute(
+        "SELECT asset_id, role FROM variation_assets WHERE variation_id=? ORDER BY rowid",
+        (variation_id,),
+    ):
+        (v.inputs if role == "input" else v.outputs).append(asset_id)
+    return v
+
+
+def experiment_outputs(conn: sqlite3.Connection, experiment_id: str) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT va.asset_id FROM variation_assets va "
+            "JOIN variations v ON v.variation_id = va.variation_id "
+            "WHERE v.experiment_id=? AND va.role='output'",
+            (experiment_id,),
+        )
+    ]

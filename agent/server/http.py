@@ -1,0 +1,201 @@
+"""HTTP plumbing shared by the local server's handlers: error replies in the contract's shape,
+request-body parsing and field validation, the access logger (paths only, never query strings)
+and the middleware that turns every failure into ``{"error": {"code", "message"}}``.
+
+Errors are the agent's own :class:`agent.errors.ChronicleError` tree, raised server-side with
+the status and code the contract names; the middleware renders them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from agent.errors import ChronicleError, chronicle_error
+
+log = logging.getLogger(__name__)
+
+
+def fail(status: int, code: str, message: str) -> ChronicleError:
+    """The exception for an error reply (raise it): the right ChronicleError subclass."""
+    return chronicle_error(status, {"error": {"code": code, "message": message}})
+
+
+def invalid(message: str) -> ChronicleError:
+    return fail(400, "invalid_request", message)
+
+
+def not_found(message: str) -> ChronicleError:
+    return fail(404, "not_found", message)
+
+
+def forbidden(message: str) -> ChronicleError:
+    return fail(403, "forbidden", message)
+
+
+def conflict(message: str, code: str = "conflict") -> ChronicleError:
+    return fail(409, code, message)
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A handler's answer: status and JSON body (None for an empty body, e.g. 204)."""
+
+    status: int
+    body: Any
+
+    def response(self) -> web.Response:
+        if self.body is None:
+            return web.Response(status=self.status)
+        return web.json_response(self.body, status=self.status)
+
+
+# ---- request bodies and fields -----------------------------------------------------------
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; an empty body is ``{}``."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise invalid("request body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as e:
+        raise invalid(f"request body is not valid JSON: {e.msg} at position {e.pos}") from None
+    if not isinstance(body, dict):
+        raise invalid(f"request body must be a JSON object, not {_json_type(body)}")
+    return body
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def opt_str(body: dict[str, Any], field: str, *, where: str = "") -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{where}{field} must be a string, not {_json_type(value)}")
+    return value
+
+
+def req_str(body: dict[str, Any], field: str, *, where: str = "") -> str:
+    value = opt_str(body, field, where=where)
+    if not value:
+        raise invalid(f"{where}{field} is required (a non-empty string)")
+    return value
+
+
+def opt_size(body: dict[str, Any], field: str, *, where: str = "") -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(f"{where}{field} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def opt_bool(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise invalid(f"{field} must be true or false, not {value!r}")
+    return value
+
+
+def opt_object(body: dict[str, Any], field: str, *, where: str = "") -> dict[str, Any]:
+    value = body.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(f"{where}{field} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def one_of(value: str | None, allowed: tuple[str, ...], field: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise invalid(f"{field} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def query_flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+# ---- middleware and logging ------------------------------------------------------------------
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    411: "invalid_request",
+    413: "payload_too_large",
+}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Render ChronicleError and aiohttp's own HTTP errors in the contract's error shape."""
+    try:
+        return await handler(request)
+    except ChronicleError as e:
+        return error_response(e.status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 413:
+            message = "request body too large"
+        elif e.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif e.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        else:
+            message = e.reason
+        return error_response(e.status, _HTTP_CODES.get(e.status, f"http_{e.status}"), message)
+    except (ConnectionError, TimeoutError):
+        raise
+    except Exception:
+        log.exception("internal error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal server error (see the server log)")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path (no query string: it may hold a URL signature),
+    status, bytes, seconds. Never the Authorization header."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %d %s %.3fs",
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+        )

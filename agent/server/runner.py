@@ -1,0 +1,236 @@
+"""Starting and stopping the local Chronicle: embedded in the daemon or on its own.
+
+Start order: state dir, tokens file, signing secret (in a thread); storage and database;
+bind the socket (so the real port is known before any URL is made); storage start (its URLs
+point at the bound address or ``public_url``); serve; write ``endpoint.json``. Stop order is
+the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from agent.config import Settings
+from agent.errors import ConfigError
+
+from .app import Core, make_app
+from .auth import TokenStore, ensure_tokens_file, local_principal_id
+from .db import Database
+from .http import AccessLogger
+from .signing import Signer
+from .storage import open_storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STANDALONE_LISTEN = "127.0.0.1:8470"
+READ_BUFSIZE = 1024 * 1024
+"""aiohttp's per-connection receive buffer: large reads keep 1 GiB PUTs near disk speed."""
+IO_THREADS = 16
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; a bare port means 127.0.0.1)."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep:
+        host, port_s = "127.0.0.1", value
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_s)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"server.listen = {value!r}: expected HOST:PORT") from None
+    return host, port
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]"
+    except ValueError:
+        pass
+    return host
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=512)
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("chronicle-agent")
+    except importlib.metadata.PackageNotFoundError:
+        import agent
+
+        return str(getattr(agent, "__version__", "0+unknown"))
+
+
+def _write_private_json(path: Path, data: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _remove_if_ours(path: Path, url: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("url") == url:
+            path.unlink()
+
+
+@dataclass
+class LocalServer:
+    """A running local Chronicle."""
+
+    url: str
+    """Where this server listens, e.g. ``http://127.0.0.1:43123``."""
+    tokens_file: Path
+    state_dir: Path
+    public_url: str
+    """The base of its presigned disk-store URLs (``server.public_url`` or ``url``)."""
+    local_token: str | None
+    """The local user's token from the tokens file (what the daemon uses), if there is one."""
+    _runner: web.AppRunner = field(repr=False)
+    _core: Core = field(repr=False)
+    _pool: concurrent.futures.ThreadPoolExecutor = field(repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def endpoint_file(self) -> Path:
+        return self.state_dir / "endpoint.json"
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        loop = asyncio.get_running_loop()
+        try:
+            await self._runner.cleanup()
+        finally:
+            await self._core.storage.close()
+            await self._core.db.close()
+            await loop.run_in_executor(self._pool, _remove_if_ours, self.endpoint_file, self.url)
+            await asyncio.to_thread(self._pool.shutdown, True)
+
+
+async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
+    """Start the local Chronicle on the event loop that calls this.
+
+    ``embedded``: listen on ``server.listen`` or an ephemeral loopback port; else the default
+    is 127.0.0.1:8470. Either way state lives in ``settings.server_state_dir()`` and
+    ``<state_dir>/endpoint.json`` (0600) tells clients where the server is."""
+    cfg = settings.server
+    state_dir = settings.server_state_dir()
+    host, port = parse_listen(
+        cfg.listen or ("127.0.0.1:0" if embedded else DEFAULT_STANDALONE_LISTEN)
+    )
+    tokens_file = cfg.tokens_file or state_dir / "tokens.json"
+    pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="server-io")
+    loop = asyncio.get_running_loop()
+    cleanup: contextlib.AsyncExitStack = contextlib.AsyncExitStack()
+    cleanup.callback(pool.shutdown, False)
+    try:
+
+        def prepare() -> tuple[TokenStore, Signer, str]:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ensure_tokens_file(tokens_file)
+            tokens = TokenStore(tokens_file)
+            tokens.load()
+            return tokens, Signer.load_or_create(state_dir / "signing.key"), _version()
+
+        tokens, signer, version = await loop.run_in_executor(pool, prepare)
+        storage = open_storage(cfg.storage, state_dir, signer, pool)
+        database = Database(state_dir / "server.db")
+        await database.open()
+        cleanup.push_async_callback(database.close)
+        sock = await loop.run_in_executor(pool, _bind, host, port)
+        cleanup.callback(sock.close)
+        url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
+        public_url = cfg.public_url.rstrip("/") or url
+        await storage.start(public_url)
+        cleanup.push_async_callback(storage.close)
+        core = Core(cfg, database, storage, tokens, version, public_url)
+        runner = web.AppRunner(
+            make_app(core),
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("agent.server.access"),
+            read_bufsize=READ_BUFSIZE,
+            shutdown_timeout=2.0,
+        )
+        await runner.setup()
+        cleanup.push_async_callback(runner.cleanup)
+        await web.SockSite(runner, sock).start()
+        await loop.run_in_executor(
+            pool,
+            _write_private_json,
+            state_dir / "endpoint.json",
+            {"url": url, "tokens_file": str(tokens_file)},
+        )
+    except BaseException:
+        await cleanup.aclose()
+        raise
+    cleanup.pop_all()
+    log.info("local Chronicle listening on %s (storage %s)", url, storage.description)
+    return LocalServer(
+        url=url,
+        tokens_file=tokens_file,
+        state_dir=state_dir,
+        public_url=public_url,
+        local_token=tokens.token_for(local_principal_id()),
+        _runner=runner,
+        _core=core,
+        _pool=pool,
+    )
+
+
+async def _serve(settings: Settings) -> int:
+    server = await start_server(settings, embedded=False)
+    print(f"url: {server.url}", flush=True)
+    print(f"tokens_file: {server.tokens_file}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    return 0
+
+
+def serve_forever(settings: Settings) -> int:
+    """``chronicle-agent server``: run until SIGINT/SIGTERM. Exit code 0 on a clean stop,
+    2 on a configuration error, 1 if the server cannot start (e.g. the port is taken)."""
+    try:
+        return asyncio.run(_serve(settings))
+    except ConfigError as e:
+        print(f"chronicle-agent server: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"chronicle-agent server: cannot start: {e}", file=sys.stderr)
+        return 1

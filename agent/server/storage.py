@@ -1,0 +1,142 @@
+"""Where component bytes live: the storage interface and the choice of backend.
+
+Clients move bytes with presigned URLs, never through the JSON API, so a backend offers:
+presigned single PUT, multipart (create, presigned part PUTs, list parts, complete, abort),
+presigned GET honouring ``Range``, and what finalize needs (size and, where the backend can
+tell, SHA-256), plus a direct write for inline assets and delete.
+
+Backends: :class:`agent.server.disk.DiskStorage` (``file:///DIR``; its URLs are served by this
+server) and :class:`agent.server.s3.S3Storage` (``s3://BUCKET?endpoint=URL``; real SigV4
+URLs). The S3 module imports botocore, so it is imported only when an s3:// storage is
+configured.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from aiohttp import web
+
+from agent.errors import ConfigError
+
+from .signing import Signer
+
+MiB = 1024 * 1024
+MIN_PART_BYTES = 5 * MiB
+"""S3's minimum size of every part but the last."""
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    sha256: str | None = None
+    """Hex SHA-256 of the whole object when the backend knows it without extra work."""
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    part_number: int
+    etag: str
+    size: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {"part_number": self.part_number, "etag": self.etag, "size": self.size}
+
+
+class StorageError(Exception):
+    """A backend call failed in a way the caller cannot fix (I/O error, store unreachable)."""
+
+
+class Storage(Protocol):
+    description: str
+    """For logs and health: ``file:///…`` or ``s3://bucket`` (never credentials)."""
+
+    async def start(self, base_url: str) -> None:
+        """Prepare (create directories, the bucket); ``base_url`` is where this server is
+        reached (the disk store's URLs point there)."""
+
+    async def close(self) -> None: ...
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount the handlers that serve presigned URLs, if the backend needs any."""
+
+    async def presign_put(self, key: str, expires_s: int) -> str: ...
+
+    async def presign_get(self, key: str, expires_s: int) -> str: ...
+
+    async def create_multipart(self, key: str) -> str:
+        """Start a multipart upload of ``key``; returns its upload id."""
+        ...
+
+    async def presign_parts(
+        self, key: str, upload_id: str, part_numbers: Sequence[int], expires_s: int
+    ) -> dict[int, str]: ...
+
+    async def list_parts(self, key: str, upload_id: str) -> list[PartInfo] | None:
+        """Parts received so far, by part number; None if the upload does not exist (aborted
+        or completed)."""
+        ...
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[PartInfo]
+    ) -> ObjectInfo:
+        """Assemble ``parts`` (ascending, checked by the caller) into ``key``."""
+        ...
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop the upload and its parts; an unknown upload is not an error."""
+
+    async def head(self, key: str) -> ObjectInfo | None: ...
+
+    async def sha256(self, key: str, size: int) -> str | None:
+        """The object's SHA-256 if this backend can establish it (perhaps by reading the
+        object), else None: the caller then records the client's declared digest."""
+        ...
+
+    async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo: ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+
+
+def open_storage(
+    url: str, state_dir: Path, signer: Signer, io_pool: concurrent.futures.ThreadPoolExecutor
+) -> Storage:
+    """The backend named by ``server.storage`` (empty = ``<state_dir>/objects`` on disk)."""
+    if not url:
+        from .disk import DiskStorage
+
+        return DiskStorage(state_dir / "objects", signer, io_pool)
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        path = unquote(parts.path)
+        if parts.netloc not in ("", "localhost") or not path.startswith("/"):
+            raise ConfigError(f"server.storage = {url!r}: expected file:///ABSOLUTE/DIR")
+        from .disk import DiskStorage
+
+        return DiskStorage(Path(path), signer, io_pool)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"server.storage = {url!r}: expected s3://BUCKET?endpoint=URL")
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        from .s3 import S3Storage  # imports botocore: only when asked for
+
+        return S3Storage.from_options(parts.netloc, options, io_pool)
+    raise ConfigError(f"server.storage = {url!r}: expected file:///DIR or s3://BUCKET?endpoint=URL")
+
+
+def plan_part_size(size: int, part_size_bytes: int) -> int:
+    """The contract's part size: ``max(part_size_bytes, ceil(size / 10000))`` rounded up to a
+    whole MiB, never under 5 MiB."""
+    wanted = max(part_size_bytes, -(-size // MAX_PARTS))
+    return max(MIN_PART_BYTES, -(-wanted // MiB) * MiB)
+
+
+def part_count(size: int, part_size: int) -> int:
+    return max(1, -(-size // part_size))

@@ -1,0 +1,199 @@
+"""Moving bytes to and from presigned URLs: streaming bodies from disk with an exact
+Content-Length, hashing in the same read pass, a progress watchdog for stalls, and the
+classification of storage answers (S3-style XML errors, expired URLs).
+
+Presigned URLs carry their signature in the query string; :func:`redact` is what every log
+line and error message uses to show one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+import anyio.to_thread
+
+from agent.errors import (
+    RETRYABLE_S3_CODES,
+    RETRYABLE_STATUSES,
+    RetryableError,
+    Stalled,
+    StorageRefused,
+    TransferError,
+    UrlExpired,
+)
+from agent.transfer.limits import Limits
+
+_CODE = re.compile(rb"<Code>([^<]*)</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
+
+
+def redact(url: str) -> str:
+    """A URL fit for a log line: scheme, host and path, never the query (the signature)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
+
+
+def classify_storage_answer(status: int, body: bytes, what: str) -> TransferError:
+    """Turn a non-2xx answer from storage into the error tree."""
+    code_m, msg_m = _CODE.search(body or b""), _MESSAGE.search(body or b"")
+    code = code_m.group(1).decode(errors="replace") if code_m else ""
+    message = msg_m.group(1).decode(errors="replace") if msg_m else ""
+    detail = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+    if status == 403 and "expired" in message.lower():
+        return UrlExpired(f"{what}: presigned URL expired ({detail})")
+    if status in RETRYABLE_STATUSES or code in RETRYABLE_S3_CODES:
+        return RetryableError(f"{what}: {detail}", code=_snake(code) or f"http_{status}",
+                              status=status)
+    return StorageRefused(f"{what}: {detail}", status=status, code=_snake(code) or f"http_{status}")
+
+
+def _snake(code: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", code).lower()
+
+
+@dataclass
+class SliceResult:
+    size: int
+    sha256: str | None
+    md5: str | None
+
+
+class Watchdog:
+    """Cuts a transfer that moves no byte for ``stall_s``: call :meth:`kick` on progress."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self._timeout: asyncio.Timeout | None = None
+
+    def kick(self) -> None:
+        if self._timeout is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time() + self.stall_s)
+
+    def arm(self, timeout: asyncio.Timeout) -> None:
+        self._timeout = timeout
+
+
+async def file_chunks(
+    path: str,
+    offset: int,
+    length: int,
+    chunk_bytes: int,
+    hasher: Any | None,
+    on_bytes: Callable[[int], None],
+    limits: Limits,
+    watchdog: Watchdog | None = None,
+) -> AsyncIterator[bytes]:
+    """Yield ``length`` bytes of ``path`` from ``offset``, read (and hashed) in a thread,
+    never more than one chunk held at a time."""
+    fd = await anyio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pos, end = offset, offset + length
+
+        def read(n: int, at: int) -> bytes:
+            data = os.pread(fd, n, at)
+            if hasher is not None:
+                hasher.update(data)
+            return data
+
+        while pos < end:
+            n = min(chunk_bytes, end - pos)
+            data = await anyio.to_thread.run_sync(read, n, pos)
+            if len(data) != n:
+                raise SourceShrank(f"{path}: file ended at byte {pos + len(data)}, expected {end}")
+            pos += n
+            await limits.throttle(n)
+            on_bytes(n)
+            if watchdog is not None:
+                watchdog.kick()
+            yield data
+    finally:
+        os.close(fd)
+
+
+class SourceShrank(TransferError):
+    code = "source_changed"
+
+
+async def put_file(
+    session: aiohttp.ClientSession,
+    url: str,
+    path: str,
+    offset: int,
+    length: int,
+    *,
+    chunk_bytes: int,
+    limits: Limits,
+    stall_s: float,
+    on_bytes: Callable[[int], None],
+    hash_sha256: bool = True,
+    content_type: str | None = None,
+    what: str,
+) -> tuple[str | None, str | None]:
+    """PUT ``length`` bytes of ``path`` at ``offset`` to a presigned URL.
+
+    Returns (ETag as returned, sha256 hex of the bytes sent or None). Raises TransferError.
+    """
+    hasher = hashlib.sha256() if hash_sha256 else None
+    headers = {"Content-Length": str(length)}
+    if content_type:
+        headers["Content-Type"] = content_type
+    watchdog = Watchdog(stall_s)
+    sent = 0
+
+    def count(n: int) -> None:
+        nonlocal sent
+        sent += n
+        on_bytes(n)
+
+    try:
+        async with asyncio.timeout(stall_s) as timeout:
+            watchdog.arm(timeout)
+            if length <= chunk_bytes:
+                # Small bodies are read whole: one thread hop, a bytes payload.
+                body: Any = b"".join([c async for c in file_chunks(
+                    path, offset, length, chunk_bytes, hasher, count, limits, watchdog)])
+            else:
+                body = file_chunks(path, offset, length, chunk_bytes, hasher, count, limits,
+                                   watchdog)
+            async with session.put(
+                url, data=body, headers=headers, skip_auto_headers=("Content-Type",)
+            ) as resp:
+                watchdog.kick()
+                if resp.status >= 300:
+                    raise classify_storage_answer(resp.status, await resp.read(), what)
+                await resp.read()
+                etag = resp.headers.get("ETag")
+    except TimeoutError:
+        on_bytes(-sent)
+        raise Stalled(f"{what}: no progress for {stall_s:g}s (stalled)") from None
+    except BaseException:
+        on_bytes(-sent)
+        raise
+    return etag, (hasher.hexdigest() if hasher is not None else None)
+
+
+async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
+    """SHA-256 of a whole file, read sequentially in a thread."""
+
+    def run() -> str:
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            remaining = size
+            while remaining > 0:
+                data = f.read(min(chunk_bytes * 4, remaining))
+                if not data:
+                    raise SourceShrank(f"{path}: file is shorter than {size} bytes")
+                h.update(data)
+                remaining -= len(data)
+        return h.hexdigest()
+
+    return await anyio.to_thread.run_sync(run)

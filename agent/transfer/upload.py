@@ -1,0 +1,498 @@
+"""Uploading one asset: register → PUT each component (whole or in parts) → finalize.
+
+Every step with a remote side effect is made durable before the next one starts, so a
+restart resumes from the last one:
+
+- the registration's Idempotency-Key is in the asset row before the request is sent, and
+  the returned asset id is stored as soon as it arrives;
+- each part's ETag is stored the moment storage acknowledges it; a restart re-sends only
+  the parts without one (after reconciling with Chronicle's ``uploads`` listing when local
+  state may be behind the store);
+- a component is marked uploaded, with its SHA-256, once all its bytes are in;
+- finalize carries an Idempotency-Key derived from the registration's, so repeating it after
+  a crash is harmless.
+
+Presigned URLs are kept in memory only (they are credentials); after a restart fresh ones
+are asked for. Integrity: a single PUT is hashed in the same read pass that streams it; a
+multipart component is hashed by one sequential pass over the file that runs beside the
+part uploads (see docs/integrity.md). A file whose size, mtime or inode changes after it
+was registered is never finalized: the job fails with ``source_changed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.to_thread
+
+from agent.chronicle import contract
+from agent.chronicle import models as m
+from agent.chronicle.aio import AsyncChronicle
+from agent.config import Settings
+from agent.crashpoints import CrashPoints
+from agent.errors import (
+    ChronicleError,
+    RetryableError,
+    SourceChanged,
+    TransferError,
+    UrlExpired,
+    UsageError,
+)
+from agent.metrics import Metrics
+from agent.queue.aqueue import AsyncQueue
+from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
+from agent.transfer.http import hash_file, put_file, redact
+from agent.transfer.limits import Limits
+from agent.transfer.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def check_component_name(name: str) -> str:
+    """Component names are relative POSIX paths: no absolute path, no ``..``, no empty
+    segment, no NUL."""
+    if (
+        not name
+        or "\x00" in name
+        or name.startswith("/")
+        or any(seg in ("", ".", "..") for seg in name.split("/"))
+        or posixpath.normpath(name) != name
+    ):
+        raise UsageError(
+            f"invalid component name {name!r}: must be a relative POSIX path with no "
+            "'..', '.', empty segment or NUL"
+        )
+    return name
+
+
+@dataclass
+class Stat:
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, path: str) -> Stat:
+        st = os.stat(path)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def scan_path(path: str) -> list[dict[str, Any]]:
+    """The components of a file or directory upload (runs in a thread). A single file is
+    named by its base name; a directory's files by their path relative to it. Symlinks are
+    followed only when they stay inside the directory."""
+    if not os.path.isabs(path):
+        raise UsageError(f"path must be absolute: {path!r}")
+    if not os.path.lexists(path):
+        raise UsageError(f"no such file or directory: {path}")
+    if os.path.isfile(path):
+        st = Stat.of(path)
+        return [{"name": check_component_name(os.path.basename(path)), "path": path,
+                 "size": st.size, "mtime_ns": st.mtime_ns, "ino": st.ino, "dev": st.dev}]
+    if not os.path.isdir(path):
+        raise UsageError(f"not a regular file or directory: {path}")
+    root = os.path.realpath(path)
+    out: list[dict[str, Any]] = []
+    for dirpath, dirnames, filenames in os.walk(path, onerror=_raise):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            real = os.path.realpath(full)
+            if os.path.islink(full) and os.path.commonpath([root, real]) != root:
+                raise UsageError(f"symlink leaves the uploaded directory: {full} -> {real}")
+            if not os.path.isfile(full):
+                continue  # sockets, fifos, dangling links
+            rel = os.path.relpath(full, path).replace(os.sep, "/")
+            st = Stat.of(full)
+            out.append({"name": check_component_name(rel), "path": full, "size": st.size,
+                        "mtime_ns": st.mtime_ns, "ino": st.ino, "dev": st.dev})
+    if not out:
+        raise UsageError(f"directory has no files to upload: {path}")
+    return out
+
+
+def _raise(e: OSError) -> None:
+    raise UsageError(f"cannot read {e.filename}: {e.strerror}")
+
+
+@dataclass
+class Progress:
+    """Bytes moved for one job, kept in memory and shown by the API."""
+
+    bytes_done: int = 0
+    on_change: Callable[[int], None] | None = None
+
+    def add(self, n: int) -> None:
+        self.bytes_done += n
+        if self.on_change is not None:
+            self.on_change(n)
+
+
+@dataclass
+class Plan:
+    """Where a component's bytes go: one URL, or parts."""
+
+    part_size: int | None = None
+    url: str | None = None
+    part_urls: dict[int, str] = field(default_factory=dict)
+
+
+class Engine:
+    """What every transfer shares: the queue, Chronicle, the HTTP session for storage, the
+    global limits, metrics and crash points."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: AsyncQueue,
+        chronicle: AsyncChronicle,
+        session: aiohttp.ClientSession,
+        limits: Limits,
+        metrics: Metrics,
+        crash: CrashPoints,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.chronicle = chronicle
+        self.session = session
+        self.limits = limits
+        self.metrics = metrics
+        self.crash = crash
+        up = settings.upload
+        self.retry = RetryPolicy(up.max_attempts, up.backoff_base_s, up.backoff_max_s)
+        self._known_runs: set[str] = set()
+
+    async def ensure_run(self, run_id: str | None, token: str | None = None) -> None:
+        if run_id and run_id not in self._known_runs:
+            await self.chronicle.send(contract.create_run(run_id), token=token)
+            self._known_runs.add(run_id)
+
+    def part_acked(self) -> None:
+        self.crash.hit("after_part")
+
+    def component_done(self) -> None:
+        self.crash.hit("after_component")
+
+
+class AssetUpload:
+    """Drives one local asset record to ``ready``."""
+
+    def __init__(
+        self, engine: Engine, asset: AssetRecord, progress: Progress, token: str | None = None
+    ) -> None:
+        self.e = engine
+        self.q = engine.queue
+        self.asset = asset
+        self.progress = progress
+        self.token = token
+        self.plans: dict[str, Plan] = {}
+        self._refresh_lock = anyio.Lock()
+
+    @property
+    def asset_id(self) -> str:
+        assert self.asset.asset_id is not None
+        return self.asset.asset_id
+
+    # ---- register ----------------------------------------------------------------------
+
+    async def ensure_registered(self) -> bool:
+        """Register with Chronicle unless already done; True if this call registered it."""
+        if self.asset.asset_id is not None:
+            return False
+        comps = await self.q.do(self.q.s.components, self.asset.asset_key)
+        decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type)
+                for c in comps]
+        await self.e.ensure_run(self.asset.run_id, self.token)
+        self.e.crash.hit("before_register")
+        urls = await self.e.chronicle.send(
+            contract.register(
+                self.asset.asset_type, decl, output_of=self.asset.run_id,
+                visibility=self.asset.visibility, idempotency_key=self.asset.register_key,
+            ),
+            token=self.token,
+        )
+        self.e.crash.hit("after_register_sent")
+        await self.q.do(self.q.s.set_asset, self.asset.asset_key, asset_id=urls.asset_id,
+                        state="registered")
+        self.asset.asset_id = urls.asset_id
+        await self._absorb(urls)
+        log.info("asset %s registered (%d components)", urls.asset_id, len(comps))
+        self.e.crash.hit("after_register")
+        return True
+
+    async def _absorb(self, urls: m.UploadUrls) -> None:
+        hashes: dict[str, str] = {}
+        for name, url in urls.upload_urls.items():
+            self.plans[name] = Plan(url=url)
+            hashes[name] = url_hash(url)
+        for name, mp in urls.multipart.items():
+            plan = Plan(part_size=mp.part_size)
+            old = self.plans.get(name)
+            if old is not None and old.part_size == mp.part_size:
+                plan.part_urls = dict(old.part_urls)
+            plan.part_urls.update({p.part_number: p.url for p in mp.parts})
+            self.plans[name] = plan
+        if hashes:
+            await self.q.do(self.q.s.set_url_hashes, self.asset.asset_key, hashes)
+        for name, mp in urls.multipart.items():
+            await self.q.do(self.q.s.update_component, self.asset.asset_key, name,
+                            part_size=mp.part_size)
+
+    async def refresh(
+        self, names: list[str], parts: dict[str, list[int]] | None = None,
+        declare: dict[str, int] | None = None,
+    ) -> None:
+        """Ask Chronicle for fresh URLs (after expiry or a restart). ``declare`` gives sizes
+        to (re)plan components with; everything else keeps its plan."""
+        decl: list[Any] = [
+            {"name": n, "size": declare[n]} if declare and n in declare else n for n in names
+        ]
+        urls = await self.e.chronicle.send(
+            contract.upload_urls(self.asset_id, decl, parts), token=self.token
+        )
+        await self._absorb(urls)
+
+    # ---- components --------------------------------------------------------------------
+
+    async def upload_all(self) -> None:
+        comps = await self.q.do(self.q.s.components, self.asset.asset_key)
+        self.progress.add(sum(c.size or 0 for c in comps if c.uploaded) - self.progress.bytes_done)
+        todo = [c for c in comps if not c.uploaded]
+        if not todo:
+            return
+        missing = [c.name for c in todo if c.name not in self.plans]
+        if missing:
+            await self.refresh(missing)
+        async with anyio.create_task_group() as tg:
+            for comp in todo:
+                tg.start_soon(self.upload_component, comp)
+
+    async def upload_component(self, comp: ComponentRecord) -> None:
+        if comp.uploaded:
+            return
+        assert comp.path is not None and comp.size is not None
+        await self._check_unchanged(comp)
+        plan = self.plans.get(comp.name)
+        if plan is None:
+            await self.refresh([comp.name])
+            plan = self.plans[comp.name]
+        if plan.part_size is None:
+            sha = await self._put_single(comp)
+        else:
+            sha = await self._put_multipart(comp, plan.part_size)
+        await self._check_unchanged(comp)
+        await self.q.do(self.q.s.update_component, self.asset.asset_key, comp.name,
+                        sha256=sha, uploaded=1)
+        comp.uploaded, comp.sha256 = True, sha
+        self.e.component_done()
+
+    async def _check_unchanged(self, comp: ComponentRecord) -> None:
+        assert comp.path is not None
+        try:
+            st = await anyio.to_thread.run_sync(Stat.of, comp.path)
+        except FileNotFoundError:
+            raise SourceChanged(
+                f"{comp.path} was deleted after it was registered as component {comp.name!r}"
+            ) from None
+        if (st.size, st.mtime_ns, st.ino) != (comp.size, comp.mtime_ns, comp.ino):
+            raise SourceChanged(
+                f"{comp.path} changed after it was registered as component {comp.name!r} "
+                f"(size {comp.size} -> {st.size}, mtime or inode changed): not finalizing "
+                "mixed bytes"
+            )
+
+    async def _send(
+        self, what: str, url_of: Callable[[], str], expired: Callable[[], Any],
+        put: Callable[[str], Any],
+    ) -> Any:
+        """One request with retries: a slot from the global limit per attempt, fresh URLs
+        after an expired-URL 403."""
+        refreshes = 0
+
+        async def attempt() -> Any:
+            nonlocal refreshes
+            async with self.e.limits.slots:
+                url = url_of()
+                try:
+                    return await put(url)
+                except UrlExpired as exc:
+                    refreshes += 1
+                    if refreshes > 5:
+                        raise
+                    log.info("%s: %s; asking for fresh URLs", what, exc.message)
+                    self.e.metrics.retry("url_expired")
+                    await expired()
+                    raise RetryableError(exc.message, code="url_expired") from None
+
+        def on_retry(err: TransferError) -> None:
+            self.e.metrics.retry(err.code)
+
+        return await self.e.retry.run(attempt, what, on_retry)
+
+    def _counted(self, n: int) -> None:
+        self.progress.add(n)
+        self.e.metrics.sent(n)
+
+    async def _put_single(self, comp: ComponentRecord) -> str:
+        assert comp.path is not None and comp.size is not None
+        path, size = comp.path, comp.size
+        what = f"PUT {comp.name} of {self.asset_id}"
+        up = self.e.settings.upload
+
+        async def put(url: str) -> str | None:
+            log.debug("%s -> %s", what, redact(url))
+            _, sha = await put_file(
+                self.e.session, url, path, 0, size, chunk_bytes=up.chunk_bytes,
+                limits=self.e.limits, stall_s=up.stall_timeout_s, on_bytes=self._counted,
+                content_type=None, what=what,
+            )
+            return sha
+
+        def url_of() -> str:
+            url = self.plans[comp.name].url
+            assert url is not None
+            return url
+
+        sha: str = await self._send(what, url_of, lambda: self.refresh([comp.name]), put)
+        return sha
+
+    async def _put_multipart(self, comp: ComponentRecord, part_size: int) -> str:
+        assert comp.path is not None and comp.size is not None
+        path, size, name = comp.path, comp.size, comp.name
+        n_parts = max(1, math.ceil(size / part_size))
+        expected = {
+            pn: min(part_size, size - (pn - 1) * part_size) for pn in range(1, n_parts + 1)
+        }
+        done = {p.part_number: p for p in await self.q.do(
+            self.q.s.parts, self.asset.asset_key, name) if p.part_size == part_size}
+        if len(done) < n_parts:
+            await self._reconcile(name, part_size, expected, done)
+        self.progress.add(sum(p.size for p in done.values()))
+        todo = [pn for pn in expected if pn not in done]
+        log.info("%s of %s: %d parts of %d MiB, %d to send", name, self.asset_id, n_parts,
+                 part_size >> 20, len(todo))
+        sha_box: list[str] = []
+        up = self.e.settings.upload
+
+        async def hash_all() -> None:
+            sha_box.append(await hash_file(path, size, up.chunk_bytes))
+
+        async def send_part(pn: int) -> None:
+            what = f"PUT {name} part {pn}/{n_parts} of {self.asset_id}"
+            offset, length = (pn - 1) * part_size, expected[pn]
+
+            async def put(url: str) -> str:
+                etag, _ = await put_file(
+                    self.e.session, url, path, offset, length, chunk_bytes=up.chunk_bytes,
+                    limits=self.e.limits, stall_s=up.stall_timeout_s, on_bytes=self._counted,
+                    hash_sha256=False, what=what,
+                )
+                if not etag:
+                    raise RetryableError(f"{what}: storage returned no ETag", code="no_etag")
+                return etag
+
+            def url_of() -> str:
+                return self.plans[name].part_urls[pn]
+
+            async def expired() -> None:
+                async with self._refresh_lock:
+                    await self.refresh([name], {name: [pn]})
+
+            if pn not in self.plans[name].part_urls:
+                await expired()
+            etag: str = await self._send(what, url_of, expired, put)
+            await self.q.do(self.q.s.record_part, self.asset.asset_key, name,
+                            PartRecord(pn, part_size, length, etag))
+            done[pn] = PartRecord(pn, part_size, length, etag)
+            self.e.part_acked()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hash_all)
+            for pn in todo:
+                tg.start_soon(send_part, pn)
+        return sha_box[0]
+
+    async def _reconcile(
+        self, name: str, part_size: int, expected: dict[int, int], done: dict[int, PartRecord]
+    ) -> None:
+        """Local state may be behind the store (a crash after a part was acknowledged but
+        before its ETag was stored): adopt what storage already holds."""
+        try:
+            listing = await self.e.chronicle.send(
+                contract.list_uploads(self.asset_id), token=self.token
+            )
+        except ChronicleError as e:
+            log.info("uploads listing of %s unavailable (%s); re-sending parts", self.asset_id, e)
+            return
+        stored = listing.components.get(name)
+        if stored is None:
+            return
+        for p in stored.parts:
+            if p.part_number in expected and p.part_number not in done and (
+                p.size is None or p.size == expected[p.part_number]
+            ):
+                rec = PartRecord(p.part_number, part_size, expected[p.part_number], p.etag)
+                await self.q.do(self.q.s.record_part, self.asset.asset_key, name, rec)
+                done[p.part_number] = rec
+        if done:
+            log.info("%s of %s: %d parts already in storage", name, self.asset_id, len(done))
+
+    # ---- finalize ----------------------------------------------------------------------
+
+    async def finalize(self) -> m.Asset:
+        comps = await self.q.do(self.q.s.components, self.asset.asset_key)
+        missing = [c.name for c in comps if not c.uploaded]
+        if missing:
+            raise UsageError(
+                f"cannot finalize {self.asset_id}: components never uploaded: "
+                + ", ".join(missing[:10]) + (" …" if len(missing) > 10 else ""),
+                code="components_missing",
+            )
+        body: dict[str, m.FinalizeComponent] = {}
+        for c in comps:
+            assert c.size is not None and c.sha256 is not None
+            parts = None
+            if c.part_size is not None:
+                parts = [{"part_number": p.part_number, "etag": p.etag}
+                         for p in await self.q.do(self.q.s.parts, self.asset.asset_key, c.name)
+                         if p.part_size == c.part_size]
+            body[c.name] = m.FinalizeComponent(
+                size=c.size, sha256=c.sha256, content_type=c.content_type, parts=parts
+            )
+        self.e.crash.hit("before_finalize")
+        asset = await self.e.chronicle.send(
+            contract.finalize(self.asset_id, body,
+                              idempotency_key=f"finalize:{self.asset.register_key}"),
+            token=self.token,
+        )
+        self.e.crash.hit("after_finalize_sent")
+        await self.q.do(self.q.s.set_asset, self.asset.asset_key, state="finalized")
+        self.asset.state = "finalized"
+        log.info("asset %s finalized: %s", self.asset_id, asset.state)
+        self.e.crash.hit("after_finalize")
+        return asset
+
+    async def abandon(self, reason: str) -> None:
+        if self.asset.asset_id is None or self.asset.state in ("finalized", "abandoned"):
+            return
+        await self.e.chronicle.send(
+            contract.abandon(self.asset_id, reason,
+                             idempotency_key=f"abandon:{self.asset.register_key}"),
+            token=self.token,
+        )
+        await self.q.do(self.q.s.set_asset, self.asset.asset_key, state="abandoned")
+        self.asset.state = "abandoned"

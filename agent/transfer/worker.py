@@ -1,0 +1,304 @@
+"""Workers: claim a job from the queue, run it, record how it ended.
+
+Each kind of job has one runner. How a job ends is decided here, from the error tree:
+done; failed (a refusal, a changed source, a bad request — with the error in the job);
+back to the queue with a delay (retryable errors that outlived their request-level
+retries, while job attempts remain); cancelled (by request: an upload's pending asset is
+abandoned on Chronicle).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+
+from agent.chronicle import contract
+from agent.errors import (
+    AgentError,
+    ChronicleError,
+    RetryableError,
+)
+from agent.queue.store import AssetRecord, Job, JobKind, JobState
+from agent.transfer.download import discard_staging, download_asset
+from agent.transfer.upload import AssetUpload, Engine, Progress, scan_path
+
+log = logging.getLogger(__name__)
+
+
+def primary_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error that decides how a job ends, out of what its concurrent transfers
+    raised: a final error (a refusal, a changed file) wins over a retryable one, which wins
+    over cancellation."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+
+    def rank(e: BaseException) -> int:
+        if isinstance(e, AgentError) and not isinstance(e, RetryableError):
+            return 0
+        if isinstance(e, RetryableError):
+            return 1
+        if isinstance(e, Exception):
+            return 2
+        return 3  # cancellation and other BaseExceptions
+
+    return min(leaves, key=rank)
+
+
+class Workers:
+    def __init__(self, engine: Engine, owner: str, job_max_attempts: int = 5) -> None:
+        self.e = engine
+        self.q = engine.queue
+        self.owner = owner
+        self.job_max_attempts = job_max_attempts
+        self.live: dict[str, Progress] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._stopping = False
+        self._flush_at: dict[str, float] = {}
+
+    # ---- API-facing ----------------------------------------------------------------------
+
+    def live_bytes(self, job_id: str) -> int | None:
+        p = self.live.get(job_id)
+        return p.bytes_done if p is not None else None
+
+    def cancel_running(self, job_id: str) -> None:
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            scope.cancel()
+
+    def stop_claiming(self) -> None:
+        self._stopping = True
+        self.q.changed.notify()
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    async def run(self, n: int, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(self._loop, i)
+            task_status.started()
+
+    async def _loop(self, i: int) -> None:
+        while not self._stopping:
+            job = await self.q.change(self.q.s.claim, self.owner, 300.0)
+            if job is None:
+                nxt = await self.q.do(self.q.s.next_wakeup)
+                wait = 1.0 if nxt is None else min(1.0, max(0.01, nxt - time.time()))
+                await self.q.changed.wait(wait)
+                continue
+            await self._run_one(job)
+
+    async def _run_one(self, job: Job) -> None:
+        progress = Progress()
+        self.live[job.job_id] = progress
+        scope = anyio.CancelScope()
+        self._scopes[job.job_id] = scope
+        log.info("job %s (%s) started, attempt %d", job.job_id, job.kind, job.attempts)
+        outcome: tuple[JobState, dict[str, str] | None, dict[str, Any] | None] | None = None
+        retry_in: float | None = None
+        try:
+            with scope:
+                try:
+                    outcome = (JobState.DONE, None, await self._dispatch(job, progress))
+                except BaseExceptionGroup as group:
+                    raise primary_error(group) from None
+            if scope.cancelled_caught:
+                outcome = await self._cancelled(job)
+        except RetryableError as e:
+            if job.attempts < self.job_max_attempts and not self._stopping:
+                retry_in = min(30.0 * 2 ** (job.attempts - 1), 600.0)
+                outcome = (JobState.QUEUED, e.to_dict(), None)
+            else:
+                outcome = (JobState.FAILED, e.to_dict(), None)
+        except AgentError as e:
+            outcome = (JobState.FAILED, e.to_dict(), None)
+        except Exception as e:  # a bug: keep the daemon alive, fail the job loudly
+            log.exception("job %s: internal error", job.job_id)
+            outcome = (JobState.FAILED, {"code": "internal_error",
+                                         "message": f"{type(e).__name__}: {e}"}, None)
+        finally:
+            self._scopes.pop(job.job_id, None)
+            self.live.pop(job.job_id, None)
+            if outcome is None:  # the daemon is shutting down: leave the job running,
+                with anyio.CancelScope(shield=True):  # a restart resumes it
+                    await self._save_progress(job.job_id, progress)
+        assert outcome is not None
+        state, error, result = outcome
+        with anyio.CancelScope(shield=True):
+            await self._save_progress(job.job_id, progress)
+            if state == JobState.QUEUED:
+                assert retry_in is not None
+                log.warning("job %s: %s; queued again in %.0fs", job.job_id,
+                            error["message"] if error else "", retry_in)
+                await self.q.change(self.q.s.release, job.job_id, self.owner, retry_in, error)
+            else:
+                if error:
+                    log.warning("job %s %s: %s: %s", job.job_id, state, error["code"],
+                                error["message"])
+                else:
+                    log.info("job %s %s", job.job_id, state)
+                await self.q.change(self.q.s.finish, job.job_id, self.owner, state, error,
+                                    result)
+                self.e.metrics.jobs_finished[str(state)] += 1
+
+    async def _cancelled(
+        self, job: Job
+    ) -> tuple[JobState, dict[str, str] | None, dict[str, Any] | None]:
+        with anyio.CancelScope(shield=True):
+            if job.asset_key and job.kind in (JobKind.UPLOAD, JobKind.FINALIZE):
+                asset = await self.q.do(self.q.s.asset, job.asset_key)
+                if asset is not None:
+                    try:
+                        await AssetUpload(self.e, asset, Progress()).abandon("upload cancelled")
+                    except AgentError as e:
+                        log.warning("job %s: could not abandon %s: %s", job.job_id,
+                                    asset.asset_id, e)
+            if job.kind == JobKind.DOWNLOAD:
+                await anyio.to_thread.run_sync(discard_staging, job.payload["dest"], job.job_id)
+        return (JobState.CANCELLED, {"code": "cancelled", "message": "cancelled by request"},
+                None)
+
+    async def _save_progress(self, job_id: str, progress: Progress) -> None:
+        await self.q.do(self.q.s.set_progress, job_id, bytes_done=max(0, progress.bytes_done))
+
+    async def _dispatch(self, job: Job, progress: Progress) -> dict[str, Any] | None:
+        if job.cancel_requested:
+            self.cancel_running(job.job_id)
+            await anyio.lowlevel.checkpoint()
+        if job.kind == JobKind.UPLOAD:
+            return await self._upload(job, progress)
+        if job.kind == JobKind.INLINE:
+            return await self._inline(job)
+        if job.kind == JobKind.COMPONENT:
+            return await self._component(job, progress)
+        if job.kind == JobKind.FINALIZE:
+            return await self._finalize(job)
+        if job.kind == JobKind.DOWNLOAD:
+            return await self._download(job, progress)
+        raise AgentError(f"unknown job kind {job.kind}")
+
+    # ---- runners -------------------------------------------------------------------------
+
+    async def _asset_for(self, job: Job) -> AssetRecord:
+        assert job.asset_key is not None
+        asset = await self.q.do(self.q.s.asset, job.asset_key)
+        assert asset is not None
+        if asset.state == "abandoned":  # a retried job whose asset was abandoned
+            await self.q.do(self.q.s.reset_asset, job.asset_key)
+            asset = await self.q.do(self.q.s.asset, job.asset_key)
+            assert asset is not None
+        return asset
+
+    async def _upload(self, job: Job, progress: Progress) -> dict[str, Any] | None:
+        p = job.payload
+        if job.asset_key is None:
+            comps = await anyio.to_thread.run_sync(scan_path, p["path"])
+            if p.get("content_type") and len(comps) == 1:
+                comps[0]["content_type"] = p["content_type"]
+            rec = await self.q.do(
+                self.q.s.create_asset, asset_type=p["asset_type"], uid=job.uid,
+                run_id=job.run_id, visibility=p.get("visibility"), components=comps,
+                job_id=job.job_id,
+            )
+            job.asset_key = rec.asset_key
+        up = AssetUpload(self.e, await self._asset_for(job), progress)
+        if up.asset.state != "finalized":
+            await up.ensure_registered()
+            await up.upload_all()
+            await up.finalize()
+        return None
+
+    async def _inline(self, job: Job) -> dict[str, Any] | None:
+        p = job.payload
+        if job.asset_key is None:
+            rec = await self.q.do(
+                self.q.s.create_asset, asset_type=p["asset_type"], uid=job.uid,
+                run_id=job.run_id, visibility=p.get("visibility"), components=[],
+                register_key=f"inline:{job.job_id}", job_id=job.job_id,
+            )
+            job.asset_key = rec.asset_key
+        asset = await self._asset_for(job)
+        await self.e.ensure_run(job.run_id)
+        created = await self.e.chronicle.send(contract.create_inline(
+            p["asset_type"], p["content"], content_type=p.get("content_type"),
+            output_of=job.run_id, visibility=p.get("visibility"),
+            idempotency_key=asset.register_key,
+        ))
+        await self.q.do(self.q.s.set_asset, asset.asset_key, asset_id=created.asset_id,
+                        state="finalized")
+        return None
+
+    async def _component(self, job: Job, progress: Progress) -> dict[str, Any] | None:
+        p = job.payload
+        assert job.asset_key is not None
+        asset = await self.q.do(self.q.s.asset, job.asset_key)
+        assert asset is not None
+        up = AssetUpload(self.e, asset, progress)
+        comps = {c.name: c for c in await self.q.do(self.q.s.components, job.asset_key)}
+        comp = comps[p["name"]]
+        if comp.uploaded and comp.path == p["path"]:
+            return None
+        from agent.transfer.upload import Stat
+
+        st = await anyio.to_thread.run_sync(Stat.of, p["path"])
+        declare = None
+        if comp.size != st.size or comp.path != p["path"]:
+            declare = {comp.name: st.size}
+            await self.q.do(
+                self.q.s.update_component, job.asset_key, comp.name, path=p["path"],
+                size=st.size, mtime_ns=st.mtime_ns, ino=st.ino, dev=st.dev,
+                content_type=p.get("content_type") or comp.content_type, uploaded=0,
+                part_size=None,
+            )
+            await self.q.do(self.q.s.clear_parts, job.asset_key, comp.name)
+            await self.q.do(self.q.s.set_progress, job.job_id, bytes_total=st.size)
+        await up.refresh([comp.name], declare=declare)
+        comp = next(c for c in await self.q.do(self.q.s.components, job.asset_key)
+                    if c.name == comp.name)
+        await up.upload_component(comp)
+        return None
+
+    async def _finalize(self, job: Job) -> dict[str, Any] | None:
+        assert job.asset_key is not None
+        siblings = await self.q.do(self.q.s.list_jobs, asset_key=job.asset_key,
+                                   kind=str(JobKind.COMPONENT))
+        bad = [j for j in siblings if j.state in (JobState.FAILED, JobState.CANCELLED)]
+        if bad:
+            raise AgentError(
+                f"cannot finalize: component job {bad[0].job_id} ({bad[0].payload.get('name')})"
+                f" is {bad[0].state}" + (f": {bad[0].error['message']}" if bad[0].error else ""),
+                code="component_failed",
+            )
+        asset = await self.q.do(self.q.s.asset, job.asset_key)
+        assert asset is not None
+        up = AssetUpload(self.e, asset, Progress())
+        if asset.state != "finalized":
+            await up.finalize()
+        return None
+
+    async def _download(self, job: Job, progress: Progress) -> dict[str, Any] | None:
+        p = job.payload
+        try:
+            res = await download_asset(self.e, job.job_id, p["asset_id"], p["dest"],
+                                       bool(p.get("allow_invalid")), progress)
+        except (ChronicleError, AgentError) as e:
+            if not isinstance(e, RetryableError):
+                await anyio.to_thread.run_sync(discard_staging, p["dest"], job.job_id)
+            raise
+        if res.warnings:
+            await self.q.do(self.q.s.set_progress, job.job_id, warnings=res.warnings)
+        return {"asset_id": p["asset_id"], "dest": p["dest"], "files": res.files}

@@ -1,0 +1,102 @@
+"""Shared pieces of the end-to-end tests: files, trees, a Chronicle client for a test
+daemon's embedded server, a daemon whose storage traffic goes through a fault proxy."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agent.chronicle.sdk import Chronicle
+from agent.config import load_settings
+from tests.faultproxy import FaultProxy
+from tests.helpers_daemon import DaemonProc, start_daemon
+
+MiB = 1024 * 1024
+
+
+def write_random(path: Path, size: int) -> None:
+    """Incompressible bytes, written in 8 MiB pieces (never the whole file in memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def assert_same_tree(a: Path, b: Path) -> None:
+    files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+
+
+def chronicle_for(daemon: DaemonProc) -> Chronicle:
+    """A Chronicle client with the local user's token on the daemon's embedded server."""
+    info = json.loads((daemon.state_dir / "server" / "endpoint.json").read_text())
+    tokens = json.loads(Path(info["tokens_file"]).read_text())["tokens"]
+    settings = load_settings(overrides={"agent": {"socket_path": str(daemon.socket_path)}})
+    return Chronicle(url=info["url"], token=next(iter(tokens)), settings=settings)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# Small parts and quick retries so that faults cost seconds, not minutes.
+FAST_ENV = {
+    "CHRONICLE_AGENT_SERVER__MULTIPART_THRESHOLD_BYTES": str(8 * MiB),
+    "CHRONICLE_AGENT_SERVER__PART_SIZE_BYTES": str(5 * MiB),
+    "CHRONICLE_AGENT_UPLOAD__BACKOFF_BASE_S": "0.05",
+    "CHRONICLE_AGENT_UPLOAD__BACKOFF_MAX_S": "0.5",
+    "CHRONICLE_AGENT_UPLOAD__STALL_TIMEOUT_S": "2",
+}
+
+
+@contextmanager
+def proxied_daemon(extra_env: dict[str, str] | None = None) -> Iterator[
+    tuple[DaemonProc, FaultProxy]
+]:
+    """A daemon whose embedded server hands out presigned URLs that point at a fault proxy
+    (Chronicle API calls go straight to the server)."""
+    port = free_port()
+    with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
+        env = dict(FAST_ENV)
+        env.update({
+            "CHRONICLE_AGENT_SERVER__LISTEN": f"127.0.0.1:{port}",
+            "CHRONICLE_AGENT_SERVER__PUBLIC_URL": proxy.url,
+        })
+        env.update(extra_env or {})
+        with start_daemon(env) as d:
+            yield d, proxy
+
+
+def socket_get_text(socket_path: Path, path: str) -> str:
+    """GET a non-JSON resource (``/metrics``) from the daemon's socket."""
+    import http.client
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(socket_path))
+            self.sock = s
+
+    conn = _Conn("localhost", timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        assert resp.status == 200, body
+        return body
+    finally:
+        conn.close()

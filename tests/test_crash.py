@@ -1,0 +1,89 @@
+"""kill -9 of the daemon at every step of an upload, then a restart: the job completes and
+Chronicle holds exactly one asset for it, byte-identical. The daemon kills itself at a named
+step (``debug.crash_point``, armed on the first start only), which hits windows a timed
+external kill would rarely hit."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_daemon import start_daemon
+from tests.helpers_e2e import FAST_ENV, MiB, assert_same_tree, chronicle_for, write_random
+
+POINTS = [
+    "before_register",
+    "after_register_sent",
+    "after_register",
+    "after_part:2",
+    "after_component:1",
+    "before_finalize",
+    "after_finalize_sent",
+    "after_finalize",
+]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("crash") / "ckpt"
+    write_random(root / "model.bin", 23 * MiB)  # 5 parts
+    for i in range(5):
+        (root / "opt" / f"shard{i}.pt").parent.mkdir(parents=True, exist_ok=True)
+        (root / "opt" / f"shard{i}.pt").write_bytes(os.urandom(20_000 + i))
+    return root
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_kill_at_each_step_then_restart_completes_once(
+    src: Path, tmp_path: Path, point: str
+) -> None:
+    env = dict(FAST_ENV, CHRONICLE_AGENT_DEBUG__CRASH_POINT=f"{point}@1",
+               CHRONICLE_AGENT_UPLOAD__CONCURRENCY="2")
+    with start_daemon(env) as daemon:
+        client = daemon.client()
+        client.request("POST", "/v1/runs", {"run_id": "run_crash"})
+        job = client.request("POST", "/v1/uploads", {
+            "path": str(src), "asset_type": "checkpoint", "run_id": "run_crash"})
+        assert daemon.proc is not None
+        daemon.proc.wait(60)  # it kills itself at the crash point
+        assert daemon.proc.returncode == -9, daemon.log_tail()
+        assert f"crash point {point.split(':')[0]} reached" in daemon.log_text()
+        daemon.start()  # second start: the crash point is disarmed
+        final = daemon.client().wait_job(job["job_id"], 120)
+        assert final["state"] == "done", (final, daemon.log_tail())
+        chron = chronicle_for(daemon)
+        assets = chron.assets.list(output_of="run_crash")
+        assert [a.asset_id for a in assets] == [final["asset_id"]]
+        assert assets[0].state == "ready"
+        dest = tmp_path / "dl"
+        chron.assets.download(final["asset_id"], dest)
+        assert_same_tree(src, dest)
+
+
+def test_external_kill_mid_upload_then_restart(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_random(src / "big.bin", 60 * MiB)
+    env = dict(FAST_ENV, CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S=str(20 * MiB),
+               CHRONICLE_AGENT_UPLOAD__CONCURRENCY="2")
+    with start_daemon(env) as daemon:
+        client = daemon.client()
+        client.request("POST", "/v1/runs", {"run_id": "run_kill"})
+        job = client.request("POST", "/v1/uploads", {
+            "path": str(src), "asset_type": "checkpoint", "run_id": "run_kill"})
+        deadline = time.monotonic() + 30
+        while client.get_job(job["job_id"])["bytes_done"] < 15 * MiB:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        daemon.kill()
+        daemon.start()
+        final = daemon.client().wait_job(job["job_id"], 120)
+        assert final["state"] == "done"
+        chron = chronicle_for(daemon)
+        assert [a.asset_id for a in chron.assets.list(output_of="run_kill")] == [
+            final["asset_id"]]
+        dest = tmp_path / "dl"
+        chron.assets.download(final["asset_id"], dest)
+        assert_same_tree(src, dest)

@@ -1,0 +1,102 @@
+"""Uploads through a fault-injecting proxy (a real process on loopback): resets, 500, 503
+SlowDown, stalls and expired URLs are retried until the asset is ready; 400 and 404 are not
+retried and fail the job with that error."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_e2e import (
+    MiB,
+    assert_same_tree,
+    chronicle_for,
+    proxied_daemon,
+    socket_get_text,
+    write_random,
+)
+
+
+def _tree(root: Path) -> Path:
+    root.mkdir()
+    write_random(root / "big.bin", 24 * MiB)  # 5 parts of 5 MiB
+    (root / "small.bin").write_bytes(os.urandom(200_000))
+    (root / "other.bin").write_bytes(os.urandom(50_000))
+    return root
+
+
+def test_retryable_faults_are_survived(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    with proxied_daemon() as (daemon, proxy):
+        proxy.set_rules([
+            {"action": "reset_request", "method": "PUT", "path_regex": "partNumber=2&",
+             "after_bytes": MiB},
+            {"action": "status", "code": 500, "method": "PUT", "path_regex": "partNumber=3&",
+             "times": 2},
+            {"action": "status", "code": "s3_slowdown", "method": "PUT",
+             "path_regex": "partNumber=4&"},
+            {"action": "stall_request", "method": "PUT", "path_regex": "partNumber=5&",
+             "after_bytes": 100_000, "seconds": 8, "then_close": True},
+            {"action": "status", "code": "expired", "method": "PUT",
+             "path_regex": "small\\.bin"},
+            {"action": "status", "code": 503, "method": "PUT", "path_regex": "other\\.bin"},
+        ])
+        job = daemon.client().request("POST", "/v1/uploads",
+                                      {"path": str(src), "asset_type": "checkpoint"})
+        final = daemon.client().wait_job(job["job_id"], 120)
+        assert final["state"] == "done", final
+        assert final["attempts"] == 1  # retried request by request, not job by job
+        stats = proxy.stats()
+        fired = {r["rule"]["path_regex"]: r["fired"] for r in stats["by_rule"]}
+        assert fired == {"partNumber=2&": 1, "partNumber=3&": 2, "partNumber=4&": 1,
+                         "partNumber=5&": 1, "small\\.bin": 1, "other\\.bin": 1}
+        proxy.clear()
+        chron = chronicle_for(daemon)
+        assert chron.assets.get(final["asset_id"]).state == "ready"
+        dest = tmp_path / "dl"
+        res = daemon.run_cli("download", final["asset_id"], str(dest))
+        assert res.returncode == 0, res.stderr
+        assert_same_tree(src, dest)
+        log = daemon.log_text()
+        assert "Signature=" not in log and "Expires=" not in log
+
+
+@pytest.mark.parametrize("code", [400, 404])
+def test_a_400_or_404_is_not_retried_and_fails_the_job(tmp_path: Path, code: int) -> None:
+    (tmp_path / "one.bin").write_bytes(os.urandom(1000))
+    with proxied_daemon() as (daemon, proxy):
+        proxy.set_rules([{"action": "status", "code": code, "method": "PUT", "times": -1}])
+        job = daemon.client().request("POST", "/v1/uploads", {
+            "path": str(tmp_path / "one.bin"), "asset_type": "checkpoint"})
+        final = daemon.client().wait_job(job["job_id"], 60)
+        assert final["state"] == "failed"
+        assert final["error"]["code"] == f"http_{code}"
+        assert str(code) in final["error"]["message"]
+        puts = [e for e in proxy.stats()["log"] if e["method"] == "PUT"]
+        assert len(puts) == 1  # never retried
+        res = daemon.run_cli("jobs", "--state", "failed", "--json")
+        assert res.returncode == 0, res.stderr
+        [listed] = json.loads(res.stdout)["jobs"]
+        assert listed["error"]["code"] == f"http_{code}"
+
+
+def test_urls_that_really_expire_mid_upload_are_refreshed(tmp_path: Path) -> None:
+    """The server signs URLs for 2 s and bandwidth is capped, so later parts find their
+    URLs expired at the store itself (no injected fault)."""
+    src = tmp_path / "src"
+    write_random(src / "big.bin", 30 * MiB)
+    env = {"CHRONICLE_AGENT_SERVER__URL_EXPIRY_S": "2",
+           "CHRONICLE_AGENT_UPLOAD__CONCURRENCY": "1",
+           "CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(6 * MiB)}
+    with proxied_daemon(env) as (daemon, proxy):
+        job = daemon.client().request("POST", "/v1/uploads",
+                                      {"path": str(src), "asset_type": "checkpoint"})
+        final = daemon.client().wait_job(job["job_id"], 120)
+        assert final["state"] == "done", final
+        statuses = [e["status"] for e in proxy.stats()["log"] if e["method"] == "PUT"]
+        assert 403 in statuses  # some URL did expire at the store
+        metrics = socket_get_text(daemon.socket_path, "/metrics")
+        assert 'chronicle_agent_retries_total{cause="url_expired"}' in metrics
