@@ -215,7 +215,6 @@ RETRYABLE_S3_CODES = frozenset(
 def map_transport_error(exc: BaseException, what: str) -> TransferError | None:
     """Map a transport-level exception (aiohttp, OS, timeout) into the tree; None if it is
     not a transport error (a bug, which must propagate)."""
-    import asyncio
 
     import aiohttp
 
@@ -227,7 +226,7 @@ def map_transport_error(exc: BaseException, what: str) -> TransferError | None:
         return RetryableError(f"{what}: cannot connect ({exc.os_error})", code="connect_failed")
     if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
         return PeerClosed(f"{what}: connection error ({exc})")
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return RetryableError(f"{what}: timed out", code="timeout")
     if isinstance(exc, aiohttp.ClientResponseError):
         if exc.status in RETRYABLE_STATUSES:

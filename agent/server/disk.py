@@ -19,8 +19,6 @@ URLs look like S3's query-string authentication: ``/storage/<key>?Expires=…&Si
 from __future__ import annotations
 
 import asyncio
-import time
-STATS=[0.0,0.0]
 import concurrent.futures
 import contextlib
 import hashlib
@@ -61,6 +59,10 @@ def s3_error(status: int, code: str, message: str) -> web.Response:
     """An S3-style XML error, the same body whichever backend a client talks to."""
     body = f"<Error><Code>{code}</Code><Message>{escape(message)}</Message></Error>"
     return web.Response(status=status, body=body.encode(), content_type="application/xml")
+
+
+def _etag_value(etag: str) -> str:
+    return etag.strip().strip('"')
 
 
 def _etag(sha256_hex: str) -> str:
@@ -262,16 +264,34 @@ class DiskStorage:
     async def list_parts(self, key: str, upload_id: str) -> list[PartInfo] | None:
         return await self._run(self._list_parts, key, upload_id)
 
-    def _assemble(self, d: Path, parts: Sequence[PartInfo], tmp: Path) -> str:
+    @staticmethod
+    def _part_path(d: Path, p: PartInfo) -> Path:
+        return d / f"{p.part_number:05d}.{_etag_value(p.etag)}"
+
+    def _concat(self, d: Path, parts: Sequence[PartInfo], tmp: Path) -> None:
+        """Concatenate the parts into ``tmp`` inside the kernel (copy_file_range)."""
+        with open(tmp, "xb") as out:
+            for p in parts:
+                with open(self._part_path(d, p), "rb") as f:
+                    left = os.fstat(f.fileno()).st_size
+                    try:
+                        while left > 0:
+                            n = os.copy_file_range(f.fileno(), out.fileno(), left)
+                            if n == 0:
+                                break
+                            left -= n
+                    except OSError:  # no copy_file_range here: copy in user space
+                        f.seek(os.fstat(f.fileno()).st_size - left)
+                        shutil.copyfileobj(f, out, COPY_CHUNK)
+
+    def _hash_parts(self, d: Path, parts: Sequence[PartInfo]) -> str:
         h = hashlib.sha256()
         buf = bytearray(COPY_CHUNK)
         view = memoryview(buf)
-        with open(tmp, "xb") as out:
-            for p in parts:
-                with open(d / f"{p.part_number:05d}.{p.etag.strip(chr(34))}", "rb") as f:
-                    while n := f.readinto(buf):
-                        h.update(view[:n])
-                        out.write(view[:n])
+        for p in parts:
+            with open(self._part_path(d, p), "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(view[:n])
         return h.hexdigest()
 
     async def complete_multipart(
@@ -282,11 +302,17 @@ class DiskStorage:
             if d is None:
                 raise StorageError(f"multipart upload {upload_id} of {key!r} does not exist")
             tmp = self._tmp_path()
-            try:
-                digest = await self._run(self._assemble, d, parts, tmp)
-            except FileNotFoundError as e:
+            # Copy and hash in two threads at once: each pass reads the parts on its own.
+            copying = self._run(self._concat, d, parts, tmp)
+            hashing = self._run(self._hash_parts, d, parts)
+            done = await asyncio.gather(copying, hashing, return_exceptions=True)
+            failed = [r for r in done if isinstance(r, BaseException)]
+            if failed:
                 await self._run(partial(tmp.unlink, missing_ok=True))
-                raise StorageError(f"part missing while assembling {key!r}: {e}") from None
+                if isinstance(failed[0], FileNotFoundError):
+                    raise StorageError(f"part missing while assembling {key!r}: {failed[0]}")
+                raise failed[0]
+            digest = str(done[1])
             async with self._locks.hold(key):
                 info = await self._run(self._install, tmp, key, digest, None)
             await self._run(shutil.rmtree, d, True)
@@ -403,13 +429,10 @@ class DiskStorage:
                     batch_bytes += len(chunk)
                     received += len(chunk)
                     if batch_bytes >= BATCH_BYTES:
-                        _t = time.perf_counter()
                         if writing is not None:
                             await writing
-                        _t2 = time.perf_counter()
                         if hashing is not None:
                             await hashing
-                        STATS[0] += _t2 - _t; STATS[1] += time.perf_counter() - _t2
                         writing = loop.run_in_executor(self._pool, _write_all, fd, batch)
                         hashing = loop.run_in_executor(self._pool, _hash_all, h, batch)
                         batch, batch_bytes = [], 0
@@ -420,11 +443,12 @@ class DiskStorage:
             for pending in (writing, hashing):
                 if pending is not None:
                     await pending
+            writing = loop.run_in_executor(self._pool, _write_all, fd, batch)
+            hashing = loop.run_in_executor(self._pool, _hash_all, h, batch)
+            await writing
+            await hashing
             writing = hashing = None
-            await self._run(_write_all, fd, batch)
-            _hash_all(h, batch) if batch_bytes < 65536 else await self._run(_hash_all, h, batch)
             await self._run(os.close, fd)
-            print('wait write', STATS[0], 'wait hash', STATS[1], flush=True); STATS[:] = [0, 0]
             return h.hexdigest()
         except BaseException:
             self._discard(fd, tmp, [p for p in (writing, hashing) if p is not None])

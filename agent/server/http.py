@@ -19,6 +19,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 from agent.errors import ChronicleError, chronicle_error
 
+from .storage import StorageError
+
 log = logging.getLogger(__name__)
 
 
@@ -167,6 +169,9 @@ async def error_middleware(
         return await handler(request)
     except ChronicleError as e:
         return error_response(e.status, e.code, e.message)
+    except StorageError as e:
+        log.error("%s %s: storage failed: %s", request.method, request.path, e)
+        return error_response(503, "storage_unavailable", f"storage failed, retry later: {e}")
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -112,7 +112,8 @@ class LocalServer:
     public_url: str
     """The base of its presigned disk-store URLs (``server.public_url`` or ``url``)."""
     local_token: str | None
-    """The local user's token from the tokens file (what the daemon uses), if there is one."""
+    """The local user's token from the tokens file (what the daemon uses); if the file has
+    none for ``user_<login>``, its first token."""
     _runner: web.AppRunner = field(repr=False)
     _core: Core = field(repr=False)
     _pool: concurrent.futures.ThreadPoolExecutor = field(repr=False)
@@ -199,7 +200,7 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         tokens_file=tokens_file,
         state_dir=state_dir,
         public_url=public_url,
-        local_token=tokens.token_for(local_principal_id()),
+        local_token=tokens.token_for(local_principal_id()) or tokens.first_token(),
         _runner=runner,
         _core=core,
         _pool=pool,

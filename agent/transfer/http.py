@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.payload
 import anyio
 import anyio.to_thread
 
@@ -182,18 +183,121 @@ async def put_file(
 
 
 async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
-    """SHA-256 of a whole file, read sequentially in a thread."""
+    """SHA-256 of a whole file, read sequentially in a thread into one reused buffer."""
 
     def run() -> str:
         h = hashlib.sha256()
+        buf = bytearray(max(chunk_bytes, 4 << 20))
+        view = memoryview(buf)
         with open(path, "rb", buffering=0) as f:
             remaining = size
             while remaining > 0:
-                data = f.read(min(chunk_bytes * 4, remaining))
-                if not data:
+                n = f.readinto(view[: min(len(buf), remaining)])
+                if not n:
                     raise SourceShrank(f"{path}: file is shorter than {size} bytes")
-                h.update(data)
-                remaining -= len(data)
+                h.update(view[:n])
+                remaining -= n
         return h.hexdigest()
 
     return await anyio.to_thread.run_sync(run)
+
+
+class SendfilePayload(aiohttp.payload.Payload):
+    """A slice of a file sent with sendfile(2): the kernel moves the bytes from the page
+    cache to the socket, so no byte is copied through Python and no buffer is held. Sent in
+    pieces so that progress, the stall watchdog and the bandwidth limit see it move."""
+
+    _autoclose = True
+
+    def __init__(
+        self,
+        path: str,
+        offset: int,
+        length: int,
+        *,
+        piece_bytes: int,
+        limits: Limits,
+        on_bytes: Callable[[int], None],
+        watchdog: Watchdog,
+    ) -> None:
+        super().__init__(path, content_type=None)
+        self._size = length
+        self._path, self._offset = path, offset
+        self._piece = piece_bytes
+        self._limits, self._on_bytes, self._watchdog = limits, on_bytes, watchdog
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a file slice has no text form")
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, self._size)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        if self._consumed:
+            raise RuntimeError("payload already sent")
+        self._consumed = True
+        writer.send_headers()
+        await writer.drain()
+        transport = writer.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost before the body was sent")
+        loop = asyncio.get_running_loop()
+        f = await anyio.to_thread.run_sync(open, self._path, "rb")
+        try:
+            pos, end = self._offset, self._offset + (self._size or 0)
+            while pos < end:
+                n = min(self._piece, end - pos)
+                await self._limits.throttle(n)
+                sent = await loop.sendfile(transport, f, pos, n)
+                if sent != n:
+                    raise SourceShrank(f"{self._path}: file ended at byte {pos + sent}")
+                pos += n
+                self._on_bytes(n)
+                self._watchdog.kick()
+        finally:
+            await anyio.to_thread.run_sync(f.close)
+        writer.length = 0  # everything declared was sent, outside the writer's own count
+
+
+async def put_file_sendfile(
+    session: aiohttp.ClientSession,
+    url: str,
+    path: str,
+    offset: int,
+    length: int,
+    *,
+    piece_bytes: int,
+    limits: Limits,
+    stall_s: float,
+    on_bytes: Callable[[int], None],
+    what: str,
+) -> str | None:
+    """PUT a slice of a file with sendfile(2); returns the ETag as storage returned it."""
+    watchdog = Watchdog(stall_s)
+    sent = 0
+
+    def count(n: int) -> None:
+        nonlocal sent
+        sent += n
+        on_bytes(n)
+
+    body = SendfilePayload(path, offset, length, piece_bytes=piece_bytes, limits=limits,
+                           on_bytes=count, watchdog=watchdog)
+    try:
+        async with asyncio.timeout(stall_s) as timeout:
+            watchdog.arm(timeout)
+            async with session.put(
+                url, data=body, headers={"Content-Length": str(length)},
+                skip_auto_headers=("Content-Type",),
+            ) as resp:
+                watchdog.kick()
+                if resp.status >= 300:
+                    raise classify_storage_answer(resp.status, await resp.read(), what)
+                await resp.read()
+                return resp.headers.get("ETag")
+    except TimeoutError:
+        on_bytes(-sent)
+        raise Stalled(f"{what}: no progress for {stall_s:g}s (stalled)") from None
+    except BaseException:
+        on_bytes(-sent)
+        raise

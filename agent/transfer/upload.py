@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import posixpath
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ from agent.errors import (
 from agent.metrics import Metrics
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
-from agent.transfer.http import hash_file, put_file, redact
+from agent.transfer.http import hash_file, put_file, put_file_sendfile, redact
 from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 
@@ -285,6 +286,7 @@ class AssetUpload:
         if comp.uploaded:
             return
         assert comp.path is not None and comp.size is not None
+        started = time.monotonic()
         await self._check_unchanged(comp)
         plan = self.plans.get(comp.name)
         if plan is None:
@@ -298,6 +300,10 @@ class AssetUpload:
         await self.q.do(self.q.s.update_component, self.asset.asset_key, comp.name,
                         sha256=sha, uploaded=1)
         comp.uploaded, comp.sha256 = True, sha
+        took = time.monotonic() - started
+        if comp.size >= 1 << 20:
+            log.info("%s of %s uploaded: %d MiB in %.1fs", comp.name, self.asset_id,
+                     comp.size >> 20, took)
         self.e.component_done()
 
     async def _check_unchanged(self, comp: ComponentRecord) -> None:
@@ -396,10 +402,10 @@ class AssetUpload:
             offset, length = (pn - 1) * part_size, expected[pn]
 
             async def put(url: str) -> str:
-                etag, _ = await put_file(
-                    self.e.session, url, path, offset, length, chunk_bytes=up.chunk_bytes,
-                    limits=self.e.limits, stall_s=up.stall_timeout_s, on_bytes=self._counted,
-                    hash_sha256=False, what=what,
+                etag = await put_file_sendfile(
+                    self.e.session, url, path, offset, length,
+                    piece_bytes=max(up.chunk_bytes, 4 << 20), limits=self.e.limits,
+                    stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what,
                 )
                 if not etag:
                     raise RetryableError(f"{what}: storage returned no ETag", code="no_etag")

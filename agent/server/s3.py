@@ -1,0 +1,295 @@
+"""The S3 store: any S3-compatible service, its URLs real SigV4 presigned URLs.
+
+``server.storage = "s3://BUCKET?endpoint=URL"``; more query options: ``region`` (default
+us-east-1), ``addressing_style`` (``path``, the default, or ``virtual``) and
+``verify_sha256_max_bytes`` (below). Credentials come from the standard AWS sources
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, the shared files). The
+bucket is created if it does not exist.
+
+Multipart: CreateMultipartUpload when a component is planned, presigned UploadPart URLs,
+ListParts (paged by 1,000) for the uploads listing, CompleteMultipartUpload at finalize,
+AbortMultipartUpload on abandon and re-plan.
+
+What finalize can check here: the size, always (ListParts sizes and HeadObject). The SHA-256
+is not known to S3 for presigned uploads (S3's own ChecksumSHA256 would have to be sent by the
+client as a signed header, which the contract does not ask of clients), so the server reads
+the object back and hashes it when it is at most ``verify_sha256_max_bytes`` (default 64 MiB,
+the default multipart threshold, i.e. every single-PUT component). Larger components keep the
+client's declared digest, recorded as unverified; their parts' ETags and sizes are checked.
+
+PUT URLs sign no Content-Type: clients must not send one (SeaweedFS, for one, refuses a PUT
+carrying a header the URL was not signed with).
+
+botocore is imported here only; this module is imported only when an s3:// storage is
+configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+import botocore.config
+import botocore.exceptions
+import botocore.session
+from aiohttp import web
+
+from agent.errors import ConfigError
+
+from .storage import ObjectInfo, PartInfo, StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MiB = 1024 * 1024
+MAX_PRESIGN_S = 7 * 24 * 3600
+"""SigV4 presigned URLs live at most 7 days."""
+_OPTIONS = ("endpoint", "region", "addressing_style", "verify_sha256_max_bytes")
+_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchBucket")
+
+
+def _code(e: botocore.exceptions.ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+class S3Storage:
+    def __init__(
+        self,
+        bucket: str,
+        io_pool: concurrent.futures.ThreadPoolExecutor,
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        addressing_style: str = "path",
+        verify_sha256_max_bytes: int = 64 * MiB,
+    ) -> None:
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.addressing_style = addressing_style
+        self.verify_sha256_max_bytes = verify_sha256_max_bytes
+        self.description = f"s3://{bucket}" + (f" at {endpoint_url}" if endpoint_url else "")
+        self._pool = io_pool
+        self._client: Any = None
+
+    @classmethod
+    def from_options(
+        cls, bucket: str, options: dict[str, str], io_pool: concurrent.futures.ThreadPoolExecutor
+    ) -> S3Storage:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"server.storage: unknown s3 option {unknown[0]!r} (known: {', '.join(_OPTIONS)})"
+            )
+        style = options.get("addressing_style", "path")
+        if style not in ("path", "virtual"):
+            raise ConfigError(f"server.storage: addressing_style={style!r}: path or virtual")
+        try:
+            verify = int(options.get("verify_sha256_max_bytes", 64 * MiB))
+        except ValueError:
+            raise ConfigError(
+                "server.storage: verify_sha256_max_bytes must be an integer (bytes)"
+            ) from None
+        return cls(
+            bucket,
+            io_pool,
+            endpoint_url=options.get("endpoint") or None,
+            region=options.get("region") or "us-east-1",
+            addressing_style=style,
+            verify_sha256_max_bytes=verify,
+        )
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking botocore call in the I/O pool; transport failures → StorageError."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
+        except botocore.exceptions.ClientError:
+            raise  # the caller decides what an S3 error code means
+        except botocore.exceptions.BotoCoreError as e:
+            raise StorageError(f"{self.description}: {e}") from e
+
+    async def _s3(self, op: str, **params: Any) -> Any:
+        try:
+            return await self._run(getattr(self._client, op), Bucket=self.bucket, **params)
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _MISSING:
+                raise
+            raise StorageError(f"{self.description}: {op} failed: {_code(e)}: {e}") from e
+
+    def _make_client(self) -> Any:
+        session = botocore.session.get_session()
+        if session.get_credentials() is None:
+            raise ConfigError(
+                f"server.storage = s3://{self.bucket}: no AWS credentials (set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            )
+        config = botocore.config.Config(
+            signature_version="s3v4",
+            s3={"addressing_style": self.addressing_style},
+            retries={"max_attempts": 5, "mode": "standard"},
+            max_pool_connections=32,
+            connect_timeout=10,
+            read_timeout=120,
+        )
+        return session.create_client(
+            "s3", region_name=self.region, endpoint_url=self.endpoint_url, config=config
+        )
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, base_url: str) -> None:
+        self._client = await self._run(self._make_client)
+        try:
+            await self._s3("head_bucket")
+        except botocore.exceptions.ClientError as e:
+            if _code(e) not in _MISSING:
+                raise
+            params: dict[str, Any] = {}
+            if self.region != "us-east-1":
+                params["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+            try:
+                await self._s3("create_bucket", **params)
+            except StorageError as created:
+                if "BucketAlreadyOwnedByYou" not in str(created):
+                    raise
+            log.info("created bucket %s", self.description)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await self._run(client.close)
+
+    def add_routes(self, app: web.Application) -> None:
+        pass  # the store serves its own URLs
+
+    # ---- URLs --------------------------------------------------------------------------------
+
+    def _presign(self, op: str, expires_s: int, **params: Any) -> str:
+        return str(
+            self._client.generate_presigned_url(
+                op,
+                Params={"Bucket": self.bucket, **params},
+                ExpiresIn=min(expires_s, MAX_PRESIGN_S),
+            )
+        )
+
+    async def presign_put(self, key: str, expires_s: int) -> str:
+        return await self._run(self._presign, "put_object", expires_s, Key=key)
+
+    async def presign_get(self, key: str, expires_s: int) -> str:
+        return await self._run(self._presign, "get_object", expires_s, Key=key)
+
+    async def presign_parts(
+        self, key: str, upload_id: str, part_numbers: Sequence[int], expires_s: int
+    ) -> dict[int, str]:
+        def sign() -> dict[int, str]:
+            return {
+                n: self._presign(
+                    "upload_part", expires_s, Key=key, UploadId=upload_id, PartNumber=n
+                )
+                for n in part_numbers
+            }
+
+        return await self._run(sign)
+
+    # ---- objects -------------------------------------------------------------------------------
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        try:
+            r = await self._s3("head_object", Key=key)
+        except botocore.exceptions.ClientError:
+            return None
+        return ObjectInfo(int(r["ContentLength"]))
+
+    def _hash_object(self, key: str) -> str:
+        body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        h = hashlib.sha256()
+        try:
+            for chunk in body.iter_chunks(MiB):
+                h.update(chunk)
+        finally:
+            body.close()
+        return h.hexdigest()
+
+    async def sha256(self, key: str, size: int) -> str | None:
+        if size > self.verify_sha256_max_bytes:
+            return None  # the client's declared digest is recorded, unverified
+        try:
+            return await self._run(self._hash_object, key)
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _MISSING:
+                return None
+            raise StorageError(f"{self.description}: reading {key!r}: {_code(e)}") from e
+
+    async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo:
+        await self._s3("put_object", Key=key, Body=data, ContentType=content_type)
+        return ObjectInfo(len(data), hashlib.sha256(data).hexdigest())
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._s3("delete_object", Key=key)
+        except botocore.exceptions.ClientError:
+            pass  # already gone
+
+    # ---- multipart -------------------------------------------------------------------------------
+
+    async def create_multipart(self, key: str) -> str:
+        r = await self._s3("create_multipart_upload", Key=key)
+        return str(r["UploadId"])
+
+    async def list_parts(self, key: str, upload_id: str) -> list[PartInfo] | None:
+        parts: list[PartInfo] = []
+        marker = 0
+        while True:
+            try:
+                r = await self._s3(
+                    "list_parts",
+                    Key=key,
+                    UploadId=upload_id,
+                    MaxParts=1000,
+                    PartNumberMarker=marker,
+                )
+            except botocore.exceptions.ClientError:
+                return None  # NoSuchUpload: aborted or completed
+            for p in r.get("Parts", []):
+                parts.append(PartInfo(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"])))
+            if not r.get("IsTruncated"):
+                break
+            next_marker = int(r.get("NextPartNumberMarker") or 0)
+            if next_marker <= marker:
+                break
+            marker = next_marker
+        return sorted(parts, key=lambda p: p.part_number)
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[PartInfo]
+    ) -> ObjectInfo:
+        try:
+            await self._s3(
+                "complete_multipart_upload",
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [{"PartNumber": p.part_number, "ETag": p.etag} for p in parts]
+                },
+            )
+        except botocore.exceptions.ClientError as e:
+            raise StorageError(f"{self.description}: completing {key!r}: {_code(e)}") from e
+        info = await self.head(key)
+        if info is None:
+            raise StorageError(f"{self.description}: {key!r} missing after completion")
+        return info
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            await self._s3("abort_multipart_upload", Key=key, UploadId=upload_id)
+        except botocore.exceptions.ClientError:
+            pass  # no such upload
