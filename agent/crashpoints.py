@@ -2,8 +2,8 @@
 windows of crash recovery for real (``debug.crash_point`` / CHRONICLE_AGENT_DEBUG__CRASH_POINT).
 
 Names: ``before_register``, ``after_register_sent`` (Chronicle answered, the answer is not
-stored yet), ``after_register``, ``after_part:N`` (the N-th part acknowledged by storage in
-this process, its ETag stored), ``mid_part:N`` (during the N-th part PUT, after half its
+stored yet), ``after_register``, ``after_part_sent:N`` (the N-th part acknowledged by storage in this
+process, its ETag not stored yet), ``after_part:N`` (… and its ETag stored), ``mid_part:N`` (during the N-th part PUT, after half its
 bytes), ``after_component:N`` (the N-th component fully uploaded), ``before_finalize``,
 ``after_finalize_sent`` (Chronicle finalized, nothing stored), ``after_finalize`` (stored, job
 not yet marked done), ``mid_download:N`` (after N bytes of a download). A point may be

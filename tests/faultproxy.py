@@ -323,7 +323,11 @@ class Stats:
         if action:
             self.faults[action] += 1
         path = urllib.parse.urlsplit(target).path if "://" in target else target
-        entry = {"method": method, "path": path.split("?", 1)[0], "status": None, "fault": action}
+        entry: dict[str, Any] = {
+            "method": method, "path": path.split("?", 1)[0], "status": None, "fault": action}
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+        if "partNumber" in query:  # not a secret, and what resume tests count
+            entry["part"] = int(query["partNumber"][0])
         self.log.append(entry)
         return entry
 

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers_daemon import start_daemon
-from tests.helpers_e2e import FAST_ENV, MiB, assert_same_tree, chronicle_for, write_random
+from tests.helpers_e2e import (
+    FAST_ENV,
+    MiB,
+    assert_same_tree,
+    chronicle_for,
+    proxied_daemon,
+    write_random,
+)
 
 POINTS = [
     "before_register",
@@ -86,4 +93,36 @@ def test_external_kill_mid_upload_then_restart(tmp_path: Path) -> None:
             final["asset_id"]]
         dest = tmp_path / "dl"
         chron.assets.download(final["asset_id"], dest)
+        assert_same_tree(src, dest)
+
+
+@pytest.mark.parametrize("point", ["after_part_sent:2", "after_part:2"])
+def test_a_restart_resends_only_the_parts_in_flight(tmp_path: Path, point: str) -> None:
+    """Storage acknowledged part 2; the daemon dies before (or after) storing its ETag.
+    After the restart, parts acknowledged before the kill are not sent again: the ETag is
+    either in the local record or adopted from Chronicle's uploads listing."""
+    src = tmp_path / "src"
+    write_random(src / "model.bin", 24 * MiB)  # 5 parts of 5 MiB
+    env = {"CHRONICLE_AGENT_DEBUG__CRASH_POINT": f"{point}@1",
+           "CHRONICLE_AGENT_UPLOAD__CONCURRENCY": "1"}
+    with proxied_daemon(env) as (daemon, proxy):
+        job = daemon.client().request("POST", "/v1/uploads",
+                                      {"path": str(src), "asset_type": "checkpoint"})
+        assert daemon.proc is not None
+        daemon.proc.wait(60)
+        daemon.start()
+        final = daemon.client().wait_job(job["job_id"], 120)
+        assert final["state"] == "done", daemon.log_tail()
+        puts: dict[int, int] = {}
+        for e in proxy.stats()["log"]:
+            if e["method"] == "PUT":
+                n = int(e["part"]) if "part" in e else 0
+                puts[n] = puts.get(n, 0) + 1
+        assert puts.get(1) == 1 and puts.get(2) == 1, puts  # acknowledged: never re-sent
+        if point.startswith("after_part_sent"):  # part 2 came back from the listing
+            assert "2 parts already in storage" in daemon.log_text(), daemon.log_tail()
+        assert all(c <= 2 for c in puts.values()), puts
+        assert sum(c - 1 for c in puts.values()) <= 1, puts  # concurrency 1: one in flight
+        dest = tmp_path / "dl"
+        chronicle_for(daemon).assets.download(final["asset_id"], dest)
         assert_same_tree(src, dest)

@@ -106,6 +106,8 @@ async def test_me_scopes_come_from_the_tokens_file(srv: Running) -> None:
         (b'{"asset_type": "x", "components": ["a", "a"]}', "twice"),
         (b'{"asset_type": "x", "components": ["a"], "visibility": "secret"}', "visibility"),
         (b'{"asset_type": 7, "components": ["a"]}', "asset_type"),
+        (b'{"asset_type": "x", "components": ["\\ud800"]}', "surrogate"),
+        (b'{"asset_type": "x", "components": ["a"], "n": NaN}', "NaN"),
     ],
 )
 async def test_malformed_register_bodies_are_400_naming_the_problem(
@@ -227,8 +229,20 @@ async def test_multipart_plan_part_put_and_assemble(any_srv: Running) -> None:
     assert status == 200 and sha256(got) == sha256(data)
 
 
-async def test_multipart_finalize_refuses_a_wrong_etag_and_a_missing_part(srv: Running) -> None:
-    api = srv.api
+async def test_multipart_finalize_without_parts_assembles_the_plan(any_srv: Running) -> None:
+    data = os.urandom(10 * MiB + 1)
+    plan = await any_srv.api.register([{"name": "big", "size": len(data)}])
+    await any_srv.api.upload(plan, {"big": data})
+    r = await any_srv.api.finalize(plan["asset_id"], {})
+    assert r.status == 200, r.body
+    assert r.body["components"][0]["size"] == len(data)
+    assert r.body["components"][0]["sha256"] == sha256(data)
+    listed = await any_srv.api.get(f"/v1/assets/{plan['asset_id']}/uploads")
+    assert listed.body["components"]["big"] == {"uploaded": True, "size": len(data), "parts": []}
+
+
+async def test_multipart_finalize_refuses_a_wrong_etag_and_a_missing_part(any_srv: Running) -> None:
+    api = any_srv.api
     data = os.urandom(11 * MiB)
     plan = await api.register([{"name": "big", "size": len(data)}])
     body = await api.upload(plan, {"big": data})
@@ -243,8 +257,8 @@ async def test_multipart_finalize_refuses_a_wrong_etag_and_a_missing_part(srv: R
     assert r.status == 200, r.body
 
 
-async def test_multipart_with_a_part_never_sent_is_components_missing(srv: Running) -> None:
-    api = srv.api
+async def test_multipart_with_a_part_never_sent_is_components_missing(any_srv: Running) -> None:
+    api = any_srv.api
     data = os.urandom(11 * MiB)
     plan = await api.register([{"name": "big", "size": len(data)}])
     mp = plan["multipart"]["big"]
@@ -457,6 +471,44 @@ async def test_a_truncated_put_leaves_no_object(srv: Running) -> None:
     assert err(r) == (409, "components_missing")
 
 
+async def test_a_large_put_streams_with_little_memory(srv: Running, tmp_path: Path) -> None:
+    """256 MiB through the disk store: the server never holds a component in memory."""
+    psutil = pytest.importorskip("psutil")
+    size = 256 * MiB
+    src = tmp_path / "big.bin"
+    block = os.urandom(MiB)
+    with open(src, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(block)
+    plan = await srv.api.register(["big.bin"])
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = base
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    with open(src, "rb") as f:
+        async with srv.api.session.put(
+            plan["upload_urls"]["big.bin"],
+            data=f,
+            headers={"Content-Length": str(size)},
+            skip_auto_headers=("Content-Type",),
+        ) as r:
+            assert r.status == 200
+    done.set()
+    await sampler
+    assert peak - base < 64 * MiB, f"RSS grew by {(peak - base) // MiB} MiB"
+    r2 = await srv.api.finalize(plan["asset_id"], {"components": {"big.bin": {"size": size}}})
+    assert r2.status == 200
+    assert r2.body["components"][0]["sha256"] == sha256(block * (size // MiB))
+
+
 async def test_a_replaced_object_is_described_by_its_new_bytes(srv: Running) -> None:
     plan = await srv.api.register(["a"])
     await srv.api.put_url(plan["upload_urls"]["a"], b"first")
@@ -471,8 +523,8 @@ async def test_a_replaced_object_is_described_by_its_new_bytes(srv: Running) -> 
 # ---- upload URLs: refresh, re-plan, parts subset ------------------------------------------------
 
 
-async def test_upload_urls_plans_replans_and_aborts_the_old_plan(srv: Running) -> None:
-    api = srv.api
+async def test_upload_urls_plans_replans_and_aborts_the_old_plan(any_srv: Running) -> None:
+    api = any_srv.api
     plan = await api.register(["big"])
     assert list(plan["upload_urls"]) == ["big"]  # name only: one URL until a size is declared
     aid = plan["asset_id"]
@@ -591,8 +643,8 @@ async def test_an_error_is_not_recorded_under_the_key(srv: Running) -> None:
 # ---- inline ----------------------------------------------------------------------------------
 
 
-async def test_inline_assets_are_ready_with_their_content_type(srv: Running) -> None:
-    api = srv.api
+async def test_inline_assets_are_ready_with_their_content_type(any_srv: Running) -> None:
+    api = any_srv.api
     r = await api.post(
         "/v1/assets/inline", {"asset_type": "takeaways_report", "content": {"summary": "converged"}}
     )
@@ -689,8 +741,8 @@ async def test_unknown_run_is_404(srv: Running) -> None:
     assert err(r) == (400, "invalid_request")
 
 
-async def test_abandon_aborts_uploads_and_blocks_finalize(srv: Running) -> None:
-    api = srv.api
+async def test_abandon_aborts_uploads_and_blocks_finalize(any_srv: Running) -> None:
+    api = any_srv.api
     data = os.urandom(11 * MiB)
     plan = await api.register([{"name": "big", "size": len(data)}])
     mp = plan["multipart"]["big"]
@@ -831,16 +883,16 @@ async def test_runs_belong_to_their_creator(srv: Running) -> None:
 # ---- validity, delete, experiments --------------------------------------------------------------
 
 
-async def test_delete_removes_the_asset_and_its_bytes(srv: Running) -> None:
-    plan = await srv.api.register(["a"])
-    await srv.api.upload(plan, {"a": b"bytes"})
+async def test_delete_removes_the_asset_and_its_bytes(any_srv: Running) -> None:
+    plan = await any_srv.api.register(["a"])
+    await any_srv.api.upload(plan, {"a": b"bytes"})
     aid = plan["asset_id"]
-    assert (await srv.api.finalize(aid, {})).status == 200
-    got = await srv.api.get(f"/v1/assets/{aid}", params={"include_presigned": "1"})
-    r = await srv.api.call("DELETE", f"/v1/assets/{aid}")
+    assert (await any_srv.api.finalize(aid, {})).status == 200
+    got = await any_srv.api.get(f"/v1/assets/{aid}", params={"include_presigned": "1"})
+    r = await any_srv.api.call("DELETE", f"/v1/assets/{aid}")
     assert r.status == 204 and r.body is None
-    assert err(await srv.api.get(f"/v1/assets/{aid}")) == (404, "not_found")
-    status, _, _ = await srv.api.get_url(got.body["download_urls"]["a"])
+    assert err(await any_srv.api.get(f"/v1/assets/{aid}")) == (404, "not_found")
+    status, _, _ = await any_srv.api.get_url(got.body["download_urls"]["a"])
     assert status == 404
 
 

@@ -102,6 +102,8 @@ class Ctx:
         self.principal = principal
         self.body = body
         self._idem = idem
+        self.committed = False
+        """Whether :meth:`commit` made its change (clean-ups on failure check it)."""
 
     def arg(self, name: str) -> str:
         return self.request.match_info[name]
@@ -117,7 +119,17 @@ class Ctx:
                 db.put_idempotent(conn, idem, reply.status, reply.body)
             return reply
 
-        reply = await self.core.db.write(run)
+        # Shielded: once sent to the database thread the transaction runs to its end, and a
+        # cancelled handler still learns whether it committed (``committed``), which decides
+        # the storage clean-up of its ``except`` path.
+        write = asyncio.ensure_future(self.core.db.write(run))
+        try:
+            reply = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait([write])
+            self.committed = not write.cancelled() and write.exception() is None
+            raise
+        self.committed = True
         self._idem = None
         return reply
 
@@ -152,8 +164,10 @@ def endpoint(
         if not key:
             ctx = Ctx(core, request, principal, body, None)
             return (await handler(ctx)).response()
-        if len(key) > MAX_IDEMPOTENCY_KEY:
-            raise invalid(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if len(key) > MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+            raise invalid(
+                f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            )
         idem = IdemKey(principal.id, key, _request_hash(request, body))
         async with core.idem_locks.hold(f"{principal.id}\0{key}"):
             stored = await core.db.read(db.get_idempotent, idem)

@@ -10,6 +10,7 @@ is serialized by a per-asset lock.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -245,6 +246,22 @@ class Assets:
                 upload_urls[c.name] = await storage.presign_put(c.object_key, expiry)
         return {"upload_urls": upload_urls, "multipart": multipart}
 
+    async def _plan_many(self, wanted: list[tuple[ComponentRow, int]]) -> list[ComponentRow]:
+        """Plan several components at once; if one fails, abort the uploads of the others."""
+        sem = asyncio.Semaphore(16)
+
+        async def one(c: ComponentRow, size: int) -> ComponentRow:
+            async with sem:
+                return await self._plan(c, size)
+
+        done = await asyncio.gather(*(one(c, n) for c, n in wanted), return_exceptions=True)
+        planned = [r for r in done if isinstance(r, ComponentRow)]
+        failed = [r for r in done if isinstance(r, BaseException)]
+        if failed:
+            await self._abort_quietly(planned)
+            raise failed[0]
+        return planned
+
     async def _abort_quietly(self, comps: list[ComponentRow]) -> None:
         for c in comps:
             if c.upload_id:
@@ -267,12 +284,11 @@ class Assets:
             ComponentRow(s.name, f"assets/{asset_id}/{s.name}", i, content_type=s.content_type)
             for i, s in enumerate(specs)
         ]
-        planned: list[ComponentRow] = []
+        sized = [(i, s.size) for i, s in enumerate(specs) if s.size is not None]
+        planned = await self._plan_many([(comps[i], size) for i, size in sized])
+        for (i, _), c in zip(sized, planned, strict=True):
+            comps[i] = c
         try:
-            for i, s in enumerate(specs):
-                if s.size is not None:
-                    comps[i] = await self._plan(comps[i], s.size)
-                    planned.append(comps[i])
             asset = AssetRow(
                 asset_id=asset_id,
                 asset_type=asset_type,
@@ -300,7 +316,8 @@ class Assets:
 
             return await ctx.commit(txn)
         except BaseException:
-            await self._abort_quietly(planned)
+            if not ctx.committed:
+                await self._abort_quietly(planned)
             raise
 
     async def inline(self, ctx: Ctx) -> Reply:
@@ -357,7 +374,8 @@ class Assets:
         try:
             return await ctx.commit(txn)
         except BaseException:
-            await _drop(self.core, asset.components)
+            if not ctx.committed:
+                await _drop(self.core, asset.components)
             raise
 
     # -- upload URLs and what storage holds --
@@ -378,16 +396,17 @@ class Assets:
                 names = [c.name for c in asset.components]
             else:
                 names = list(dict.fromkeys([s.name for s in wanted] + list(parts_filter)))
-            replaced: list[ComponentRow] = []
-            planned: list[ComponentRow] = []
+            sizes = {s.name: s.size for s in wanted or [] if s.size is not None}
+            replan = [(by_name[n], size) for n, size in sizes.items() if size != by_name[n].size]
+            replan += [
+                (c, c.size)
+                for c in await self._lost_uploads([by_name[n] for n in names if n not in sizes])
+                if c.size is not None
+            ]
+            planned = await self._plan_many(replan)
+            replaced = [old for old, _ in replan]
             try:
-                for s in wanted or []:
-                    old = by_name[s.name]
-                    if s.size is None or s.size == old.size:
-                        continue
-                    by_name[s.name] = await self._plan(old, s.size)
-                    planned.append(by_name[s.name])
-                    replaced.append(old)
+                by_name.update({c.name: c for c in planned})
                 selected = [by_name[n] for n in names]
                 self._check_parts_filter(selected, parts_filter)
                 body = {
@@ -408,10 +427,25 @@ class Assets:
 
                 reply = await ctx.commit(txn)
             except BaseException:
-                await self._abort_quietly(planned)
+                if not ctx.committed:
+                    await self._abort_quietly(planned)
                 raise
             await self._abort_quietly(replaced)  # the old plans: their parts are now garbage
             return reply
+
+    async def _lost_uploads(self, comps: list[ComponentRow]) -> list[ComponentRow]:
+        """Multipart components whose upload storage no longer has (aborted behind our back,
+        or a store that lost it) and whose object is not assembled either: they get a new
+        plan, else their part URLs could only ever answer NoSuchUpload."""
+        storage = self.core.storage
+
+        async def lost(c: ComponentRow) -> bool:
+            if not c.upload_id or await storage.list_parts(c.object_key, c.upload_id) is not None:
+                return False
+            return await storage.head(c.object_key) is None
+
+        flags = await self.core.gather(lost(c) for c in comps)
+        return [c for c, gone in zip(comps, flags, strict=True) if gone]
 
     @staticmethod
     def _parse_parts_filter(body: dict[str, Any]) -> dict[str, list[int]]:

@@ -103,6 +103,13 @@ class DiskStorage:
             return None
         return self._multipart / upload_id
 
+    def _background(self, fn: Callable[[], None]) -> None:
+        """Run a clean-up in the I/O pool without waiting (inline once the pool is shut)."""
+        try:
+            self._pool.submit(fn)
+        except RuntimeError:  # the server is stopping
+            fn()
+
     def _tmp_path(self) -> Path:
         return self._tmp / secrets.token_hex(12)
 
@@ -390,7 +397,7 @@ class DiskStorage:
                 async with self._locks.hold(grant.key):
                     await self._run(self._install, tmp, grant.key, digest, content_type)
         except BaseException:
-            self._pool.submit(partial(tmp.unlink, missing_ok=True))
+            self._background(partial(tmp.unlink, missing_ok=True))
             raise
         return web.Response(status=200, headers={"ETag": _etag(digest)})
 
@@ -464,7 +471,7 @@ class DiskStorage:
 
         def later(_: object = None) -> None:
             if all(p.done() for p in pending):
-                self._pool.submit(cleanup)
+                self._background(cleanup)
 
         for p in pending:
             if not p.done():

@@ -71,14 +71,22 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise invalid("request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise invalid(f"request body is not valid JSON: {e.msg} at position {e.pos}") from None
     if not isinstance(body, dict):
         raise invalid(f"request body must be a JSON object, not {_json_type(body)}")
+    try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 store takes
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid("request body is not valid JSON: a \\u escape is a lone surrogate") from None
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise invalid(f"request body is not valid JSON: {name} is not a JSON number")
 
 
 def _json_type(value: Any) -> str:

@@ -231,7 +231,8 @@ class S3Storage:
 
     async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo:
         await self._s3("put_object", Key=key, Body=data, ContentType=content_type)
-        return ObjectInfo(len(data), hashlib.sha256(data).hexdigest())
+        digest = await self._run(lambda: hashlib.sha256(data).hexdigest())
+        return ObjectInfo(len(data), digest)
 
     async def delete(self, key: str) -> None:
         try:

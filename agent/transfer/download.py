@@ -19,6 +19,7 @@ import anyio.to_thread
 from agent.chronicle import contract
 from agent.chronicle import models as m
 from agent.errors import AssetInvalid, RetryableError, UrlExpired, UsageError, VerificationError
+from agent.transfer.groups import one_error
 from agent.transfer.http import Watchdog, classify_storage_answer, redact
 from agent.transfer.upload import Engine, Progress, check_component_name
 
@@ -87,9 +88,10 @@ async def download_asset(
         sha = await _fetch(engine, name, lambda: urls[name], fresh_urls, target, comp, progress)
         files.append({"name": name, "size": comp.size, "sha256": sha})
 
-    async with anyio.create_task_group() as tg:
-        for comp in asset.components:
-            tg.start_soon(one, comp)
+    with one_error():
+        async with anyio.create_task_group() as tg:
+            for comp in asset.components:
+                tg.start_soon(one, comp)
     await anyio.to_thread.run_sync(_move_into_place, staging, dest)
     files.sort(key=lambda f: f["name"])
     return DownloadResult(asset, files, warnings)

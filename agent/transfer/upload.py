@@ -51,6 +51,7 @@ from agent.errors import (
 from agent.metrics import Metrics
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
+from agent.transfer.groups import one_error
 from agent.transfer.http import hash_file, put_file, put_file_sendfile, redact
 from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
@@ -278,9 +279,10 @@ class AssetUpload:
         missing = [c.name for c in todo if c.name not in self.plans]
         if missing:
             await self.refresh(missing)
-        async with anyio.create_task_group() as tg:
-            for comp in todo:
-                tg.start_soon(self.upload_component, comp)
+        with one_error():
+            async with anyio.create_task_group() as tg:
+                for comp in todo:
+                    tg.start_soon(self.upload_component, comp)
 
     async def upload_component(self, comp: ComponentRecord) -> None:
         if comp.uploaded:
@@ -322,11 +324,12 @@ class AssetUpload:
             )
 
     async def _send(
-        self, what: str, url_of: Callable[[], str], expired: Callable[[], Any],
-        put: Callable[[str], Any],
+        self, what: str, comp: ComponentRecord, url_of: Callable[[], str],
+        expired: Callable[[], Any], put: Callable[[str], Any],
     ) -> Any:
         """One request with retries: a slot from the global limit per attempt, fresh URLs
-        after an expired-URL 403."""
+        after an expired-URL 403, and no retry at all once the source file has changed
+        (a vanished file looks like a broken connection from inside the HTTP client)."""
         refreshes = 0
 
         async def attempt() -> Any:
@@ -343,6 +346,9 @@ class AssetUpload:
                     self.e.metrics.retry("url_expired")
                     await expired()
                     raise RetryableError(exc.message, code="url_expired") from None
+                except Exception:
+                    await self._check_unchanged(comp)
+                    raise
 
         def on_retry(err: TransferError) -> None:
             self.e.metrics.retry(err.code)
@@ -373,7 +379,9 @@ class AssetUpload:
             assert url is not None
             return url
 
-        sha: str = await self._send(what, url_of, lambda: self.refresh([comp.name]), put)
+        sha: str = await self._send(
+            what, comp, url_of, lambda: self.refresh([comp.name]), put
+        )
         return sha
 
     async def _put_multipart(self, comp: ComponentRecord, part_size: int) -> str:
@@ -420,16 +428,18 @@ class AssetUpload:
 
             if pn not in self.plans[name].part_urls:
                 await expired()
-            etag: str = await self._send(what, url_of, expired, put)
+            etag: str = await self._send(what, comp, url_of, expired, put)
+            self.e.crash.hit("after_part_sent")  # acknowledged by storage, ETag not stored
             await self.q.do(self.q.s.record_part, self.asset.asset_key, name,
                             PartRecord(pn, part_size, length, etag))
             done[pn] = PartRecord(pn, part_size, length, etag)
             self.e.part_acked()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(hash_all)
-            for pn in todo:
-                tg.start_soon(send_part, pn)
+        with one_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hash_all)
+                for pn in todo:
+                    tg.start_soon(send_part, pn)
         return sha_box[0]
 
     async def _reconcile(

@@ -23,39 +23,14 @@ from agent.errors import (
     AgentError,
     ChronicleError,
     RetryableError,
+    SourceChanged,
 )
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
 from agent.transfer.download import discard_staging, download_asset
+from agent.transfer.groups import primary_error
 from agent.transfer.upload import AssetUpload, Engine, Progress, scan_path
 
 log = logging.getLogger(__name__)
-
-
-def primary_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error that decides how a job ends, out of what its concurrent transfers
-    raised: a final error (a refusal, a changed file) wins over a retryable one, which wins
-    over cancellation."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-
-    def rank(e: BaseException) -> int:
-        if isinstance(e, AgentError) and not isinstance(e, RetryableError):
-            return 0
-        if isinstance(e, RetryableError):
-            return 1
-        if isinstance(e, Exception):
-            return 2
-        return 3  # cancellation and other BaseExceptions
-
-    return min(leaves, key=rank)
 
 
 class Workers:
@@ -205,6 +180,10 @@ class Workers:
 
     async def _upload(self, job: Job, progress: Progress) -> dict[str, Any] | None:
         p = job.payload
+        if job.asset_key is not None:
+            prior = await self.q.do(self.q.s.asset, job.asset_key)
+            if prior is not None and prior.state == "abandoned":
+                job.asset_key = None  # a retry after a cancel or a changed source: rescan
         if job.asset_key is None:
             comps = await anyio.to_thread.run_sync(scan_path, p["path"])
             if p.get("content_type") and len(comps) == 1:
@@ -217,9 +196,19 @@ class Workers:
             job.asset_key = rec.asset_key
         up = AssetUpload(self.e, await self._asset_for(job), progress)
         if up.asset.state != "finalized":
-            await up.ensure_registered()
-            await up.upload_all()
-            await up.finalize()
+            try:
+                await up.ensure_registered()
+                await up.upload_all()
+                await up.finalize()
+            except SourceChanged as e:
+                # Never finalize mixed bytes: give up this asset, and let a retry start over
+                # from a fresh scan of what is on disk then.
+                with anyio.CancelScope(shield=True):
+                    await up.abandon(f"source changed during upload: {e.message}")
+                raise SourceChanged(
+                    f"{e.message}; the partial asset was abandoned, and `chronicle-agent retry "
+                    f"{job.job_id}` uploads the files as they are then"
+                ) from None
         return None
 
     async def _inline(self, job: Job) -> dict[str, Any] | None:
@@ -276,7 +265,8 @@ class Workers:
         assert job.asset_key is not None
         siblings = await self.q.do(self.q.s.list_jobs, asset_key=job.asset_key,
                                    kind=str(JobKind.COMPONENT))
-        bad = [j for j in siblings if j.state in (JobState.FAILED, JobState.CANCELLED)]
+        latest = {j.payload.get("name"): j for j in siblings}  # in creation order
+        bad = [j for j in latest.values() if j.state in (JobState.FAILED, JobState.CANCELLED)]
         if bad:
             raise AgentError(
                 f"cannot finalize: component job {bad[0].job_id} ({bad[0].payload.get('name')})"
