@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
+from agent.server import db as server_db
 from agent.server.assets import name_problem
 from agent.server.storage import MiB, part_count, plan_part_size
 from tests.helpers_server import Running, add_principal, running_server, sha256
@@ -493,10 +494,10 @@ async def test_a_large_put_streams_with_little_memory(srv: Running, tmp_path: Pa
             await asyncio.sleep(0.01)
 
     sampler = asyncio.create_task(sample())
-    with open(src, "rb") as f:
+    with open(src, "rb") as body:
         async with srv.api.session.put(
             plan["upload_urls"]["big.bin"],
-            data=f,
+            data=body,
             headers={"Content-Length": str(size)},
             skip_auto_headers=("Content-Type",),
         ) as r:
@@ -565,6 +566,26 @@ async def test_upload_urls_plans_replans_and_aborts_the_old_plan(any_srv: Runnin
     assert list(r.body["upload_urls"]) == ["big"] and r.body["multipart"] == {}
     await api.put_url(r.body["upload_urls"]["big"], b"abc")
     r = await api.finalize(aid, {"components": {"big": {"size": 3, "sha256": sha256(b"abc")}}})
+    assert r.status == 200, r.body
+
+
+async def test_upload_urls_replans_an_upload_storage_lost(any_srv: Running) -> None:
+    api = any_srv.api
+    data = os.urandom(11 * MiB)
+    plan = await api.register([{"name": "big", "size": len(data)}])
+    aid = plan["asset_id"]
+    core = any_srv.server._core  # abort the upload behind the server's back
+    asset = await core.db.read(server_db.get_asset, aid)
+    assert asset is not None
+    [comp] = asset.components
+    assert comp.upload_id
+    await core.storage.abort_multipart(comp.object_key, comp.upload_id)
+    r = await api.post(
+        f"/v1/assets/{aid}/upload-urls", {"components": [{"name": "big", "size": len(data)}]}
+    )
+    assert r.status == 200
+    body = await api.upload({**plan, **r.body}, {"big": data})
+    r = await api.finalize(aid, body)
     assert r.status == 200, r.body
 
 

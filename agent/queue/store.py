@@ -484,11 +484,20 @@ class Queue:
         job_id: str | None = None,
     ) -> AssetRecord:
         """Create the local record of an asset (not yet registered) with its components,
-        and bind it to ``job_id``, in one transaction."""
+        and bind it to ``job_id``, in one transaction. A given ``register_key`` (derived,
+        so that another agent seeing the same checkpoint gets the same asset) that an
+        earlier, abandoned record already used gets a ``#N`` suffix: a fresh asset."""
         now = time.time()
         key = new_id("la")
         reg = register_key or f"register:{key}"
         with self._txn(durable=True) as db:
+            if register_key is not None:
+                used = db.execute(
+                    "SELECT count(*) FROM assets WHERE register_key = ? OR register_key LIKE ?",
+                    (register_key, register_key + "#%"),
+                ).fetchone()[0]
+                if used:
+                    reg = f"{register_key}#{used + 1}"
             db.execute(
                 "INSERT INTO assets (asset_key, register_key, asset_type, run_id, visibility, "
                 "uid, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",

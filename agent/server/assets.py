@@ -398,11 +398,8 @@ class Assets:
                 names = list(dict.fromkeys([s.name for s in wanted] + list(parts_filter)))
             sizes = {s.name: s.size for s in wanted or [] if s.size is not None}
             replan = [(by_name[n], size) for n, size in sizes.items() if size != by_name[n].size]
-            replan += [
-                (c, c.size)
-                for c in await self._lost_uploads([by_name[n] for n in names if n not in sizes])
-                if c.size is not None
-            ]
+            kept = [by_name[n] for n in names if n not in {c.name for c, _ in replan}]
+            replan += [(c, c.size) for c in await self._lost_uploads(kept) if c.size is not None]
             planned = await self._plan_many(replan)
             replaced = [old for old, _ in replan]
             try:

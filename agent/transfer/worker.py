@@ -191,7 +191,7 @@ class Workers:
             rec = await self.q.do(
                 self.q.s.create_asset, asset_type=p["asset_type"], uid=job.uid,
                 run_id=job.run_id, visibility=p.get("visibility"), components=comps,
-                job_id=job.job_id,
+                job_id=job.job_id, register_key=p.get("register_key"),
             )
             job.asset_key = rec.asset_key
         up = AssetUpload(self.e, await self._asset_for(job), progress)
