@@ -73,3 +73,38 @@ def storage_backend(
 
 
 # --- end server fixtures ---
+
+
+# --- e2e fixtures ---
+# (owned by the transfer part: the same end-to-end tests on each storage backend)
+@_server_pytest.fixture(params=["disk", "s3"])
+def backend_env(request: _server_pytest.FixtureRequest) -> dict[str, str]:
+    """Environment for ``start_daemon`` whose embedded server stores bytes on disk, or in
+    the session's SeaweedFS bucket (real SigV4 presigned URLs)."""
+    if request.param == "disk":
+        return {}
+    sw: Seaweed = request.getfixturevalue("seaweed")
+    env = dict(sw.env())
+    env["CHRONICLE_AGENT_SERVER__STORAGE"] = sw.storage_url(sw.bucket)
+    return env
+
+
+@_server_pytest.fixture
+def any_daemon(backend_env: dict[str, str]) -> _DaemonIterator[DaemonProc]:
+    """A real daemon on each storage backend."""
+    with start_daemon(backend_env) as d:
+        yield d
+
+
+@_server_pytest.fixture
+def any_daemon_env(
+    any_daemon: DaemonProc, monkeypatch: _daemon_pytest.MonkeyPatch
+) -> DaemonProc:
+    """``any_daemon``, with this process's environment pointed at it."""
+    for key in list(_daemon_os.environ):
+        if key.startswith(("CHRONICLE_AGENT_", "METHODIC_RUN_ID")):
+            monkeypatch.delenv(key)
+    for key in ("CHRONICLE_AGENT_SOCKET", "CHRONICLE_AGENT_AGENT__STATE_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(key, any_daemon.env[key])
+    return any_daemon
+# --- end e2e fixtures ---

@@ -15,6 +15,7 @@ from agent.chronicle.sdk import Chronicle
 from agent.config import load_settings
 from tests.faultproxy import FaultProxy
 from tests.helpers_daemon import DaemonProc, start_daemon
+from tests.helpers_seaweed import Seaweed
 
 MiB = 1024 * 1024
 
@@ -64,18 +65,27 @@ FAST_ENV = {
 
 
 @contextmanager
-def proxied_daemon(extra_env: dict[str, str] | None = None) -> Iterator[
-    tuple[DaemonProc, FaultProxy]
-]:
-    """A daemon whose embedded server hands out presigned URLs that point at a fault proxy
-    (Chronicle API calls go straight to the server)."""
-    port = free_port()
-    with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
-        env = dict(FAST_ENV)
-        env.update({
-            "CHRONICLE_AGENT_SERVER__LISTEN": f"127.0.0.1:{port}",
-            "CHRONICLE_AGENT_SERVER__PUBLIC_URL": proxy.url,
-        })
+def proxied_daemon(
+    extra_env: dict[str, str] | None = None, seaweed: Seaweed | None = None
+) -> Iterator[tuple[DaemonProc, FaultProxy]]:
+    """A daemon whose storage traffic goes through a fault proxy; Chronicle API calls go
+    straight to its embedded server. Disk store: the server's presigned URLs point at the
+    proxy (``server.public_url``). S3 (``seaweed``): the server's S3 endpoint is the proxy,
+    which forwards to SeaweedFS with the Host header the URLs were signed for."""
+    env = dict(FAST_ENV)
+    if seaweed is None:
+        port = free_port()
+        upstream = f"http://127.0.0.1:{port}"
+    else:
+        upstream = seaweed.endpoint
+        env.update(seaweed.env())
+    with FaultProxy(upstream) as proxy:
+        if seaweed is None:
+            env["CHRONICLE_AGENT_SERVER__LISTEN"] = f"127.0.0.1:{port}"
+            env["CHRONICLE_AGENT_SERVER__PUBLIC_URL"] = proxy.url
+        else:
+            env["CHRONICLE_AGENT_SERVER__STORAGE"] = (
+                f"s3://{seaweed.bucket}?endpoint={proxy.url}")
         env.update(extra_env or {})
         with start_daemon(env) as d:
             yield d, proxy

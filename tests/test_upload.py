@@ -3,7 +3,6 @@ files, the CLI and ``Run`` as users call them, downloads compared byte for byte.
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
 from pathlib import Path
@@ -13,19 +12,7 @@ import pytest
 from agent.chronicle.sdk import Chronicle
 from agent.run import Run
 from tests.helpers_daemon import DaemonProc
-
-MiB = 1024 * 1024
-
-
-def write_random(path: Path, size: int) -> None:
-    """Incompressible bytes, written in 8 MiB pieces (never the whole file in memory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 * MiB)
-            f.write(os.urandom(n))
-            left -= n
+from tests.helpers_e2e import MiB, assert_same_tree, write_random
 
 
 def mixed_tree(root: Path, big_bytes: int = 200 * MiB) -> Path:
@@ -38,14 +25,6 @@ def mixed_tree(root: Path, big_bytes: int = 200 * MiB) -> Path:
     return root
 
 
-def assert_same_tree(a: Path, b: Path) -> None:
-    files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b
-    for rel in files_a:
-        assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
-
-
 def cli_json(daemon: DaemonProc, *args: str) -> dict[str, object]:
     res = daemon.run_cli(*args, "--json", timeout_s=300)
     assert res.returncode == 0, res.stderr
@@ -54,8 +33,9 @@ def cli_json(daemon: DaemonProc, *args: str) -> dict[str, object]:
 
 
 def test_directory_through_cli_ends_ready_and_downloads_identical(
-    daemon: DaemonProc, tmp_path: Path
+    any_daemon: DaemonProc, tmp_path: Path
 ) -> None:
+    daemon = any_daemon
     src = mixed_tree(tmp_path / "ckpt")
     job = cli_json(daemon, "upload", str(src), "--type", "checkpoint", "--wait")
     assert job["state"] == "done", job
@@ -71,7 +51,9 @@ def test_directory_through_cli_ends_ready_and_downloads_identical(
     assert not [p for p in tmp_path.iterdir() if ".chronicle-partial-" in p.name]
 
 
-def test_run_upload_directory_async_ends_ready(daemon_env: DaemonProc, tmp_path: Path) -> None:
+def test_run_upload_directory_async_ends_ready(
+    any_daemon_env: DaemonProc, tmp_path: Path
+) -> None:
     src = mixed_tree(tmp_path / "ckpt", big_bytes=80 * MiB)  # above the multipart threshold
     run = Run(run_id="run_dirasync")
     handle = run.upload_directory_async(src)
@@ -90,7 +72,7 @@ def test_run_upload_directory_async_ends_ready(daemon_env: DaemonProc, tmp_path:
 
 
 def test_inline_json_and_markdown_end_ready_with_their_content_type(
-    daemon_env: DaemonProc,
+    any_daemon_env: DaemonProc,
 ) -> None:
     run = Run(run_id="run_inline")
     j = run.upload_asset(asset_type="takeaways_report",
@@ -105,7 +87,7 @@ def test_inline_json_and_markdown_end_ready_with_their_content_type(
 
 
 def test_three_step_presigned_flow_through_the_daemon(
-    daemon_env: DaemonProc, tmp_path: Path
+    any_daemon_env: DaemonProc, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -136,7 +118,7 @@ def test_three_step_presigned_flow_through_the_daemon(
 
 
 def test_finalize_without_uploading_a_component_fails_clearly(
-    daemon_env: DaemonProc, tmp_path: Path
+    any_daemon_env: DaemonProc, tmp_path: Path
 ) -> None:
     run = Run(run_id="run_missing")
     info = run.create_asset_presigned(asset_type="checkpoint", components=["a.bin", "b.bin"])
