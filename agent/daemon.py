@@ -29,7 +29,7 @@ from agent.chronicle.aio import AsyncChronicle
 from agent.config import Settings
 from agent.crashpoints import from_settings
 from agent.errors import AgentError, ConfigError
-from agent.metrics import Metrics
+from agent.metrics import Metrics, watch_loop_lag
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import new_id
 from agent.runs.registry import RunRegistry
@@ -187,6 +187,7 @@ class Daemon:
                 self.runs.bind(tg)
                 await tg.start(self.workers.run, self.settings.agent.workers)
                 tg.start_soon(self._signals, tg.cancel_scope)
+                tg.start_soon(watch_loop_lag, self.metrics)
                 await self._stop.wait()
                 log.info("stopping: no new work is claimed; in-flight transfers resume at "
                          "the next start")

@@ -29,8 +29,26 @@ class Rate:
         return max(0.0, self._sum / self.window_s)
 
 
+async def watch_loop_lag(metrics: Metrics, every_s: float = 0.25, warn_s: float = 1.0) -> None:
+    """Measure how late the event loop wakes up; a blocked loop shows here (and in a log
+    warning), never silently in stalled transfers."""
+    import logging
+
+    import anyio
+
+    log = logging.getLogger("agent.loop")
+    while True:
+        t0 = time.monotonic()
+        await anyio.sleep(every_s)
+        lag = time.monotonic() - t0 - every_s
+        metrics.loop_lag_max_s = max(metrics.loop_lag_max_s, lag)
+        if lag > warn_s:
+            log.warning("event loop blocked for %.2fs", lag)
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.loop_lag_max_s = 0.0
         self.bytes_up = 0
         self.bytes_down = 0
         self.rate_up = Rate()
@@ -82,6 +100,9 @@ class Metrics:
         lines += [f'chronicle_agent_retries_total{{cause="{c}"}} {n}'
                   for c, n in sorted(self.retries.items())]
         lines += [
+            "# HELP chronicle_agent_loop_lag_max_seconds Longest event-loop delay seen.",
+            "# TYPE chronicle_agent_loop_lag_max_seconds gauge",
+            f"chronicle_agent_loop_lag_max_seconds {self.loop_lag_max_s:.3f}",
             "# HELP chronicle_agent_staging_bytes Bytes held in the staging area.",
             "# TYPE chronicle_agent_staging_bytes gauge",
             f"chronicle_agent_staging_bytes {staging_bytes}",

@@ -49,6 +49,9 @@ def test_directory_through_cli_ends_ready_and_downloads_identical(
     names = sorted(f["name"] for f in got["files"])  # type: ignore[attr-defined]
     assert "nested/données-été ✓.json" in names and "nested/deeper/weights 01.bin" in names
     assert not [p for p in tmp_path.iterdir() if ".chronicle-partial-" in p.name]
+    lag_ms = daemon.client().health()["loop_lag_max_ms"]
+    print(f"longest event-loop delay during the upload: {lag_ms} ms")
+    assert lag_ms < 1000, "the event loop was blocked"
 
 
 def test_run_upload_directory_async_ends_ready(

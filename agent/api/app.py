@@ -214,6 +214,7 @@ class Api:
             "socket": str(self.d.socket_path),
             "state_dir": str(self.d.state_dir),
             "pid": os.getpid(),
+            "loop_lag_max_ms": round(m.loop_lag_max_s * 1000),
         })
 
     async def metrics(self, request: web.Request) -> web.Response:
