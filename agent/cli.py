@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from agent.client import SOCKET_ENV, SocketClient
+from agent.client import SocketClient
 from agent.errors import (
     AgentError,
     ApiError,
@@ -29,6 +29,7 @@ from agent.errors import (
     JobFailed,
     UsageError,
 )
+from agent.paths import SOCKET_ENV
 from agent.progress import format_bytes, wait_with_progress
 
 if TYPE_CHECKING:

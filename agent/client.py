@@ -24,10 +24,11 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from agent.errors import ApiError, DaemonUnreachable, UsageError
+from agent.paths import SOCKET_ENV, fallback_socket_path
 
 log = logging.getLogger(__name__)
 
-SOCKET_ENV = "CHRONICLE_AGENT_SOCKET"
+
 TERMINAL_STATES = frozenset({"done", "failed", "cancelled", "abandoned"})
 SERVER_WAIT_S = 30.0
 """Longest single ``/wait`` call; longer waits loop over several."""
@@ -46,12 +47,7 @@ def default_socket_path() -> Path:
     configured = os.environ.get("CHRONICLE_AGENT_AGENT__SOCKET_PATH") or _socket_from_toml()
     if configured:
         return Path(configured)
-    if os.geteuid() == 0:
-        return Path("/run/chronicle-agent/agent.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "chronicle-agent" / "agent.sock"
-    return Path(f"/tmp/chronicle-agent-{os.getuid()}/agent.sock")
+    return fallback_socket_path()
 
 
 def _socket_from_toml() -> str | None:

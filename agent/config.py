@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError
+from agent.paths import SOCKET_ENV, fallback_socket_path
 
 MiB = 1024 * 1024
 ENV_PREFIX = "CHRONICLE_AGENT_"
@@ -210,17 +211,12 @@ class Settings(BaseSettings):
 
 
 def resolve_socket_path(configured: Path | None = None) -> Path:
-    env = os.environ.get(ENV_PREFIX + "SOCKET")
+    env = os.environ.get(SOCKET_ENV)
     if env:
         return Path(env)
     if configured is not None:
         return configured
-    if os.geteuid() == 0:
-        return Path("/run/chronicle-agent/agent.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "chronicle-agent" / "agent.sock"
-    return Path(f"/tmp/chronicle-agent-{os.getuid()}/agent.sock")
+    return fallback_socket_path()
 
 
 def default_config_path() -> tuple[Path, bool]:

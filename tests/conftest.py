@@ -23,6 +23,12 @@ def daemon() -> _DaemonIterator[DaemonProc]:
 def daemon_env(daemon: DaemonProc, monkeypatch: _daemon_pytest.MonkeyPatch) -> DaemonProc:
     """``daemon``, with this process's environment pointed at it (for in-process ``cli()``
     and ``Run()``)."""
+    return point_env_at(daemon, monkeypatch)
+
+
+def point_env_at(daemon: DaemonProc, monkeypatch: _daemon_pytest.MonkeyPatch) -> DaemonProc:
+    """Point this process's environment at ``daemon`` (for in-process ``cli()``, ``Run()``
+    and ``Chronicle()``)."""
     for key in list(_daemon_os.environ):
         if key.startswith(("CHRONICLE_AGENT_", "METHODIC_RUN_ID")):
             monkeypatch.delenv(key)
@@ -101,10 +107,5 @@ def any_daemon_env(
     any_daemon: DaemonProc, monkeypatch: _daemon_pytest.MonkeyPatch
 ) -> DaemonProc:
     """``any_daemon``, with this process's environment pointed at it."""
-    for key in list(_daemon_os.environ):
-        if key.startswith(("CHRONICLE_AGENT_", "METHODIC_RUN_ID")):
-            monkeypatch.delenv(key)
-    for key in ("CHRONICLE_AGENT_SOCKET", "CHRONICLE_AGENT_AGENT__STATE_DIR", "XDG_CONFIG_HOME"):
-        monkeypatch.setenv(key, any_daemon.env[key])
-    return any_daemon
+    return point_env_at(any_daemon, monkeypatch)
 # --- end e2e fixtures ---

@@ -7,13 +7,11 @@ connection errors are retryable; its 4xx answers become :class:`ChronicleError`.
 
 from __future__ import annotations
 
-import json
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 
 from agent.chronicle.contract import Call
-from agent.errors import RETRYABLE_STATUSES, RetryableError, chronicle_error
 from agent.transfer.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -44,34 +42,9 @@ class AsyncChronicle:
         return await self.retry.run(lambda: self._once(call, token), f"{call.method} {call.path}")
 
     async def _once(self, call: Call[T], token: str | None) -> T:
-        headers = {"Accept": "application/json"}
-        bearer = token or self._token
-        if bearer:
-            headers["Authorization"] = f"Bearer {bearer}"
-        if call.idempotency_key:
-            headers["Idempotency-Key"] = call.idempotency_key
-        data = None
-        if call.json is not None:
-            data = json.dumps(call.json).encode()
-            headers["Content-Type"] = "application/json"
+        headers, data = call.request(token or self._token)
         async with self.session.request(
-            call.method,
-            self.base_url + call.target(),
-            data=data,
-            headers=headers,
+            call.method, self.base_url + call.target(), data=data, headers=headers,
             timeout=self.timeout,
         ) as resp:
-            raw = await resp.read()
-            body: Any = None
-            if raw:
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    body = None
-            if resp.status in call.ok:
-                return call.parse(body)
-            if resp.status in RETRYABLE_STATUSES:
-                raise RetryableError(
-                    f"Chronicle {call.method} {call.path}: HTTP {resp.status}", status=resp.status
-                )
-            raise chronicle_error(resp.status, body)
+            return call.answer(resp.status, await resp.read())

@@ -8,12 +8,14 @@ detail needs a change here, not in the daemon.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote, urlencode
 
 from agent.chronicle import models as m
+from agent.errors import RETRYABLE_STATUSES, RetryableError, chronicle_error
 
 T = TypeVar("T")
 
@@ -36,6 +38,35 @@ class Call(Generic[T]):
         """Path and query (no host)."""
         q = {k: v for k, v in self.query.items() if v is not None}
         return self.path + ("?" + urlencode(q) if q else "")
+
+    def request(self, token: str | None) -> tuple[dict[str, str], bytes | None]:
+        """The headers and body every carrier sends for this call."""
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if self.idempotency_key:
+            headers["Idempotency-Key"] = self.idempotency_key
+        data = None
+        if self.json is not None:
+            data = json.dumps(self.json).encode()
+            headers["Content-Type"] = "application/json"
+        return headers, data
+
+    def answer(self, status: int, raw: bytes) -> T:
+        """Decode Chronicle's answer: the parsed result, or the error it stands for."""
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+        if status in self.ok:
+            return self.parse(body)
+        if status in RETRYABLE_STATUSES:
+            raise RetryableError(
+                f"Chronicle {self.method} {self.path}: HTTP {status}", status=status
+            )
+        raise chronicle_error(status, body)
 
 
 def _p(segment: str) -> str:

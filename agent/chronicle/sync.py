@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from agent.chronicle.contract import Call
-from agent.errors import RETRYABLE_STATUSES, RetryableError, chronicle_error
+from agent.errors import RetryableError
 
 T = TypeVar("T")
 
@@ -39,15 +38,7 @@ class SyncChronicle:
                 time.sleep(min(0.25 * 2**n, 4.0))
 
     def _once(self, call: Call[T]) -> T:
-        headers = {"Accept": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        if call.idempotency_key:
-            headers["Idempotency-Key"] = call.idempotency_key
-        data = None
-        if call.json is not None:
-            data = json.dumps(call.json).encode()
-            headers["Content-Type"] = "application/json"
+        headers, data = call.request(self._token)
         req = urllib.request.Request(
             self.base_url + call.target(), data=data, headers=headers, method=call.method
         )
@@ -61,16 +52,4 @@ class SyncChronicle:
             raise RetryableError(
                 f"cannot reach Chronicle at {self.base_url}: {reason}", code="chronicle_unreachable"
             ) from None
-        body: Any = None
-        if raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
-        if status in call.ok:
-            return call.parse(body)
-        if status in RETRYABLE_STATUSES:
-            raise RetryableError(
-                f"Chronicle {call.method} {call.path}: HTTP {status}", status=status
-            )
-        raise chronicle_error(status, body)
+        return call.answer(status, raw)

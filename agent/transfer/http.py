@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,26 +124,22 @@ class SourceShrank(TransferError):
     code = "source_changed"
 
 
-async def put_file(
+BodyMaker = Callable[[Callable[[int], None], Watchdog], Awaitable[Any]]
+
+
+async def _put(
     session: aiohttp.ClientSession,
     url: str,
-    path: str,
-    offset: int,
     length: int,
+    make_body: BodyMaker,
     *,
-    chunk_bytes: int,
-    limits: Limits,
     stall_s: float,
     on_bytes: Callable[[int], None],
-    hash_sha256: bool = True,
-    content_type: str | None = None,
     what: str,
-) -> tuple[str | None, str | None]:
-    """PUT ``length`` bytes of ``path`` at ``offset`` to a presigned URL.
-
-    Returns (ETag as returned, sha256 hex of the bytes sent or None). Raises TransferError.
-    """
-    hasher = hashlib.sha256() if hash_sha256 else None
+    content_type: str | None = None,
+) -> str | None:
+    """PUT a body of exactly ``length`` bytes, cut after ``stall_s`` without progress.
+    Returns the ETag as storage returned it; on failure the bytes counted are taken back."""
     headers = {"Content-Length": str(length)}
     if content_type:
         headers["Content-Type"] = content_type
@@ -158,13 +154,7 @@ async def put_file(
     try:
         async with asyncio.timeout(stall_s) as timeout:
             watchdog.arm(timeout)
-            if length <= chunk_bytes:
-                # Small bodies are read whole: one thread hop, a bytes payload.
-                body: Any = b"".join([c async for c in file_chunks(
-                    path, offset, length, chunk_bytes, hasher, count, limits, watchdog)])
-            else:
-                body = file_chunks(path, offset, length, chunk_bytes, hasher, count, limits,
-                                   watchdog)
+            body = await make_body(count, watchdog)
             async with session.put(
                 url, data=body, headers=headers, skip_auto_headers=("Content-Type",)
             ) as resp:
@@ -172,14 +162,42 @@ async def put_file(
                 if resp.status >= 300:
                     raise classify_storage_answer(resp.status, await resp.read(), what)
                 await resp.read()
-                etag = resp.headers.get("ETag")
+                return resp.headers.get("ETag")
     except TimeoutError:
         on_bytes(-sent)
         raise Stalled(f"{what}: no progress for {stall_s:g}s (stalled)") from None
     except BaseException:
         on_bytes(-sent)
         raise
-    return etag, (hasher.hexdigest() if hasher is not None else None)
+
+
+async def put_file(
+    session: aiohttp.ClientSession,
+    url: str,
+    path: str,
+    offset: int,
+    length: int,
+    *,
+    chunk_bytes: int,
+    limits: Limits,
+    stall_s: float,
+    on_bytes: Callable[[int], None],
+    content_type: str | None = None,
+    what: str,
+) -> tuple[str | None, str]:
+    """PUT ``length`` bytes of ``path`` at ``offset``, hashed in the same read pass.
+    Returns (ETag as returned, SHA-256 hex of the bytes sent)."""
+    hasher = hashlib.sha256()
+
+    async def body(count: Callable[[int], None], watchdog: Watchdog) -> Any:
+        chunks = file_chunks(path, offset, length, chunk_bytes, hasher, count, limits, watchdog)
+        if length <= chunk_bytes:  # small bodies are read whole: one thread hop, bytes
+            return b"".join([c async for c in chunks])
+        return chunks
+
+    etag = await _put(session, url, length, body, stall_s=stall_s, on_bytes=on_bytes,
+                      what=what, content_type=content_type)
+    return etag, hasher.hexdigest()
 
 
 async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
@@ -273,31 +291,9 @@ async def put_file_sendfile(
     what: str,
 ) -> str | None:
     """PUT a slice of a file with sendfile(2); returns the ETag as storage returned it."""
-    watchdog = Watchdog(stall_s)
-    sent = 0
 
-    def count(n: int) -> None:
-        nonlocal sent
-        sent += n
-        on_bytes(n)
+    async def body(count: Callable[[int], None], watchdog: Watchdog) -> Any:
+        return SendfilePayload(path, offset, length, piece_bytes=piece_bytes, limits=limits,
+                               on_bytes=count, watchdog=watchdog)
 
-    body = SendfilePayload(path, offset, length, piece_bytes=piece_bytes, limits=limits,
-                           on_bytes=count, watchdog=watchdog)
-    try:
-        async with asyncio.timeout(stall_s) as timeout:
-            watchdog.arm(timeout)
-            async with session.put(
-                url, data=body, headers={"Content-Length": str(length)},
-                skip_auto_headers=("Content-Type",),
-            ) as resp:
-                watchdog.kick()
-                if resp.status >= 300:
-                    raise classify_storage_answer(resp.status, await resp.read(), what)
-                await resp.read()
-                return resp.headers.get("ETag")
-    except TimeoutError:
-        on_bytes(-sent)
-        raise Stalled(f"{what}: no progress for {stall_s:g}s (stalled)") from None
-    except BaseException:
-        on_bytes(-sent)
-        raise
+    return await _put(session, url, length, body, stall_s=stall_s, on_bytes=on_bytes, what=what)
