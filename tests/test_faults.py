@@ -89,13 +89,13 @@ def test_a_400_or_404_is_not_retried_and_fails_the_job(tmp_path: Path, code: int
 
 
 def test_urls_that_really_expire_mid_upload_are_refreshed(tmp_path: Path) -> None:
-    """The server signs URLs for 2 s and bandwidth is capped, so later parts find their
+    """The server signs URLs for 1 s and bandwidth is capped, so later parts find their
     URLs expired at the store itself (no injected fault)."""
     src = tmp_path / "src"
     write_random(src / "big.bin", 30 * MiB)
-    env = {"CHRONICLE_AGENT_SERVER__URL_EXPIRY_S": "2",
+    env = {"CHRONICLE_AGENT_SERVER__URL_EXPIRY_S": "1",
            "CHRONICLE_AGENT_UPLOAD__CONCURRENCY": "1",
-           "CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(6 * MiB)}
+           "CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(4 * MiB)}
     with proxied_daemon(env) as (daemon, proxy):
         job = daemon.client().request("POST", "/v1/uploads",
                                       {"path": str(src), "asset_type": "checkpoint"})

@@ -350,15 +350,16 @@ async def test_expired_urls_get_the_s3_error_body(
 ) -> None:
     s = await make_server(storage=storage_backend, url_expiry_s=1)
     plan = await s.api.register(["a"])
-    await s.api.upload(plan, {"a": b"abc"})
-    r = await s.api.finalize(plan["asset_id"], {})
-    assert r.status == 200
-    got = await s.api.get(f"/v1/assets/{plan['asset_id']}", params={"include_presigned": "true"})
+    # an inline asset is ready without a client PUT: no race with the 1 s expiry
+    inline = await s.api.post("/v1/assets/inline", {"asset_type": "x", "content": "abc"})
+    got = await s.api.get(
+        f"/v1/assets/{inline.body['asset_id']}", params={"include_presigned": "true"}
+    )
     await asyncio.sleep(2.5)
     r = await s.api.put_url(plan["upload_urls"]["a"], b"abc")
     assert r.status == 403
     assert EXPIRED_CORE in r.body.encode()
-    status, body, headers = await s.api.get_url(got.body["download_urls"]["a"])
+    status, body, headers = await s.api.get_url(got.body["download_urls"]["content"])
     assert status == 403
     assert EXPIRED_CORE in body
     assert headers["Content-Type"].startswith("application/xml")

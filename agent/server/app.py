@@ -28,7 +28,16 @@ from agent.config import ServerSection
 from . import auth, db
 from .auth import Principal, Protected, TokenStore
 from .db import AssetRow, Database, IdemKey
-from .http import Reply, conflict, error_middleware, fail, forbidden, invalid, not_found
+from .http import (
+    Reply,
+    conflict,
+    error_middleware,
+    fail,
+    forbidden,
+    invalid,
+    not_found,
+    read_json_object,
+)
 from .locks import KeyedLocks
 from .storage import Storage
 
@@ -155,7 +164,6 @@ def endpoint(
     core: Core, handler: Handler, *, mutating: bool = False
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Wrap a handler: authenticate, parse the body and apply ``Idempotency-Key``."""
-    from .http import read_json_object
 
     async def handle(request: web.Request) -> web.StreamResponse:
         principal = await core.authenticate(request)

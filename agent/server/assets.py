@@ -36,7 +36,14 @@ from .http import (
     query_flag,
     req_str,
 )
-from .storage import MAX_PARTS, MIN_PART_BYTES, PartInfo, part_count, plan_part_size
+from .storage import (
+    MAX_PARTS,
+    MIN_PART_BYTES,
+    PartInfo,
+    etag_value,
+    part_count,
+    plan_part_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +178,6 @@ def _missing(message: str) -> Exception:
 
 def _mismatch(message: str) -> Exception:
     return fail(422, "checksum_mismatch", message)
-
-
-def _etag_value(etag: str) -> str:
-    return etag.strip().strip('"')
 
 
 # ---- storage clean-up shared with runs -------------------------------------------------------
@@ -613,7 +616,7 @@ class Assets:
                 have = by_number.get(p.part_number)
                 if have is None:
                     raise _missing(f"component {name!r}: part {p.part_number} is not in storage")
-                if _etag_value(have.etag) != _etag_value(p.etag):
+                if etag_value(have.etag) != etag_value(p.etag):
                     raise _mismatch(
                         f"component {name!r}: part {p.part_number} ETag {p.etag} does not "
                         f"match the stored part ({have.etag})"

@@ -40,7 +40,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .locks import KeyedLocks
 from .signing import Grant, Signer
-from .storage import MAX_PARTS, ObjectInfo, PartInfo, StorageError
+from .storage import MAX_PARTS, ObjectInfo, PartInfo, StorageError, etag_value
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ def s3_error(status: int, code: str, message: str) -> web.Response:
     """An S3-style XML error, the same body whichever backend a client talks to."""
     body = f"<Error><Code>{code}</Code><Message>{escape(message)}</Message></Error>"
     return web.Response(status=status, body=body.encode(), content_type="application/xml")
-
-
-def _etag_value(etag: str) -> str:
-    return etag.strip().strip('"')
 
 
 def _etag(sha256_hex: str) -> str:
@@ -273,7 +269,7 @@ class DiskStorage:
 
     @staticmethod
     def _part_path(d: Path, p: PartInfo) -> Path:
-        return d / f"{p.part_number:05d}.{_etag_value(p.etag)}"
+        return d / f"{p.part_number:05d}.{etag_value(p.etag)}"
 
     def _concat(self, d: Path, parts: Sequence[PartInfo], tmp: Path) -> None:
         """Concatenate the parts into ``tmp`` inside the kernel (copy_file_range)."""

@@ -156,7 +156,7 @@ class Experiments:
             require_asset(conn, ctx.principal, asset_id, "write")
             db.link_assets(conn, variation_id, [asset_id], "output")
             if exp.retracted_at is not None:
-                db.set_flag(conn, asset_id, "invalidated", _retracted(exp.experiment_id, exp))
+                db.set_flag(conn, asset_id, "invalidated", _retracted(exp))
             var = db.get_variation(conn, variation_id)
             assert var is not None
             return Reply(200, var.to_json())
@@ -176,7 +176,7 @@ class Experiments:
             for asset_id in db.experiment_outputs(conn, experiment_id):
                 asset = db.get_asset(conn, asset_id)
                 if asset is not None and asset.invalidated_at is None:
-                    db.set_flag(conn, asset_id, "invalidated", _retracted(experiment_id, exp))
+                    db.set_flag(conn, asset_id, "invalidated", _retracted(exp))
                     invalidated.append(asset_id)
             return Reply(200, {**exp.to_json(), "invalidated": invalidated})
 
@@ -189,8 +189,8 @@ class Experiments:
         return Reply(200, var.to_json())
 
 
-def _retracted(experiment_id: str, exp: ExperimentRow) -> str:
-    return f"experiment {experiment_id} retracted: {exp.retracted_reason or ''}".rstrip(": ")
+def _retracted(exp: ExperimentRow) -> str:
+    return f"experiment {exp.experiment_id} retracted: {exp.retracted_reason or ''}".rstrip(": ")
 
 
 def _owned_experiment(conn: sqlite3.Connection, ctx: Ctx, experiment_id: str) -> ExperimentRow:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import time
@@ -58,7 +59,8 @@ class Signer:
 
     def query(self, grant: Grant, expires_s: int, *, now: float | None = None) -> dict[str, str]:
         """The query parameters of a URL allowing ``grant`` for ``expires_s`` seconds."""
-        expires = int(now if now is not None else time.time()) + expires_s
+        # Whole seconds, rounded up: a URL is never valid for less than ``expires_s``.
+        expires = math.ceil(now if now is not None else time.time()) + expires_s
         params: dict[str, str] = {}
         if grant.upload_id:
             params["uploadId"] = grant.upload_id

@@ -49,6 +49,11 @@ class PartInfo:
         return {"part_number": self.part_number, "etag": self.etag, "size": self.size}
 
 
+def etag_value(etag: str) -> str:
+    """An ETag without its quotes, for comparing ETags however a client kept them."""
+    return etag.strip().strip('"')
+
+
 class StorageError(Exception):
     """A backend call failed in a way the caller cannot fix (I/O error, store unreachable)."""
 
