@@ -82,6 +82,15 @@ class Watchdog:
     def arm(self, timeout: asyncio.Timeout) -> None:
         self._timeout = timeout
 
+    async def throttled(self, limits: Limits, n: int) -> None:
+        """Wait for the bandwidth limit: our own pacing, not a stall, so not watched."""
+        if self._timeout is not None:
+            self._timeout.reschedule(None)
+        try:
+            await limits.throttle(n)
+        finally:
+            self.kick()
+
 
 async def file_chunks(
     path: str,
@@ -111,10 +120,11 @@ async def file_chunks(
             if len(data) != n:
                 raise SourceShrank(f"{path}: file ended at byte {pos + len(data)}, expected {end}")
             pos += n
-            await limits.throttle(n)
-            on_bytes(n)
             if watchdog is not None:
-                watchdog.kick()
+                await watchdog.throttled(limits, n)
+            else:
+                await limits.throttle(n)
+            on_bytes(n)
             yield data
     finally:
         os.close(fd)
@@ -265,7 +275,7 @@ class SendfilePayload(aiohttp.payload.Payload):
             pos, end = self._offset, self._offset + (self._size or 0)
             while pos < end:
                 n = min(self._piece, end - pos)
-                await self._limits.throttle(n)
+                await self._watchdog.throttled(self._limits, n)
                 sent = await loop.sendfile(transport, f, pos, n)
                 if sent != n:
                     raise SourceShrank(f"{self._path}: file ended at byte {pos + sent}")

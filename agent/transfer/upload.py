@@ -27,8 +27,9 @@ import math
 import os
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -57,6 +58,20 @@ from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+
+def url_use_by(expires_at: str | None, now: float | None = None) -> float:
+    """When to stop using URLs that expire at ``expires_at`` (RFC 3339): a quarter of their
+    lifetime, at most a minute, before it ends. Unknown expiry: never (the store's 403
+    "Request has expired" still triggers a refresh)."""
+    if not expires_at:
+        return math.inf
+    try:
+        end = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return math.inf
+    now = time.time() if now is None else now
+    return end - min(60.0, max(0.0, end - now) / 4)
 
 
 def url_hash(url: str) -> str:
@@ -202,6 +217,8 @@ class AssetUpload:
         self.progress = progress
         self.token = token
         self.plans: dict[str, Plan] = {}
+        self.use_by: dict[str, float] = {}
+        """Presigned URL → the time after which it is refreshed before use."""
         self._refresh_lock = anyio.Lock()
 
     @property
@@ -237,6 +254,12 @@ class AssetUpload:
         return True
 
     async def _absorb(self, urls: m.UploadUrls) -> None:
+        use_by = url_use_by(urls.expires_at)
+        for url in urls.upload_urls.values():
+            self.use_by[url] = use_by
+        for mp in urls.multipart.values():
+            for part in mp.parts:
+                self.use_by[part.url] = use_by
         hashes: dict[str, str] = {}
         for name, url in urls.upload_urls.items():
             self.plans[name] = Plan(url=url)
@@ -325,30 +348,29 @@ class AssetUpload:
 
     async def _send(
         self, what: str, comp: ComponentRecord, url_of: Callable[[], str],
-        expired: Callable[[], Any], put: Callable[[str], Any],
+        expired: Callable[[str], Awaitable[None]], put: Callable[[str], Any],
     ) -> Any:
         """One request with retries: a slot from the global limit per attempt, fresh URLs
         after an expired-URL 403, and no retry at all once the source file has changed
         (a vanished file looks like a broken connection from inside the HTTP client)."""
-        refreshes = 0
-
         async def attempt() -> Any:
-            nonlocal refreshes
             async with self.e.limits.slots:
-                url = url_of()
-                try:
-                    return await put(url)
-                except UrlExpired as exc:
-                    refreshes += 1
-                    if refreshes > 5:
+                for _ in range(4):
+                    url = url_of()
+                    if time.time() >= self.use_by.get(url, math.inf):
+                        await expired(url)  # about to expire: fresh URLs before, not after
+                        url = url_of()
+                    try:
+                        return await put(url)
+                    except UrlExpired as exc:  # still the slot's turn: refresh, go again
+                        log.info("%s: %s; asking for fresh URLs", what, exc.message)
+                        self.e.metrics.retry("url_expired")
+                        await expired(url)
+                    except Exception:
+                        await self._check_unchanged(comp)
                         raise
-                    log.info("%s: %s; asking for fresh URLs", what, exc.message)
-                    self.e.metrics.retry("url_expired")
-                    await expired()
-                    raise RetryableError(exc.message, code="url_expired") from None
-                except Exception:
-                    await self._check_unchanged(comp)
-                    raise
+                raise RetryableError(f"{what}: presigned URLs keep expiring (check the "
+                                     "clocks of this node and of storage)", code="url_expired")
 
         def on_retry(err: TransferError) -> None:
             self.e.metrics.retry(err.code)
@@ -379,9 +401,12 @@ class AssetUpload:
             assert url is not None
             return url
 
-        sha: str = await self._send(
-            what, comp, url_of, lambda: self.refresh([comp.name]), put
-        )
+        async def expired(stale: str) -> None:
+            async with self._refresh_lock:
+                if self.plans[comp.name].url == stale:  # not refreshed by someone else
+                    await self.refresh([comp.name])
+
+        sha: str = await self._send(what, comp, url_of, expired, put)
         return sha
 
     async def _put_multipart(self, comp: ComponentRecord, part_size: int) -> str:
@@ -422,12 +447,16 @@ class AssetUpload:
             def url_of() -> str:
                 return self.plans[name].part_urls[pn]
 
-            async def expired() -> None:
+            async def expired(stale: str | None) -> None:
                 async with self._refresh_lock:
-                    await self.refresh([name], {name: [pn]})
+                    if self.plans[name].part_urls.get(pn) not in (stale, None):
+                        return  # another part's refresh brought this one a fresh URL
+                    # One call for the parts still to send (the next few hundred of them).
+                    pending = [p for p in expected if p not in done and p >= pn][:500]
+                    await self.refresh([name], {name: pending})
 
             if pn not in self.plans[name].part_urls:
-                await expired()
+                await expired(None)
             etag: str = await self._send(what, comp, url_of, expired, put)
             self.e.crash.hit("after_part_sent")  # acknowledged by storage, ETag not stored
             await self.q.do(self.q.s.record_part, self.asset.asset_key, name,
