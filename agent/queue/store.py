@@ -87,7 +87,7 @@ class Job:
             "job_id": self.job_id,
             "kind": str(self.kind),
             "state": str(self.state),
-            "asset_id": self.asset_id,
+            "asset_id": self.asset_id or self.payload.get("asset_id"),  # downloads: theirs
             "run_id": self.run_id,
             "bytes_total": self.bytes_total,
             "bytes_done": self.bytes_done,
@@ -96,7 +96,7 @@ class Job:
             "created_at": _rfc3339(self.created_at),
             "updated_at": _rfc3339(self.updated_at),
         }
-        for key in ("asset_type", "path", "dest", "name"):
+        for key in ("asset_type", "path", "dest", "name", "checkpoint"):
             if key in self.payload:
                 out[key] = self.payload[key]
         if self.result is not None:
@@ -119,7 +119,7 @@ class AssetRecord:
     run_id: str | None
     visibility: str | None
     uid: int
-    state: str  # new | registered | finalized | abandoned
+    state: str  # new | registering | registered | finalized | abandoned
 
 
 @dataclass

@@ -75,6 +75,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=512)
 
 
+def _bind_again(host: str, memo: Path) -> socket.socket:
+    """The embedded server takes the port it had last time when it is free, so that URLs
+    handed out before a daemon restart still reach it; else any free port."""
+    try:
+        sock = _bind(host, int(memo.read_text()))
+    except (OSError, ValueError):
+        sock = _bind(host, 0)
+    memo.write_text(str(sock.getsockname()[1]))
+    return sock
+
+
 def _version() -> str:
     import importlib.metadata
 
@@ -167,7 +178,10 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         database = Database(state_dir / "server.db")
         await database.open()
         cleanup.push_async_callback(database.close)
-        sock = await loop.run_in_executor(pool, _bind, host, port)
+        if embedded and not cfg.listen:
+            sock = await loop.run_in_executor(pool, _bind_again, host, state_dir / "last_port")
+        else:
+            sock = await loop.run_in_executor(pool, _bind, host, port)
         cleanup.callback(sock.close)
         url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
         public_url = cfg.public_url.rstrip("/") or url

@@ -237,6 +237,10 @@ class AssetUpload:
                 for c in comps]
         await self.e.ensure_run(self.asset.run_id, self.token)
         self.e.crash.hit("before_register")
+        replay = self.asset.state == "registering"  # sent before, by a daemon that died
+        if not replay:
+            await self.q.do(self.q.s.set_asset, self.asset.asset_key, state="registering")
+            self.asset.state = "registering"
         urls = await self.e.chronicle.send(
             contract.register(
                 self.asset.asset_type, decl, output_of=self.asset.run_id,
@@ -248,6 +252,13 @@ class AssetUpload:
         await self.q.do(self.q.s.set_asset, self.asset.asset_key, asset_id=urls.asset_id,
                         state="registered")
         self.asset.asset_id = urls.asset_id
+        self.asset.state = "registered"
+        if replay:
+            # Chronicle replays its first answer to a repeated key: those URLs may have
+            # expired or point at an address that has changed since. Ask for fresh ones.
+            urls = await self.e.chronicle.send(
+                contract.upload_urls(urls.asset_id, [c.name for c in comps]), token=self.token
+            )
         await self._absorb(urls)
         log.info("asset %s registered (%d components)", urls.asset_id, len(comps))
         self.e.crash.hit("after_register")
