@@ -3,8 +3,8 @@
 Each kind of job has one runner. How a job ends is decided here, from the error tree:
 done; failed (a refusal, a changed source, a bad request — with the error in the job);
 back to the queue with a delay (retryable errors that outlived their request-level
-retries, while job attempts remain); cancelled (by request: an upload's pending asset is
-abandoned on Chronicle).
+retries, and a full disk under a download, while job attempts remain); cancelled (by
+request: an upload's pending asset is abandoned on Chronicle).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from agent.chronicle import contract
 from agent.errors import (
     AgentError,
     ChronicleError,
+    DiskFull,
     RetryableError,
     SourceChanged,
 )
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
+from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
 from agent.transfer.groups import primary_error
 from agent.transfer.upload import AssetUpload, Engine, Progress, scan_path
@@ -43,6 +45,9 @@ class Workers:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping = False
         self._flush_at: dict[str, float] = {}
+        dl = engine.settings.download
+        self.cache = AssetCache(engine.settings.cache_dir(), dl.cache_max_bytes)
+        """The node-local cache of ready assets (opened on the first download)."""
 
     # ---- API-facing ----------------------------------------------------------------------
 
@@ -69,10 +74,18 @@ class Workers:
 
     async def _loop(self, i: int) -> None:
         while not self._stopping:
-            job = await self.q.change(self.q.s.claim, self.owner, 300.0)
-            if job is None:
+            # An empty claim changes nothing and must wake nobody: idle workers that woke
+            # each other on every empty claim spun a core (seen in the benchmarks).
+            job = await self.q.do(self.q.s.claim, self.owner, 300.0)
+            if job is not None:
+                self.q.changed.notify()  # its state moved to running
+            else:
+                # Sleep until the next delayed job is due, or until something changes. A
+                # job that is due but cannot be claimed (a finalize waiting for its
+                # components) is not a reason to poll: its components' ends notify.
                 nxt = await self.q.do(self.q.s.next_wakeup)
-                wait = 1.0 if nxt is None else min(1.0, max(0.01, nxt - time.time()))
+                now = time.time()
+                wait = 1.0 if nxt is None or nxt <= now else min(1.0, max(0.01, nxt - now))
                 await self.q.changed.wait(wait)
                 continue
             await self._run_one(job)
@@ -96,6 +109,13 @@ class Workers:
         except RetryableError as e:
             if job.attempts < self.job_max_attempts and not self._stopping:
                 retry_in = min(30.0 * 2 ** (job.attempts - 1), 600.0)
+                outcome = (JobState.QUEUED, e.to_dict(), None)
+            else:
+                outcome = (JobState.FAILED, e.to_dict(), None)
+        except DiskFull as e:  # waits for space; its partial files are kept for the resume
+            if job.attempts < self.job_max_attempts and not self._stopping:
+                base = self.e.settings.download.disk_full_retry_s
+                retry_in = min(base * 2 ** (job.attempts - 1), 600.0)
                 outcome = (JobState.QUEUED, e.to_dict(), None)
             else:
                 outcome = (JobState.FAILED, e.to_dict(), None)
@@ -284,11 +304,15 @@ class Workers:
         p = job.payload
         try:
             res = await download_asset(self.e, job.job_id, p["asset_id"], p["dest"],
-                                       bool(p.get("allow_invalid")), progress)
+                                       bool(p.get("allow_invalid")), progress,
+                                       cache=self.cache, owner_uid=job.uid)
         except (ChronicleError, AgentError) as e:
-            if not isinstance(e, RetryableError):
+            # A retryable error or a full disk keeps the partial files for the next attempt
+            # (and for `retry`); anything else ends this download: nothing is left behind.
+            if not isinstance(e, RetryableError | DiskFull):
                 await anyio.to_thread.run_sync(discard_staging, p["dest"], job.job_id)
             raise
         if res.warnings:
             await self.q.do(self.q.s.set_progress, job.job_id, warnings=res.warnings)
-        return {"asset_id": p["asset_id"], "dest": p["dest"], "files": res.files}
+        return {"asset_id": p["asset_id"], "dest": p["dest"], "files": res.files,
+                "cached": res.cached}
