@@ -210,6 +210,27 @@ async def put_file(
     return etag, hasher.hexdigest()
 
 
+async def put_bytes(
+    session: aiohttp.ClientSession,
+    url: str,
+    data: bytes,
+    *,
+    limits: Limits,
+    stall_s: float,
+    on_bytes: Callable[[int], None],
+    what: str,
+) -> str | None:
+    """PUT a small body already in memory (a file read whole in one thread hop)."""
+
+    async def body(count: Callable[[int], None], watchdog: Watchdog) -> Any:
+        await watchdog.throttled(limits, len(data))
+        count(len(data))
+        return data
+
+    return await _put(session, url, len(data), body, stall_s=stall_s, on_bytes=on_bytes,
+                      what=what)
+
+
 async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
     """SHA-256 of a whole file, read sequentially in a thread into one reused buffer."""
 

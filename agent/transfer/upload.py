@@ -53,7 +53,7 @@ from agent.metrics import Metrics
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
 from agent.transfer.groups import one_error
-from agent.transfer.http import hash_file, put_file, put_file_sendfile, redact
+from agent.transfer.http import hash_file, put_bytes, put_file, put_file_sendfile, redact
 from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 
@@ -106,6 +106,45 @@ class Stat:
     def of(cls, path: str) -> Stat:
         st = os.stat(path)
         return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def changed_message(comp: ComponentRecord, st: Stat | None) -> str | None:
+    """Why ``st`` is not the version of the file that was registered, or None."""
+    if st is None:
+        return f"{comp.path} was deleted after it was registered as component {comp.name!r}"
+    if (st.size, st.mtime_ns, st.ino) != (comp.size, comp.mtime_ns, comp.ino):
+        return (f"{comp.path} changed after it was registered as component {comp.name!r} "
+                f"(size {comp.size} -> {st.size}, mtime or inode changed): not finalizing "
+                "mixed bytes")
+    return None
+
+
+def read_registered(comp: ComponentRecord) -> tuple[bytes, str]:
+    """Read a small component whole (in a thread), hashed, and make sure the bytes are the
+    registered version's: the open file's size, mtime and inode before and after the read
+    must match what was registered."""
+    assert comp.path is not None
+    try:
+        fd = os.open(comp.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceChanged(changed_message(comp, None) or "") from None
+
+    def check() -> None:
+        st = os.fstat(fd)
+        why = changed_message(comp, Stat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
+        if why:
+            raise SourceChanged(why)
+
+    try:
+        check()
+        data = os.pread(fd, (comp.size or 0) + 1, 0)
+        check()  # a rewrite during the read shows here
+        if len(data) != comp.size:
+            raise SourceChanged(f"{comp.path} changed while it was read ({len(data)} bytes, "
+                                f"registered {comp.size}): not finalizing mixed bytes")
+        return data, hashlib.sha256(data).hexdigest()
+    finally:
+        os.close(fd)
 
 
 def scan_path(path: str) -> list[dict[str, Any]]:
@@ -323,16 +362,19 @@ class AssetUpload:
             return
         assert comp.path is not None and comp.size is not None
         started = time.monotonic()
-        await self._check_unchanged(comp)
         plan = self.plans.get(comp.name)
         if plan is None:
             await self.refresh([comp.name])
             plan = self.plans[comp.name]
-        if plan.part_size is None:
-            sha = await self._put_single(comp)
+        if plan.part_size is None and comp.size <= self.e.settings.upload.chunk_bytes:
+            sha = await self._put_small(comp)  # checks the source itself, around its read
         else:
-            sha = await self._put_multipart(comp, plan.part_size)
-        await self._check_unchanged(comp)
+            await self._check_unchanged(comp)
+            if plan.part_size is None:
+                sha = await self._put_single(comp)
+            else:
+                sha = await self._put_multipart(comp, plan.part_size)
+            await self._check_unchanged(comp)
         await self.q.do(self.q.s.update_component, self.asset.asset_key, comp.name,
                         sha256=sha, uploaded=1)
         comp.uploaded, comp.sha256 = True, sha
@@ -345,17 +387,12 @@ class AssetUpload:
     async def _check_unchanged(self, comp: ComponentRecord) -> None:
         assert comp.path is not None
         try:
-            st = await anyio.to_thread.run_sync(Stat.of, comp.path)
+            st: Stat | None = await anyio.to_thread.run_sync(Stat.of, comp.path)
         except FileNotFoundError:
-            raise SourceChanged(
-                f"{comp.path} was deleted after it was registered as component {comp.name!r}"
-            ) from None
-        if (st.size, st.mtime_ns, st.ino) != (comp.size, comp.mtime_ns, comp.ino):
-            raise SourceChanged(
-                f"{comp.path} changed after it was registered as component {comp.name!r} "
-                f"(size {comp.size} -> {st.size}, mtime or inode changed): not finalizing "
-                "mixed bytes"
-            )
+            st = None
+        why = changed_message(comp, st)
+        if why:
+            raise SourceChanged(why)
 
     async def _send(
         self, what: str, comp: ComponentRecord, url_of: Callable[[], str],
@@ -391,6 +428,32 @@ class AssetUpload:
     def _counted(self, n: int) -> None:
         self.progress.add(n)
         self.e.metrics.sent(n)
+
+    async def _put_small(self, comp: ComponentRecord) -> str:
+        """A file of at most one chunk: opened, checked, read, hashed and checked again in
+        one thread hop; the bytes sent are exactly the registered version's."""
+        assert comp.path is not None and comp.size is not None
+        data, sha = await anyio.to_thread.run_sync(read_registered, comp)
+        what = f"PUT {comp.name} of {self.asset_id}"
+        up = self.e.settings.upload
+
+        async def put(url: str) -> str:
+            await put_bytes(self.e.session, url, data, limits=self.e.limits,
+                            stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what)
+            return sha
+
+        def url_of() -> str:
+            url = self.plans[comp.name].url
+            assert url is not None
+            return url
+
+        async def expired(stale: str) -> None:
+            async with self._refresh_lock:
+                if self.plans[comp.name].url == stale:
+                    await self.refresh([comp.name])
+
+        result: str = await self._send(what, comp, url_of, expired, put)
+        return result
 
     async def _put_single(self, comp: ComponentRecord) -> str:
         assert comp.path is not None and comp.size is not None
