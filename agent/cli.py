@@ -125,11 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs)
 
+    p = command("exec", "run a training command as a child: one run, its output watched, "
+                        "ended with the child's exit status")
+    p.add_argument("--run", metavar="RUN_ID",
+                   help="the run id (default: $METHODIC_RUN_ID, else a new one)")
+    p.add_argument("--watch", metavar="DIR", action="append", default=[],
+                   help="a directory whose entries are checkpoints (or a path glob); repeatable")
+    p.add_argument("--type", dest="asset_type", metavar="TYPE", action="append", default=[],
+                   help="asset type of the --watch before it (one for all, default checkpoint)")
+    p.add_argument("--seal", metavar="KIND", action="append", default=[],
+                   help="seal kinds for the --watch rules: marker, dcp_metadata, rename_dir, "
+                        "rename_file, quiescence (repeatable; default: the watch rule default)")
+    p.add_argument("--marker", metavar="NAME", action="append", default=[],
+                   help="marker file names (default _SUCCESS, commit_success.txt)")
+    p.add_argument("--copy-files", metavar="GLOB", action="append", default=[],
+                   help="files copied at seal (rewritten in place by the writer)")
+    p.add_argument("--quiescence-s", metavar="S", type=float,
+                   help="quiescence fallback, in seconds (default 30)")
+    p.add_argument("--on-exit", choices=("drain", "abandon"),
+                   help="what a failed or crashed run's sealed checkpoints do (runs.on_exit)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND…")
+    p.set_defaults(handler=cmd_exec)
+
     for name, help_ in (("cancel", "cancel a job"), ("retry", "retry a failed job")):
         p = command(name, help_)
         p.add_argument("job_id", metavar="JOB")
         p.add_argument("--json", action="store_true")
         p.set_defaults(handler=cmd_cancel if name == "cancel" else cmd_retry)
+
+    from agent.cli_assets import add_commands  # researcher side: assets …, me
+
+    add_commands(command)
     return parser
 
 
@@ -437,6 +463,26 @@ def cmd_download(ctx: Ctx) -> int:
         total = sum(int(f.get("size") or 0) for f in files)
         ctx.print(f"{args.asset_id}: {len(files)} file(s), {format_bytes(total)} in {dest}")
     return EXIT_OK
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+
+def cmd_exec(ctx: Ctx) -> int:
+    from agent.runs.execwrap import rules_from_args, run_exec
+
+    args = ctx.args
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    extra: dict[str, Any] = {}
+    for key, value in (("seal", args.seal), ("markers", args.marker),
+                       ("copy_files", args.copy_files), ("quiescence_s", args.quiescence_s)):
+        if value:
+            extra[key] = value
+    rules = rules_from_args(args.watch, args.asset_type, extra)
+    return run_exec(ctx.client(), command, run_id=args.run, rules=rules,
+                    on_exit=args.on_exit, err=ctx.err)
 
 
 # ---- the queue ----------------------------------------------------------------------------

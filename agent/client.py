@@ -112,11 +112,12 @@ class SocketClient:
         """One call: JSON body in, decoded JSON object out."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            payload = None if body is None else json.dumps(body).encode("utf-8")
+            payload = None if body is None else json.dumps(body, default=_placeholder)
+            payload_bytes = payload.encode("utf-8") if payload is not None else None
         except (TypeError, ValueError) as e:
             raise UsageError(f"{method} {path}: the request is not JSON ({e})") from None
         headers = {"Accept": "application/json"}
-        if payload is not None:
+        if payload_bytes is not None:
             headers["Content-Type"] = "application/json"
         conn = _UnixConnection(self.socket_path, timeout)
         try:
@@ -124,7 +125,7 @@ class SocketClient:
                 conn.connect()
             except OSError as e:
                 raise _ConnectFailed(e) from e
-            conn.request(method, path, body=payload, headers=headers)
+            conn.request(method, path, body=payload_bytes, headers=headers)
             resp = conn.getresponse()
             status, raw = resp.status, resp.read()
         except _ConnectFailed as e:
@@ -221,6 +222,14 @@ class SocketClient:
                 raise TimeoutError(
                     f"job {job_id} is still {job.get('state')} after {timeout_s:g} s"
                 )
+
+
+def _placeholder(value: Any) -> Any:
+    """``...`` (the guide's ``"key_findings": [...]``) is sent as the string "..."; anything
+    else that is not JSON stays an error."""
+    if value is Ellipsis:
+        return "..."
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def path_segment(value: str) -> str:

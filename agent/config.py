@@ -82,11 +82,20 @@ class UploadSection(_Section):
 
 class DownloadSection(_Section):
     cache_dir: Path | None = None
+    """Node-local cache of ready assets (default <state_dir>/cache)."""
     cache_max_bytes: int = Field(default=50 * 1024 * MiB, ge=0)
+    """Cache size cap; least recently used entries are evicted past it. 0 = no cache.
+    An asset larger than the cap bypasses the cache."""
+    disk_full_retry_s: float = Field(default=30.0, gt=0)
+    """A download that ran out of disk space goes back to the queue, its partial files
+    kept, and tries again after this long (doubling each time, at most 10 min), until
+    upload.job_max_attempts; then it fails with disk_full and `retry` resumes it."""
 
 
 SealKind = Literal["marker", "dcp_metadata", "rename_dir", "rename_file", "quiescence"]
 DEFAULT_SEALS: tuple[SealKind, ...] = ("marker", "dcp_metadata", "rename_dir", "quiescence")
+DEFAULT_TMP_PATTERNS = ("tmp-{name}", "{name}.orbax-checkpoint-tmp-*", "{name}.tmp",
+                        "{name}.tmp.*", ".{name}.tmp*")
 
 
 class WatchRule(_Section):
@@ -104,6 +113,43 @@ class WatchRule(_Section):
     for writers that rewrite a file in place."""
     poll: bool | None = None
     """Force polling (True) or events (False); None = decide by filesystem type."""
+    tmp_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_TMP_PATTERNS))
+    """Names a writer gives a checkpoint before renaming it into place ("{name}" is the
+    final name, "*" any text): ignored until renamed; the rename seals (rename_dir,
+    rename_file)."""
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path glob")
+        return v
+
+    @field_validator("tmp_patterns")
+    @classmethod
+    def _has_name(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if pattern.count("{name}") != 1:
+                raise ValueError(f"{pattern!r} must contain {{name}} once")
+        return v
+
+
+class WatcherSection(_Section):
+    """How the daemon watches (the rules themselves are the [[watch]] tables)."""
+
+    rescan_s: float = Field(default=30.0, gt=0)
+    """Full rescan of every rule's directories: events are only hints."""
+    check_s: float = Field(default=1.0, gt=0)
+    """How often checkpoints not yet sealed are looked at again (quiescence, staging)."""
+    debounce_ms: int = Field(default=1600, ge=1)
+    """Longest time file events are grouped before they are handled."""
+    step_ms: int = Field(default=50, ge=1)
+    """Events are handled once none arrived for this long."""
+    poll_delay_ms: int = Field(default=1000, ge=10)
+    """Polling interval on network filesystems (NFS, Lustre, GPFS, CIFS, ...)."""
+    staging_max_bytes: int = Field(default=64 * 1024 * MiB, ge=0)
+    """Bytes the staging area may hold on its own (copies, and snapshots whose original
+    the writer already deleted); above it, new seals wait. 0 = no cap."""
 
 
 class RunsSection(_Section):
@@ -150,6 +196,7 @@ class Settings(BaseSettings):
     upload: UploadSection = Field(default_factory=UploadSection)
     download: DownloadSection = Field(default_factory=DownloadSection)
     watch: list[WatchRule] = Field(default_factory=list)
+    watcher: WatcherSection = Field(default_factory=WatcherSection)
     runs: RunsSection = Field(default_factory=RunsSection)
     server: ServerSection = Field(default_factory=ServerSection)
     log: LogSection = Field(default_factory=LogSection)

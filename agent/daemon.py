@@ -2,7 +2,9 @@
 
 Start: state dir (0700) and its lock (one daemon per state dir) → queue (jobs left running
 by a dead daemon go back to the queue) → Chronicle (the embedded local server when no URL
-is configured) → HTTP sessions and the transfer engine → socket → workers.
+is configured) → HTTP sessions and the transfer engine → socket → workers → runs of the
+previous daemon (rules restored; which died meanwhile) → the watcher's first scan → run
+liveness (pidfds, leases; the dead are settled).
 
 Stop (SIGTERM/SIGINT): stop claiming work, cancel in-flight transfers (every acknowledged
 part is already recorded, so the restart resumes them), close the socket, the sessions, the
@@ -37,6 +39,7 @@ from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 from agent.transfer.upload import Engine
 from agent.transfer.worker import Workers
+from agent.watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +60,15 @@ class Daemon:
         self.engine: Engine
         self.workers: Workers
         self.runs = RunRegistry(self)
+        self.watcher: Watcher
         self._lock_fd: int | None = None
         self._server: Any = None
         self._stop = anyio.Event()
 
     def staging_bytes(self) -> int:
-        return 0
+        """Bytes the watcher's staging area holds on its own (see agent/watch/staging.py)."""
+        watcher = getattr(self, "watcher", None)
+        return watcher.staging_bytes() if watcher is not None else 0
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -130,6 +136,7 @@ class Daemon:
         self._lock_state_dir()
         crash = from_settings(self.settings.debug.crash_point, str(self.state_dir))
         self.queue = await AsyncQueue.open(self.state_dir / "queue.db")
+        self.watcher = Watcher(self)  # issue 4: watch rules, seals, staging
         requeued = await self.queue.do(self.queue.s.recover)
         if requeued:
             log.info("resuming %d job(s) left running by the previous daemon", requeued)
@@ -186,6 +193,11 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 self.runs.bind(tg)
                 await tg.start(self.workers.run, self.settings.agent.workers)
+                # issue 4: runs of the previous daemon first (which died meanwhile), then the
+                # watcher's first scan, then the runs' liveness
+                await self.runs.restore()
+                await tg.start(self.watcher.run)
+                await tg.start(self.runs.run)
                 tg.start_soon(self._signals, tg.cancel_scope)
                 tg.start_soon(watch_loop_lag, self.metrics)
                 await self._stop.wait()

@@ -26,7 +26,9 @@
         ├── UrlExpired           storage said "Request has expired": ask for fresh URLs
         ├── StorageRefused       storage answered a non-retryable 4xx
         ├── SourceChanged        a local file changed after it was registered
-        └── VerificationError    downloaded bytes do not match size or SHA-256
+        ├── VerificationError    downloaded bytes do not match size or SHA-256
+        └── DiskFull             no space left writing a download (ENOSPC): the job waits
+                                 in the queue and resumes from its partial files
 
 Every error carries ``code`` (snake_case, as shown in job errors) and a message that says
 what was wrong. :func:`map_transport_error` is the one place that maps aiohttp and OS
@@ -204,6 +206,13 @@ class SourceChanged(TransferError):
 
 class VerificationError(TransferError):
     code = "verification_failed"
+
+
+class DiskFull(TransferError):
+    """ENOSPC (or EDQUOT) while writing downloaded bytes. Not retried request by request:
+    the job goes back to the queue with a delay, its partial files kept."""
+
+    code = "disk_full"
 
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

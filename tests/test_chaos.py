@@ -75,16 +75,18 @@ def test_random_kills_and_faults_on_real_s3(seaweed: Seaweed, tmp_path: Path) ->
             "CHRONICLE_AGENT_SERVER__PART_SIZE_BYTES": str(16 * MiB),
             "CHRONICLE_AGENT_UPLOAD__STALL_TIMEOUT_S": "3",
         })
-        # Faults on storage PUTs only (the agent's traffic); the server's own calls pass.
-        proxy.set_rules([
-            {"action": "reset_request", "method": "PUT", "after_bytes": 256 * 1024,
-             "probability": 0.03},
-            {"action": "status", "code": "s3_slowdown", "method": "PUT", "probability": 0.03},
-            {"action": "stall_request", "method": "PUT", "after_bytes": 64 * 1024,
-             "seconds": 5, "then_close": True, "probability": 0.01},
-            {"action": "status", "code": "expired", "method": "PUT", "probability": 0.02},
-        ])
         with start_daemon(env) as daemon:
+            # Faults on storage PUTs only (the agent's traffic), set once the server has
+            # made its bucket (a PUT too); the server's own calls are POSTs and GETs.
+            proxy.set_rules([
+                {"action": "reset_request", "method": "PUT", "after_bytes": 256 * 1024,
+                 "probability": 0.03},
+                {"action": "status", "code": "s3_slowdown", "method": "PUT",
+                 "probability": 0.03},
+                {"action": "stall_request", "method": "PUT", "after_bytes": 64 * 1024,
+                 "seconds": 5, "then_close": True, "probability": 0.01},
+                {"action": "status", "code": "expired", "method": "PUT", "probability": 0.02},
+            ])
             client = daemon.client()
             client.request("POST", "/v1/runs", {"run_id": "run_chaos"})
             jobs = {name: client.request("POST", "/v1/uploads", {

@@ -166,8 +166,15 @@ def test_api_error_mapping(
 
 def test_unserializable_body_is_usage_error(fake: FakeDaemon) -> None:
     with pytest.raises(UsageError, match="not JSON"):
-        fake.client().request("POST", "/echo", {"content": [...]})
+        fake.client().request("POST", "/echo", {"content": {1, 2}})
     assert fake.requests == []
+
+
+def test_the_guides_ellipsis_placeholder_is_sent_as_a_string(fake: FakeDaemon) -> None:
+    """The assets guide's sample writes ``"key_findings": [...]``; it runs as written."""
+    fake.routes[("POST", "/echo")] = (200, {})
+    fake.client().request("POST", "/echo", {"content": {"key_findings": [...]}})
+    assert fake.requests[-1].body == {"content": {"key_findings": ["..."]}}
 
 
 def test_non_json_success_is_api_error(fake: FakeDaemon) -> None:

@@ -875,7 +875,7 @@ async def test_organization_visibility_and_move(srv: Running) -> None:
     # in no organization yet: as private
     assert (await member.get(f"/v1/assets/{aid}")).status == 404
     r = await outsider.post(f"/v1/assets/{aid}/move", {"organization_id": "org_1"})
-    assert err(r) == (403, "forbidden")
+    assert err(r) == (404, "not_found")  # cannot read it: its existence is not disclosed
     r = await alice.post(f"/v1/assets/{aid}/move", {"organization_id": "org_2"})
     assert err(r) == (403, "forbidden")
     r = await alice.post(

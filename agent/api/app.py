@@ -83,22 +83,34 @@ class DownloadReq(_Body):
 class RunReq(_Body):
     run_id: str | None = None
     pid: int | None = None
+    """The process whose life is the run's (default: the caller's, from SO_PEERCRED)."""
     watch: list[dict[str, Any]] | None = None
     on_exit: Literal["drain", "abandon"] | None = None
     name: str | None = None
+    lease: bool = False
+    """Alive while heartbeats arrive within runs.lease_s, whatever the pid."""
+    exec: bool = False
+    """Registered by `chronicle-agent exec`, which reports the child's exit status."""
 
 
 class FinishReq(_Body):
     status: Literal["finished", "failed", "crashed"] = "finished"
+    exit_code: int | None = None
+
+
+def peer_creds(request: web.Request) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the caller from SO_PEERCRED; pid 0 for a caller in another pid
+    namespace. Not a Unix socket (tests): this process's own."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return os.getpid(), os.getuid(), os.getgid()
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return int(pid), int(uid), int(gid)
 
 
 def peer_uid(request: web.Request) -> int:
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return os.getuid()
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    return peer_creds(request)[1]
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -156,6 +168,8 @@ class Api:
         r.add_get("/v1/health", self.health)
         r.add_get("/metrics", self.metrics)
         r.add_post("/v1/runs", self.create_run)
+        r.add_get("/v1/runs", self.list_runs)
+        r.add_get("/v1/runs/{run_id}", self.get_run)
         r.add_post("/v1/runs/{run_id}/heartbeat", self.heartbeat)
         r.add_post("/v1/runs/{run_id}/finish", self.finish_run)
         r.add_post("/v1/uploads", self.upload)
@@ -211,6 +225,8 @@ class Api:
             "transfer": {"bytes_per_s_up": round(m.rate_up.per_s()),
                          "bytes_per_s_down": round(m.rate_down.per_s())},
             "staging_bytes": self.d.staging_bytes(),
+            "staging": self.d.watcher.staging_info(),
+            "cache": self.d.workers.cache.stats(),
             "socket": str(self.d.socket_path),
             "state_dir": str(self.d.state_dir),
             "pid": os.getpid(),
@@ -226,8 +242,17 @@ class Api:
 
     async def create_run(self, request: web.Request) -> web.Response:
         req = RunReq.model_validate(await _json(request))
-        run = await self.d.runs.register(req.run_id, req.pid, peer_uid(request), req.name)
+        pid, uid, _gid = peer_creds(request)
+        run = await self.d.runs.register(
+            req.run_id, req.pid, uid, req.name, peer_pid=pid, watch=req.watch,
+            on_exit=req.on_exit, lease=req.lease, exec_wrapper=req.exec)
         return web.json_response(run, status=201)
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        return web.json_response({"runs": self.d.runs.list()})
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        return web.json_response(self.d.runs.get(request.match_info["run_id"]))
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         run = await self.d.runs.heartbeat(request.match_info["run_id"])
@@ -235,7 +260,8 @@ class Api:
 
     async def finish_run(self, request: web.Request) -> web.Response:
         req = FinishReq.model_validate(await _json(request))
-        run = await self.d.runs.finish(request.match_info["run_id"], req.status)
+        run = await self.d.runs.finish(request.match_info["run_id"], req.status,
+                                       req.exit_code)
         return web.json_response(run)
 
     # ---- uploads -------------------------------------------------------------------------

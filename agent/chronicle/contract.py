@@ -290,22 +290,32 @@ def me_scopes() -> Call[m.Scopes]:
 # ---- experiments (only what assets need) ---------------------------------------------------
 
 
-def create_experiment(name: str) -> Call[dict[str, Any]]:
-    return Call("POST", "/v1/experiments", _raw, {"name": name})
+def create_experiment(name: str) -> Call[m.Experiment]:
+    return Call("POST", "/v1/experiments", m.Experiment.model_validate, {"name": name})
+
+
+def get_experiment(experiment_id: str) -> Call[m.Experiment]:
+    return Call("GET", f"/v1/experiments/{_p(experiment_id)}", m.Experiment.model_validate)
 
 
 def create_variation(
     experiment_id: str, name: str, inputs: list[str], allow_invalid_assets: bool = False
-) -> Call[dict[str, Any]]:
+) -> Call[m.Variation]:
     body = {"name": name, "inputs": inputs, "allow_invalid_assets": allow_invalid_assets}
-    return Call("POST", f"/v1/experiments/{_p(experiment_id)}/variations", _raw, body)
+    return Call("POST", f"/v1/experiments/{_p(experiment_id)}/variations",
+                m.Variation.model_validate, body)
 
 
-def add_output(variation_id: str, asset_id: str) -> Call[dict[str, Any]]:
-    return Call(
-        "POST", f"/v1/variations/{_p(variation_id)}/outputs", _raw, {"asset_id": asset_id}
-    )
+def get_variation(variation_id: str) -> Call[m.Variation]:
+    return Call("GET", f"/v1/variations/{_p(variation_id)}", m.Variation.model_validate)
 
 
-def retract_experiment(experiment_id: str, reason: str) -> Call[dict[str, Any]]:
-    return Call("POST", f"/v1/experiments/{_p(experiment_id)}/retract", _raw, {"reason": reason})
+def add_output(variation_id: str, asset_id: str) -> Call[m.Variation]:
+    return Call("POST", f"/v1/variations/{_p(variation_id)}/outputs", m.Variation.model_validate,
+                {"asset_id": asset_id})
+
+
+def retract_experiment(experiment_id: str, reason: str) -> Call[m.Experiment]:
+    """The retracted experiment; ``invalidated`` lists the outputs this invalidated."""
+    return Call("POST", f"/v1/experiments/{_p(experiment_id)}/retract",
+                m.Experiment.model_validate, {"reason": reason})

@@ -114,12 +114,20 @@ class Scopes(_Model):
 class Experiment(_Model):
     experiment_id: str
     name: str | None = None
+    created_by: str | None = None
+    retracted: Flag | None = None
+    invalidated: list[str] | None = None
+    """Only in a retract answer: the outputs it invalidated."""
 
 
 class Variation(_Model):
     variation_id: str
+    experiment_id: str | None = None
     name: str | None = None
+    inputs: list[str] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)
     warnings: list[Any] | None = None
+    """Only in a create answer: e.g. deprecated inputs, with their reasons."""
 
 
 # ---- request pieces --------------------------------------------------------------------

@@ -1,29 +1,44 @@
 """``Chronicle()``: the researcher-side SDK of the assets guide, synchronous, acting with
-the caller's own credentials straight against Chronicle (downloads go through the daemon,
-which streams, verifies and resumes them).
+the caller's own credentials straight against Chronicle.
 
 ``Chronicle()`` reads the same configuration as the CLI: ``chronicle.url`` and the token
 (``CHRONICLE_AGENT_CHRONICLE__TOKEN``, ``chronicle.token_file``); with no URL configured it
 finds the local daemon's embedded server through its ``endpoint.json``.
+``Chronicle(url=…, token=…)`` is explicit.
+
+``chronicle.assets`` — create_inline, get (``include_presigned=True`` adds read URLs), list,
+download, deprecate, invalidate, delete, grant_access, revoke_access, list_access,
+share_with_scope, set_visibility, move; ``chronicle.me.scopes()``; ``chronicle.experiments``
+— create, get, add_variation, get_variation, add_output, retract.
+
+Downloads: the ``GET …?include_presigned=true`` is made with the caller's credentials (it is
+what checks that the caller may read the asset, and it carries the validity flags); the
+bytes then go through the local daemon (streamed, verified, resumed, cached) or, when no
+daemon is running, are streamed by this process itself (:mod:`agent.transfer.direct`).
 """
 
 from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.chronicle import contract
 from agent.chronicle import models as m
 from agent.chronicle.sync import SyncChronicle
 from agent.config import Settings, load_settings, local_login
-from agent.errors import ConfigError
+from agent.errors import AssetInvalid, DaemonUnreachable, JobFailed, RetryableError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def discover(settings: Settings) -> tuple[str, str | None]:
-    """The Chronicle URL and token this process should use."""
+    """The Chronicle URL and token this process should use: the configured ones, else the
+    local daemon's embedded server (its ``endpoint.json``) and the local user's token."""
     url, token = settings.chronicle.url, settings.token()
     if url:
         return url, token
@@ -31,18 +46,44 @@ def discover(settings: Settings) -> tuple[str, str | None]:
     try:
         info = json.loads(endpoint.read_text())
     except FileNotFoundError:
-        raise ConfigError(
-            "no Chronicle URL configured and no local daemon's embedded server found "
-            f"({endpoint} is missing): start `chronicle-agent daemon`, or set chronicle.url"
+        raise DaemonUnreachable(
+            "no Chronicle URL is configured and no local daemon's embedded server was found "
+            f"({endpoint} is missing): start `chronicle-agent daemon`, or set chronicle.url "
+            "(CHRONICLE_AGENT_CHRONICLE__URL) and a token"
         ) from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {endpoint}: {e}") from None
+        raise DaemonUnreachable(f"cannot read {endpoint}: {e}") from None
     if token is None and info.get("tokens_file"):
-        tokens = json.loads(Path(info["tokens_file"]).read_text()).get("tokens", {})
+        try:
+            tokens = json.loads(Path(info["tokens_file"]).read_text()).get("tokens", {})
+        except (OSError, ValueError) as e:
+            raise DaemonUnreachable(
+                f"cannot read the embedded server's tokens file: {e}; set "
+                "CHRONICLE_AGENT_CHRONICLE__TOKEN") from None
         want = f"user_{local_login()}"
         token = next((t for t, p in tokens.items() if p.get("principal_id") == want),
                      next(iter(tokens), None))
     return str(info["url"]), token
+
+
+class _Transport(SyncChronicle):
+    """The stdlib carrier; when Chronicle is the daemon's embedded server (found, not
+    configured), not reaching it means the daemon is not running."""
+
+    def __init__(self, base_url: str, token: str | None, timeout_s: float,
+                 embedded: bool) -> None:
+        super().__init__(base_url, token, timeout_s)
+        self.embedded = embedded
+
+    def send(self, call: contract.Call[T]) -> T:
+        try:
+            return super().send(call)
+        except RetryableError as e:
+            if self.embedded and e.code == "chronicle_unreachable":
+                raise DaemonUnreachable(
+                    f"the local daemon's embedded Chronicle at {self.base_url} does not "
+                    "answer: is `chronicle-agent daemon` running?") from None
+            raise
 
 
 class Assets:
@@ -60,24 +101,67 @@ class Assets:
         return self._t.send(contract.get_asset(asset_id, include_presigned))
 
     def list(self, output_of: str | None = None, state: str | None = None,
-             asset_type: str | None = None) -> list[m.Asset]:
+             asset_type: str | None = None) -> builtins.list[m.Asset]:
         return self._t.send(contract.list_assets(output_of, state, asset_type)).assets
 
-    def download(self, asset_id: str, dest: str | Path, allow_invalid: bool = False,
+    def download(self, asset: str | m.Asset, dest: str | Path, allow_invalid: bool = False,
                  timeout_s: float | None = None) -> dict[str, Any]:
-        """Download through the local daemon (streamed, verified, resumable); returns the
-        finished job, whose ``result.files`` lists what landed."""
+        """Download an asset (an id, or what ``get(…, include_presigned=True)`` returned)
+        into ``dest``, a new or empty directory; each component lands at its relative name,
+        verified. Returns ``{"asset_id", "dest", "files": [{"name", "size", "sha256"}],
+        "warnings", "job_id", "cached"}``. An invalidated asset raises
+        :class:`~agent.errors.AssetInvalid` unless ``allow_invalid``; a deprecated one is
+        downloaded and its reason is in ``warnings`` (and logged)."""
+        if isinstance(asset, str) or asset.download_urls is None:
+            asset = self.get(asset if isinstance(asset, str) else asset.asset_id,
+                             include_presigned=True)
+        aid = asset.asset_id
+        if asset.invalidated is not None and not allow_invalid:
+            raise AssetInvalid(409, "asset_invalid",
+                               f"asset {aid} is invalidated ({asset.invalidated.reason}); "
+                               "pass allow_invalid=True to download it anyway")
+        target = str(Path(dest).expanduser().absolute())
+        try:
+            out = self._through_daemon(aid, target, allow_invalid, timeout_s)
+        except DaemonUnreachable as e:
+            log.info("no daemon (%s): downloading %s in this process", e.message, aid)
+            out = None
+        if out is None:
+            out = self._in_process(asset, target)
+        for w in out["warnings"]:
+            log.warning("%s", w)
+        return out
+
+    def _through_daemon(self, asset_id: str, dest: str, allow_invalid: bool,
+                        timeout_s: float | None) -> dict[str, Any] | None:
+        """Through the local daemon; None if that daemon talks to another Chronicle."""
         from agent.client import SocketClient
-        from agent.errors import JobFailed
 
         client = SocketClient(self._socket_path)
+        theirs = str(client.health().get("chronicle_url") or "").rstrip("/")
+        if theirs != self._t.base_url:
+            log.info("the local daemon uses Chronicle %s, not %s: downloading %s in this "
+                     "process", theirs or "(none)", self._t.base_url, asset_id)
+            return None
         job = client.request("POST", "/v1/downloads", {
-            "asset_id": asset_id, "dest": str(Path(dest).absolute()),
-            "allow_invalid": allow_invalid})
+            "asset_id": asset_id, "dest": dest, "allow_invalid": allow_invalid})
         final = client.wait_job(job["job_id"], timeout_s)
         if final["state"] != "done":
             raise JobFailed(final)
-        return final
+        result = final.get("result") or {}
+        return {"asset_id": asset_id, "dest": dest, "files": result.get("files") or [],
+                "warnings": final.get("warnings") or [], "job_id": final["job_id"],
+                "cached": bool(result.get("cached"))}
+
+    def _in_process(self, asset: m.Asset, dest: str) -> dict[str, Any]:
+        from agent.transfer.direct import download_direct
+        from agent.transfer.download import check_asset
+
+        warnings = check_asset(asset, allow_invalid=True)  # refused above unless allowed
+        files = download_direct(
+            asset, dest, lambda: self.get(asset.asset_id, include_presigned=True))
+        return {"asset_id": asset.asset_id, "dest": dest, "files": files,
+                "warnings": warnings, "job_id": None, "cached": False}
 
     def deprecate(self, asset_id: str, reason: str) -> m.Asset:
         return self._t.send(contract.deprecate(asset_id, reason))
@@ -88,17 +172,26 @@ class Assets:
     def delete(self, asset_id: str) -> None:
         self._t.send(contract.delete(asset_id))
 
-    def grant_access(self, asset_id: str, principal_id: str, action: str) -> Any:
-        return self._t.send(contract.grant_access(asset_id, principal_id, action))
+    def grant_access(self, asset_id: str, principal_id: str, action: str) -> builtins.list[
+            m.Grant]:
+        """Idempotent; needs administer. The asset's explicit grants afterwards."""
+        return m.Grants.model_validate(
+            self._t.send(contract.grant_access(asset_id, principal_id, action))).grants
 
-    def revoke_access(self, asset_id: str, principal_id: str, action: str) -> Any:
-        return self._t.send(contract.revoke_access(asset_id, principal_id, action))
+    def revoke_access(self, asset_id: str, principal_id: str, action: str) -> builtins.list[
+            m.Grant]:
+        """Idempotent; needs administer. The asset's explicit grants afterwards."""
+        return m.Grants.model_validate(
+            self._t.send(contract.revoke_access(asset_id, principal_id, action))).grants
 
     def list_access(self, asset_id: str) -> builtins.list[m.Grant]:
+        """Explicit grants only (visibility is a field of the asset)."""
         return self._t.send(contract.list_access(asset_id)).grants
 
-    def share_with_scope(self, asset_id: str, scope_id: str) -> Any:
-        return self._t.send(contract.share_with_scope(asset_id, scope_id))
+    def share_with_scope(self, asset_id: str, scope_id: str) -> builtins.list[m.Grant]:
+        """A read grant for a whole team or organization; the grants afterwards."""
+        return m.Grants.model_validate(
+            self._t.send(contract.share_with_scope(asset_id, scope_id))).grants
 
     def set_visibility(self, asset_id: str, visibility: str) -> m.Asset:
         return self._t.send(contract.set_visibility(asset_id, visibility))
@@ -116,21 +209,57 @@ class Me:
         return self._t.send(contract.me_scopes())
 
 
+class Experiments:
+    """Experiments and variations, as far as assets need them."""
+
+    def __init__(self, t: SyncChronicle) -> None:
+        self._t = t
+
+    def create(self, name: str) -> m.Experiment:
+        return self._t.send(contract.create_experiment(name))
+
+    def get(self, experiment_id: str) -> m.Experiment:
+        return self._t.send(contract.get_experiment(experiment_id))
+
+    def add_variation(self, experiment_id: str, name: str, inputs: list[str],
+                      allow_invalid_assets: bool = False) -> m.Variation:
+        """An invalidated input raises AssetInvalid unless ``allow_invalid_assets``; a
+        deprecated one is linked and listed in the answer's ``warnings``."""
+        var = self._t.send(contract.create_variation(experiment_id, name, inputs,
+                                                     allow_invalid_assets))
+        for w in var.warnings or []:
+            log.warning("%s", w.get("message") if isinstance(w, dict) else w)
+        return var
+
+    def get_variation(self, variation_id: str) -> m.Variation:
+        return self._t.send(contract.get_variation(variation_id))
+
+    def add_output(self, variation_id: str, asset_id: str) -> m.Variation:
+        return self._t.send(contract.add_output(variation_id, asset_id))
+
+    def retract(self, experiment_id: str, reason: str) -> m.Experiment:
+        """Invalidates every output of the experiment's variations (``.invalidated``)."""
+        return self._t.send(contract.retract_experiment(experiment_id, reason))
+
+
 class Chronicle:
     def __init__(self, url: str | None = None, token: str | None = None,
                  settings: Settings | None = None) -> None:
         settings = settings or load_settings()
+        embedded = False
         if url is None:
+            embedded = not settings.chronicle.url
             url, found = discover(settings)
             token = token if token is not None else found
         self.url = url
-        self._t = SyncChronicle(url, token, settings.chronicle.request_timeout_s)
+        self._t = _Transport(url, token, settings.chronicle.request_timeout_s, embedded)
         self.assets = Assets(self._t, settings.socket_path())
         self.me = Me(self._t)
+        self.experiments = Experiments(self._t)
 
     def __repr__(self) -> str:
         return f"Chronicle({self.url!r})"
 
     def send(self, call: contract.Call[Any]) -> Any:
-        """Send any call of the contract (experiments, runs …) with these credentials."""
+        """Send any call of the contract (runs …) with these credentials."""
         return self._t.send(call)

@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.errors import AgentError
 
 APP_ID = 0x43484147  # "CHAG", in SQLite's application_id header field
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE TABLE jobs (
@@ -90,6 +90,52 @@ CREATE TABLE parts (
 """
 
 
+# v2 (issue 4): runs the daemon tracks, and what the watcher decided about each checkpoint,
+# so that a restart keeps watching and tracking them and never seals a checkpoint twice.
+_V2 = """
+CREATE TABLE runs (
+    run_id       TEXT PRIMARY KEY,
+    uid          INTEGER NOT NULL,
+    pid          INTEGER,
+    pid_start    INTEGER,
+    wrapper_pid  INTEGER,
+    liveness     TEXT NOT NULL,
+    lease_s      REAL NOT NULL,
+    on_exit      TEXT NOT NULL,
+    watch        TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    status       TEXT,
+    exit_code    INTEGER,
+    last_seen    REAL NOT NULL,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX runs_state ON runs (state);
+
+CREATE TABLE watched (
+    ckpt_id      TEXT PRIMARY KEY,
+    path         TEXT NOT NULL,
+    run_id       TEXT,
+    rule         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    seal         TEXT,
+    fingerprint  TEXT,
+    register_key TEXT,
+    job_id       TEXT,
+    snapshot     TEXT,
+    staged       TEXT,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX watched_path ON watched (path);
+CREATE INDEX watched_state ON watched (state);
+CREATE INDEX watched_job ON watched (job_id);
+"""
+
+_MIGRATIONS = {1: _V1, 2: _V2}
+"""Schema version → the script that brings the previous version to it."""
+
+
 class QueueCorrupt(AgentError):
     code = "queue_corrupt"
 
@@ -126,13 +172,18 @@ def open_db(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=30000")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
+        if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
-            for stmt in _V1.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            conn.execute(f"PRAGMA application_id={APP_ID}")
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            try:
+                for v in range(version + 1, SCHEMA_VERSION + 1):  # v1 → v2 keeps every row
+                    for stmt in _MIGRATIONS[v].split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                conn.execute(f"PRAGMA application_id={APP_ID}")
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             conn.execute("COMMIT")
         elif version > SCHEMA_VERSION:
             raise QueueCorrupt(

@@ -1,12 +1,34 @@
-"""Runs known to the daemon: registered over the socket, ended by ``finish``.
+"""Runs known to the daemon: registered over the socket (or by ``chronicle-agent exec``),
+alive while their process lives (pidfd) or while heartbeats arrive (lease), ended by
+``finish`` or by their death. Persisted in the queue database (table ``runs``), so a
+restart keeps watching and tracking them.
 
-A run's end is reported to Chronicle only after its jobs are terminal, since ending a run
-on Chronicle abandons whatever of its assets is still pending.
+A run's end, in order:
+
+1. **Seal what is complete.** The watcher looks at the run's checkpoints once more. After a
+   clean ``finish`` (status ``finished``) checkpoints still settling get their quiescence
+   time; after a death (or ``failed``/``crashed``) only a strong seal counts (marker,
+   ``.metadata``, rename): a half-written checkpoint must never become an asset.
+2. **Abandon what is not.** Every checkpoint of the run not sealed by then is recorded as
+   a job born ``abandoned`` (``jobs`` shows it); the run's watch rules are dropped.
+3. **Abandon what nothing will finalize.** Assets of the run registered through the
+   three-step flow with no finalize job are abandoned on Chronicle at once.
+4. **``runs.on_exit``** (only when the run did not finish cleanly): ``drain`` (default)
+   lets the sealed checkpoints upload and finalize; ``abandon`` abandons the run's
+   pending jobs too.
+5. **End the run on Chronicle** (``finished``, ``failed`` or ``crashed``) only once all its
+   jobs are terminal, since ending a run abandons whatever of it is still pending.
+
+A pid-observed death is settled at once (steps 1–4 take milliseconds); under ``exec`` the
+wrapper reports the child's exit status, so the daemon waits up to ``EXEC_GRACE_S`` for it
+before calling the death a crash. Only Chronicle API calls are made from here (register the
+run, abandon assets, end the run); transfers stay with the workers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -14,15 +36,24 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from agent.chronicle import contract
-from agent.errors import AgentError, UsageError
-from agent.queue.store import TERMINAL
+from agent.config import WatchRule
+from agent.errors import AgentError, ChronicleError, UsageError
+from agent.queue import runstore
+from agent.queue.runstore import RunRow
+from agent.queue.store import TERMINAL, JobState, StateConflict
+from agent.runs import liveness
+from agent.watch.seal import glob_root
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
 
 log = logging.getLogger(__name__)
+
+EXEC_GRACE_S = 1.0
+"""How long a dead ``exec`` child's run waits for the wrapper to report its exit status."""
 
 
 @dataclass
@@ -30,13 +61,40 @@ class RunInfo:
     run_id: str
     uid: int
     pid: int | None
+    pid_start: int | None = None
+    wrapper_pid: int | None = None
+    liveness: str = "pid"
+    lease_s: float = 60.0
+    on_exit: str = "drain"
+    watch: list[dict[str, Any]] = field(default_factory=list)
     state: str = "running"
     status: str | None = None
+    exit_code: int | None = None
     last_seen: float = field(default_factory=time.time)
+    created_at: float = field(default_factory=time.time)
+    sealing: str = "open"
+    """open (any seal) | strong (dying: no quiescence) | closed (nothing more is sealed)."""
+    finished: anyio.Event = field(default_factory=anyio.Event)
+    pidfd: int | None = None
+    settled: bool = False
+    saved_seen: float = 0.0
 
     def to_api(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pid": self.pid, "state": self.state,
-                "status": self.status}
+                "status": self.status, "exit_code": self.exit_code,
+                "liveness": self.liveness, "lease_s": self.lease_s, "on_exit": self.on_exit,
+                "watch": self.watch}
+
+    def row(self) -> RunRow:
+        return RunRow(self.run_id, self.uid, self.pid, self.pid_start, self.wrapper_pid,
+                      self.liveness, self.lease_s, self.on_exit, self.watch, self.state,
+                      self.status, self.exit_code, self.last_seen, self.created_at)
+
+    @classmethod
+    def of(cls, r: RunRow) -> RunInfo:
+        return cls(r.run_id, r.uid, r.pid, r.pid_start, r.wrapper_pid, r.liveness, r.lease_s,
+                   r.on_exit, r.watch, r.state, r.status, r.exit_code, r.last_seen,
+                   r.created_at)
 
 
 class RunRegistry:
@@ -44,40 +102,325 @@ class RunRegistry:
         self.d = daemon
         self.runs: dict[str, RunInfo] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        self._ready = anyio.Event()
+        self._restored: list[tuple[RunInfo, bool]] = []
 
     def bind(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
 
-    async def register(self, run_id: str | None, pid: int | None, uid: int,
-                       name: str | None = None) -> dict[str, Any]:
+    def sealing(self, run_id: str | None) -> str:
+        info = self.runs.get(run_id) if run_id else None
+        return info.sealing if info is not None else "open"
+
+    # ---- start -------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Before the watcher starts: the runs of the previous daemon, with their rules,
+        and which of them died meanwhile (their checkpoints get strong seals only)."""
+        q = self.d.queue
+        for row in await q.do(runstore.load_runs, q.s):
+            info = RunInfo.of(row)
+            self.runs[info.run_id] = info
+            if info.state == "ended":
+                info.sealing = "closed"
+                continue
+            self._add_rules(info)
+            dead = False
+            if info.state == "running" and info.liveness == "pid" and info.pid:
+                info.pidfd = liveness.open_pidfd(info.pid, info.pid_start)
+                dead = info.pidfd is None
+            elif info.state == "running":
+                info.last_seen = max(info.last_seen, time.time())  # the lease starts anew
+            if dead or (info.state == "ending" and info.status != "finished"):
+                info.sealing = "strong"
+            self._restored.append((info, dead))
+        if self._restored:
+            log.info("tracking %d run(s) again", len(self._restored))
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """After the watcher has scanned: settle what died while the daemon was down, watch
+        the pids of the living, and expire leases."""
+        assert self._tg is not None
+        for info, dead in self._restored:
+            if info.state == "running":
+                self._tg.start_soon(self._ensure_remote, info.run_id)
+            if dead:
+                self._tg.start_soon(self._died, info, f"its process (pid {info.pid}) exited "
+                                    "while the daemon was down, without finish")
+            elif info.state == "ending":
+                self._tg.start_soon(self._settle, info)
+            elif info.pidfd is not None:
+                self._tg.start_soon(self._watch_pid, info)
+        self._restored = []
+        self._ready.set()
+        task_status.started()
+        while True:
+            await anyio.sleep(0.5)
+            now = time.time()
+            for info in list(self.runs.values()):
+                if (info.state == "running" and info.liveness == "lease"
+                        and now - info.last_seen > info.lease_s):
+                    info.state = "dying"
+                    self._tg.start_soon(self._died, info,
+                                        f"no heartbeat for {info.lease_s:g} s (lease expired)")
+
+    async def _wait_ready(self) -> None:
+        with anyio.fail_after(30):
+            await self._ready.wait()
+
+    # ---- the API ------------------------------------------------------------------------
+
+    async def register(
+        self, run_id: str | None, pid: int | None, uid: int, name: str | None = None, *,
+        peer_pid: int = 0, watch: list[dict[str, Any]] | None = None,
+        on_exit: str | None = None, lease: bool = False, exec_wrapper: bool = False,
+    ) -> dict[str, Any]:
+        await self._wait_ready()
         run_id = run_id or f"run_{secrets.token_hex(8)}"
+        rules = [WatchRule.model_validate(w) for w in watch or []]
+        await anyio.to_thread.run_sync(self._check_rules, rules, uid)
         existing = self.runs.get(run_id)
         if existing is not None:
+            if uid not in (0, existing.uid):
+                raise UsageError(f"run {run_id} belongs to another user", code="forbidden")
+            new = [r.model_dump(mode="json") for r in rules]
+            new = [w for w in new if w not in existing.watch]
+            if new and existing.state == "running":
+                existing.watch += new
+                self._add_rules(existing)
+                await self.d.queue.do(runstore.update_run, self.d.queue.s, run_id,
+                                      watch=existing.watch)
             return existing.to_api()
-        await self.d.engine.ensure_run(run_id)
-        info = self.runs[run_id] = RunInfo(run_id, uid, pid)
-        log.info("run %s registered (pid %s, uid %d)", run_id, pid, uid)
+        chosen = None if lease else await anyio.to_thread.run_sync(
+            self._pick_pid, pid, peer_pid, uid)
+        info = RunInfo(
+            run_id, uid, chosen,
+            pid_start=liveness.start_time(chosen) if chosen else None,
+            wrapper_pid=peer_pid if exec_wrapper and peer_pid else None,
+            liveness="pid" if chosen else "lease",
+            lease_s=self.d.settings.runs.lease_s,
+            on_exit=on_exit or self.d.settings.runs.on_exit,
+            watch=[r.model_dump(mode="json") for r in rules],
+        )
+        if chosen:
+            info.pidfd = liveness.open_pidfd(chosen, info.pid_start)
+        await self.d.queue.do(runstore.save_run, self.d.queue.s, info.row())
+        self.runs[run_id] = info
+        self._add_rules(info)
+        assert self._tg is not None
+        self._tg.start_soon(self._ensure_remote, run_id)
+        if info.pidfd is not None:
+            self._tg.start_soon(self._watch_pid, info)
+        elif chosen:
+            self._tg.start_soon(self._died, info, f"its process (pid {chosen}) had already "
+                                "exited when it was registered")
+        log.info("run %s registered (%s, uid %d%s)", run_id,
+                 f"pid {chosen}" if chosen else f"lease {info.lease_s:g} s", uid,
+                 f", {len(rules)} watch rule(s)" if rules else "")
         return info.to_api()
+
+    def _pick_pid(self, pid: int | None, peer_pid: int, uid: int) -> int | None:
+        """The process whose life is the run's: the pid given if it is the caller, the
+        caller's child (``exec``) or, for root or its owner, a process the caller names;
+        else the caller's own pid from SO_PEERCRED; none (a lease) for a caller in another
+        pid namespace (SO_PEERCRED pid 0)."""
+        if pid is not None and pid > 0:
+            if peer_pid and (pid == peer_pid or liveness.parent_pid(pid) == peer_pid):
+                return pid
+            if peer_pid and (uid == 0 or liveness.owner_uid(pid) == uid):
+                return pid
+        return peer_pid or None
+
+    def _check_rules(self, rules: list[WatchRule], uid: int) -> None:
+        """A caller may only have the daemon watch (and upload) what it owns, within
+        ``agent.roots`` when those are set."""
+        allowed = [str(p).rstrip("/") for p in self.d.settings.agent.roots]
+        for r in rules:
+            root = glob_root(r.path)
+            if allowed and not any(root == a or root.startswith(a + "/") for a in allowed):
+                raise UsageError(f"watch path {r.path} is outside agent.roots", code="forbidden")
+            if uid in (0, os.geteuid()):
+                continue
+            p = root
+            while not os.path.exists(p) and p != "/":
+                p = os.path.dirname(p)
+            if os.stat(p).st_uid != uid:
+                raise UsageError(f"watch path {r.path}: {p} is not yours (uid {uid})",
+                                 code="forbidden")
+
+    def _add_rules(self, info: RunInfo) -> None:
+        if info.watch:
+            self.d.watcher.add_rules(info.run_id, [WatchRule.model_validate(w)
+                                                   for w in info.watch], info.uid)
 
     def _get(self, run_id: str) -> RunInfo:
         info = self.runs.get(run_id)
         if info is None:
-            raise UsageError(f"run {run_id} is not registered with this daemon",
-                             code="not_found")
+            raise StateConflict(f"run {run_id} is not registered with this daemon",
+                                code="not_found")
         return info
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        return self._get(run_id).to_api()
+
+    def list(self) -> list[dict[str, Any]]:
+        return [i.to_api() for i in self.runs.values()]
 
     async def heartbeat(self, run_id: str) -> dict[str, Any]:
         info = self._get(run_id)
         info.last_seen = time.time()
+        # persisted now and then only: after a restart every lease starts anew anyway
+        if info.state == "running" and info.last_seen - info.saved_seen >= info.lease_s / 4:
+            info.saved_seen = info.last_seen
+            await self.d.queue.do(runstore.update_run, self.d.queue.s, run_id,
+                                  last_seen=info.last_seen)
         return info.to_api()
 
-    async def finish(self, run_id: str, status: str) -> dict[str, Any]:
+    async def finish(self, run_id: str, status: str,
+                     exit_code: int | None = None) -> dict[str, Any]:
+        await self._wait_ready()
         info = self._get(run_id)
-        if info.state == "running":
-            info.state, info.status = "ending", status
+        if info.state in ("running", "dying"):
+            info.state, info.status, info.exit_code = "ending", status, exit_code
+            await self._save(info)
+            info.finished.set()
             assert self._tg is not None
-            self._tg.start_soon(self._end_when_drained, info)
+            self._tg.start_soon(self._settle, info)
         return info.to_api()
+
+    # ---- life and death -----------------------------------------------------------------
+
+    async def _ensure_remote(self, run_id: str) -> None:
+        """Create the run on Chronicle in the background (a registration must never wait
+        on Chronicle; uploads create it too if this fails)."""
+        try:
+            await self.d.engine.ensure_run(run_id)
+        except AgentError as e:
+            log.warning("run %s: could not create it on Chronicle yet: %s", run_id, e)
+
+    async def _save(self, info: RunInfo) -> None:
+        await self.d.queue.do(runstore.update_run, self.d.queue.s, info.run_id,
+                              state="ending" if info.state == "dying" else info.state,
+                              status=info.status, exit_code=info.exit_code)
+
+    async def _watch_pid(self, info: RunInfo) -> None:
+        fd = info.pidfd
+        assert fd is not None
+        try:
+            await liveness.wait_exit(fd)
+        finally:
+            info.pidfd = None
+            os.close(fd)
+        if info.state != "running":
+            return
+        if info.wrapper_pid:  # exec: the wrapper reports the exit status
+            with anyio.move_on_after(EXEC_GRACE_S):
+                await info.finished.wait()
+            if info.state != "running":
+                return
+        await self._died(info, f"its process (pid {info.pid}) exited without finish")
+
+    async def _died(self, info: RunInfo, why: str) -> None:
+        if info.state not in ("running", "dying"):
+            return
+        info.sealing = "strong"
+        info.state, info.status = "ending", "crashed"
+        log.warning("run %s crashed: %s", info.run_id, why)
+        await self._save(info)
+        await self._settle(info, why)
+
+    async def _settle(self, info: RunInfo, why: str | None = None) -> None:
+        """Steps 1–5 of the module docstring (idempotent: a restart runs it again)."""
+        try:
+            await self._settle_steps(info, why)
+        except Exception:  # a bug must not take the daemon down; a restart settles again
+            log.exception("run %s: settling its end failed", info.run_id)
+
+    async def _settle_steps(self, info: RunInfo, why: str | None) -> None:
+        w = self.d.watcher
+        clean = info.status == "finished"
+        why = why or f"run {info.run_id} ended ({info.status}) before it was sealed"
+        if not info.settled:
+            if clean:
+                await w.final_scan(info.run_id, allow_quiescence=True)
+                longest = max([r.rule.quiescence_s for r in w.rules.values()] or [0.0])
+                deadline = time.monotonic() + longest + 2 * w.cfg.check_s
+                while True:  # the watcher keeps looking meanwhile
+                    if not w.unsealed(info.run_id) or time.monotonic() >= deadline:
+                        break
+                    await anyio.sleep(w.cfg.check_s)
+            else:
+                info.sealing = "strong"
+                await w.final_scan(info.run_id, allow_quiescence=False)
+            n = await w.abandon_unsealed(info.run_id, why)
+            info.sealing = "closed"
+            w.remove_rules(info.run_id)
+            m = await self._abandon_presigned(info)
+            k = 0
+            if not clean and info.on_exit == "abandon":
+                k = await self._abandon_pending(info)
+            info.settled = True
+            log.info("run %s settled: %d unsealed checkpoint(s) abandoned, %d unfinalized "
+                     "asset(s) abandoned%s", info.run_id, n, m,
+                     f", {k} pending job(s) abandoned (on_exit = abandon)" if k else "")
+        await self._end_when_drained(info)
+
+    async def _abandon_presigned(self, info: RunInfo) -> int:
+        q = self.d.queue
+        recs = await q.do(runstore.unfinalized_presigned, q.s, info.run_id)
+        for rec in recs:
+            await self.abandon_local_asset(
+                rec.asset_key, f"run {info.run_id} ended ({info.status}) without finalizing it")
+        return len(recs)
+
+    async def _abandon_pending(self, info: RunInfo) -> int:
+        q = self.d.queue
+        n = 0
+        for job in await q.do(q.s.list_jobs, run_id=info.run_id):
+            if job.terminal:
+                continue
+            n += 1
+            reason = f"run {info.run_id} ended ({info.status}) and runs.on_exit is abandon"
+            await self._stop_job(job.job_id, job.state, reason)
+            if job.asset_key:
+                await self.abandon_local_asset(job.asset_key, reason)
+        return n
+
+    async def _stop_job(self, job_id: str, state: str, reason: str) -> None:
+        q = self.d.queue
+        try:
+            if state == JobState.QUEUED:
+                await q.change(q.s.abandon_job, job_id, reason)
+                return
+        except StateConflict:
+            pass  # claimed meanwhile: stop it like a running one
+        try:
+            await q.change(q.s.request_cancel, job_id)
+        except StateConflict:
+            return
+        self.d.workers.cancel_running(job_id)
+
+    async def abandon_local_asset(self, asset_key: str, reason: str) -> None:
+        """Abandon an asset this daemon registered (on Chronicle, then in the queue's
+        records) and stop the jobs still working on it."""
+        q = self.d.queue
+        rec = await q.do(q.s.asset, asset_key)
+        if rec is None or rec.state in ("finalized", "abandoned"):
+            return
+        if rec.asset_id is not None:
+            try:
+                await self.d.engine.chronicle.send(contract.abandon(
+                    rec.asset_id, reason, idempotency_key=f"abandon:{rec.register_key}"))
+            except ChronicleError as e:
+                log.info("asset %s: not abandoned on Chronicle (%s)", rec.asset_id, e)
+            except AgentError as e:
+                log.warning("asset %s: could not abandon it on Chronicle (%s); ending the "
+                            "run will", rec.asset_id, e)
+        await q.do(q.s.set_asset, asset_key, state="abandoned")
+        for job in await q.do(q.s.list_jobs, asset_key=asset_key):
+            if not job.terminal:
+                await self._stop_job(job.job_id, job.state, reason)
+        log.info("asset %s abandoned: %s", rec.asset_id or asset_key, reason)
 
     async def _end_when_drained(self, info: RunInfo) -> None:
         q = self.d.queue
@@ -86,11 +429,22 @@ class RunRegistry:
             if all(j.state in TERMINAL for j in jobs):
                 break
             await q.changed.wait(1.0)
-        try:
-            await self.d.engine.chronicle.send(contract.end_run(
-                info.run_id, info.status or "finished",
-                idempotency_key=f"run-end:{info.run_id}"))
-            info.state = "ended"
-            log.info("run %s ended on Chronicle: %s", info.run_id, info.status)
-        except AgentError as e:
-            log.warning("run %s: could not end it on Chronicle: %s", info.run_id, e)
+        delay = 1.0
+        while True:
+            try:
+                await self.d.engine.ensure_run(info.run_id)  # a registration may not have
+                await self.d.engine.chronicle.send(contract.end_run(  # reached Chronicle
+                    info.run_id, info.status or "finished",
+                    idempotency_key=f"run-end:{info.run_id}"))
+                break
+            except ChronicleError as e:
+                log.warning("run %s: Chronicle refused to end it: %s", info.run_id, e)
+                break
+            except AgentError as e:
+                log.warning("run %s: could not end it on Chronicle (%s); trying again in "
+                            "%.0f s", info.run_id, e, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+        info.state = "ended"
+        await self._save(info)
+        log.info("run %s ended on Chronicle: %s", info.run_id, info.status)

@@ -66,8 +66,6 @@ class Sharing:
     async def move(self, ctx: Ctx) -> Reply:
         organization_id = req_str(ctx.body, "organization_id")
         visibility = one_of(opt_str(ctx.body, "visibility"), VISIBILITIES, "visibility")
-        if not auth.may_move_to(ctx.principal, organization_id):
-            raise forbidden(f"you are not a member of {organization_id}")
         return await self._place(
             ctx, visibility=visibility, organization_id=organization_id, move=True
         )
@@ -78,7 +76,10 @@ class Sharing:
         asset_id = ctx.arg("asset_id")
 
         def txn(conn: sqlite3.Connection) -> Reply:
+            # Access first (404 for whoever cannot read it), then membership of the target.
             asset = require_asset(conn, ctx.principal, asset_id, "administer")
+            if move and not auth.may_move_to(ctx.principal, organization_id or ""):
+                raise forbidden(f"moving into {organization_id} needs membership of it")
             db.set_placement(
                 conn,
                 asset_id,

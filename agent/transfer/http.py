@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -232,7 +233,9 @@ async def put_bytes(
 
 
 async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
-    """SHA-256 of a whole file, read sequentially in a thread into one reused buffer."""
+    """SHA-256 of a whole file, read sequentially in a thread into one reused buffer. A
+    cancelled caller returns at once; the thread stops at its next chunk."""
+    stop = threading.Event()
 
     def run() -> str:
         h = hashlib.sha256()
@@ -241,6 +244,8 @@ async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
         with open(path, "rb", buffering=0) as f:
             remaining = size
             while remaining > 0:
+                if stop.is_set():
+                    return ""
                 n = f.readinto(view[: min(len(buf), remaining)])
                 if not n:
                     raise SourceShrank(f"{path}: file is shorter than {size} bytes")
@@ -248,7 +253,10 @@ async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
                 remaining -= n
         return h.hexdigest()
 
-    return await anyio.to_thread.run_sync(run)
+    try:
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    finally:
+        stop.set()
 
 
 class SendfilePayload(aiohttp.payload.Payload):

