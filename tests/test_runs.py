@@ -149,7 +149,7 @@ def test_lease_expiry_and_on_exit_abandon(tmp_path: Path) -> None:
         assert daemon_run(d, "run_lease")["state"] == "running"
         stopped = time.monotonic()
         js = wait_until(lambda: (lambda p: p if len(p) == 2 and all(
-            v[0]["state"] in ("abandoned", "cancelled") for v in p.values()) else None)(
+            v[0]["state"] == "abandoned" for v in p.values()) else None)(
                 by_checkpoint(d, "run_lease")), 5, "both settled")
         assert time.monotonic() - stopped < 1.0 + 2.0
         assert js[str(out / "half-2")][0]["error"]["code"] == "not_sealed"

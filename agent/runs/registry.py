@@ -398,7 +398,7 @@ class RunRegistry:
             await q.change(q.s.request_cancel, job_id)
         except StateConflict:
             return
-        self.d.workers.cancel_running(job_id)
+        self.d.workers.cancel_running(job_id, abandon_reason=reason)
 
     async def abandon_local_asset(self, asset_key: str, reason: str) -> None:
         """Abandon an asset this daemon registered (on Chronicle, then in the queue's

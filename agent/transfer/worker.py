@@ -43,6 +43,7 @@ class Workers:
         self.job_max_attempts = job_max_attempts
         self.live: dict[str, Progress] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._abandon_reasons: dict[str, str] = {}
         self._stopping = False
         self._flush_at: dict[str, float] = {}
         dl = engine.settings.download
@@ -55,7 +56,11 @@ class Workers:
         p = self.live.get(job_id)
         return p.bytes_done if p is not None else None
 
-    def cancel_running(self, job_id: str) -> None:
+    def cancel_running(self, job_id: str, abandon_reason: str | None = None) -> None:
+        """Stop a running job: it ends ``cancelled`` (by request), or ``abandoned`` with
+        ``abandon_reason`` (its run died and ``runs.on_exit`` is ``abandon``)."""
+        if abandon_reason is not None:
+            self._abandon_reasons[job_id] = abandon_reason
         scope = self._scopes.get(job_id)
         if scope is not None:
             scope.cancel()
@@ -153,17 +158,21 @@ class Workers:
     async def _cancelled(
         self, job: Job
     ) -> tuple[JobState, dict[str, str] | None, dict[str, Any] | None]:
+        reason = self._abandon_reasons.pop(job.job_id, None)
         with anyio.CancelScope(shield=True):
             if job.asset_key and job.kind in (JobKind.UPLOAD, JobKind.FINALIZE):
                 asset = await self.q.do(self.q.s.asset, job.asset_key)
                 if asset is not None:
                     try:
-                        await AssetUpload(self.e, asset, Progress()).abandon("upload cancelled")
+                        await AssetUpload(self.e, asset, Progress()).abandon(
+                            reason or "upload cancelled")
                     except AgentError as e:
                         log.warning("job %s: could not abandon %s: %s", job.job_id,
                                     asset.asset_id, e)
             if job.kind == JobKind.DOWNLOAD:
                 await anyio.to_thread.run_sync(discard_staging, job.payload["dest"], job.job_id)
+        if reason is not None:
+            return JobState.ABANDONED, {"code": "abandoned", "message": reason}, None
         return (JobState.CANCELLED, {"code": "cancelled", "message": "cancelled by request"},
                 None)
 
