@@ -431,6 +431,24 @@ class AssetUpload:
         self.progress.add(n)
         self.e.metrics.sent(n)
 
+    async def _send_single(
+        self, what: str, comp: ComponentRecord, put: Callable[[str], Awaitable[str | None]]
+    ) -> str:
+        """A component's one PUT, to its single URL (refreshed when it expires)."""
+
+        def url_of() -> str:
+            url = self.plans[comp.name].url
+            assert url is not None
+            return url
+
+        async def expired(stale: str) -> None:
+            async with self._refresh_lock:
+                if self.plans[comp.name].url == stale:  # not refreshed by someone else
+                    await self.refresh([comp.name])
+
+        sha: str = await self._send(what, comp, url_of, expired, put)
+        return sha
+
     async def _put_small(self, comp: ComponentRecord) -> str:
         """A file of at most one chunk: opened, checked, read, hashed and checked again in
         one thread hop; the bytes sent are exactly the registered version's."""
@@ -444,18 +462,7 @@ class AssetUpload:
                             stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what)
             return sha
 
-        def url_of() -> str:
-            url = self.plans[comp.name].url
-            assert url is not None
-            return url
-
-        async def expired(stale: str) -> None:
-            async with self._refresh_lock:
-                if self.plans[comp.name].url == stale:
-                    await self.refresh([comp.name])
-
-        result: str = await self._send(what, comp, url_of, expired, put)
-        return result
+        return await self._send_single(what, comp, put)
 
     async def _put_single(self, comp: ComponentRecord) -> str:
         assert comp.path is not None and comp.size is not None
@@ -472,18 +479,7 @@ class AssetUpload:
             )
             return sha
 
-        def url_of() -> str:
-            url = self.plans[comp.name].url
-            assert url is not None
-            return url
-
-        async def expired(stale: str) -> None:
-            async with self._refresh_lock:
-                if self.plans[comp.name].url == stale:  # not refreshed by someone else
-                    await self.refresh([comp.name])
-
-        sha: str = await self._send(what, comp, url_of, expired, put)
-        return sha
+        return await self._send_single(what, comp, put)
 
     async def _put_multipart(self, comp: ComponentRecord, part_size: int) -> str:
         assert comp.path is not None and comp.size is not None
