@@ -125,6 +125,10 @@ class S3Storage:
             raise StorageError(f"{self.description}: {op} failed: {_code(e)}: {e}") from e
 
     def _make_client(self) -> Any:
+        # botocore logs request headers (the SigV4 Authorization signature) and presigned
+        # URLs at DEBUG: never let them through, whatever the daemon's own log level.
+        for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         session = botocore.session.get_session()
         if session.get_credentials() is None:
             raise ConfigError(
