@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=cmd_cancel if name == "cancel" else cmd_retry)
 
     from agent.cli_assets import add_commands  # researcher side: assets …, me
+    from agent.doctor import add_command as add_doctor
 
     add_commands(command)
+    add_doctor(command)
     return parser
 
 

@@ -1,0 +1,170 @@
+"""``chronicle-agent doctor``: one line per check of what an upload depends on, and a
+non-zero exit when any check fails.
+
+Checks: the configuration loads; the daemon answers on its socket; Chronicle answers and
+accepts our credentials; the storage behind its presigned URLs is reachable (when Chronicle
+says where it is); the clocks agree (presigned URLs and SigV4 depend on it); free space
+where the daemon writes; inotify limits (watching). A warning does not fail the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+Status = Literal["ok", "warn", "FAIL", "skip"]
+GiB = 1 << 30
+
+
+@dataclass
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status:<5} {self.name:<10} {self.detail}"
+
+
+def add_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    p = command("doctor", "check config, socket, Chronicle, storage, clocks, disk, inotify")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(handler=cmd_doctor)
+
+
+def cmd_doctor(ctx: Any) -> int:
+    checks = run_checks(ctx)
+    if ctx.args.json:
+        ctx.print_json({"ok": all(c.status != "FAIL" for c in checks),
+                        "checks": [c.__dict__ for c in checks]})
+    else:
+        for c in checks:
+            ctx.print(c.line())
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def run_checks(ctx: Any) -> list[Check]:
+    from agent.errors import AgentError
+
+    out: list[Check] = []
+    try:
+        settings = ctx.settings()
+    except AgentError as e:
+        return [Check("config", "FAIL", e.message)]
+    out.append(Check("config", "ok", "settings load"))
+
+    health: dict[str, Any] | None = None
+    sock = settings.socket_path()
+    try:
+        health = ctx.client().health()
+        out.append(Check("socket", "ok", f"daemon {health.get('version')} answers on {sock}"))
+    except AgentError as e:
+        out.append(Check("socket", "FAIL", e.message))
+
+    out += _chronicle_checks(settings, health)
+    out.append(_disk_check(settings.state_dir(), "state dir"))
+    out.append(_inotify_check())
+    return out
+
+
+def _chronicle_checks(settings: Any, health: dict[str, Any] | None) -> list[Check]:
+    from agent.chronicle import contract
+    from agent.chronicle.sdk import discover
+    from agent.chronicle.sync import SyncChronicle
+    from agent.errors import AgentError
+
+    try:
+        url, token = discover(settings)
+    except AgentError as e:
+        if health and health.get("chronicle_url"):
+            url, token = str(health["chronicle_url"]), None
+        else:
+            return [Check("chronicle", "FAIL", e.message)]
+    out: list[Check] = []
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/v1/health", timeout=5) as resp:
+            body = json.loads(resp.read() or b"{}")
+            date = resp.headers.get("Date")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return [Check("chronicle", "FAIL", f"{url} does not answer: {getattr(e, 'reason', e)}")]
+    ms = (time.monotonic() - t0) * 1000
+    try:
+        me = SyncChronicle(url, token, timeout_s=5, attempts=1).send(contract.me_scopes())
+        out.append(Check("chronicle", "ok", f"{url} answers in {ms:.0f} ms; "
+                                            f"credentials are {me.principal_id}"))
+    except AgentError as e:
+        out.append(Check("chronicle", "FAIL", f"{url} answers but refuses our credentials: "
+                                              f"{e.message}"))
+    out.append(_clock_check(date))
+    out.append(_storage_check(body.get("storage")))
+    return out
+
+
+def _clock_check(date: str | None) -> Check:
+    if not date:
+        return Check("clock", "skip", "Chronicle sent no Date header")
+    skew = time.time() - email.utils.parsedate_to_datetime(date).timestamp()
+    detail = f"this node is {abs(skew):.1f}s {'ahead of' if skew > 0 else 'behind'} Chronicle"
+    if abs(skew) > 300:
+        return Check("clock", "FAIL", detail + " (presigned URLs will be refused: fix NTP)")
+    if abs(skew) > 30:
+        return Check("clock", "warn", detail)
+    return Check("clock", "ok", detail)
+
+
+def _storage_check(storage: Any) -> Check:
+    """Chronicle's health may say where its bytes live; try a TCP connection there."""
+    endpoint = None
+    if isinstance(storage, str) and storage.startswith("file:"):
+        return Check("storage", "ok", "the local server's own disk store")
+    if isinstance(storage, str) and " at " in storage:  # "s3://bucket at http://host:port"
+        endpoint = storage.split(" at ", 1)[1].strip()
+    elif isinstance(storage, str) and "endpoint=" in storage:
+        endpoint = storage.split("endpoint=", 1)[1].split("&", 1)[0]
+    if not endpoint:
+        return Check("storage", "skip", "Chronicle does not say where its storage is")
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as e:
+        return Check("storage", "FAIL", f"cannot connect to {host}:{port}: {e}")
+    return Check("storage", "ok", f"{host}:{port} accepts connections")
+
+
+def _disk_check(path: Path, what: str) -> Check:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    usage = shutil.disk_usage(p)
+    detail = f"{usage.free / GiB:.1f} GiB free of {usage.total / GiB:.1f} GiB at {path}"
+    if usage.free < 256 << 20:
+        return Check("disk", "FAIL", f"{what}: {detail}")
+    if usage.free < GiB or usage.free < usage.total * 0.05:
+        return Check("disk", "warn", f"{what}: {detail}")
+    return Check("disk", "ok", f"{what}: {detail}")
+
+
+def _inotify_check() -> Check:
+    try:
+        instances = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+        watches = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
+    except (OSError, ValueError):
+        return Check("inotify", "skip", "no inotify limits here (polling is used)")
+    detail = f"max_user_instances {instances}, max_user_watches {watches}"
+    if instances < 8 or watches < 8192:
+        return Check("inotify", "warn", detail + " (low: watching falls back to polling)")
+    return Check("inotify", "ok", detail)

@@ -1,0 +1,32 @@
+"""``chronicle-agent doctor``: every check against a real daemon, and a clear failure when
+the daemon is down."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers_daemon import DaemonProc
+
+
+def test_doctor_passes_against_a_running_daemon(any_daemon: DaemonProc) -> None:
+    res = any_daemon.run_cli("doctor")
+    assert res.returncode == 0, res.stdout + res.stderr
+    names = [line.split()[1] for line in res.stdout.splitlines()]
+    assert names == ["config", "socket", "chronicle", "clock", "storage", "disk", "inotify"]
+    assert "credentials are user_" in res.stdout
+    assert "FAIL" not in res.stdout
+    storage = next(line for line in res.stdout.splitlines() if line.split()[1] == "storage")
+    assert storage.startswith("ok"), storage  # the disk store, or SeaweedFS reached
+
+
+def test_doctor_json_and_failure_when_the_daemon_is_down(daemon: DaemonProc) -> None:
+    daemon.stop()
+    res = daemon.run_cli("doctor", "--json")
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert report["ok"] is False
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert by_name["socket"]["status"] == "FAIL"
+    assert "chronicle-agent daemon" in by_name["socket"]["detail"]
+    # the embedded Chronicle stopped with its daemon: nothing to reach either
+    assert by_name["chronicle"]["status"] == "FAIL"
