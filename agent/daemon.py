@@ -4,7 +4,8 @@ Start: state dir (0700) and its lock (one daemon per state dir) → queue (jobs 
 by a dead daemon go back to the queue) → Chronicle (the embedded local server when no URL
 is configured) → HTTP sessions and the transfer engine → socket → workers → runs of the
 previous daemon (rules restored; which died meanwhile) → the watcher's first scan → run
-liveness (pidfds, leases; the dead are settled).
+liveness (pidfds, leases; the dead are settled). Under systemd (docs/systemd.md) the socket
+may come from socket activation, and READY=1 is sent once it listens (the queue is open).
 
 Stop (SIGTERM/SIGINT): stop claiming work, cancel in-flight transfers (every acknowledged
 part is already recorded, so the restart resumes them), close the socket, the sessions, the
@@ -35,6 +36,7 @@ from agent.metrics import Metrics, watch_loop_lag
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import new_id
 from agent.runs.registry import RunRegistry
+from agent.sdnotify import Notifier, listen_socket, watchdog_interval_s
 from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 from agent.transfer.upload import Engine
@@ -64,6 +66,9 @@ class Daemon:
         self._lock_fd: int | None = None
         self._server: Any = None
         self._stop = anyio.Event()
+        # systemd (see docs/systemd.md): sd_notify, and a socket passed by socket activation
+        self.notifier = Notifier()
+        self._socket_activated = False
 
     def staging_bytes(self) -> int:
         """Bytes the watcher's staging area holds on its own (see agent/watch/staging.py)."""
@@ -182,15 +187,23 @@ class Daemon:
     async def _serve(self) -> None:
         from agent.api.app import Api
 
-        sock = self._bind_socket()
+        sock = self._activated_socket() or self._bind_socket()
         runner = web.AppRunner(Api(self).app(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.SockSite(runner, sock, shutdown_timeout=2.0)
-        await site.start()
-        log.info("listening on %s (chronicle %s, state %s)", self.socket_path,
-                 self.chronicle_url, self.state_dir)
         try:
             async with anyio.create_task_group() as tg:
+                # SIGTERM handled before anyone can see us answer (a stop right after start
+                # must not kill the process with the default action)
+                await tg.start(self._signals, tg.cancel_scope)
+                await site.start()
+                log.info("listening on %s (chronicle %s, state %s)", self.socket_path,
+                         self.chronicle_url, self.state_dir)
+                # systemd: the socket listens and the queue is open
+                if self.notifier.enabled:
+                    self.notifier.ready(await self._status_line())
+                tg.start_soon(self._systemd_status)
+                tg.start_soon(self._systemd_watchdog)
                 self.runs.bind(tg)
                 await tg.start(self.workers.run, self.settings.agent.workers)
                 # issue 4: runs of the previous daemon first (which died meanwhile), then the
@@ -198,9 +211,9 @@ class Daemon:
                 await self.runs.restore()
                 await tg.start(self.watcher.run)
                 await tg.start(self.runs.run)
-                tg.start_soon(self._signals, tg.cancel_scope)
                 tg.start_soon(watch_loop_lag, self.metrics)
                 await self._stop.wait()
+                self.notifier.stopping("stopping")
                 log.info("stopping: no new work is claimed; in-flight transfers resume at "
                          "the next start")
                 self.workers.stop_claiming()
@@ -208,13 +221,58 @@ class Daemon:
         finally:
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()
-                try:
-                    self.socket_path.unlink()
-                except FileNotFoundError:
-                    pass
+                if not self._socket_activated:  # systemd's .socket unit owns that one
+                    try:
+                        self.socket_path.unlink()
+                    except FileNotFoundError:
+                        pass
+                self.notifier.close()
 
-    async def _signals(self, scope: anyio.CancelScope) -> None:
+    # ---- systemd (agent/sdnotify.py, docs/systemd.md) --------------------------------------
+
+    def _activated_socket(self) -> socket.socket | None:
+        """The listening socket systemd passed (LISTEN_PID/LISTEN_FDS), if any: it is used
+        as is (mode and group come from the .socket unit) and never unlinked by us."""
+        sock = listen_socket()
+        if sock is None:
+            return None
+        self._socket_activated = True
+        name = sock.getsockname()
+        if isinstance(name, str) and name.startswith("/"):
+            if name != str(self.socket_path):
+                log.info("socket activation: listening on %s (configured: %s)", name,
+                         self.socket_path)
+            self.socket_path = type(self.socket_path)(name)
+        return sock
+
+    async def _status_line(self) -> str:
+        counts = await self.queue.do(self.queue.s.counts)
+        up_mb_s = self.metrics.rate_up.per_s() / 1e6
+        return (f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running, "
+                f"{up_mb_s:.1f} MB/s up")
+
+    async def _systemd_status(self, every_s: float = 5.0) -> None:
+        if not self.notifier.enabled:
+            return
+        while True:
+            self.notifier.status(await self._status_line())
+            await anyio.sleep(every_s)
+
+    async def _systemd_watchdog(self) -> None:
+        """WATCHDOG=1 every WATCHDOG_USEC/2, from the event loop: a blocked loop stops the
+        pings and systemd restarts the daemon."""
+        interval_s = watchdog_interval_s()
+        if interval_s is None or not self.notifier.enabled:
+            return
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(interval_s)
+
+    async def _signals(self, scope: anyio.CancelScope, *,
+                       task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+                       ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for sig in signals:
                 log.info("received %s", signal.Signals(sig).name)
                 self.request_stop()

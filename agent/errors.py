@@ -6,6 +6,7 @@
     ├── ConfigError              bad configuration (CLI exit 2)
     ├── UsageError               bad input from a caller: a missing path, a bad name (exit 2)
     ├── DaemonUnreachable        no daemon on the socket (exit 3)
+    ├── StateDiskFull            the daemon's state disk is full: intake stops
     ├── ApiError                 the daemon's socket API refused a call (exit 1)
     ├── JobFailed                a job a caller waited for ended failed/cancelled/abandoned
     ├── ChronicleError           Chronicle answered with an error body (status, code, message)
@@ -63,6 +64,13 @@ class UsageError(AgentError):
 
 class DaemonUnreachable(AgentError):
     code = "daemon_unreachable"
+
+
+class StateDiskFull(AgentError):
+    """The disk holding the daemon's state (its queue) is full: new work is refused; what
+    is queued stays queued."""
+
+    code = "state_disk_full"
 
 
 class ApiError(AgentError):

@@ -82,6 +82,9 @@ def storage_backend(
 
 
 # --- e2e fixtures ---
+from pathlib import Path  # noqa: E402
+
+
 # (owned by the transfer part: the same end-to-end tests on each storage backend)
 @_server_pytest.fixture(params=["disk", "s3"])
 def backend_env(request: _server_pytest.FixtureRequest) -> dict[str, str]:
@@ -108,4 +111,11 @@ def any_daemon_env(
 ) -> DaemonProc:
     """``any_daemon``, with this process's environment pointed at it."""
     return point_env_at(any_daemon, monkeypatch)
+@_server_pytest.fixture
+def tiny_fs() -> _DaemonIterator[Path]:
+    """An 8 MiB tmpfs mounted for this test, unmounted after."""
+    from tests.helpers_e2e import tiny_tmpfs
+
+    with tiny_tmpfs() as where:
+        yield where
 # --- end e2e fixtures ---

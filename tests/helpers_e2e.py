@@ -110,3 +110,35 @@ def socket_get_text(socket_path: Path, path: str) -> str:
         return body
     finally:
         conn.close()
+
+
+@contextmanager
+def tiny_tmpfs(size: str = "8m") -> Iterator[Path]:
+    """A size-limited tmpfs mounted for a test (we run as root), unmounted after."""
+    import subprocess
+    import tempfile
+
+    import pytest
+
+    where = Path(tempfile.mkdtemp(prefix="ca-tmpfs-", dir="/tmp"))
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                          str(where)], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        where.rmdir()
+        pytest.fail("cannot mount a size-limited tmpfs for a full-disk test (needs root "
+                    f"and mount(8)): {res.stderr.strip() or res.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        where.rmdir()
+
+
+def fill_up(fs: Path, leave_bytes: int) -> Path:
+    """A filler file that leaves about ``leave_bytes`` free on ``fs``."""
+    st = os.statvfs(fs)
+    free = st.f_bavail * st.f_frsize
+    filler = fs / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+    return filler

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,14 @@ import pytest
 
 from tests.faultproxy import FaultProxy
 from tests.helpers_daemon import DaemonProc
-from tests.helpers_e2e import MiB, assert_same_tree, chronicle_for, proxied_daemon, write_random
+from tests.helpers_e2e import (
+    MiB,
+    assert_same_tree,
+    chronicle_for,
+    fill_up,
+    proxied_daemon,
+    write_random,
+)
 
 WAIT_S = 90
 
@@ -68,36 +72,6 @@ def tree(root: Path) -> Path:
 
 def no_partials(parent: Path) -> bool:
     return not [p for p in parent.iterdir() if ".chronicle-partial-" in p.name]
-
-
-# ---- tmpfs ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_fs() -> Iterator[Path]:
-    """An 8 MiB tmpfs mounted for this test (we run as root), unmounted after."""
-    where = Path(tempfile.mkdtemp(prefix="ca-tmpfs-", dir="/tmp"))
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs",
-                          str(where)], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        where.rmdir()
-        pytest.fail("cannot mount a size-limited tmpfs for the full-disk test (needs root "
-                    f"and mount(8)): {res.stderr.strip() or res.returncode}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-        where.rmdir()
-
-
-def fill_up(fs: Path, leave_bytes: int) -> Path:
-    """A filler file that leaves about ``leave_bytes`` free on ``fs``."""
-    st = os.statvfs(fs)
-    free = st.f_bavail * st.f_frsize
-    filler = fs / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(0, free - leave_bytes))
-    return filler
 
 
 # ---- resume, faults ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
-from agent.errors import AgentError, ChronicleError, UsageError
+from agent.errors import AgentError, ChronicleError, StateDiskFull, UsageError
 from agent.queue.store import TERMINAL, Job, JobKind, StateConflict
 from agent.transfer.download import check_dest
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
@@ -140,6 +140,8 @@ async def errors_middleware(
         return error_response(e.status, e.code, e.message)
     except UsageError as e:
         return error_response(400, e.code, e.message)
+    except StateDiskFull as e:
+        return error_response(507, e.code, e.message)
     except AgentError as e:
         return error_response(502, e.code, e.message)
     except Exception:

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError
+from agent.errors import AgentError, StateDiskFull
 from agent.queue.schema import open_db
 
 
@@ -194,17 +194,28 @@ class Queue:
         with self._lock:
             if durable:
                 self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
-            finally:
-                if durable:
-                    self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                else:
+                    self._db.execute("COMMIT")
+                finally:
+                    if durable:
+                        self._db.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError as e:
+                if "full" not in str(e):
+                    raise
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StateDiskFull(
+                    f"the disk holding the queue ({self.path.parent}) is full: new work is "
+                    "refused until space is freed there; queued work is kept"
+                ) from None
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

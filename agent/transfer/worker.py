@@ -25,6 +25,7 @@ from agent.errors import (
     DiskFull,
     RetryableError,
     SourceChanged,
+    StateDiskFull,
 )
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
 from agent.transfer.cache import AssetCache
@@ -111,6 +112,9 @@ class Workers:
                     raise primary_error(group) from None
             if scope.cancelled_caught:
                 outcome = await self._cancelled(job)
+        except StateDiskFull as e:  # not the job's fault: wait for space, lose nothing
+            retry_in = 10.0
+            outcome = (JobState.QUEUED, e.to_dict(), None)
         except RetryableError as e:
             if job.attempts < self.job_max_attempts and not self._stopping:
                 retry_in = min(30.0 * 2 ** (job.attempts - 1), 600.0)
@@ -139,21 +143,41 @@ class Workers:
         assert outcome is not None
         state, error, result = outcome
         with anyio.CancelScope(shield=True):
-            await self._save_progress(job.job_id, progress)
             if state == JobState.QUEUED:
                 assert retry_in is not None
                 log.warning("job %s: %s; queued again in %.0fs", job.job_id,
                             error["message"] if error else "", retry_in)
-                await self.q.change(self.q.s.release, job.job_id, self.owner, retry_in, error)
+            elif error:
+                log.warning("job %s %s: %s: %s", job.job_id, state, error["code"],
+                            error["message"])
             else:
-                if error:
-                    log.warning("job %s %s: %s: %s", job.job_id, state, error["code"],
-                                error["message"])
-                else:
-                    log.info("job %s %s", job.job_id, state)
-                await self.q.change(self.q.s.finish, job.job_id, self.owner, state, error,
-                                    result)
+                log.info("job %s %s", job.job_id, state)
+            await self._record_end(job, progress, state, error, result, retry_in)
+            if state != JobState.QUEUED:
                 self.e.metrics.jobs_finished[str(state)] += 1
+
+    async def _record_end(
+        self, job: Job, progress: Progress, state: JobState, error: dict[str, str] | None,
+        result: dict[str, Any] | None, retry_in: float | None,
+    ) -> None:
+        """Write how the job ended; on a full state disk, keep trying until space returns
+        (the job stays ``running`` meanwhile, and a restart would resume it)."""
+        warned = False
+        while True:
+            try:
+                await self._save_progress(job.job_id, progress)
+                if state == JobState.QUEUED:
+                    await self.q.change(self.q.s.release, job.job_id, self.owner,
+                                        retry_in or 0.0, error)
+                else:
+                    await self.q.change(self.q.s.finish, job.job_id, self.owner, state,
+                                        error, result)
+                return
+            except StateDiskFull as e:
+                if not warned:
+                    log.error("job %s ended %s but %s", job.job_id, state, e.message)
+                    warned = True
+                await anyio.sleep(2)
 
     async def _cancelled(
         self, job: Job
