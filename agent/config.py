@@ -58,6 +58,14 @@ class AgentSection(_Section):
     beyond the caller's own permissions."""
     workers: int = Field(default=4, ge=1, le=256)
     """Jobs worked on at once (transfers within them share upload.concurrency)."""
+    nice: int = Field(default=10, ge=0, le=19)
+    """CPU niceness the daemon gives itself at start (never lowered); 0 = leave it."""
+    io_class: Literal["idle", "best-effort", "unchanged"] = "idle"
+    """I/O scheduling class the daemon gives itself at start, so training's reads and
+    checkpoint writes come first."""
+    metrics_listen: str = ""
+    """HOST:PORT on loopback to serve /metrics over TCP too (for Prometheus); empty = only
+    on the socket."""
 
 
 class UploadSection(_Section):

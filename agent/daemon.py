@@ -33,6 +33,7 @@ from agent.config import Settings
 from agent.crashpoints import from_settings
 from agent.errors import AgentError, ConfigError
 from agent.metrics import Metrics, watch_loop_lag
+from agent.priority import lower_priority
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import new_id
 from agent.runs.registry import RunRegistry
@@ -139,6 +140,7 @@ class Daemon:
 
     async def run(self) -> None:
         self._lock_state_dir()
+        lower_priority(self.settings.agent.nice, self.settings.agent.io_class)
         crash = from_settings(self.settings.debug.crash_point, str(self.state_dir))
         self.queue = await AsyncQueue.open(self.state_dir / "queue.db")
         self.watcher = Watcher(self)  # issue 4: watch rules, seals, staging
@@ -191,6 +193,7 @@ class Daemon:
         runner = web.AppRunner(Api(self).app(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.SockSite(runner, sock, shutdown_timeout=2.0)
+        metrics_runner = await self._metrics_over_tcp()
         try:
             async with anyio.create_task_group() as tg:
                 # SIGTERM handled before anyone can see us answer (a stop right after start
@@ -221,12 +224,32 @@ class Daemon:
         finally:
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()
+                if metrics_runner is not None:
+                    await metrics_runner.cleanup()
                 if not self._socket_activated:  # systemd's .socket unit owns that one
                     try:
                         self.socket_path.unlink()
                     except FileNotFoundError:
                         pass
                 self.notifier.close()
+
+    async def _metrics_over_tcp(self) -> web.AppRunner | None:
+        """``agent.metrics_listen``: /metrics (only) on a loopback TCP port, for Prometheus."""
+        listen = self.settings.agent.metrics_listen
+        if not listen:
+            return None
+        from agent.api.app import Api
+
+        host, _, port = listen.rpartition(":")
+        if host not in ("127.0.0.1", "::1", "localhost", "[::1]"):
+            raise ConfigError(f"agent.metrics_listen = {listen!r}: must be a loopback address")
+        app = web.Application()
+        app.router.add_get("/metrics", Api(self).metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        log.info("metrics on http://%s/metrics", listen)
+        return runner
 
     # ---- systemd (agent/sdnotify.py, docs/systemd.md) --------------------------------------
 

@@ -201,6 +201,11 @@ def start_daemon(
             "CHRONICLE_AGENT_AGENT__STATE_DIR": str(root / "state"),
             "CHRONICLE_AGENT_SOCKET": str(root / "agent.sock"),
             "XDG_CONFIG_HOME": str(root / "cfg"),
+            # Test daemons keep the runner's priority: an idle I/O class behind a busy CI
+            # machine's other writers would only make timings noisy (test_priority.py
+            # checks the defaults).
+            "CHRONICLE_AGENT_AGENT__NICE": "0",
+            "CHRONICLE_AGENT_AGENT__IO_CLASS": "unchanged",
         }
     )
     env.update(extra_env or {})
