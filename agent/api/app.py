@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
+from agent.access import Caller, Refused, check_readable, check_writable_dest
 from agent.errors import AgentError, ChronicleError, StateDiskFull, UsageError
 from agent.queue.store import TERMINAL, Job, JobKind, StateConflict
 from agent.transfer.download import check_dest
@@ -138,6 +139,8 @@ async def errors_middleware(
         return error_response(404 if e.code == "not_found" else 409, e.code, e.message)
     except ChronicleError as e:
         return error_response(e.status, e.code, e.message)
+    except Refused as e:
+        return error_response(403, e.code, e.message)
     except UsageError as e:
         return error_response(400, e.code, e.message)
     except StateDiskFull as e:
@@ -212,6 +215,12 @@ class Api:
         log.info("job %s queued (%s)", job.job_id, kind)
         return web.json_response(self._view(job), status=202)
 
+    def _caller(self, request: web.Request) -> Caller:
+        return Caller.of(*peer_creds(request))
+
+    def _roots(self) -> list[str]:
+        return [str(r) for r in self.d.settings.agent.roots]
+
     def _run_id(self, given: str | None) -> str | None:
         return given or None
 
@@ -272,11 +281,11 @@ class Api:
         req = UploadReq.model_validate(await _json(request))
         if not os.path.isabs(req.path):
             raise UsageError(f"path must be absolute: {req.path!r}")
-        exists = await anyio.to_thread.run_sync(os.path.exists, req.path)
-        if not exists:
-            raise UsageError(f"no such file or directory: {req.path}")
+        caller = self._caller(request)
+        await anyio.to_thread.run_sync(check_readable, req.path, caller, self._roots())
         payload = req.model_dump(exclude_none=True, exclude={"run_id"})
         payload.setdefault("visibility", self.d.settings.upload.visibility)
+        payload["groups"] = sorted(caller.groups)  # each file of a directory is checked too
         return await self._enqueue(request, JobKind.UPLOAD, payload, self._run_id(req.run_id))
 
     async def inline(self, request: web.Request) -> web.Response:
@@ -353,8 +362,10 @@ class Api:
                              + ", ".join(sorted(comps)))
         if not os.path.isabs(req.path):
             raise UsageError(f"path must be absolute: {req.path!r}")
+        await anyio.to_thread.run_sync(check_readable, req.path, self._caller(request),
+                                       self._roots())
         if not await anyio.to_thread.run_sync(os.path.isfile, req.path):
-            raise UsageError(f"no such file: {req.path}")
+            raise UsageError(f"not a regular file: {req.path}")
         payload = {"name": name, "path": req.path, "content_type": req.content_type,
                    "asset_type": rec.asset_type}
         size = (await anyio.to_thread.run_sync(os.stat, req.path)).st_size
@@ -369,6 +380,8 @@ class Api:
     async def download(self, request: web.Request) -> web.Response:
         req = DownloadReq.model_validate(await _json(request))
         await anyio.to_thread.run_sync(check_dest, req.dest)
+        await anyio.to_thread.run_sync(check_writable_dest, req.dest, self._caller(request),
+                                       self._roots())
         return await self._enqueue(request, JobKind.DOWNLOAD, req.model_dump(), None)
 
     # ---- jobs ----------------------------------------------------------------------------

@@ -147,7 +147,9 @@ def read_registered(comp: ComponentRecord) -> tuple[bytes, str]:
         os.close(fd)
 
 
-def scan_path(path: str) -> list[dict[str, Any]]:
+def scan_path(
+    path: str, check: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     """The components of a file or directory upload (runs in a thread). A single file is
     named by its base name; a directory's files by their path relative to it. Symlinks are
     followed only when they stay inside the directory."""
@@ -172,6 +174,8 @@ def scan_path(path: str) -> list[dict[str, Any]]:
                 raise UsageError(f"symlink leaves the uploaded directory: {full} -> {real}")
             if not os.path.isfile(full):
                 continue  # sockets, fifos, dangling links
+            if check is not None:
+                check(full)
             rel = os.path.relpath(full, path).replace(os.sep, "/")
             st = Stat.of(full)
             out.append({"name": check_component_name(rel), "path": full, "size": st.size,

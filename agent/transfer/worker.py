@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import anyio
@@ -18,6 +19,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
+from agent.access import Caller, check_file_readable
 from agent.chronicle import contract
 from agent.errors import (
     AgentError,
@@ -238,7 +240,9 @@ class Workers:
             if prior is not None and prior.state == "abandoned":
                 job.asset_key = None  # a retry after a cancel or a changed source: rescan
         if job.asset_key is None:
-            comps = await anyio.to_thread.run_sync(scan_path, p["path"])
+            caller = Caller(job.uid, -1, 0, frozenset(p.get("groups") or ()))
+            comps = await anyio.to_thread.run_sync(
+                scan_path, p["path"], partial(check_file_readable, caller=caller))
             if p.get("content_type") and len(comps) == 1:
                 comps[0]["content_type"] = p["content_type"]
             rec = await self.q.do(
