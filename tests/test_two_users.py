@@ -199,3 +199,27 @@ def test_jobs_belong_to_the_uid_that_made_them(daemon2: DaemonProc, world: Path)
 
 def test_python_used_for_the_second_user_is_not_the_venv() -> None:
     assert not PY.startswith(sys.prefix), "the second user cannot run the test venv"
+
+
+def test_downloads_belong_to_the_caller(
+    daemon2: DaemonProc, world: Path, tester: pwd.struct_passwd
+) -> None:
+    src = world / "served" / "model"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(100_000))
+    (src / "sub").mkdir()
+    (src / "sub" / "cfg.json").write_text("{}")
+    job = daemon2.client().request("POST", "/v1/uploads",
+                                   {"path": str(src), "asset_type": "checkpoint"})
+    asset_id = daemon2.client().wait_job(job["job_id"], 60)["asset_id"]
+    home = world / "served" / "tester-home"
+    home.mkdir()
+    owned_by_tester(home, tester, 0o755)
+    status, dl = as_tester(daemon2, world, "POST", "/v1/downloads",
+                           {"asset_id": asset_id, "dest": str(home / "restored")})
+    assert status == 200, dl
+    final = daemon2.client().wait_job(dl["job_id"], 60)
+    assert final["state"] == "done", final
+    for p in [home / "restored", *(home / "restored").rglob("*")]:
+        st = p.lstat()
+        assert (st.st_uid, st.st_gid) == (tester.pw_uid, tester.pw_gid), p

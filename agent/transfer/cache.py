@@ -184,12 +184,15 @@ class AssetCache:
         await anyio.to_thread.run_sync(self._remove, asset_id)
 
     async def materialize(self, entry: Entry, staging: str,
-                          on_bytes: Callable[[int], None]) -> list[dict[str, Any]]:
-        """Put the entry's files under ``staging`` (hardlink, else copy); the files."""
+                          on_bytes: Callable[[int], None],
+                          link: bool = True) -> list[dict[str, Any]]:
+        """Put the entry's files under ``staging`` (hardlink, else copy); the files.
+        ``link=False`` always copies: files handed over to another user must be their own,
+        not the cache's (a hardlink shares its owner)."""
         for f in entry.files:
             src = str(entry.path / f.name)
             dst = os.path.join(staging, *f.name.split("/"))
-            linked = await anyio.to_thread.run_sync(_link_or_prepare, src, dst, f.size)
+            linked = await anyio.to_thread.run_sync(_link_or_prepare, src, dst, f.size, link)
             if linked is None:
                 on_bytes(f.size)
                 continue
@@ -392,13 +395,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _link_or_prepare(src: str, dst: str, size: int) -> int | None:
+def _link_or_prepare(src: str, dst: str, size: int, link: bool = True) -> int | None:
     """Hardlink ``src`` at ``dst`` (None: done), else the bytes of ``dst`` already copied
     by an earlier attempt (the copy goes on from there)."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     try:
         st = os.stat(dst)
     except FileNotFoundError:
+        if not link:
+            _create(dst)
+            return 0
         try:
             os.link(src, dst)
             return None

@@ -111,7 +111,9 @@ async def download_asset(
         async with cache.use(asset, fetcher.fetch_all) as entry:
             cached = not entry.filled
             progress.add(-progress.bytes_done)  # from here: bytes in place at the destination
-            files = await cache.materialize(entry, staging, progress.add)
+            files = await cache.materialize(
+                entry, staging, progress.add,
+                link=owner_uid is None or owner_uid == os.geteuid())
     else:
         files = await fetcher.fetch_all(staging)
     if owner_uid is not None:
