@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent import __version__
 from agent.access import Caller, Refused, check_readable, check_writable_dest
@@ -38,6 +38,13 @@ Visibility = Literal["private", "organization", "team", "public"]
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("run_id", "asset_type", check_fields=False)
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and (not v.isprintable() or len(v) > 256):
+            raise ValueError("must be printable text of at most 256 characters")
+        return v
+
 
 class UploadReq(_Body):
     path: str
@@ -49,7 +56,8 @@ class UploadReq(_Body):
 
 class InlineReq(_Body):
     asset_type: str = Field(min_length=1)
-    content: Any
+    content: dict[str, Any] | list[Any] | str | int | float | bool
+    """Any JSON value but null (found by fuzzing: a null content reached the worker)."""
     content_type: str | None = None
     run_id: str | None = None
     visibility: Visibility | None = None
@@ -160,6 +168,8 @@ async def _json(request: web.Request) -> Any:
         return json.loads(raw)
     except ValueError as e:
         raise UsageError(f"malformed JSON body: {e}") from None
+    except RecursionError:  # found by fuzzing: "[[[[…" five thousand deep
+        raise UsageError("malformed JSON body: nested too deeply") from None
 
 
 class Api:
@@ -172,6 +182,7 @@ class Api:
         r = app.router
         r.add_get("/v1/health", self.health)
         r.add_get("/metrics", self.metrics)
+        r.add_get("/openapi.json", self.openapi)
         r.add_post("/v1/runs", self.create_run)
         r.add_get("/v1/runs", self.list_runs)
         r.add_get("/v1/runs/{run_id}", self.get_run)
@@ -243,6 +254,11 @@ class Api:
             "pid": os.getpid(),
             "loop_lag_max_ms": round(m.loop_lag_max_s * 1000),
         })
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        from agent.api.openapi import document
+
+        return web.json_response(document())
 
     async def metrics(self, request: web.Request) -> web.Response:
         counts = await self.q.do(self.q.s.counts)

@@ -8,6 +8,7 @@ detail needs a change here, not in the daemon.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class Call(Generic[T]):
         if token:
             headers["Authorization"] = f"Bearer {token}"
         if self.idempotency_key:
-            headers["Idempotency-Key"] = self.idempotency_key
+            headers["Idempotency-Key"] = header_safe_key(self.idempotency_key)
         data = None
         if self.json is not None:
             data = json.dumps(self.json).encode()
@@ -67,6 +68,14 @@ class Call(Generic[T]):
                 f"Chronicle {self.method} {self.path}: HTTP {status}", status=status
             )
         raise chronicle_error(status, body)
+
+
+def header_safe_key(key: str) -> str:
+    """An idempotency key as a header value: printable ASCII as is, anything else (a path
+    with non-ASCII characters, a control character) as its SHA-256, the same every time."""
+    if key.isascii() and key.isprintable() and len(key) <= 200:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _p(segment: str) -> str:

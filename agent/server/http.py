@@ -76,6 +76,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise invalid("request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise invalid(f"request body is not valid JSON: {e.msg} at position {e.pos}") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, "[[[[…" nested deep
+        raise invalid(f"request body is not acceptable JSON: {e}"[:300]) from None
     if not isinstance(body, dict):
         raise invalid(f"request body must be a JSON object, not {_json_type(body)}")
     try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 store takes
