@@ -13,22 +13,18 @@ it, as on a real node). Prints steps/s alone and during the upload, and the slow
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agent.client import SocketClient  # noqa: E402
+from _common import Daemon, Server  # noqa: E402
 
 MiB = 1 << 20
 
@@ -61,7 +57,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-slow-"))
-    procs: list[subprocess.Popen[bytes]] = []
+    servers: list[Server] = []
+    daemons: list[Daemon] = []
     try:
         src = root / "ckpt"
         src.mkdir()
@@ -71,33 +68,12 @@ def main() -> int:
             with open(src / f"shard-{i}.bin", "wb") as f:
                 for _ in range(per_file // len(block)):
                     f.write(block)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
         away = "1" if (os.cpu_count() or 1) > 1 else "0"
-        server = subprocess.Popen(
-            ["taskset", "-c", away, "nice", "-n", "19", sys.executable, "-m", "agent", "server",
-             "--listen", "127.0.0.1:0", "--state-dir", str(root / "server")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs.append(server)  # type: ignore[arg-type]
-        info: dict[str, str] = {}
-        assert server.stdout is not None
-        while len(info) < 2:
-            k, _, v = server.stdout.readline().strip().partition(": ")
-            info[k] = v
-        token = next(iter(json.loads(Path(info["tokens_file"]).read_text())["tokens"]))
-        denv = dict(env, CHRONICLE_AGENT_AGENT__STATE_DIR=str(root / "state"),
-                    CHRONICLE_AGENT_SOCKET=str(root / "a.sock"),
-                    CHRONICLE_AGENT_CHRONICLE__URL=info["url"],
-                    CHRONICLE_AGENT_CHRONICLE__TOKEN=token, XDG_CONFIG_HOME=str(root / "c"))
-        daemon = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=denv,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(daemon)
-        client = SocketClient(root / "a.sock", timeout_s=5)
-        for _ in range(200):
-            try:
-                client.health()
-                break
-            except Exception:  # noqa: BLE001
-                time.sleep(0.05)
+        server = Server(root, prefix=["taskset", "-c", away, "nice", "-n", "19"])
+        servers.append(server)
+        daemon = Daemon(server)
+        daemons.append(daemon)
+        client = daemon.client
         alone, busy = [], []
         for r in range(args.rounds):
             alone.append(measure(args.seconds))
@@ -115,13 +91,10 @@ def main() -> int:
         print(f"\nmedian of {args.rounds}: alone {a:.1f} steps/s, during a {args.gib:g} GiB "
               f"upload {b:.1f} steps/s: slowdown {100 * (1 - b / a):.1f}% (goal < 5%)")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for d in daemons:
+            d.stop()
+        for s in servers:
+            s.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,10 +24,9 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agent.client import SocketClient  # noqa: E402
+from _common import Daemon, Server  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -90,63 +88,22 @@ def tree_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-class Server:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(
-            ["nice", "-n", "5", sys.executable, "-m", "agent", "server", "--listen",
-             "127.0.0.1:0", "--state-dir", str(root / "server")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        info = {}
-        assert self.proc.stdout is not None
-        while len(info) < 2:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("server did not start")
-            k, _, v = line.strip().partition(": ")
-            if k in ("url", "tokens_file"):
-                info[k] = v
-        self.url = info["url"]
-        tokens = json.loads(Path(info["tokens_file"]).read_text())["tokens"]
-        self.token = next(iter(tokens))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-
-
 def run_agent(server: Server, src: Path, root: Path) -> dict[str, float]:
-    d = Path(tempfile.mkdtemp(prefix="cab-", dir="/tmp"))
-    env = dict(os.environ, PYTHONPATH=str(REPO),
-               CHRONICLE_AGENT_AGENT__STATE_DIR=str(d / "state"),
-               CHRONICLE_AGENT_SOCKET=str(d / "a.sock"),
-               CHRONICLE_AGENT_CHRONICLE__URL=server.url,
-               CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token,
-               XDG_CONFIG_HOME=str(d / "cfg"))
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(d / "log", "wb"))
-    client = SocketClient(d / "a.sock", timeout_s=5)
-    for _ in range(200):
-        try:
-            client.health()
-            break
-        except Exception:  # noqa: BLE001
-            time.sleep(0.05)
-    p = psutil.Process(proc.pid)
-    cpu0 = sum(p.cpu_times()[:2])
-    t0 = time.perf_counter()
-    job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "bench"})
-    final = client.wait_job(job["job_id"], 600)
-    wall = time.perf_counter() - t0
-    cpu = sum(p.cpu_times()[:2]) - cpu0
-    with open(f"/proc/{proc.pid}/status") as f:
-        hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM"))
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    daemon = Daemon(server)
+    try:
+        p = psutil.Process(daemon.proc.pid)
+        cpu0 = sum(p.cpu_times()[:2])
+        t0 = time.perf_counter()
+        job = daemon.client.request("POST", "/v1/uploads",
+                                    {"path": str(src), "asset_type": "bench"})
+        final = daemon.client.wait_job(job["job_id"], 600)
+        wall = time.perf_counter() - t0
+        cpu = sum(p.cpu_times()[:2]) - cpu0
+        rss = daemon.peak_rss_mb()
+    finally:
+        daemon.stop()
     assert final["state"] == "done", final
-    shutil.rmtree(d, ignore_errors=True)
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": hwm / 1024}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss}
 
 
 def run_baseline(server: Server, src: Path) -> dict[str, float]:
@@ -165,7 +122,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         large, small = make_files(root, args.large_gib, args.small_count)
-        server = Server(root)
+        server = Server(root, prefix=["nice", "-n", "5"])
         try:
             for label, src in ((f"2 x {args.large_gib:g} GiB", large),
                                (f"{args.small_count} x 64 KiB", small)):

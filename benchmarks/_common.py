@@ -1,0 +1,80 @@
+"""What the benchmarks share: a local Chronicle server as its own process, and a fresh
+daemon pointed at it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.client import SocketClient  # noqa: E402
+
+
+class Server:
+    """``chronicle-agent server`` on an ephemeral loopback port, run under ``prefix``
+    (e.g. ``["nice", "-n", "5"]``) so it stands in for a remote machine."""
+
+    def __init__(self, root: Path, prefix: list[str] | None = None) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", "agent", "server", "--listen",
+             "127.0.0.1:0", "--state-dir", str(root / "server")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        info: dict[str, str] = {}
+        assert self.proc.stdout is not None
+        while len(info) < 2:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("server did not start")
+            k, _, v = line.strip().partition(": ")
+            if k in ("url", "tokens_file"):
+                info[k] = v
+        self.url = info["url"]
+        self.token = next(iter(json.loads(Path(info["tokens_file"]).read_text())["tokens"]))
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+class Daemon:
+    """A fresh ``chronicle-agent daemon`` in its own short temp dir, using ``server``."""
+
+    def __init__(self, server: Server) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="cab-", dir="/tmp"))
+        env = dict(os.environ, PYTHONPATH=str(REPO),
+                   CHRONICLE_AGENT_AGENT__STATE_DIR=str(self.dir / "state"),
+                   CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),
+                   CHRONICLE_AGENT_CHRONICLE__URL=server.url,
+                   CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token,
+                   XDG_CONFIG_HOME=str(self.dir / "cfg"))
+        with open(self.dir / "log", "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
+                                         stdout=subprocess.DEVNULL, stderr=log)
+        self.client = SocketClient(self.dir / "a.sock", timeout_s=5)
+        for _ in range(400):
+            try:
+                self.client.health()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start: {(self.dir / 'log').read_text()[-2000:]}")
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+
+    def stop(self) -> None:
+        import shutil
+
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
