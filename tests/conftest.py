@@ -44,7 +44,7 @@ from collections.abc import Iterator as _ServerIterator  # noqa: E402
 
 import pytest as _server_pytest  # noqa: E402
 
-from tests.helpers_seaweed import Seaweed, find_weed, start_seaweed  # noqa: E402
+from tests.helpers_seaweed import Seaweed, find_weed, start_seaweed, use_seaweed_env  # noqa: E402
 
 
 @_server_pytest.fixture(scope="session")
@@ -66,15 +66,7 @@ def storage_backend(
     if request.param == "disk":
         return ""
     sw: Seaweed = request.getfixturevalue("seaweed")
-    for key in (
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_CONFIG_FILE",
-        "AWS_SHARED_CREDENTIALS_FILE",
-    ):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in sw.env().items():
-        monkeypatch.setenv(key, value)
+    use_seaweed_env(sw, monkeypatch)
     return sw.storage_url(sw.bucket)
 
 

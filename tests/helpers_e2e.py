@@ -91,8 +91,10 @@ def proxied_daemon(
             yield d, proxy
 
 
-def socket_get_text(socket_path: Path, path: str) -> str:
-    """GET a non-JSON resource (``/metrics``) from the daemon's socket."""
+def socket_call(
+    socket_path: Path, method: str, path: str, body: bytes | None = None
+) -> tuple[int, bytes]:
+    """One raw HTTP call on the daemon's socket: (status, body bytes), whatever they are."""
     import http.client
 
     class _Conn(http.client.HTTPConnection):
@@ -101,15 +103,21 @@ def socket_get_text(socket_path: Path, path: str) -> str:
             s.connect(str(socket_path))
             self.sock = s
 
-    conn = _Conn("localhost", timeout=10)
+    conn = _Conn("localhost", timeout=30)
     try:
-        conn.request("GET", path)
+        conn.request(method, path, body=body,
+                     headers={"Content-Type": "application/json"} if body is not None else {})
         resp = conn.getresponse()
-        body = resp.read().decode()
-        assert resp.status == 200, body
-        return body
+        return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def socket_get_text(socket_path: Path, path: str) -> str:
+    """GET a non-JSON resource (``/metrics``) from the daemon's socket."""
+    status, raw = socket_call(socket_path, "GET", path)
+    assert status == 200, raw
+    return raw.decode()
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 START_TIMEOUT_S = 90.0
 STOP_GRACE_S = 3.0
@@ -208,3 +209,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:  # weed's graceful stop can hang on its own filer peers
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=15)
+
+
+def use_seaweed_env(sw: Seaweed, monkeypatch: Any) -> None:
+    """Point this process's AWS environment at ``sw`` (and nowhere else)."""
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
+                "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in sw.env().items():
+        monkeypatch.setenv(key, value)

@@ -4,9 +4,7 @@ Chronicle server's routes get the same treatment with arbitrary JSON."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers_daemon import DaemonProc, start_daemon
+from tests.helpers_e2e import socket_call
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -36,23 +35,6 @@ FUZZ = settings(max_examples=25, deadline=None,
 def fuzz_daemon() -> Iterator[DaemonProc]:
     with start_daemon() as d:
         yield d
-
-
-def call(sock: Path, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(str(sock))
-            self.sock = s
-
-    conn = Conn("localhost", timeout=30)
-    try:
-        conn.request(method, path, body=body,
-                     headers={"Content-Type": "application/json"} if body is not None else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def from_schema(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
@@ -101,7 +83,7 @@ def operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | Non
 
 
 def test_the_socket_api_publishes_its_openapi_document(fuzz_daemon: DaemonProc) -> None:
-    status, raw = call(fuzz_daemon.socket_path, "GET", "/openapi.json", None)
+    status, raw = socket_call(fuzz_daemon.socket_path, "GET", "/openapi.json", None)
     assert status == 200
     doc = json.loads(raw)
     assert doc["openapi"].startswith("3.")
@@ -118,7 +100,7 @@ def _fill(path: str, segment: str) -> str:
 
 
 def test_no_5xx_for_bodies_from_the_schema_or_anything(fuzz_daemon: DaemonProc) -> None:
-    status, raw = call(fuzz_daemon.socket_path, "GET", "/openapi.json", None)
+    status, raw = socket_call(fuzz_daemon.socket_path, "GET", "/openapi.json", None)
     doc = json.loads(raw)
     for method, path, schema in operations(doc):
         if path in ("/v1/jobs/{job_id}/wait",):
@@ -127,7 +109,7 @@ def test_no_5xx_for_bodies_from_the_schema_or_anything(fuzz_daemon: DaemonProc) 
         _socket_check(fuzz_daemon.socket_path, method, path, bodies)()
     # and raw garbage that is not JSON at all
     for junk in (b"{", b"\xff\xfe", b"[" * 5000, b'{"path": ' + b"1" * 10000 + b"}"):
-        code, _ = call(fuzz_daemon.socket_path, "POST", "/v1/uploads", junk)
+        code, _ = socket_call(fuzz_daemon.socket_path, "POST", "/v1/uploads", junk)
         assert code == 400
     assert fuzz_daemon.running, fuzz_daemon.log_tail()
     assert "Traceback" not in fuzz_daemon.log_text()
@@ -138,7 +120,7 @@ def _socket_check(sock: Path, method: str, path: str, bodies: Any) -> Any:
     @given(body=bodies, segment=SEGMENT)
     def check(body: Any, segment: str) -> None:
         data = None if method == "GET" else json.dumps(body).encode()
-        code, answer = call(sock, method, _fill(path, segment), data)
+        code, answer = socket_call(sock, method, _fill(path, segment), data)
         assert code < 500, (method, path, body, answer[:300])
 
     return check

@@ -18,7 +18,7 @@ from agent.config import Settings
 from agent.errors import ConfigError
 from agent.server import start_server
 from agent.server.storage import MiB, open_storage
-from tests.helpers_seaweed import Seaweed
+from tests.helpers_seaweed import Seaweed, use_seaweed_env
 from tests.helpers_server import running_server, sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,15 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def s3_env(seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch) -> Seaweed:
-    for key in (
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_CONFIG_FILE",
-        "AWS_SHARED_CREDENTIALS_FILE",
-    ):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in seaweed.env().items():
-        monkeypatch.setenv(key, value)
+    use_seaweed_env(seaweed, monkeypatch)
     return seaweed
 
 
