@@ -84,7 +84,11 @@ class Workers:
         while not self._stopping:
             # An empty claim changes nothing and must wake nobody: idle workers that woke
             # each other on every empty claim spun a core (seen in the benchmarks).
-            job = await self.q.do(self.q.s.claim, self.owner, 300.0)
+            try:
+                job = await self.q.do(self.q.s.claim, self.owner, 300.0)
+            except StateDiskFull:  # a claim writes too: wait for space, keep the worker
+                await anyio.sleep(2)
+                continue
             if job is not None:
                 self.q.changed.notify()  # its state moved to running
             else:
