@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.paths import SOCKET_ENV
-from agent.progress import format_bytes, wait_with_progress
+from agent.progress import RateMeter, format_bytes, render, wait_with_progress
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -115,7 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_download)
 
     p = command("status", "the daemon's health: version, Chronicle, queue, rates")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="the health object (with --watch: one JSON object per line)")
+    p.add_argument("--watch", "-w", action="store_true",
+                   help="a live view, redrawn every --interval seconds, with your running "
+                        "and queued jobs (Ctrl-C ends it)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between redraws with --watch (default 1)")
+    p.add_argument("--count", type=int, default=0, metavar="N",
+                   help="with --watch: stop after N views (default: until Ctrl-C)")
     p.set_defaults(handler=cmd_status)
 
     p = command("jobs", "list jobs")
@@ -187,7 +196,8 @@ class Ctx:
         return self._settings
 
     def client(self) -> SocketClient:
-        return SocketClient(self.settings().socket_path())
+        settings = self.settings()
+        return SocketClient(settings.socket_path(), token=settings.token())
 
     def print(self, text: str = "") -> None:
         print(text, file=self.out)
@@ -492,10 +502,17 @@ def cmd_exec(ctx: Ctx) -> int:
 
 def cmd_status(ctx: Ctx) -> int:
     client = ctx.client()
+    if ctx.args.watch:
+        return _status_watch(ctx, client)
     health = client.health()
     if ctx.args.json:
         ctx.print_json(health)
         return EXIT_OK
+    ctx.print(_status_text(health, client))
+    return EXIT_OK
+
+
+def _status_text(health: dict[str, Any], client: SocketClient) -> str:
     queue = health.get("queue") or {}
     transfer = health.get("transfer") or {}
     rows = [
@@ -507,9 +524,59 @@ def cmd_status(ctx: Ctx) -> int:
         ("download", f"{format_bytes(float(transfer.get('bytes_per_s_down') or 0))}/s"),
         ("staging", format_bytes(float(health.get("staging_bytes") or 0))),
     ]
-    for key, value in rows:
-        ctx.print(f"{key + ':':<11}{value}")
-    return EXIT_OK
+    return "\n".join(f"{key + ':':<11}{value}" for key, value in rows)
+
+
+WATCH_JOBS_SHOWN = 20
+
+
+def _status_watch(ctx: Ctx, client: SocketClient) -> int:
+    """``status --watch``: the health and the caller's active jobs, redrawn in place on a
+    terminal (one frame after another elsewhere; one JSON object per line with --json).
+    A daemon that goes away (a restart) is reported in the view, which keeps trying."""
+    args = ctx.args
+    if args.interval <= 0:
+        raise UsageError(f"--interval must be a positive number of seconds, not {args.interval}")
+    tty = ctx.out.isatty() and not args.json
+    meters: dict[str, RateMeter] = {}
+    shown = 0
+    try:
+        while True:
+            now = time.time()
+            try:
+                health = client.health()
+                jobs = client.list_jobs(state="running") + client.list_jobs(state="queued")
+            except DaemonUnreachable as e:
+                frame: dict[str, Any] = {"time": now, "error": e.message}
+                text = f"daemon unreachable: {e.message}"
+            else:
+                active = jobs[:WATCH_JOBS_SHOWN]
+                for j in active:
+                    meters.setdefault(str(j["job_id"]), RateMeter()).add(
+                        time.monotonic(), int(j.get("bytes_done") or 0))
+                frame = {"time": now, **health, "active_jobs": active}
+                lines = [_status_text(health, client), ""]
+                lines += [f"{j['job_id']}  {j['kind']:<9} "
+                          f"{render(j, meters[str(j['job_id'])].rate())}" for j in active]
+                if len(jobs) > len(active):
+                    lines.append(f"… and {len(jobs) - len(active)} more")
+                if not jobs:
+                    lines.append("no running or queued jobs of yours")
+                text = "\n".join(lines)
+            if args.json:
+                ctx.print(json.dumps(frame, sort_keys=True))
+            elif tty:
+                ctx.out.write("\x1b[H\x1b[J" + time.strftime("%H:%M:%S  ") + text + "\n")
+            else:
+                ctx.print(time.strftime("-- %H:%M:%S --"))
+                ctx.print(text)
+            ctx.out.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return EXIT_UNREACHABLE if "error" in frame else EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _progress_cell(job: dict[str, Any]) -> str:

@@ -50,7 +50,29 @@ def default_socket_path() -> Path:
     return fallback_socket_path()
 
 
+def caller_token() -> str | None:
+    """This process's own Chronicle token, as the CLI finds it (without pydantic):
+    ``$CHRONICLE_AGENT_CHRONICLE__TOKEN`` > ``chronicle.token_file`` (environment, then the
+    TOML file); None when neither is set (the daemon then uses its own token)."""
+    token = os.environ.get("CHRONICLE_AGENT_CHRONICLE__TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("CHRONICLE_AGENT_CHRONICLE__TOKEN_FILE") or _from_toml(
+        "chronicle", "token_file")
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_text("utf-8").strip() or None
+    except OSError as e:
+        raise UsageError(f"chronicle.token_file = {path!r}: cannot read it ({e.strerror})"
+                         ) from None
+
+
 def _socket_from_toml() -> str | None:
+    return _from_toml("agent", "socket_path")
+
+
+def _from_toml(section_name: str, key: str) -> str | None:
     env = os.environ.get("CHRONICLE_AGENT_CONFIG")
     if env:
         path = Path(env)
@@ -63,8 +85,8 @@ def _socket_from_toml() -> str | None:
         data = tomllib.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None  # the daemon and the CLI report a broken file; a client just falls back
-    section = data.get("agent")
-    value = section.get("socket_path") if isinstance(section, dict) else None
+    section = data.get(section_name)
+    value = section.get(key) if isinstance(section, dict) else None
     return value if isinstance(value, str) and value else None
 
 
@@ -93,9 +115,13 @@ class _ConnectFailed(Exception):
 class SocketClient:
     """Synchronous client of the daemon's socket API."""
 
-    def __init__(self, socket_path: Path | str | None = None, timeout_s: float = 30) -> None:
+    def __init__(self, socket_path: Path | str | None = None, timeout_s: float = 30,
+                 token: str | None = None) -> None:
         self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
         self.timeout_s = timeout_s
+        self._token = token
+        """The caller's own Chronicle token, sent with every call: what the daemon does for
+        this caller, it does as the caller (docs/security.md)."""
 
     def __repr__(self) -> str:
         return f"SocketClient({str(self.socket_path)!r})"
@@ -117,6 +143,8 @@ class SocketClient:
         except (TypeError, ValueError) as e:
             raise UsageError(f"{method} {path}: the request is not JSON ({e})") from None
         headers = {"Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         if payload_bytes is not None:
             headers["Content-Type"] = "application/json"
         conn = _UnixConnection(self.socket_path, timeout)

@@ -11,6 +11,11 @@ The run id comes from ``Run(run_id=…)``, else ``$METHODIC_RUN_ID`` (set by
 ``chronicle-agent exec`` and by methodic), else a fresh ``run_<hex>`` is generated for this
 object (readable as ``run.run_id``; nothing is exported to the environment, so child
 processes do not inherit it by accident).
+
+Credentials: ``Run(token=…)``, else the caller's own Chronicle token as the CLI finds it
+(``$CHRONICLE_AGENT_CHRONICLE__TOKEN``, ``chronicle.token_file``), is sent with every call,
+and the daemon uploads as that researcher (``created_by`` is theirs); with none, the daemon
+uploads with its own token.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from agent.client import TERMINAL_STATES, SocketClient, path_segment
+from agent.client import TERMINAL_STATES, SocketClient, caller_token, path_segment
 from agent.errors import JobFailed, UsageError
 
 log = logging.getLogger(__name__)
@@ -111,13 +116,15 @@ class Run:
         register: bool = True,
         heartbeat_interval_s: float | None = DEFAULT_HEARTBEAT_S,
         timeout_s: float = 30,
+        token: str | None = None,
     ) -> None:
         rid = run_id or os.environ.get(RUN_ID_ENV)
         if not rid:
             rid = f"run_{secrets.token_hex(8)}"
             log.info("no run id given and %s is unset: using %s", RUN_ID_ENV, rid)
         self.run_id: str = rid
-        self.client = SocketClient(socket_path, timeout_s=timeout_s)
+        self.client = SocketClient(socket_path, timeout_s=timeout_s,
+                                   token=token if token is not None else caller_token())
         self.info: dict[str, Any] = {}
         self._url_assets: dict[str, str] = {}
         self._name_assets: dict[str, set[str]] = {}

@@ -39,12 +39,14 @@ def assert_same_tree(a: Path, b: Path) -> None:
         assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
 
 
-def chronicle_for(daemon: DaemonProc) -> Chronicle:
-    """A Chronicle client with the local user's token on the daemon's embedded server."""
+def chronicle_for(daemon: DaemonProc, token: str | None = None) -> Chronicle:
+    """A Chronicle client on the daemon's embedded server with ``token``, else the local
+    user's (the daemon's own)."""
     info = json.loads((daemon.state_dir / "server" / "endpoint.json").read_text())
-    tokens = json.loads(Path(info["tokens_file"]).read_text())["tokens"]
+    if token is None:
+        token = next(iter(json.loads(Path(info["tokens_file"]).read_text())["tokens"]))
     settings = load_settings(overrides={"agent": {"socket_path": str(daemon.socket_path)}})
-    return Chronicle(url=info["url"], token=next(iter(tokens)), settings=settings)
+    return Chronicle(url=info["url"], token=token, settings=settings)
 
 
 def free_port() -> int:
@@ -92,7 +94,8 @@ def proxied_daemon(
 
 
 def socket_call(
-    socket_path: Path, method: str, path: str, body: bytes | None = None
+    socket_path: Path, method: str, path: str, body: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """One raw HTTP call on the daemon's socket: (status, body bytes), whatever they are."""
     import http.client
@@ -105,8 +108,8 @@ def socket_call(
 
     conn = _Conn("localhost", timeout=30)
     try:
-        conn.request(method, path, body=body,
-                     headers={"Content-Type": "application/json"} if body is not None else {})
+        sent = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers={**sent, **(headers or {})})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.client import SocketClient
 from tests.helpers_e2e import (
     MiB,
     assert_same_tree,
@@ -17,6 +18,7 @@ from tests.helpers_e2e import (
     proxied_daemon,
     write_random,
 )
+from tests.helpers_server import add_principal
 
 
 def _tree(root: Path) -> Path:
@@ -48,8 +50,12 @@ def test_retryable_faults_are_survived(
              "path_regex": "small\\.bin"},
             {"action": "status", "code": 503, "method": "PUT", "path_regex": "other\\.bin"},
         ])
-        job = daemon.client().request("POST", "/v1/uploads",
-                                      {"path": str(src), "asset_type": "checkpoint"})
+        # made with a researcher's own token: it rides every retry and must never be logged
+        info = json.loads((daemon.state_dir / "server" / "endpoint.json").read_text())
+        alice = SocketClient(daemon.socket_path,
+                             token=add_principal(Path(info["tokens_file"]), "user_alice"))
+        job = alice.request("POST", "/v1/uploads",
+                            {"path": str(src), "asset_type": "checkpoint"})
         final = daemon.client().wait_job(job["job_id"], 120)
         assert final["state"] == "done", final
         assert final["attempts"] == 1  # retried request by request, not job by job
@@ -58,11 +64,12 @@ def test_retryable_faults_are_survived(
         assert fired == {"partNumber=2&": 1, "partNumber=3&": 2, "partNumber=4&": 1,
                          "partNumber=5&": 1, "small\\.bin": 1, "other\\.bin": 1}
         proxy.clear()
-        chron = chronicle_for(daemon)
-        assert chron.assets.get(final["asset_id"]).state == "ready"
+        asset = chronicle_for(daemon, alice._token).assets.get(final["asset_id"])
+        assert asset.state == "ready" and asset.created_by == "user_alice"
         dest = tmp_path / "dl"
-        res = daemon.run_cli("download", final["asset_id"], str(dest))
-        assert res.returncode == 0, res.stderr
+        dl = alice.request("POST", "/v1/downloads",
+                           {"asset_id": final["asset_id"], "dest": str(dest)})
+        assert alice.wait_job(dl["job_id"], 120)["state"] == "done"
         assert_same_tree(src, dest)
         # Redaction: the whole log of an upload with retries and an expired URL holds no
         # token and no part of a presigned URL's signature.

@@ -121,3 +121,31 @@ def test_a_corrupt_database_is_refused(tmp_path: Path) -> None:
         f.write(b"garbage" * 20)
     with pytest.raises(QueueCorrupt):
         Queue(path)
+
+
+def test_a_callers_token_is_kept_while_work_needs_it_and_no_longer(q: Queue) -> None:
+    cred = q.put_credential(1000, "tok-alice", "user_alice")
+    assert q.put_credential(1000, "tok-alice") == cred  # same uid and token: same name
+    assert q.put_credential(1001, "tok-alice") != cred  # another uid: another credential
+    job = q.enqueue(JobKind.DOWNLOAD, 1000, {"asset_id": "a", "dest": "/d"}, cred_id=cred)
+    assert job.token == "tok-alice" and "tok-alice" not in repr(job)
+    assert "tok-alice" not in str(job.to_api())
+    q.claim("w1", 60)
+    assert q.prune_credentials(grace_s=0) == 1  # uid 1001's, which nothing uses
+    q.finish(job.job_id, "w1", JobState.FAILED, {"code": "x", "message": "y"})
+    assert q.prune_credentials(grace_s=0) == 0  # a failed job can be retried: kept
+    assert q.token(cred) == "tok-alice"
+    q.retry(job.job_id)
+    q.claim("w1", 60)
+    q.finish(job.job_id, "w1", JobState.DONE)
+    assert q.prune_credentials(grace_s=300) == 0  # sent a moment ago: a request may need it
+    assert q.prune_credentials(grace_s=0) == 1
+    assert q.token(cred) is None and q.get(job.job_id).token is None  # type: ignore[union-attr]
+    # an asset still uploading keeps its token, whatever its jobs
+    cred = q.put_credential(1000, "tok-alice")
+    rec = q.create_asset(asset_type="checkpoint", uid=1000, run_id=None, visibility=None,
+                         components=[], cred_id=cred)
+    assert rec.token == "tok-alice" and "tok-alice" not in repr(rec)
+    assert q.prune_credentials(grace_s=0) == 0
+    q.set_asset(rec.asset_key, state="finalized")
+    assert q.prune_credentials(grace_s=0) == 1

@@ -267,8 +267,10 @@ def test_schema_v1_database_is_migrated(tmp_path: Path) -> None:
     try:
         job = q.get("job_old")
         assert job is not None and job.kind == JobKind.UPLOAD and job.payload == {"path": "/x"}
-        assert q._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+        assert q._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+        assert job.cred_id is None and job.token is None
         assert q._read("SELECT count(*) FROM runs")[0][0] == 0
+        assert q._read("SELECT count(*) FROM credentials")[0][0] == 0
         assert q._read("SELECT count(*) FROM watched")[0][0] == 0
     finally:
         q.close()

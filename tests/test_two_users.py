@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from tests.helpers_daemon import DaemonProc, start_daemon
+from tests.helpers_e2e import chronicle_for
+from tests.helpers_server import add_principal
 
 USER = "ca-tester"
 REPO = Path(__file__).resolve().parents[1]
@@ -78,21 +80,25 @@ def daemon2(tester: pwd.struct_passwd, world: Path) -> Iterator[DaemonProc]:
 
 
 def as_tester(daemon: DaemonProc, world: Path, method: str, path: str,
-              body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """One socket call made by the test user; (HTTP status or 0, the answer)."""
+              body: dict[str, Any] | None = None, token: str | None = None
+              ) -> tuple[int, Any]:
+    """One socket call made by the test user (with its own Chronicle ``token``, if
+    given); (HTTP status or 0, the answer)."""
     code = f"""
 import json, sys
 sys.path.insert(0, {str(world / 'lib')!r})
 from agent.client import SocketClient
 from agent.errors import ApiError
 try:
-    out = SocketClient({str(daemon.socket_path)!r}).request({method!r}, {path!r}, {body!r})
+    out = SocketClient({str(daemon.socket_path)!r}, token=sys.stdin.read() or None).request(
+        {method!r}, {path!r}, {body!r})
     print(json.dumps([200, out]))
 except ApiError as e:
     print(json.dumps([e.status, {{"code": e.code, "message": e.message}}]))
 """
     res = subprocess.run([RUNUSER, "-u", USER, "--", PY, "-c", code], capture_output=True,
-                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=False)
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=False,
+                         input=token or "")
     assert res.returncode == 0, res.stderr
     status, answer = json.loads(res.stdout)
     return int(status), answer
@@ -223,3 +229,52 @@ def test_downloads_belong_to_the_caller(
     for p in [home / "restored", *(home / "restored").rglob("*")]:
         st = p.lstat()
         assert (st.st_uid, st.st_gid) == (tester.pw_uid, tester.pw_gid), p
+
+
+def test_runs_belong_to_the_uid_that_made_them(daemon2: DaemonProc, world: Path) -> None:
+    daemon2.client().request("POST", "/v1/runs", {"run_id": "run_of_root", "lease": True})
+    for method, path, body in (("GET", "/v1/runs/run_of_root", None),
+                               ("POST", "/v1/runs/run_of_root/heartbeat", None),
+                               ("POST", "/v1/runs/run_of_root/finish", {"status": "failed"})):
+        status, err = as_tester(daemon2, world, method, path, body)
+        assert status == 404 and err["code"] == "not_found", (method, path, err)
+    status, err = as_tester(daemon2, world, "POST", "/v1/runs",
+                            {"run_id": "run_of_root", "lease": True})
+    assert status == 403 and err["code"] == "forbidden", err
+    status, mine = as_tester(daemon2, world, "POST", "/v1/runs",
+                             {"run_id": "run_of_tester", "lease": True})
+    assert status == 200 and mine["state"] == "running", mine
+    status, listed = as_tester(daemon2, world, "GET", "/v1/runs")
+    assert [r["run_id"] for r in listed["runs"]] == ["run_of_tester"]
+    assert daemon2.client().request("GET", "/v1/runs/run_of_root")["state"] == "running"
+    # root sees every run and may end any
+    everyone = {r["run_id"] for r in daemon2.client().request("GET", "/v1/runs")["runs"]}
+    assert {"run_of_root", "run_of_tester"} <= everyone
+    ended = daemon2.client().request("POST", "/v1/runs/run_of_tester/finish",
+                                     {"status": "finished"})
+    assert ended["state"] in ("ending", "ended"), ended
+
+
+def test_a_user_uploads_with_their_own_chronicle_token(
+    daemon2: DaemonProc, world: Path, tester: pwd.struct_passwd
+) -> None:
+    """The daemon runs as root with its own token; the tester sends theirs, so the asset
+    is created by (and manageable by) the tester's principal, and the daemon keeps the
+    token only in its 0600 queue database."""
+    info = json.loads((daemon2.state_dir / "server" / "endpoint.json").read_text())
+    token = add_principal(Path(info["tokens_file"]), f"user_{USER}")
+    f = world / "served" / "theirs.bin"
+    f.write_bytes(os.urandom(10_000))
+    owned_by_tester(f, tester, 0o600)
+    status, job = as_tester(daemon2, world, "POST", "/v1/uploads",
+                            {"path": str(f), "asset_type": "checkpoint"}, token=token)
+    assert status == 200, job
+    final = daemon2.client().wait_job(job["job_id"], 60)
+    assert final["state"] == "done", final
+    theirs = chronicle_for(daemon2, token)
+    asset = theirs.assets.get(str(final["asset_id"]))
+    assert asset.created_by == f"user_{USER}"
+    theirs.assets.deprecate(asset.asset_id, reason="the tester manages their own asset")
+    queue_db = daemon2.state_dir / "queue.db"
+    assert stat.S_IMODE(queue_db.stat().st_mode) == 0o600 and queue_db.stat().st_uid == 0
+    assert token not in daemon2.log_text()

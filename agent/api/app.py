@@ -7,6 +7,7 @@ with the URLs); transfers happen in the workers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent import __version__
 from agent.access import Caller, Refused, check_readable, check_writable_dest
+from agent.chronicle import contract
 from agent.errors import AgentError, ChronicleError, StateDiskFull, UsageError
 from agent.queue.store import TERMINAL, Job, JobKind, StateConflict
 from agent.transfer.download import check_dest
@@ -172,10 +174,18 @@ async def _json(request: web.Request) -> Any:
         raise UsageError("malformed JSON body: nested too deeply") from None
 
 
+TOKEN_CHECK_TTL_S = 300.0
+"""How long a caller's token, once accepted by Chronicle, is taken without asking again."""
+TOKEN_CHECK_WAIT_S = 2.0
+"""How long a request waits for Chronicle's word on a caller's new token."""
+
+
 class Api:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.q = daemon.queue
+        self._checked: dict[str, tuple[str, float]] = {}
+        """sha256(uid, token) → (principal id, good until): tokens Chronicle accepted."""
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware], client_max_size=64 << 20)
@@ -220,11 +230,51 @@ class Api:
 
     async def _enqueue(self, request: web.Request, kind: JobKind, payload: dict[str, Any],
                        run_id: str | None, asset_key: str | None = None,
-                       bytes_total: int = 0) -> web.Response:
+                       bytes_total: int = 0, cred_id: str | None = None) -> web.Response:
+        if cred_id is None and asset_key is None:
+            cred_id = await self._cred(request)
         job = await self.q.change(self.q.s.enqueue, kind, peer_uid(request), payload,
-                                  run_id=run_id, asset_key=asset_key, bytes_total=bytes_total)
+                                  run_id=run_id, asset_key=asset_key, bytes_total=bytes_total,
+                                  cred_id=cred_id)
         log.info("job %s queued (%s)", job.job_id, kind)
         return web.json_response(self._view(job), status=202)
+
+    async def _cred(self, request: web.Request) -> str | None:
+        """The caller's own Chronicle token (``Authorization: Bearer …``), checked with
+        Chronicle once (then remembered for a while) and kept in the queue database; its
+        name there, or None when the caller sent none (the daemon's own token is used)."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > 4096 \
+                or not token.isprintable():
+            raise UsageError("Authorization: expected 'Bearer <your Chronicle token>'",
+                             code="unauthenticated")
+        uid = peer_uid(request)
+        key = hashlib.sha256(f"{uid}\0{token}".encode()).hexdigest()
+        known = self._checked.get(key)
+        principal = known[0] if known is not None and known[1] > time.monotonic() else None
+        if principal is None:
+            # Queueing never waits on Chronicle: a token Chronicle cannot judge in time (it
+            # is slow or unreachable) is taken as is, and a bad one fails its job later.
+            with anyio.move_on_after(TOKEN_CHECK_WAIT_S):
+                try:
+                    me = await self.d.engine.chronicle.send(contract.me_scopes(), token=token)
+                except ChronicleError as e:
+                    if e.status in (401, 403):
+                        raise ChronicleError(
+                            401, "unauthenticated",
+                            f"Chronicle refused the token you sent ({e.code}: {e.message}); "
+                            "check CHRONICLE_AGENT_CHRONICLE__TOKEN or chronicle.token_file, "
+                            "or send none to have the daemon use its own") from None
+                except AgentError as e:
+                    log.info("could not check a caller's token with Chronicle yet: %s", e)
+                else:
+                    principal = me.principal_id
+                    self._checked[key] = (principal, time.monotonic() + TOKEN_CHECK_TTL_S)
+        return await self.q.do(self.q.s.put_credential, uid, token, principal)
 
     def _caller(self, request: web.Request) -> Caller:
         return Caller.of(*peer_creds(request))
@@ -272,23 +322,26 @@ class Api:
         pid, uid, _gid = peer_creds(request)
         run = await self.d.runs.register(
             req.run_id, req.pid, uid, req.name, peer_pid=pid, watch=req.watch,
-            on_exit=req.on_exit, lease=req.lease, exec_wrapper=req.exec)
+            on_exit=req.on_exit, lease=req.lease, exec_wrapper=req.exec,
+            cred_id=await self._cred(request))
         return web.json_response(run, status=201)
 
     async def list_runs(self, request: web.Request) -> web.Response:
-        return web.json_response({"runs": self.d.runs.list()})
+        uid = peer_uid(request)
+        return web.json_response({"runs": self.d.runs.list(None if uid == 0 else uid)})
 
     async def get_run(self, request: web.Request) -> web.Response:
-        return web.json_response(self.d.runs.get(request.match_info["run_id"]))
+        return web.json_response(self.d.runs.get(request.match_info["run_id"],
+                                                 peer_uid(request)))
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        run = await self.d.runs.heartbeat(request.match_info["run_id"])
+        run = await self.d.runs.heartbeat(request.match_info["run_id"], peer_uid(request))
         return web.json_response(run)
 
     async def finish_run(self, request: web.Request) -> web.Response:
         req = FinishReq.model_validate(await _json(request))
         run = await self.d.runs.finish(request.match_info["run_id"], req.status,
-                                       req.exit_code)
+                                       req.exit_code, uid=peer_uid(request))
         return web.json_response(run)
 
     # ---- uploads -------------------------------------------------------------------------
@@ -331,7 +384,7 @@ class Api:
         rec = await self.q.do(
             self.q.s.create_asset, asset_type=req.asset_type, uid=peer_uid(request),
             run_id=req.run_id, visibility=req.visibility or self.d.settings.upload.visibility,
-            components=comps,
+            components=comps, cred_id=await self._cred(request),
         )
         up = AssetUpload(self.d.engine, rec, Progress())
         await up.ensure_registered()
@@ -437,5 +490,5 @@ class Api:
 
     async def retry(self, request: web.Request) -> web.Response:
         job = await self._own_job(request)
-        job = await self.q.change(self.q.s.retry, job.job_id)
+        job = await self.q.change(self.q.s.retry, job.job_id, await self._cred(request))
         return web.json_response(self._view(job))

@@ -137,7 +137,7 @@ class Assets:
         """Through the local daemon; None if that daemon talks to another Chronicle."""
         from agent.client import SocketClient
 
-        client = SocketClient(self._socket_path)
+        client = SocketClient(self._socket_path, token=self._t._token)
         theirs = str(client.health().get("chronicle_url") or "").rstrip("/")
         if theirs != self._t.base_url:
             log.info("the local daemon uses Chronicle %s, not %s: downloading %s in this "

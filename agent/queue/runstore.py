@@ -37,15 +37,18 @@ class RunRow:
     exit_code: int | None = None
     last_seen: float = field(default_factory=time.time)
     created_at: float = field(default_factory=time.time)
+    cred_id: str | None = None
+    """The caller's own Chronicle credential (schema v3): the run and what the watcher
+    uploads for it are made with it."""
 
 
 _RUN_COLS = ("run_id, uid, pid, pid_start, wrapper_pid, liveness, lease_s, on_exit, watch, "
-             "state, status, exit_code, last_seen, created_at")
+             "state, status, exit_code, last_seen, created_at, cred_id")
 
 
 def _run(row: tuple[Any, ...]) -> RunRow:
     return RunRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13])
+                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13], row[14])
 
 
 def save_run(q: Queue, r: RunRow) -> None:
@@ -53,10 +56,10 @@ def save_run(q: Queue, r: RunRow) -> None:
     with q._txn(durable=True) as db:
         db.execute(
             f"INSERT OR REPLACE INTO runs ({_RUN_COLS}, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (r.run_id, r.uid, r.pid, r.pid_start, r.wrapper_pid, r.liveness, r.lease_s,
              r.on_exit, json.dumps(r.watch), r.state, r.status, r.exit_code, r.last_seen,
-             r.created_at, now),
+             r.created_at, r.cred_id, now),
         )
 
 
@@ -121,11 +124,13 @@ def _insert_job(db: sqlite3.Connection, kind: JobKind, state: JobState, uid: int
                 error: dict[str, str] | None = None) -> str:
     now = time.time()
     jid = new_id("job")
-    db.execute(
+    db.execute(  # a checkpoint of a run is uploaded with the run's credential, if any
         "INSERT INTO jobs (job_id, kind, state, uid, run_id, payload, bytes_total, "
-        "error_code, error_message, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        "error_code, error_message, created_at, updated_at, cred_id) VALUES "
+        "(?,?,?,?,?,?,?,?,?,?,?,(SELECT cred_id FROM runs WHERE run_id = ? AND uid = ?))",
         (jid, str(kind), str(state), uid, run_id, json.dumps(payload), bytes_total,
-         error["code"] if error else None, error["message"] if error else None, now, now),
+         error["code"] if error else None, error["message"] if error else None, now, now,
+         run_id, uid),
     )
     return jid
 

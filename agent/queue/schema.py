@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.errors import AgentError
 
 APP_ID = 0x43484147  # "CHAG", in SQLite's application_id header field
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE jobs (
@@ -132,7 +132,24 @@ CREATE INDEX watched_state ON watched (state);
 CREATE INDEX watched_job ON watched (job_id);
 """
 
-_MIGRATIONS = {1: _V1, 2: _V2}
+# v3 (issue 6): a caller's own Chronicle token, sent with its requests, so that what the
+# daemon does for it is done as the caller (``created_by`` is the researcher). Tokens live
+# only here, in the state directory (0700) and this file (0600); jobs, assets and runs name
+# one by ``cred_id``, and a token no live work needs is deleted (Queue.prune_credentials).
+_V3 = """
+CREATE TABLE credentials (
+    cred_id      TEXT PRIMARY KEY,
+    uid          INTEGER NOT NULL,
+    token        TEXT NOT NULL,
+    principal_id TEXT,
+    created_at   REAL NOT NULL
+);
+ALTER TABLE jobs ADD COLUMN cred_id TEXT;
+ALTER TABLE assets ADD COLUMN cred_id TEXT;
+ALTER TABLE runs ADD COLUMN cred_id TEXT;
+"""
+
+_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}
 """Schema version → the script that brings the previous version to it."""
 
 

@@ -9,6 +9,7 @@ claim is a transaction (``BEGIN IMMEDIATE``): decide in a transaction, act outsi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -76,6 +77,9 @@ class Job:
     result: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     asset_id: str | None = None
+    cred_id: str | None = None
+    """The caller's own Chronicle credential this job runs with (None: the daemon's)."""
+    token: str | None = field(default=None, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -120,6 +124,9 @@ class AssetRecord:
     visibility: str | None
     uid: int
     state: str  # new | registering | registered | finalized | abandoned
+    cred_id: str | None = None
+    token: str | None = field(default=None, repr=False)
+    """The caller's own Chronicle token the asset is registered with (None: the daemon's)."""
 
 
 @dataclass
@@ -150,7 +157,8 @@ _JOB_COLS = (
     "job_id, kind, jobs.state, jobs.uid, jobs.run_id, jobs.asset_key, payload, bytes_total, "
     "bytes_done, "
     "attempts, error_code, error_message, next_attempt_at, lease_owner, cancel_requested, "
-    "jobs.created_at, jobs.updated_at, result, warnings, assets.asset_id"
+    "jobs.created_at, jobs.updated_at, result, warnings, assets.asset_id, jobs.cred_id, "
+    "(SELECT token FROM credentials WHERE credentials.cred_id = jobs.cred_id)"
 )
 _JOB_FROM = "jobs LEFT JOIN assets ON assets.asset_key = jobs.asset_key"
 
@@ -176,6 +184,8 @@ def _job(row: tuple[Any, ...]) -> Job:
         result=json.loads(row[17]) if row[17] else None,
         warnings=json.loads(row[18]) if row[18] else [],
         asset_id=row[19],
+        cred_id=row[20],
+        token=row[21],
     )
 
 
@@ -233,6 +243,7 @@ class Queue:
         asset_key: str | None = None,
         bytes_total: int = 0,
         job_id: str | None = None,
+        cred_id: str | None = None,
     ) -> Job:
         """Add a job; durable (fsynced) before it returns, since the caller is told it is
         queued."""
@@ -241,7 +252,7 @@ class Queue:
         with self._txn(durable=True) as db:
             db.execute(
                 "INSERT INTO jobs (job_id, kind, state, uid, run_id, asset_key, payload, "
-                "bytes_total, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "bytes_total, created_at, updated_at, cred_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     jid,
                     str(kind),
@@ -253,6 +264,7 @@ class Queue:
                     bytes_total,
                     now,
                     now,
+                    cred_id,
                 ),
             )
         job = self.get(jid)
@@ -430,9 +442,10 @@ class Queue:
             return job
         raise StateConflict(f"job {job_id} is already {job.state}")
 
-    def retry(self, job_id: str) -> Job:
-        """A failed or cancelled job goes back to the queue with its attempts kept."""
-        return self._move(
+    def retry(self, job_id: str, cred_id: str | None = None) -> Job:
+        """A failed or cancelled job goes back to the queue with its attempts kept; with
+        ``cred_id`` (the caller sent its token again), it and its asset run with that."""
+        job = self._move(
             job_id,
             (JobState.FAILED, JobState.CANCELLED),
             JobState.QUEUED,
@@ -440,7 +453,50 @@ class Queue:
             error_message=None,
             next_attempt_at=0,
             cancel_requested=0,
+            **({"cred_id": cred_id} if cred_id is not None else {}),
         )
+        if cred_id is not None and job.asset_key is not None:
+            with self._txn() as db:
+                db.execute("UPDATE assets SET cred_id = ? WHERE asset_key = ?",
+                           (cred_id, job.asset_key))
+        return job
+
+    # ---- callers' own credentials ------------------------------------------------------------
+
+    def put_credential(self, uid: int, token: str, principal_id: str | None = None) -> str:
+        """Keep a caller's token (in this 0600 file only) and name it; the same uid and
+        token always get the same name."""
+        cred_id = "cred_" + hashlib.sha256(f"{uid}\0{token}".encode()).hexdigest()[:24]
+        with self._txn(durable=True) as db:
+            db.execute(
+                "INSERT INTO credentials (cred_id, uid, token, principal_id, created_at) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (cred_id) DO UPDATE SET "
+                "principal_id = excluded.principal_id, created_at = excluded.created_at",
+                (cred_id, uid, token, principal_id, time.time()),
+            )
+        return cred_id
+
+    def token(self, cred_id: str | None) -> str | None:
+        if cred_id is None:
+            return None
+        rows = self._read("SELECT token FROM credentials WHERE cred_id = ?", (cred_id,))
+        return rows[0][0] if rows else None
+
+    def prune_credentials(self, grace_s: float = 300.0) -> int:
+        """Delete every token no live work needs: none of its jobs can run again (done or
+        abandoned; failed and cancelled ones can be retried), none of its assets is still
+        being uploaded, none of its runs is still running, and it was not sent in the last
+        ``grace_s`` (a request may be about to use it)."""
+        with self._txn() as db:
+            cur = db.execute(
+                "DELETE FROM credentials WHERE created_at < ? AND "
+                "NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.cred_id = credentials.cred_id "
+                "AND jobs.state NOT IN ('done', 'abandoned')) AND "
+                "NOT EXISTS (SELECT 1 FROM assets WHERE assets.cred_id = credentials.cred_id "
+                "AND assets.state NOT IN ('finalized', 'abandoned')) AND "
+                "NOT EXISTS (SELECT 1 FROM runs WHERE runs.cred_id = credentials.cred_id "
+                "AND runs.state != 'ended')", (time.time() - grace_s,))
+            return cur.rowcount
 
     def abandon_job(self, job_id: str, reason: str) -> Job:
         return self._move(
@@ -493,6 +549,7 @@ class Queue:
         components: list[dict[str, Any]],
         register_key: str | None = None,
         job_id: str | None = None,
+        cred_id: str | None = None,
     ) -> AssetRecord:
         """Create the local record of an asset (not yet registered) with its components,
         and bind it to ``job_id``, in one transaction. A given ``register_key`` (derived,
@@ -511,8 +568,8 @@ class Queue:
                     reg = f"{register_key}#{used + 1}"
             db.execute(
                 "INSERT INTO assets (asset_key, register_key, asset_type, run_id, visibility, "
-                "uid, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (key, reg, asset_type, run_id, visibility, uid, "new", now, now),
+                "uid, state, created_at, updated_at, cred_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (key, reg, asset_type, run_id, visibility, uid, "new", now, now, cred_id),
             )
             db.executemany(
                 "INSERT INTO components (asset_key, name, path, size, mtime_ns, ino, dev, "
@@ -544,7 +601,8 @@ class Queue:
 
     def asset(self, asset_key: str) -> AssetRecord | None:
         rows = self._read(
-            "SELECT asset_key, register_key, asset_id, asset_type, run_id, visibility, uid, state "
+            "SELECT asset_key, register_key, asset_id, asset_type, run_id, visibility, uid, state, "
+            "cred_id, (SELECT token FROM credentials WHERE credentials.cred_id = assets.cred_id) "
             "FROM assets WHERE asset_key = ?",
             (asset_key,),
         )

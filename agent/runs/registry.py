@@ -38,6 +38,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from agent.access import Refused
 from agent.chronicle import contract
 from agent.config import WatchRule
 from agent.errors import AgentError, ChronicleError, UsageError
@@ -45,6 +46,7 @@ from agent.queue import runstore
 from agent.queue.runstore import RunRow
 from agent.queue.store import TERMINAL, JobState, StateConflict
 from agent.runs import liveness
+from agent.transfer.upload import caller_token
 from agent.watch.seal import glob_root
 
 if TYPE_CHECKING:
@@ -78,6 +80,8 @@ class RunInfo:
     pidfd: int | None = None
     settled: bool = False
     saved_seen: float = 0.0
+    cred_id: str | None = None
+    """The caller's own Chronicle credential, if it sent one: the run is made with it."""
 
     def to_api(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pid": self.pid, "state": self.state,
@@ -88,13 +92,14 @@ class RunInfo:
     def row(self) -> RunRow:
         return RunRow(self.run_id, self.uid, self.pid, self.pid_start, self.wrapper_pid,
                       self.liveness, self.lease_s, self.on_exit, self.watch, self.state,
-                      self.status, self.exit_code, self.last_seen, self.created_at)
+                      self.status, self.exit_code, self.last_seen, self.created_at,
+                      self.cred_id)
 
     @classmethod
     def of(cls, r: RunRow) -> RunInfo:
         return cls(r.run_id, r.uid, r.pid, r.pid_start, r.wrapper_pid, r.liveness, r.lease_s,
                    r.on_exit, r.watch, r.state, r.status, r.exit_code, r.last_seen,
-                   r.created_at)
+                   r.created_at, cred_id=r.cred_id)
 
 
 class RunRegistry:
@@ -174,6 +179,7 @@ class RunRegistry:
         self, run_id: str | None, pid: int | None, uid: int, name: str | None = None, *,
         peer_pid: int = 0, watch: list[dict[str, Any]] | None = None,
         on_exit: str | None = None, lease: bool = False, exec_wrapper: bool = False,
+        cred_id: str | None = None,
     ) -> dict[str, Any]:
         await self._wait_ready()
         run_id = run_id or f"run_{secrets.token_hex(8)}"
@@ -182,7 +188,7 @@ class RunRegistry:
         existing = self.runs.get(run_id)
         if existing is not None:
             if uid not in (0, existing.uid):
-                raise UsageError(f"run {run_id} belongs to another user", code="forbidden")
+                raise Refused(f"run {run_id} belongs to another user")
             new = [r.model_dump(mode="json") for r in rules]
             new = [w for w in new if w not in existing.watch]
             if new and existing.state == "running":
@@ -201,6 +207,7 @@ class RunRegistry:
             lease_s=self.d.settings.runs.lease_s,
             on_exit=on_exit or self.d.settings.runs.on_exit,
             watch=[r.model_dump(mode="json") for r in rules],
+            cred_id=cred_id,
         )
         if chosen:
             info.pidfd = liveness.open_pidfd(chosen, info.pid_start)
@@ -253,21 +260,23 @@ class RunRegistry:
             self.d.watcher.add_rules(info.run_id, [WatchRule.model_validate(w)
                                                    for w in info.watch], info.uid)
 
-    def _get(self, run_id: str) -> RunInfo:
+    def _get(self, run_id: str, uid: int = 0) -> RunInfo:
+        """The run, for its owner or root; to anyone else it does not exist."""
         info = self.runs.get(run_id)
-        if info is None:
+        if info is None or uid not in (0, info.uid):
             raise StateConflict(f"run {run_id} is not registered with this daemon",
                                 code="not_found")
         return info
 
-    def get(self, run_id: str) -> dict[str, Any]:
-        return self._get(run_id).to_api()
+    def get(self, run_id: str, uid: int = 0) -> dict[str, Any]:
+        return self._get(run_id, uid).to_api()
 
-    def list(self) -> list[dict[str, Any]]:
-        return [i.to_api() for i in self.runs.values()]
+    def list(self, uid: int | None = None) -> list[dict[str, Any]]:
+        """The runs of ``uid`` (None: every run)."""
+        return [i.to_api() for i in self.runs.values() if uid is None or i.uid == uid]
 
-    async def heartbeat(self, run_id: str) -> dict[str, Any]:
-        info = self._get(run_id)
+    async def heartbeat(self, run_id: str, uid: int = 0) -> dict[str, Any]:
+        info = self._get(run_id, uid)
         info.last_seen = time.time()
         # persisted now and then only: after a restart every lease starts anew anyway
         if info.state == "running" and info.last_seen - info.saved_seen >= info.lease_s / 4:
@@ -276,10 +285,10 @@ class RunRegistry:
                                   last_seen=info.last_seen)
         return info.to_api()
 
-    async def finish(self, run_id: str, status: str,
-                     exit_code: int | None = None) -> dict[str, Any]:
+    async def finish(self, run_id: str, status: str, exit_code: int | None = None,
+                     uid: int = 0) -> dict[str, Any]:
         await self._wait_ready()
-        info = self._get(run_id)
+        info = self._get(run_id, uid)
         if info.state in ("running", "dying"):
             info.state, info.status, info.exit_code = "ending", status, exit_code
             await self._save(info)
@@ -293,10 +302,19 @@ class RunRegistry:
     async def _ensure_remote(self, run_id: str) -> None:
         """Create the run on Chronicle in the background (a registration must never wait
         on Chronicle; uploads create it too if this fails)."""
+        info = self.runs.get(run_id)
         try:
-            await self.d.engine.ensure_run(run_id)
+            await self.d.engine.ensure_run(run_id, await self._token(info))
         except AgentError as e:
             log.warning("run %s: could not create it on Chronicle yet: %s", run_id, e)
+
+    async def _token(self, info: RunInfo | None) -> str | None:
+        """The token the run is made with on Chronicle: its caller's, else the daemon's."""
+        if info is None or info.cred_id is None:
+            return None
+        q = self.d.queue
+        return caller_token(info.cred_id, await q.do(q.s.token, info.cred_id),
+                            f"run {info.run_id}")
 
     async def _save(self, info: RunInfo) -> None:
         await self.d.queue.do(runstore.update_run, self.d.queue.s, info.run_id,
@@ -410,7 +428,8 @@ class RunRegistry:
         if rec.asset_id is not None:
             try:
                 await self.d.engine.chronicle.send(contract.abandon(
-                    rec.asset_id, reason, idempotency_key=f"abandon:{rec.register_key}"))
+                    rec.asset_id, reason, idempotency_key=f"abandon:{rec.register_key}"),
+                    token=rec.token)
             except ChronicleError as e:
                 log.info("asset %s: not abandoned on Chronicle (%s)", rec.asset_id, e)
             except AgentError as e:
@@ -432,10 +451,11 @@ class RunRegistry:
         delay = 1.0
         while True:
             try:
-                await self.d.engine.ensure_run(info.run_id)  # a registration may not have
-                await self.d.engine.chronicle.send(contract.end_run(  # reached Chronicle
+                token = await self._token(info)
+                await self.d.engine.ensure_run(info.run_id, token)  # a registration may not
+                await self.d.engine.chronicle.send(contract.end_run(  # have reached Chronicle
                     info.run_id, info.status or "finished",
-                    idempotency_key=f"run-end:{info.run_id}"))
+                    idempotency_key=f"run-end:{info.run_id}"), token=token)
                 break
             except ChronicleError as e:
                 log.warning("run %s: Chronicle refused to end it: %s", info.run_id, e)
@@ -447,4 +467,6 @@ class RunRegistry:
                 delay = min(delay * 2, 60.0)
         info.state = "ended"
         await self._save(info)
+        if info.cred_id is not None:
+            await q.do(q.s.prune_credentials)
         log.info("run %s ended on Chronicle: %s", info.run_id, info.status)

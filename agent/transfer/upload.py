@@ -250,6 +250,19 @@ class Engine:
         self.crash.hit("after_component")
 
 
+def caller_token(cred_id: str | None, token: str | None, what: str) -> str | None:
+    """The token to send for work made with a caller's own credential ``cred_id`` (None:
+    the daemon's own); the work fails, never falls back to the daemon's, when that
+    credential is gone."""
+    if cred_id is not None and token is None:
+        raise ChronicleError(
+            401, "credential_gone",
+            f"{what} was made with its caller's own Chronicle token, which the daemon no "
+            "longer holds; retry it with your token set (CHRONICLE_AGENT_CHRONICLE__TOKEN or "
+            "chronicle.token_file) and the daemon uses that one")
+    return token
+
+
 class AssetUpload:
     """Drives one local asset record to ``ready``."""
 
@@ -260,7 +273,8 @@ class AssetUpload:
         self.q = engine.queue
         self.asset = asset
         self.progress = progress
-        self.token = token
+        self.token = token if token is not None else caller_token(
+            asset.cred_id, asset.token, f"asset {asset.asset_id or asset.asset_key}")
         self.plans: dict[str, Plan] = {}
         self.use_by: dict[str, float] = {}
         """Presigned URL → the time after which it is refreshed before use."""

@@ -33,7 +33,7 @@ from agent.queue.store import AssetRecord, Job, JobKind, JobState
 from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
 from agent.transfer.groups import primary_error
-from agent.transfer.upload import AssetUpload, Engine, Progress, scan_path
+from agent.transfer.upload import AssetUpload, Engine, Progress, caller_token, scan_path
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,18 @@ class Workers:
         async with anyio.create_task_group() as tg:
             for i in range(n):
                 tg.start_soon(self._loop, i)
+            tg.start_soon(self._forget_tokens)
             task_status.started()
+
+    async def _forget_tokens(self, every_s: float = 60.0) -> None:
+        """Callers' tokens no live work needs are deleted (also right after each of their
+        jobs ends; this catches the ones still within their grace then)."""
+        while not self._stopping:
+            try:
+                await self.q.do(self.q.s.prune_credentials)
+            except StateDiskFull:
+                pass
+            await anyio.sleep(every_s)
 
     async def _loop(self, i: int) -> None:
         while not self._stopping:
@@ -178,6 +189,8 @@ class Workers:
                 else:
                     await self.q.change(self.q.s.finish, job.job_id, self.owner, state,
                                         error, result)
+                    if job.cred_id is not None:  # the caller's token, once nothing needs it
+                        await self.q.do(self.q.s.prune_credentials)
                 return
             except StateDiskFull as e:
                 if not warned:
@@ -252,7 +265,7 @@ class Workers:
             rec = await self.q.do(
                 self.q.s.create_asset, asset_type=p["asset_type"], uid=job.uid,
                 run_id=job.run_id, visibility=p.get("visibility"), components=comps,
-                job_id=job.job_id, register_key=p.get("register_key"),
+                job_id=job.job_id, register_key=p.get("register_key"), cred_id=job.cred_id,
             )
             job.asset_key = rec.asset_key
         up = AssetUpload(self.e, await self._asset_for(job), progress)
@@ -278,16 +291,17 @@ class Workers:
             rec = await self.q.do(
                 self.q.s.create_asset, asset_type=p["asset_type"], uid=job.uid,
                 run_id=job.run_id, visibility=p.get("visibility"), components=[],
-                register_key=f"inline:{job.job_id}", job_id=job.job_id,
+                register_key=f"inline:{job.job_id}", job_id=job.job_id, cred_id=job.cred_id,
             )
             job.asset_key = rec.asset_key
         asset = await self._asset_for(job)
-        await self.e.ensure_run(job.run_id)
+        token = caller_token(asset.cred_id, asset.token, f"job {job.job_id}")
+        await self.e.ensure_run(job.run_id, token)
         created = await self.e.chronicle.send(contract.create_inline(
             p["asset_type"], p["content"], content_type=p.get("content_type"),
             output_of=job.run_id, visibility=p.get("visibility"),
             idempotency_key=asset.register_key,
-        ))
+        ), token=token)
         await self.q.do(self.q.s.set_asset, asset.asset_key, asset_id=created.asset_id,
                         state="finalized")
         return None
@@ -344,9 +358,10 @@ class Workers:
     async def _download(self, job: Job, progress: Progress) -> dict[str, Any] | None:
         p = job.payload
         try:
-            res = await download_asset(self.e, job.job_id, p["asset_id"], p["dest"],
-                                       bool(p.get("allow_invalid")), progress,
-                                       cache=self.cache, owner_uid=job.uid)
+            res = await download_asset(
+                self.e, job.job_id, p["asset_id"], p["dest"], bool(p.get("allow_invalid")),
+                progress, token=caller_token(job.cred_id, job.token, f"job {job.job_id}"),
+                cache=self.cache, owner_uid=job.uid)
         except (ChronicleError, AgentError) as e:
             # A retryable error or a full disk keeps the partial files for the next attempt
             # (and for `retry`); anything else ends this download: nothing is left behind.
