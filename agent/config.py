@@ -189,6 +189,10 @@ class DebugSection(_Section):
     """Makes the daemon SIGKILL itself at a named step, for crash-recovery tests:
     before_register, after_register_sent, after_register, after_part:N, before_finalize,
     after_finalize_sent, after_finalize. Empty = never."""
+    block_loop: str = Field(default="", pattern=r"^$|^[a-z_]+(:[0-9]+)?:[0-9]+(\.[0-9]+)?$")
+    """Debug only, never in production: "<point>:<seconds>" blocks the daemon's event loop
+    (time.sleep on its thread) for that long, once, at a crash point's step, to test what a
+    stuck loop does (the systemd watchdog pings stop). Empty = never."""
 
 
 class Settings(BaseSettings):

@@ -141,7 +141,8 @@ class Daemon:
     async def run(self) -> None:
         self._lock_state_dir()
         lower_priority(self.settings.agent.nice, self.settings.agent.io_class)
-        crash = from_settings(self.settings.debug.crash_point, str(self.state_dir))
+        crash = from_settings(self.settings.debug.crash_point, str(self.state_dir),
+                              self.settings.debug.block_loop)
         self.queue = await AsyncQueue.open(self.state_dir / "queue.db")
         self.watcher = Watcher(self)  # issue 4: watch rules, seals, staging
         requeued = await self.queue.do(self.queue.s.recover)
