@@ -93,8 +93,9 @@ class DownloadReq(_Body):
 
 class RunReq(_Body):
     run_id: str | None = None
-    pid: int | None = None
-    """The process whose life is the run's (default: the caller's, from SO_PEERCRED)."""
+    pid: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    """The process whose life is the run's (default: the caller's, from SO_PEERCRED).
+    Bounded: found by fuzzing, a pid past 2**31 overflowed pidfd_open."""
     watch: list[dict[str, Any]] | None = None
     on_exit: Literal["drain", "abandon"] | None = None
     name: str | None = None

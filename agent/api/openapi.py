@@ -1,5 +1,6 @@
 """The socket API's OpenAPI 3.1 document, built from the request models the handlers
-validate with, so the two cannot drift apart. Served at ``GET /openapi.json``."""
+validate with, so the two cannot drift apart. Served at ``GET /openapi.json``. Its
+operations are built as the local server's are (:func:`agent.server.openapi.operation`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from agent import __version__
+from agent.server.openapi import operation
 
 JOB = {"type": "object", "required": ["job_id", "kind", "state"], "properties": {
     "job_id": {"type": "string"},
@@ -17,32 +19,13 @@ JOB = {"type": "object", "required": ["job_id", "kind", "state"], "properties": 
     "bytes_total": {"type": "integer"}, "bytes_done": {"type": "integer"},
     "attempts": {"type": "integer"},
     "error": {"type": ["object", "null"]}}}
-ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["code", "message"],
-    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
 
 
 def _op(summary: str, body: type[BaseModel] | None, ok: int, answer: dict[str, Any],
         params: tuple[str, ...] | list[str] = (),
         query: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            str(ok): {"description": "ok", "content": {"application/json": {"schema": answer}}},
-            "4XX": {"description": "refused", "content": {"application/json": {
-                "schema": ERROR}}},
-        },
-    }
-    parameters = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for p in params]
-    parameters += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
-                   for q in query]
-    if parameters:
-        op["parameters"] = parameters
-    if body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": body.model_json_schema()}}}
-    return op
+    return operation(summary, ok, answer, path=params, query=query,
+                     body=None if body is None else body.model_json_schema())
 
 
 def document() -> dict[str, Any]:
@@ -79,5 +62,12 @@ def document() -> dict[str, Any]:
                                                 JOB, ["job_id"])},
     }
     return {"openapi": "3.1.0",
-            "info": {"title": "chronicle-agent socket API", "version": __version__},
+            "info": {"title": "chronicle-agent socket API", "version": __version__,
+                     "description": "The caller is identified by SO_PEERCRED. A caller may "
+                     "send its own Chronicle token (bearer): what the daemon then does for "
+                     "it on Chronicle, it does with that token (docs/security.md)."},
+            "components": {"securitySchemes": {"callerToken": {
+                "type": "http", "scheme": "bearer",
+                "description": "the caller's own Chronicle token (optional)"}}},
+            "security": [{}, {"callerToken": []}],
             "paths": paths}

@@ -245,6 +245,12 @@ async def _health(request: web.Request) -> web.Response:
     )
 
 
+async def _openapi(request: web.Request) -> web.Response:
+    from .openapi import document
+
+    return web.json_response(document(request.app.router, request.app[CORE].version))
+
+
 CORE = web.AppKey("core", Core)
 
 
@@ -255,6 +261,7 @@ def make_app(core: Core) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=client_max)
     app[CORE] = core
     app.router.add_get("/v1/health", _health)
+    app.router.add_get("/openapi.json", _openapi)  # no auth, like the health check
     for module in (runs, assets, sharing):
         for method, path, handler, mutating in module.routes(core):
             app.router.add_route(method, path, endpoint(core, handler, mutating=mutating))

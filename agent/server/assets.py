@@ -277,7 +277,7 @@ class Assets:
 
     async def register(self, ctx: Ctx) -> Reply:
         asset_type = req_str(ctx.body, "asset_type")
-        output_of = opt_str(ctx.body, "output_of")
+        output_of = opt_str(ctx.body, "output_of") or None  # "" is no run
         visibility, organization_id = _placement(ctx)
         specs = parse_components(ctx.body.get("components"))
         if output_of:
@@ -343,7 +343,7 @@ class Assets:
                 f"inline content is {len(data)} bytes, the limit is {limit} "
                 "(server.inline_max_bytes): upload it as a binary asset",
             )
-        output_of = opt_str(ctx.body, "output_of")
+        output_of = opt_str(ctx.body, "output_of") or None
         visibility, organization_id = _placement(ctx)
         if output_of:
             await self.core.db.read(require_run_for_output, ctx.principal, output_of)

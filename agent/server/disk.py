@@ -333,7 +333,7 @@ class DiskStorage:
         q = request.query
         upload_id = q.get("uploadId", "")
         part = q.get("partNumber", "")
-        number = int(part) if part.isdigit() and len(part) <= 5 else 0
+        number = int(part) if part.isascii() and part.isdigit() and len(part) <= 5 else 0
         grant = Grant(method, request.match_info["key"], upload_id, number)
         if upload_id and not 1 <= number <= MAX_PARTS:
             return grant, s3_error(400, "InvalidArgument", "Part number must be 1-10000")

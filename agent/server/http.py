@@ -19,7 +19,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from agent.errors import ChronicleError, chronicle_error
 
-from .storage import StorageError
+from .storage import MAX_OBJECT_BYTES, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ def opt_size(body: dict[str, Any], field: str, *, where: str = "") -> int | None
     value = body.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise invalid(f"{where}{field} must be a non-negative integer, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OBJECT_BYTES:
+        raise invalid(f"{where}{field} must be an integer 0-{MAX_OBJECT_BYTES}, not {value!r}")
     return value
 
 

@@ -76,7 +76,7 @@ class Signer:
             when = int(expires)
         except ValueError:
             return "SignatureDoesNotMatch"
-        if not hmac.compare_digest(self._mac(grant, when), signature):
+        if not signature.isascii() or not hmac.compare_digest(self._mac(grant, when), signature):
             return "SignatureDoesNotMatch"
         if time.time() > when:
             return "AccessDenied"

@@ -30,6 +30,8 @@ MiB = 1024 * 1024
 MIN_PART_BYTES = 5 * MiB
 """S3's minimum size of every part but the last."""
 MAX_PARTS = 10_000
+MAX_OBJECT_BYTES = 5 * 1024**4
+"""S3's limit for one object (5 TiB); also keeps a declared size within SQLite's INTEGER."""
 
 
 @dataclass(frozen=True)
