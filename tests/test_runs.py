@@ -10,9 +10,12 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.queue.schema import _V1, SCHEMA_VERSION
 from agent.queue.store import JobKind, Queue
 from tests.helpers_e2e import chronicle_for
+from tests.helpers_server import add_principal
 from tests.helpers_watch import (
     by_checkpoint,
     daemon_run,
@@ -109,17 +112,27 @@ PRESIGNED_WRITER = """
 """
 
 
-def test_dead_run_abandons_unfinalized_presigned_assets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("token", ["daemon's", "caller's"])
+def test_dead_run_abandons_unfinalized_presigned_assets(tmp_path: Path, token: str) -> None:
+    """… also when the run and its assets were made with the caller's own token (private
+    assets the daemon's principal may not even read): the daemon abandons them with it."""
     src = tmp_path / "blob.bin"
     src.write_bytes(os.urandom(3 * MiB))
     writer = script(tmp_path, "pres.py", PRESIGNED_WRITER)
     env = {"CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(2 * MiB)}
     with watch_daemon(extra_env=env) as d:
-        r = run_script(writer, str(src), env=writer_env(d))
+        w_env, caller = writer_env(d), None
+        if token == "caller's":
+            info = json.loads((d.state_dir / "server" / "endpoint.json").read_text())
+            caller = add_principal(Path(info["tokens_file"]), "user_alice")
+            w_env["CHRONICLE_AGENT_CHRONICLE__TOKEN"] = caller
+        r = run_script(writer, str(src), env=w_env)
         exited = time.monotonic()
         assert r.returncode == 0, r.stderr
         a_id, b_id = r.stdout.split()
-        chron = chronicle_for(d)
+        chron = chronicle_for(d, caller)
+        if caller is not None:
+            assert chron.assets.get(a_id).created_by == "user_alice"
         wait_until(lambda: chron.assets.get(a_id).state == "abandoned", 5, "a abandoned")
         assert time.monotonic() - exited < 2.0
         wait_until(lambda: chron.assets.get(b_id).state == "ready", 30, "b ready")

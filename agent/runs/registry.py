@@ -429,7 +429,7 @@ class RunRegistry:
             try:
                 await self.d.engine.chronicle.send(contract.abandon(
                     rec.asset_id, reason, idempotency_key=f"abandon:{rec.register_key}"),
-                    token=rec.token)
+                    token=caller_token(rec.cred_id, rec.token, f"asset {rec.asset_id}"))
             except ChronicleError as e:
                 log.info("asset %s: not abandoned on Chronicle (%s)", rec.asset_id, e)
             except AgentError as e:
