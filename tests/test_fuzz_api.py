@@ -154,13 +154,21 @@ def test_no_5xx_for_bodies_from_the_schema_or_anything(fuzz_daemon: DaemonProc) 
     assert "Traceback" not in fuzz_daemon.log_text()
 
 
+HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+                      max_size=40)
+CALLER_AUTH = st.none() | HEADER_TEXT | HEADER_TEXT.map(lambda t: "Bearer " + t)
+"""A caller's Authorization header (the caller's own Chronicle token): none, garbage, or a
+bearer token Chronicle does not know."""
+
+
 def _socket_check(sock: Path, method: str, path: str, bodies: Any) -> Any:
     @FUZZ
-    @given(body=bodies, segment=SEGMENT)
-    def check(body: Any, segment: str) -> None:
+    @given(body=bodies, segment=SEGMENT, auth=CALLER_AUTH)
+    def check(body: Any, segment: str, auth: str | None) -> None:
         data = None if method == "GET" else json.dumps(body).encode()
-        code, answer = socket_call(sock, method, _fill(path, segment), data)
-        assert code < 500, (method, path, body, answer[:300])
+        headers = None if auth is None else {"Authorization": auth}
+        code, answer = socket_call(sock, method, _fill(path, segment), data, headers)
+        assert code < 500, (method, path, body, auth, answer[:300])
 
     return check
 
