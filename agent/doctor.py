@@ -102,8 +102,16 @@ def _chronicle_checks(settings: Any, health: dict[str, Any] | None) -> list[Chec
     ms = (time.monotonic() - t0) * 1000
     try:
         me = SyncChronicle(url, token, timeout_s=5, attempts=1).send(contract.me_scopes())
+        try:
+            own = settings.token() is not None
+        except AgentError:
+            own = False
+        whose = (f"uploads through the daemon are made as {me.principal_id}" if own else
+                 "uploads through the daemon use the daemon's own token (set "
+                 "CHRONICLE_AGENT_CHRONICLE__TOKEN or chronicle.token_file to upload as "
+                 "yourself)")
         out.append(Check("chronicle", "ok", f"{url} answers in {ms:.0f} ms; "
-                                            f"credentials are {me.principal_id}"))
+                                            f"credentials are {me.principal_id}; {whose}"))
     except AgentError as e:
         out.append(Check("chronicle", "FAIL", f"{url} answers but refuses our credentials: "
                                               f"{e.message}"))

@@ -4,8 +4,12 @@ the daemon is down."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from tests.helpers_daemon import DaemonProc
+from tests.helpers_server import add_principal
 
 
 def test_doctor_passes_against_a_running_daemon(any_daemon: DaemonProc) -> None:
@@ -14,6 +18,7 @@ def test_doctor_passes_against_a_running_daemon(any_daemon: DaemonProc) -> None:
     names = [line.split()[1] for line in res.stdout.splitlines()]
     assert names == ["config", "socket", "chronicle", "clock", "storage", "disk", "inotify"]
     assert "credentials are user_" in res.stdout
+    assert "use the daemon's own token" in res.stdout  # no token of the caller's own
     assert "FAIL" not in res.stdout
     storage = next(line for line in res.stdout.splitlines() if line.split()[1] == "storage")
     assert storage.startswith("ok"), storage  # the disk store, or SeaweedFS reached
@@ -30,3 +35,14 @@ def test_doctor_json_and_failure_when_the_daemon_is_down(daemon: DaemonProc) -> 
     assert "chronicle-agent daemon" in by_name["socket"]["detail"]
     # the embedded Chronicle stopped with its daemon: nothing to reach either
     assert by_name["chronicle"]["status"] == "FAIL"
+
+
+def test_doctor_says_whose_credentials_uploads_use(daemon: DaemonProc) -> None:
+    info = json.loads((daemon.state_dir / "server" / "endpoint.json").read_text())
+    token = add_principal(Path(info["tokens_file"]), "user_alice")
+    res = subprocess.run([sys.executable, "-m", "agent", "doctor"], capture_output=True,
+                         text=True, timeout=120, check=False,
+                         env={**daemon.env, "CHRONICLE_AGENT_CHRONICLE__TOKEN": token})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "uploads through the daemon are made as user_alice" in res.stdout
+    assert token not in res.stdout + res.stderr

@@ -20,7 +20,7 @@ def status_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
 
 def test_the_live_view_follows_an_upload(tmp_path: Path) -> None:
     f = tmp_path / "big.bin"
-    f.write_bytes(os.urandom(6 * MiB))
+    f.write_bytes(os.urandom(12 * MiB))  # 6 s at the cap: the view sees it run
     env = {"CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(2 * MiB)}
     with start_daemon(env) as d:
         job = d.client().request("POST", "/v1/uploads",
