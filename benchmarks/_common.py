@@ -48,9 +48,12 @@ class Server:
 class Daemon:
     """A fresh ``chronicle-agent daemon`` in its own short temp dir, using ``server``."""
 
-    def __init__(self, server: Server, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, server: Server, extra_env: dict[str, str] | None = None,
+                 repo: Path = REPO) -> None:
+        """``repo``: the checkout whose ``agent`` package the daemon runs (another one to
+        compare two versions side by side)."""
         self.dir = Path(tempfile.mkdtemp(prefix="cab-", dir="/tmp"))
-        env = dict(os.environ, **(extra_env or {}), PYTHONPATH=str(REPO),
+        env = dict(os.environ, **(extra_env or {}), PYTHONPATH=str(repo),
                    CHRONICLE_AGENT_AGENT__STATE_DIR=str(self.dir / "state"),
                    CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),
                    CHRONICLE_AGENT_CHRONICLE__URL=server.url,

@@ -469,13 +469,16 @@ class AssetUpload:
 
     async def _put_small(self, comp: ComponentRecord) -> str:
         """A file of at most one chunk: opened, checked, read, hashed and checked again in
-        one thread hop; the bytes sent are exactly the registered version's."""
+        one thread hop; the bytes sent are exactly the registered version's. Read only once
+        a transfer slot is held (and again on a retry), so that a directory of thousands of
+        small files holds at most ``upload.concurrency`` of them in memory whatever the
+        uplink's speed; before, every file read ahead of a free slot stayed in memory."""
         assert comp.path is not None and comp.size is not None
-        data, sha = await anyio.to_thread.run_sync(read_registered, comp)
         what = f"PUT {comp.name} of {self.asset_id}"
         up = self.e.settings.upload
 
         async def put(url: str) -> str:
+            data, sha = await anyio.to_thread.run_sync(read_registered, comp)
             await put_bytes(self.e.session, url, data, limits=self.e.limits,
                             stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what)
             return sha
