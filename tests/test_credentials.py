@@ -218,3 +218,26 @@ def test_the_cli_and_exec_use_the_callers_token(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
         assert alice.assets.get(json.loads(res.stdout)["asset_id"]).created_by == ALICE
         assert token not in res.stdout + res.stderr + d.log_text()
+
+
+def test_a_retry_with_another_token_runs_as_that_caller(daemon: DaemonProc,
+                                                        tmp_path: Path) -> None:
+    """A job refused under one token (bob may not read alice's private asset) is retried
+    with the token sent along with the retry (alice's), and succeeds."""
+    tokens = Path(server_info(daemon)["tokens_file"])
+    alice, bob = add_principal(tokens, ALICE), add_principal(tokens, "user_bob")
+    f = tmp_path / "alices.bin"
+    f.write_bytes(os.urandom(20_000))
+    run = Run("run_retry", socket_path=daemon.socket_path, token=alice)
+    asset_id = upload(run, f, visibility="private")["asset_id"]
+    run.finish()
+    as_bob = SocketClient(daemon.socket_path, token=bob)
+    job = as_bob.request("POST", "/v1/downloads",
+                         {"asset_id": asset_id, "dest": str(tmp_path / "dl")})
+    failed = as_bob.wait_job(job["job_id"], 60)
+    assert failed["state"] == "failed", failed
+    assert not (tmp_path / "dl").exists()
+    SocketClient(daemon.socket_path, token=alice).retry_job(job["job_id"])
+    done = as_bob.wait_job(job["job_id"], 60)
+    assert done["state"] == "done", done
+    assert (tmp_path / "dl" / "alices.bin").read_bytes() == f.read_bytes()

@@ -304,7 +304,11 @@ def test_two_daemons_on_one_shared_directory(tmp_path: Path) -> None:
 
         two = wait_until(lambda: settled("run_two", 3), 30, "3 shared checkpoints ready")
         assert len(two) == 3
-        done = [j for d in (a, b) for j in d.client().list_jobs(run_id="run_two")]
+        def jobs_ended() -> list[dict[str, object]] | None:
+            # an asset is ready a moment before its job records it (seen once in CI)
+            js = [j for d in (a, b) for j in d.client().list_jobs(run_id="run_two")]
+            return js if all(j["state"] not in ("queued", "running") for j in js) else None
+        done = wait_until(jobs_ended, 10, "the uploads' jobs to end")
         assert sorted(j["state"] for j in done) == ["done"] * 3, done
         wait_until(lambda: a.log_text().count("claimed by agent")
                    + b.log_text().count("claimed by agent") == 3, 10,
