@@ -60,8 +60,9 @@ class Daemon:
                    CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token,
                    XDG_CONFIG_HOME=str(self.dir / "cfg"))
         with open(self.dir / "log", "wb") as log:
+            # cwd: `python -m` puts it first on sys.path, before PYTHONPATH
             self.proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
-                                         stdout=subprocess.DEVNULL, stderr=log)
+                                         cwd=repo, stdout=subprocess.DEVNULL, stderr=log)
         self.client = SocketClient(self.dir / "a.sock", timeout_s=5)
         for _ in range(400):
             try:
