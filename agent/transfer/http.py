@@ -214,7 +214,7 @@ async def put_file(
 async def put_bytes(
     session: aiohttp.ClientSession,
     url: str,
-    data: bytes,
+    data: bytes | memoryview,
     *,
     limits: Limits,
     stall_s: float,
