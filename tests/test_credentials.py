@@ -24,12 +24,13 @@ import pytest
 from agent import Run
 from agent.client import SocketClient
 from agent.errors import ApiError, ChronicleError
-from tests.helpers_daemon import DaemonProc
+from tests.helpers_daemon import DaemonProc, start_daemon
 from tests.helpers_e2e import chronicle_for, socket_call
 from tests.helpers_server import add_principal
 from tests.helpers_watch import wait_until, watch_daemon, writer_env
 
 ALICE = "user_alice"
+MIB = 1 << 20
 
 
 def server_info(daemon: DaemonProc) -> dict[str, str]:
@@ -241,3 +242,30 @@ def test_a_retry_with_another_token_runs_as_that_caller(daemon: DaemonProc,
     done = as_bob.wait_job(job["job_id"], 60)
     assert done["state"] == "done", done
     assert (tmp_path / "dl" / "alices.bin").read_bytes() == f.read_bytes()
+
+
+def test_a_job_whose_token_is_gone_fails_and_never_uses_the_daemons(tmp_path: Path) -> None:
+    """The daemon stops mid-upload; the caller's token is taken out of its queue database
+    meanwhile; after the restart the job fails with credential_gone instead of finishing
+    with the daemon's own token, and a retry that sends the token again completes it."""
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(8 * MIB))
+    env = {"CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(2 * MIB)}
+    with start_daemon(env) as d:
+        token = alice_token(d)
+        mine = SocketClient(d.socket_path, token=token)
+        job = mine.request("POST", "/v1/uploads", {"path": str(f), "asset_type": "checkpoint"})
+        wait_until(lambda: mine.get_job(job["job_id"])["bytes_done"] > 0, 30, "it runs")
+        assert d.stop() == 0
+        db = sqlite3.connect(d.state_dir / "queue.db")
+        with db:
+            assert db.execute("DELETE FROM credentials").rowcount == 1
+        db.close()
+        d.start()
+        failed = mine.wait_job(job["job_id"], 60)
+        assert failed["state"] == "failed", failed
+        assert failed["error"]["code"] == "credential_gone", failed
+        mine.retry_job(job["job_id"])
+        done = mine.wait_job(job["job_id"], 60)
+        assert done["state"] == "done", done
+        assert chronicle_for(d, token).assets.get(done["asset_id"]).created_by == ALICE
