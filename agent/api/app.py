@@ -7,7 +7,6 @@ with the URLs); transfers happen in the workers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from agent import __version__
 from agent.access import Caller, Refused, check_readable, check_writable_dest
 from agent.chronicle import contract
 from agent.errors import AgentError, ChronicleError, StateDiskFull, UsageError
-from agent.queue.store import TERMINAL, Job, JobKind, StateConflict
+from agent.queue.store import TERMINAL, Job, JobKind, StateConflict, credential_id
 from agent.transfer.download import check_dest
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
 
@@ -186,7 +185,8 @@ class Api:
         self.d = daemon
         self.q = daemon.queue
         self._checked: dict[str, tuple[str, float]] = {}
-        """sha256(uid, token) → (principal id, good until): tokens Chronicle accepted."""
+        """credential_id(uid, token) → (principal id, good until): tokens Chronicle
+        accepted."""
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware], client_max_size=64 << 20)
@@ -254,7 +254,7 @@ class Api:
             raise UsageError("Authorization: expected 'Bearer <your Chronicle token>'",
                              code="unauthenticated")
         uid = peer_uid(request)
-        key = hashlib.sha256(f"{uid}\0{token}".encode()).hexdigest()
+        key = credential_id(uid, token)
         known = self._checked.get(key)
         principal = known[0] if known is not None and known[1] > time.monotonic() else None
         if principal is None:

@@ -110,6 +110,12 @@ class Job:
         return out
 
 
+def credential_id(uid: int, token: str) -> str:
+    """The name of a caller's token: the same uid and token always get the same one, and
+    it says nothing of the token."""
+    return "cred_" + hashlib.sha256(f"{uid}\0{token}".encode()).hexdigest()[:24]
+
+
 def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
@@ -464,9 +470,8 @@ class Queue:
     # ---- callers' own credentials ------------------------------------------------------------
 
     def put_credential(self, uid: int, token: str, principal_id: str | None = None) -> str:
-        """Keep a caller's token (in this 0600 file only) and name it; the same uid and
-        token always get the same name."""
-        cred_id = "cred_" + hashlib.sha256(f"{uid}\0{token}".encode()).hexdigest()[:24]
+        """Keep a caller's token (in this 0600 file only) and name it (:func:`credential_id`)."""
+        cred_id = credential_id(uid, token)
         with self._txn(durable=True) as db:
             db.execute(
                 "INSERT INTO credentials (cred_id, uid, token, principal_id, created_at) "

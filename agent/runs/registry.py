@@ -467,6 +467,4 @@ class RunRegistry:
                 delay = min(delay * 2, 60.0)
         info.state = "ended"
         await self._save(info)
-        if info.cred_id is not None:
-            await q.do(q.s.prune_credentials)
         log.info("run %s ended on Chronicle: %s", info.run_id, info.status)

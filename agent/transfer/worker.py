@@ -82,8 +82,8 @@ class Workers:
             task_status.started()
 
     async def _forget_tokens(self, every_s: float = 60.0) -> None:
-        """Callers' tokens no live work needs are deleted (also right after each of their
-        jobs ends; this catches the ones still within their grace then)."""
+        """Every minute, callers' tokens that no live work needs are deleted
+        (:meth:`~agent.queue.store.Queue.prune_credentials`)."""
         while not self._stopping:
             try:
                 await self.q.do(self.q.s.prune_credentials)
@@ -189,8 +189,6 @@ class Workers:
                 else:
                     await self.q.change(self.q.s.finish, job.job_id, self.owner, state,
                                         error, result)
-                    if job.cred_id is not None:  # the caller's token, once nothing needs it
-                        await self.q.do(self.q.s.prune_credentials)
                 return
             except StateDiskFull as e:
                 if not warned:
