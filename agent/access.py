@@ -1,71 +1,32 @@
 """What a caller may make the daemon touch: the confused-deputy guard.
 
 The daemon usually runs with more rights than its callers (as root, to read every user's
-checkpoints). A caller identified by SO_PEERCRED may have it upload only files the caller
-could read itself, download only into directories the caller could write, and only under
-``agent.roots`` when roots are configured. Paths are resolved first, so a symlink that
-leaves a root is judged by where it leads. Permission bits are checked for the caller's uid
-and groups along the whole path (search on every directory); POSIX ACLs are not consulted,
-so an ACL-only grant is refused (documented in docs/security.md).
+checkpoints). It never resolves a caller's path with those rights: every open, stat,
+listing, creation and rename of a caller's path happens in a worker thread switched to the
+caller's filesystem identity (:mod:`agent.fsid`), at request time and at every later
+moment (the worker's scan and reads, the watcher's scans and snapshots, a download's
+staging and hand-over). The kernel checks each step as the caller. The functions here run
+in such a thread; they add what the kernel does not know: ``agent.roots``, checked on the
+path of what was actually opened (``/proc/self/fd``), not on a name that may be swapped.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import pwd
 import stat
-from dataclasses import dataclass, field
+import threading
 
 from agent.errors import UsageError
+from agent.fsid import Identity, Refused, call_as, thread_uid
+
+__all__ = ["Refused", "check_readable", "check_writable_dest", "open_source", "within_roots"]
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+"""O_NONBLOCK: a FIFO named as a file must not hang a worker thread in open(2)."""
 
 
-class Refused(UsageError):
-    """The caller may not have the daemon touch this path."""
-
-    code = "forbidden"
-
-
-@dataclass(frozen=True)
-class Caller:
-    uid: int
-    gid: int
-    pid: int = 0
-    groups: frozenset[int] = field(default_factory=frozenset)
-
-    @classmethod
-    def of(cls, pid: int, uid: int, gid: int) -> Caller:
-        try:
-            name = pwd.getpwuid(uid).pw_name
-            groups = frozenset(os.getgrouplist(name, gid))
-        except KeyError:
-            groups = frozenset({gid})
-        return cls(uid, gid, pid, groups | {gid})
-
-
-def _allowed(st: os.stat_result, caller: Caller, want: int) -> bool:
-    """``want`` is a mask of 4 (read), 2 (write), 1 (search/execute)."""
-    if caller.uid == 0:
-        return True
-    if st.st_uid == caller.uid:
-        bits = (st.st_mode >> 6) & 7
-    elif st.st_gid in caller.groups:
-        bits = (st.st_mode >> 3) & 7
-    else:
-        bits = st.st_mode & 7
-    return bits & want == want
-
-
-def _walk_to(real: str, caller: Caller) -> None:
-    """The caller must be able to search every directory above ``real``."""
-    parts = real.strip("/").split("/")
-    cur = "/"
-    for part in parts[:-1]:
-        cur = os.path.join(cur, part)
-        if not _allowed(os.stat(cur), caller, 1):
-            raise Refused(f"{real}: you (uid {caller.uid}) cannot search {cur}")
-
-
-def _within_roots(real: str, roots: list[str], what: str) -> None:
+def within_roots(real: str, roots: list[str], what: str) -> None:
     if not roots:
         return
     for root in roots:
@@ -73,50 +34,138 @@ def _within_roots(real: str, roots: list[str], what: str) -> None:
         if os.path.commonpath([r, real]) == r:
             return
     raise Refused(f"{what} {real} is outside the directories this daemon serves "
-                  f"(agent.roots: {', '.join(roots)})")
+                  f"(agent.roots: {', '.join(str(r) for r in roots)})")
 
 
-def check_readable(path: str, caller: Caller, roots: list[str]) -> str:
-    """The resolved path, if the caller may have it uploaded; raises Refused otherwise.
-    Runs in a thread (it stats every directory on the way)."""
-    real = os.path.realpath(path)
-    _within_roots(real, roots, "path")
-    if real != os.path.abspath(path) and roots:
-        _within_roots(real, roots, "symlink target")
+def fd_path(fd: int) -> str:
+    """Where an open descriptor's file is now (as the kernel resolved it)."""
+    return os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
+
+
+def open_source(path: str, roots: list[str], *, directory_ok: bool = False) -> int:
+    """Open a caller's file for reading, in the calling thread's identity: a regular file
+    (or a directory with ``directory_ok``), under ``roots`` as opened. Raises
+    FileNotFoundError, or UsageError / Refused naming what was wrong."""
+    uid = thread_uid()
     try:
-        st = os.stat(real)
-        _walk_to(real, caller)
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise  # the caller says what that means: a bad request, or a source that changed
+    except PermissionError:
+        raise Refused(f"{path}: you (uid {uid}) cannot read it, so the daemon will not "
+                      "upload it for you") from None
+    except OSError as e:
+        raise UsageError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or (directory_ok and stat.S_ISDIR(st.st_mode))):
+            raise UsageError(f"not a regular file{' or directory' if directory_ok else ''}: "
+                             f"{path}")
+        if roots:
+            within_roots(fd_path(fd), roots, "path")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_given(path: str, roots: list[str], directory_ok: bool = False) -> int:
+    if not os.path.isabs(path):
+        raise UsageError(f"path must be absolute: {path!r}")
+    try:
+        return open_source(path, roots, directory_ok=directory_ok)
     except FileNotFoundError:
         raise UsageError(f"no such file or directory: {path}") from None
-    want = 4 | 1 if stat.S_ISDIR(st.st_mode) else 4
-    if not _allowed(st, caller, want):
-        raise Refused(f"{path}: you (uid {caller.uid}) cannot read it, so the daemon will "
-                      "not upload it for you")
-    return real
 
 
-def check_file_readable(path: str, caller: Caller) -> None:
-    """For each file of a directory upload (the directory itself was checked)."""
-    if caller.uid == 0:
-        return
-    st = os.stat(path)
-    if not _allowed(st, caller, 4):
-        raise Refused(f"{path}: you (uid {caller.uid}) cannot read it, so the daemon will "
-                      "not upload it for you")
+def check_readable(path: str, caller: Identity, roots: list[str]) -> None:
+    """At request time (in a worker thread): the caller can open ``path`` for reading
+    (a file, or a directory it can list and enter), under ``roots``."""
+    def probe() -> None:
+        fd = _open_given(path, roots, directory_ok=True)
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                try:
+                    os.listdir(fd)
+                    os.stat(".", dir_fd=fd)
+                except PermissionError:
+                    raise Refused(f"{path}: you (uid {caller.uid}) cannot list or enter "
+                                  "it, so the daemon will not upload it for you") from None
+        finally:
+            os.close(fd)
+
+    call_as(caller, probe)
 
 
-def check_writable_dest(dest: str, caller: Caller, roots: list[str]) -> None:
-    """A download destination: the caller must be able to create it (write and search its
-    parent), or write into it when it exists."""
-    real_parent = os.path.realpath(os.path.dirname(dest.rstrip("/")) or "/")
-    _within_roots(real_parent, roots, "destination")
-    target = dest if os.path.isdir(dest) else real_parent
+def check_writable_dest(dest: str, caller: Identity, roots: list[str]) -> None:
+    """A download destination (in a worker thread): an absolute path that is absent or an
+    empty directory, whose parent the caller can create entries in, under ``roots``."""
+    def probe() -> None:
+        if not os.path.isabs(dest):
+            raise UsageError(f"destination must be an absolute path: {dest!r}")
+        parent = os.path.dirname(dest.rstrip("/")) or "/"
+        try:
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UsageError(f"destination's parent directory does not exist: {parent}") \
+                from None
+        except PermissionError:
+            raise Refused(f"{parent}: you (uid {caller.uid}) cannot open it, so the daemon "
+                          "will not download into it for you") from None
+        except NotADirectoryError:
+            raise UsageError(f"destination's parent is not a directory: {parent}") from None
+        try:
+            if roots:
+                within_roots(fd_path(fd), roots, "destination")
+            _can_create_in(fd, parent, caller)
+        finally:
+            os.close(fd)
+        check_dest(dest)
+
+    call_as(caller, probe)
+
+
+def _can_create_in(dir_fd: int, parent: str, caller: Identity) -> None:
+    """Try it (access(2) would answer for the real uid, not this thread's): a directory
+    made and removed at once, with a name no one else uses."""
+    probe = f".chronicle-probe-{os.getpid()}-{threading.get_ident()}"
     try:
-        _walk_to(os.path.realpath(target) + "/x", caller)
-        st = os.stat(target)
+        os.mkdir(probe, 0o700, dir_fd=dir_fd)
+    except PermissionError:
+        raise Refused(f"{parent}: you (uid {caller.uid}) cannot write there, so the daemon "
+                      "will not download into it for you") from None
+    except OSError as e:
+        raise UsageError(f"cannot create anything in {parent}: {e.strerror}") from None
+    os.rmdir(probe, dir_fd=dir_fd)
+
+
+def check_dest(dest: str) -> None:
+    """The destination is absent or an empty directory (in the caller's identity)."""
+    if not os.path.isabs(dest):
+        raise UsageError(f"destination must be an absolute path: {dest!r}")
+    try:
+        st = os.stat(dest)
     except FileNotFoundError:
-        raise UsageError(f"destination's parent directory does not exist: {real_parent}") \
-            from None
-    if not _allowed(st, caller, 2 | 1):
-        raise Refused(f"{target}: you (uid {caller.uid}) cannot write there, so the daemon "
-                      "will not download into it for you")
+        st = None
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise Refused(f"{dest}: you cannot look at it ({e.strerror})") from None
+        raise UsageError(f"destination {dest}: {e.strerror}") from None
+    if st is not None and (not stat.S_ISDIR(st.st_mode) or os.listdir(dest)):
+        raise UsageError(f"destination exists and is not an empty directory: {dest}")
+    parent = os.path.dirname(dest.rstrip("/")) or "/"
+    if not os.path.isdir(parent):
+        raise UsageError(f"destination's parent directory does not exist: {parent}")
+
+
+def file_size(path: str, caller: Identity, roots: list[str]) -> int:
+    """A component of the three-step flow (in a worker thread): the caller can read this
+    regular file, under ``roots``; its size."""
+    def probe() -> int:
+        fd = _open_given(path, roots)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    return call_as(caller, probe)

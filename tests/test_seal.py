@@ -174,8 +174,8 @@ def test_snapshot_links_copies_and_survives_delete(tmp_path: Path, staging: Stag
         assert (Path(snap.path) / rel).read_bytes() == data
     staging.account([snap.dir])
     assert staging.held_bytes == 5000 + 3000 + 2 and staging.files == 3
-    assert Staging.changed(snap) is None
-    Staging.remove(snap.dir)
+    assert staging.changed(snap) is None
+    staging.remove(snap.dir)
     staging.account([snap.dir])
     assert staging.held_bytes == 0 and not os.path.exists(snap.dir)
 
@@ -199,7 +199,7 @@ def test_snapshot_detects_a_rewrite_in_place(tmp_path: Path, staging: Staging) -
     if snap.files["last.pt"][3] == "link":  # ext4, tmpfs: a link shares the inode
         with open(ck, "wb") as f:  # torch.save onto the same name: same inode
             f.write(b"v2!")
-        assert Staging.changed(snap) == "last.pt"
+        assert staging.changed(snap) == "last.pt"
 
 
 def test_staging_falls_back_to_the_state_dir(tmp_path: Path, staging: Staging) -> None:

@@ -22,11 +22,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent import __version__
-from agent.access import Caller, Refused, check_readable, check_writable_dest
+from agent.access import Refused, check_readable, check_writable_dest, file_size
 from agent.chronicle import contract
 from agent.errors import AgentError, ChronicleError, StateDiskFull, UsageError
+from agent.fsid import Identity
 from agent.queue.store import TERMINAL, Job, JobKind, StateConflict, credential_id
-from agent.transfer.download import check_dest
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
 
 if TYPE_CHECKING:
@@ -277,8 +277,9 @@ class Api:
                     self._checked[key] = (principal, time.monotonic() + TOKEN_CHECK_TTL_S)
         return await self.q.do(self.q.s.put_credential, uid, token, principal)
 
-    def _caller(self, request: web.Request) -> Caller:
-        return Caller.of(*peer_creds(request))
+    def _caller(self, request: web.Request) -> Identity:
+        _pid, uid, gid = peer_creds(request)
+        return Identity.of(uid, gid)
 
     def _roots(self) -> list[str]:
         return [str(r) for r in self.d.settings.agent.roots]
@@ -355,7 +356,7 @@ class Api:
         await anyio.to_thread.run_sync(check_readable, req.path, caller, self._roots())
         payload = req.model_dump(exclude_none=True, exclude={"run_id"})
         payload.setdefault("visibility", self.d.settings.upload.visibility)
-        payload["groups"] = sorted(caller.groups)  # each file of a directory is checked too
+        payload["gid"] = caller.gid  # the worker reads as this uid and gid, at every step
         return await self._enqueue(request, JobKind.UPLOAD, payload, self._run_id(req.run_id))
 
     async def inline(self, request: web.Request) -> web.Response:
@@ -432,13 +433,10 @@ class Api:
                              + ", ".join(sorted(comps)))
         if not os.path.isabs(req.path):
             raise UsageError(f"path must be absolute: {req.path!r}")
-        await anyio.to_thread.run_sync(check_readable, req.path, self._caller(request),
-                                       self._roots())
-        if not await anyio.to_thread.run_sync(os.path.isfile, req.path):
-            raise UsageError(f"not a regular file: {req.path}")
+        caller = self._caller(request)
+        size = await anyio.to_thread.run_sync(file_size, req.path, caller, self._roots())
         payload = {"name": name, "path": req.path, "content_type": req.content_type,
-                   "asset_type": rec.asset_type}
-        size = (await anyio.to_thread.run_sync(os.stat, req.path)).st_size
+                   "asset_type": rec.asset_type, "gid": caller.gid}
         return await self._enqueue(request, JobKind.COMPONENT, payload, rec.run_id,
                                    asset_key=rec.asset_key, bytes_total=size)
 
@@ -449,10 +447,10 @@ class Api:
 
     async def download(self, request: web.Request) -> web.Response:
         req = DownloadReq.model_validate(await _json(request))
-        await anyio.to_thread.run_sync(check_dest, req.dest)
-        await anyio.to_thread.run_sync(check_writable_dest, req.dest, self._caller(request),
-                                       self._roots())
-        return await self._enqueue(request, JobKind.DOWNLOAD, req.model_dump(), None)
+        caller = self._caller(request)
+        await anyio.to_thread.run_sync(check_writable_dest, req.dest, caller, self._roots())
+        payload = req.model_dump() | {"gid": caller.gid}
+        return await self._enqueue(request, JobKind.DOWNLOAD, payload, None)
 
     # ---- jobs ----------------------------------------------------------------------------
 

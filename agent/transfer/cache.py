@@ -54,6 +54,7 @@ import anyio.to_thread
 
 from agent.chronicle import models as m
 from agent.errors import DiskFull
+from agent.fsid import Identity, run_as
 
 log = logging.getLogger(__name__)
 
@@ -185,24 +186,30 @@ class AssetCache:
 
     async def materialize(self, entry: Entry, staging: str,
                           on_bytes: Callable[[int], None],
-                          link: bool = True) -> list[dict[str, Any]]:
-        """Put the entry's files under ``staging`` (hardlink, else copy); the files.
-        ``link=False`` always copies: files handed over to another user must be their own,
-        not the cache's (a hardlink shares its owner)."""
+                          ident: Identity | None = None) -> list[dict[str, Any]]:
+        """Put the entry's files under ``staging``, which is written with ``ident``'s
+        rights (agent.fsid): hardlinks when that is the daemon itself, else copies the
+        caller owns, read from descriptors the daemon opens on its own cache (the caller
+        cannot reach the cache, and a hardlink would share the cache's owner)."""
+        link = ident is None or ident.is_daemon
         for f in entry.files:
             src = str(entry.path / f.name)
             dst = os.path.join(staging, *f.name.split("/"))
-            linked = await anyio.to_thread.run_sync(_link_or_prepare, src, dst, f.size, link)
+            linked = await run_as(ident, _link_or_prepare, src, dst, f.size, link)
             if linked is None:
                 on_bytes(f.size)
                 continue
             done = linked
             on_bytes(done)
-            while done < f.size:
-                n = await anyio.to_thread.run_sync(_copy_chunk, src, dst, done,
-                                                   min(COPY_CHUNK_BYTES, f.size - done))
-                done += n
-                on_bytes(n)
+            sfd = await anyio.to_thread.run_sync(os.open, src, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while done < f.size:
+                    n = await run_as(ident, _copy_chunk, sfd, src, dst, done,
+                                     min(COPY_CHUNK_BYTES, f.size - done))
+                    done += n
+                    on_bytes(n)
+            finally:
+                os.close(sfd)
         await anyio.to_thread.run_sync(self._touch, entry.asset_id)
         return [f.result() for f in entry.files]
 
@@ -415,7 +422,7 @@ def _link_or_prepare(src: str, dst: str, size: int, link: bool = True) -> int | 
                 raise
         _create(dst)
         return 0
-    if os.path.samestat(st, os.stat(src)):
+    if link and os.path.samestat(st, os.stat(src)):
         return None
     if st.st_size > size:
         os.truncate(dst, 0)
@@ -433,32 +440,29 @@ def _create(dst: str) -> None:
     os.close(fd)
 
 
-def _copy_chunk(src: str, dst: str, offset: int, count: int) -> int:
-    """Copy ``count`` bytes at ``offset`` of ``src`` into ``dst`` (in the kernel where it
-    can); the bytes copied. ENOSPC → DiskFull, with ``dst`` cut back to what is whole."""
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+def _copy_chunk(sfd: int, src: str, dst: str, offset: int, count: int) -> int:
+    """Copy ``count`` bytes at ``offset`` of ``src`` (open as ``sfd``) into ``dst`` (in the
+    kernel where it can); the bytes copied. ENOSPC → DiskFull, with ``dst`` cut back to what
+    is whole."""
+    dfd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
+        done = 0
         try:
-            done = 0
-            try:
-                while done < count:
-                    n = _copy_some(sfd, dfd, offset + done, count - done)
-                    if n == 0:
-                        raise OSError(errno.EIO, f"{src} is shorter than expected")
-                    done += n
-            except OSError as e:
-                if is_disk_full(e):
-                    os.ftruncate(dfd, offset + done)
-                    raise DiskFull(
-                        f"no space left on device copying into {dst} "
-                        f"({offset + done} bytes in place)") from None
-                raise
-            return done
-        finally:
-            os.close(dfd)
+            while done < count:
+                n = _copy_some(sfd, dfd, offset + done, count - done)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{src} is shorter than expected")
+                done += n
+        except OSError as e:
+            if is_disk_full(e):
+                os.ftruncate(dfd, offset + done)
+                raise DiskFull(
+                    f"no space left on device copying into {dst} "
+                    f"({offset + done} bytes in place)") from None
+            raise
+        return done
     finally:
-        os.close(sfd)
+        os.close(dfd)
 
 
 def _copy_some(sfd: int, dfd: int, at: int, count: int) -> int:

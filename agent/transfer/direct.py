@@ -53,7 +53,7 @@ def download_direct(
 ) -> list[dict[str, Any]]:
     """Download ``asset`` (with its ``download_urls``) into the empty or new directory
     ``dest``; the files. ``refresh`` gets fresh URLs (they expire)."""
-    from agent.transfer.download import check_dest
+    from agent.access import check_dest
 
     check_dest(dest)
     staging = staging_dir(dest, asset.asset_id)

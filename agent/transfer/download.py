@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import pwd
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from agent.access import check_dest
 from agent.chronicle import contract
 from agent.chronicle import models as m
 from agent.errors import (
@@ -43,6 +43,7 @@ from agent.errors import (
     UsageError,
     VerificationError,
 )
+from agent.fsid import Identity, run_as
 from agent.transfer.cache import AssetCache, is_disk_full
 from agent.transfer.groups import one_error
 from agent.transfer.http import Watchdog, classify_storage_answer, redact
@@ -60,16 +61,6 @@ Measured: 4 MiB saved about 8% CPU and cost about 50 MB of peak RSS."""
 def staging_dir_for(dest: str, job_id: str) -> str:
     parent, base = os.path.split(dest.rstrip("/"))
     return os.path.join(parent, f".{base}.chronicle-partial-{job_id}")
-
-
-def check_dest(dest: str) -> None:
-    if not os.path.isabs(dest):
-        raise UsageError(f"destination must be an absolute path: {dest!r}")
-    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise UsageError(f"destination exists and is not an empty directory: {dest}")
-    parent = os.path.dirname(dest.rstrip("/")) or "/"
-    if not os.path.isdir(parent):
-        raise UsageError(f"destination's parent directory does not exist: {parent}")
 
 
 @dataclass
@@ -90,9 +81,13 @@ async def download_asset(
     progress: Progress,
     token: str | None = None,
     cache: AssetCache | None = None,
-    owner_uid: int | None = None,
+    ident: Identity | None = None,
 ) -> DownloadResult:
-    await anyio.to_thread.run_sync(check_dest, dest)
+    """Everything at the destination (the check, the staging directory beside it, its
+    files, the final rename) is done with ``ident``'s rights (agent.fsid): the files are
+    the caller's from birth, and nothing the caller plants there can send the daemon's
+    writes anywhere the caller could not write itself."""
+    await run_as(ident, check_dest, dest)
     try:
         asset = await engine.chronicle.send(
             contract.get_asset(asset_id, include_presigned=True), token=token)
@@ -102,7 +97,7 @@ async def download_asset(
         raise
     warnings = check_asset(asset, allow_invalid)
     staging = staging_dir_for(dest, job_id)
-    await anyio.to_thread.run_sync(lambda: os.makedirs(staging, mode=0o700, exist_ok=True))
+    await run_as(ident, lambda: os.makedirs(staging, mode=0o700, exist_ok=True))
     total = sum(c.size or 0 for c in asset.components)
     await engine.queue.do(engine.queue.s.set_progress, job_id, bytes_total=total)
     fetcher = _Fetcher(engine, asset, token, progress)
@@ -111,14 +106,10 @@ async def download_asset(
         async with cache.use(asset, fetcher.fetch_all) as entry:
             cached = not entry.filled
             progress.add(-progress.bytes_done)  # from here: bytes in place at the destination
-            files = await cache.materialize(
-                entry, staging, progress.add,
-                link=owner_uid is None or owner_uid == os.geteuid())
+            files = await cache.materialize(entry, staging, progress.add, ident)
     else:
-        files = await fetcher.fetch_all(staging)
-    if owner_uid is not None:
-        await anyio.to_thread.run_sync(_hand_over, staging, owner_uid)
-    await anyio.to_thread.run_sync(_move_into_place, staging, dest)
+        files = await fetcher.fetch_all(staging, ident)
+    await run_as(ident, _move_into_place, staging, dest)
     files.sort(key=lambda f: f["name"])
     return DownloadResult(asset, files, warnings, cached)
 
@@ -151,24 +142,6 @@ def discard_staging(dest: str, job_id: str) -> None:
     shutil.rmtree(staging_dir_for(dest, job_id), ignore_errors=True)
 
 
-def _hand_over(root: str, uid: int) -> None:
-    """Give a tree the daemon wrote for another user to that user: directories and files
-    of its own (a hardlink into the cache stays the daemon's: it is read-only, and
-    changing its owner would hand over the cache's copy)."""
-    if uid == os.geteuid() or os.geteuid() != 0:
-        return
-    try:
-        gid = pwd.getpwuid(uid).pw_gid
-    except KeyError:
-        gid = -1
-    for dirpath, _dirs, filenames in os.walk(root):
-        os.lchown(dirpath, uid, gid)
-        for fn in filenames:
-            p = os.path.join(dirpath, fn)
-            if os.lstat(p).st_nlink == 1:
-                os.lchown(p, uid, gid)
-
-
 class _Fetcher:
     """Fetches an asset's components into a directory, concurrently, each resumed and
     verified; refreshes the URLs once they expire."""
@@ -186,7 +159,10 @@ class _Fetcher:
             contract.get_asset(self.asset.asset_id, include_presigned=True), token=self.token)
         self.urls = dict(a.download_urls or {})
 
-    async def fetch_all(self, target_dir: Any) -> list[dict[str, Any]]:
+    async def fetch_all(self, target_dir: Any,
+                        ident: Identity | None = None) -> list[dict[str, Any]]:
+        """Into ``target_dir``, with ``ident``'s rights (None: the daemon's own, for the
+        node-local cache)."""
         files: list[dict[str, Any]] = []
         root = str(target_dir)
 
@@ -196,7 +172,7 @@ class _Fetcher:
                 raise VerificationError(f"Chronicle gave no download URL for {name!r}")
             target = os.path.join(root, *name.split("/"))
             sha = await _fetch(self.e, name, lambda: self.urls[name], self.refresh, target,
-                               comp, self.progress)
+                               comp, self.progress, ident)
             files.append({"name": name, "size": comp.size or 0, "sha256": sha})
 
         with one_error():
@@ -214,6 +190,7 @@ async def _fetch(
     target: str,
     comp: m.Component,
     progress: Progress,
+    ident: Identity | None,
 ) -> str:
     """Fetch one component into ``target``, resuming from what is there; verify it."""
     size = comp.size or 0
@@ -242,19 +219,18 @@ async def _fetch(
         return have, h
 
     async def attempt() -> str:
-        have, h = await anyio.to_thread.run_sync(prepare)
+        have, h = await run_as(ident, prepare)
         if have:
             log.info("%s: resuming from byte %d of %d", what, have, size)
         if have < size:  # a disk already full: ask storage for nothing
-            await anyio.to_thread.run_sync(_check_space, target, min(size - have, 1 << 20),
-                                           what)
+            await run_as(ident, _check_space, target, min(size - have, 1 << 20), what)
         progress.add(have)
         got = 0
         try:
             if have < size:
                 async with engine.limits.slots:
                     got = await _get_into(engine, url_of(), target, have, size, h, progress,
-                                          up.stall_timeout_s, what)
+                                          up.stall_timeout_s, what, ident)
         except UrlExpired:
             await refresh()
             raise RetryableError(f"{what}: URL expired", code="url_expired") from None
@@ -262,7 +238,7 @@ async def _fetch(
             progress.add(-(have + got))
         sha: str = h.hexdigest()
         if comp.sha256 and sha != comp.sha256:
-            await anyio.to_thread.run_sync(os.unlink, target)
+            await run_as(ident, os.unlink, target)
             raise RetryableError(f"{what}: SHA-256 mismatch, fetching again",
                                  code="checksum_mismatch")
         progress.add(size)
@@ -314,15 +290,13 @@ def _write_at(fd: int, chunks: list[bytes], at: int, h: Any, target: str, what: 
 
 async def _get_into(
     engine: Engine, url: str, target: str, have: int, size: int, h: Any, progress: Progress,
-    stall_s: float, what: str,
+    stall_s: float, what: str, ident: Identity | None,
 ) -> int:
     headers = {"Range": f"bytes={have}-{size - 1}"} if have else {}
     watchdog = Watchdog(stall_s)
     got = 0
     log.debug("%s <- %s from byte %d", what, redact(url), have)
-    fd = await anyio.to_thread.run_sync(
-        lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    )
+    fd = await run_as(ident, os.open, target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         async with asyncio.timeout(stall_s) as t:
             watchdog.arm(t)

@@ -38,6 +38,15 @@ _CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
 
 
+Opener = Callable[[str], int]
+"""Opens a source file for reading, in a worker thread, with the rights of whoever the
+bytes are read for (see agent.fsid): a descriptor."""
+
+
+def open_plain(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def redact(url: str) -> str:
     """A URL fit for a log line: scheme, host and path, never the query (the signature)."""
     parts = urlsplit(url)
@@ -102,10 +111,11 @@ async def file_chunks(
     on_bytes: Callable[[int], None],
     limits: Limits,
     watchdog: Watchdog | None = None,
+    opener: Opener | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield ``length`` bytes of ``path`` from ``offset``, read (and hashed) in a thread,
     never more than one chunk held at a time."""
-    fd = await anyio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = await anyio.to_thread.run_sync(opener or open_plain, path)
     try:
         pos, end = offset, offset + length
 
@@ -195,13 +205,15 @@ async def put_file(
     on_bytes: Callable[[int], None],
     content_type: str | None = None,
     what: str,
+    opener: Opener | None = None,
 ) -> tuple[str | None, str]:
     """PUT ``length`` bytes of ``path`` at ``offset``, hashed in the same read pass.
     Returns (ETag as returned, SHA-256 hex of the bytes sent)."""
     hasher = hashlib.sha256()
 
     async def body(count: Callable[[int], None], watchdog: Watchdog) -> Any:
-        chunks = file_chunks(path, offset, length, chunk_bytes, hasher, count, limits, watchdog)
+        chunks = file_chunks(path, offset, length, chunk_bytes, hasher, count, limits, watchdog,
+                             opener)
         if length <= chunk_bytes:  # small bodies are read whole: one thread hop, bytes
             return b"".join([c async for c in chunks])
         return chunks
@@ -232,7 +244,8 @@ async def put_bytes(
                       what=what)
 
 
-async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
+async def hash_file(path: str, size: int, chunk_bytes: int,
+                    opener: Opener | None = None) -> str:
     """SHA-256 of a whole file, read sequentially in a thread into one reused buffer. A
     cancelled caller returns at once; the thread stops at its next chunk."""
     stop = threading.Event()
@@ -241,7 +254,7 @@ async def hash_file(path: str, size: int, chunk_bytes: int) -> str:
         h = hashlib.sha256()
         buf = bytearray(max(chunk_bytes, 4 << 20))
         view = memoryview(buf)
-        with open(path, "rb", buffering=0) as f:
+        with os.fdopen((opener or open_plain)(path), "rb", buffering=0) as f:
             remaining = size
             while remaining > 0:
                 if stop.is_set():
@@ -276,8 +289,10 @@ class SendfilePayload(aiohttp.payload.Payload):
         limits: Limits,
         on_bytes: Callable[[int], None],
         watchdog: Watchdog,
+        opener: Opener | None = None,
     ) -> None:
         super().__init__(path, content_type=None)
+        self._opener = opener or open_plain
         self._size = length
         self._path, self._offset = path, offset
         self._piece = piece_bytes
@@ -299,7 +314,8 @@ class SendfilePayload(aiohttp.payload.Payload):
         if transport is None:
             raise ConnectionResetError("connection lost before the body was sent")
         loop = asyncio.get_running_loop()
-        f = await anyio.to_thread.run_sync(open, self._path, "rb")
+        fd = await anyio.to_thread.run_sync(self._opener, self._path)
+        f = os.fdopen(fd, "rb", buffering=0)
         try:
             pos, end = self._offset, self._offset + (self._size or 0)
             while pos < end:
@@ -328,11 +344,12 @@ async def put_file_sendfile(
     stall_s: float,
     on_bytes: Callable[[int], None],
     what: str,
+    opener: Opener | None = None,
 ) -> str | None:
     """PUT a slice of a file with sendfile(2); returns the ETag as storage returned it."""
 
     async def body(count: Callable[[int], None], watchdog: Watchdog) -> Any:
         return SendfilePayload(path, offset, length, piece_bytes=piece_bytes, limits=limits,
-                               on_bytes=count, watchdog=watchdog)
+                               on_bytes=count, watchdog=watchdog, opener=opener)
 
     return await _put(session, url, length, body, stall_s=stall_s, on_bytes=on_bytes, what=what)

@@ -31,12 +31,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import aiohttp
 import anyio
 import anyio.to_thread
 
+from agent.access import open_source, within_roots
 from agent.chronicle import contract
 from agent.chronicle import models as m
 from agent.chronicle.aio import AsyncChronicle
@@ -50,11 +52,19 @@ from agent.errors import (
     UrlExpired,
     UsageError,
 )
+from agent.fsid import Identity, call_as
 from agent.metrics import Metrics
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
 from agent.transfer.groups import one_error
-from agent.transfer.http import hash_file, put_bytes, put_file, put_file_sendfile, redact
+from agent.transfer.http import (
+    Opener,
+    hash_file,
+    put_bytes,
+    put_file,
+    put_file_sendfile,
+    redact,
+)
 from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 
@@ -120,14 +130,15 @@ def changed_message(comp: ComponentRecord, st: Stat | None) -> str | None:
     return None
 
 
-def read_registered(comp: ComponentRecord, buf: bytearray) -> tuple[memoryview, str]:
+def read_registered(comp: ComponentRecord, buf: bytearray,
+                    opener: Opener) -> tuple[memoryview, str]:
     """Read a small component whole into ``buf`` (in a thread), hashed, and make sure the
     bytes are the registered version's: the open file's size, mtime and inode before and
     after the read must match what was registered. ``buf`` holds at least one byte more
     than the registered size, so that a file that grew shows."""
     assert comp.path is not None
     try:
-        fd = os.open(comp.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = opener(comp.path)
     except FileNotFoundError:
         raise SourceChanged(changed_message(comp, None) or "") from None
 
@@ -150,16 +161,18 @@ def read_registered(comp: ComponentRecord, buf: bytearray) -> tuple[memoryview, 
         os.close(fd)
 
 
-def scan_path(
-    path: str, check: Callable[[str], None] | None = None
-) -> list[dict[str, Any]]:
-    """The components of a file or directory upload (runs in a thread). A single file is
-    named by its base name; a directory's files by their path relative to it. Symlinks are
-    followed only when they stay inside the directory."""
+def scan_path(path: str, roots: list[str] | None = None) -> list[dict[str, Any]]:
+    """The components of a file or directory upload (runs in a worker thread, with the
+    rights of the job's owner: agent.fsid). A single file is named by its base name; a
+    directory's files by their path relative to it. Symlinks are followed only when they
+    stay inside the directory. Each file is opened later, by descriptor, with the same
+    rights and checked against ``roots`` again as opened."""
     if not os.path.isabs(path):
         raise UsageError(f"path must be absolute: {path!r}")
     if not os.path.lexists(path):
         raise UsageError(f"no such file or directory: {path}")
+    if roots:
+        within_roots(os.path.realpath(path), roots, "path")
     if os.path.isfile(path):
         st = Stat.of(path)
         return [{"name": check_component_name(os.path.basename(path)), "path": path,
@@ -177,8 +190,7 @@ def scan_path(
                 raise UsageError(f"symlink leaves the uploaded directory: {full} -> {real}")
             if not os.path.isfile(full):
                 continue  # sockets, fifos, dangling links
-            if check is not None:
-                check(full)
+            os.close(open_source(full, []))  # the owner can read it (names it if not)
             rel = os.path.relpath(full, path).replace(os.sep, "/")
             st = Stat.of(full)
             out.append({"name": check_component_name(rel), "path": full, "size": st.size,
@@ -289,8 +301,12 @@ class AssetUpload:
     """Drives one local asset record to ``ready``."""
 
     def __init__(
-        self, engine: Engine, asset: AssetRecord, progress: Progress, token: str | None = None
+        self, engine: Engine, asset: AssetRecord, progress: Progress, token: str | None = None,
+        *, reader: Identity | None | Literal["owner"] = "owner",
     ) -> None:
+        """``reader``: whose rights the source files are opened with: by default the
+        asset's owner (uid, and ``gid`` from its job); None only for the daemon's own
+        private staging area."""
         self.e = engine
         self.q = engine.queue
         self.asset = asset
@@ -301,6 +317,14 @@ class AssetUpload:
         self.use_by: dict[str, float] = {}
         """Presigned URL → the time after which it is refreshed before use."""
         self._refresh_lock = anyio.Lock()
+        self.reader = Identity.of(asset.uid) if reader == "owner" else reader
+        self.open_src: Opener = partial(call_as, self.reader, open_source,
+                                        roots=[str(r) for r in engine.settings.agent.roots]
+                                        if self.reader is not None else [])
+
+    async def stat_src(self, path: str) -> Stat:
+        """The source file's identity, looked at with the reader's rights."""
+        return await anyio.to_thread.run_sync(call_as, self.reader, Stat.of, path)
 
     @property
     def asset_id(self) -> str:
@@ -429,7 +453,7 @@ class AssetUpload:
     async def _check_unchanged(self, comp: ComponentRecord) -> None:
         assert comp.path is not None
         try:
-            st: Stat | None = await anyio.to_thread.run_sync(Stat.of, comp.path)
+            st: Stat | None = await self.stat_src(comp.path)
         except FileNotFoundError:
             st = None
         why = changed_message(comp, st)
@@ -502,7 +526,8 @@ class AssetUpload:
 
         async def put(url: str) -> str:
             with self.e.small_buffers.take() as buf:
-                data, sha = await anyio.to_thread.run_sync(read_registered, comp, buf)
+                data, sha = await anyio.to_thread.run_sync(read_registered, comp, buf,
+                                                           self.open_src)
                 await put_bytes(self.e.session, url, data, limits=self.e.limits,
                                 stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what)
             return sha
@@ -520,7 +545,7 @@ class AssetUpload:
             _, sha = await put_file(
                 self.e.session, url, path, 0, size, chunk_bytes=up.chunk_bytes,
                 limits=self.e.limits, stall_s=up.stall_timeout_s, on_bytes=self._counted,
-                content_type=None, what=what,
+                content_type=None, what=what, opener=self.open_src,
             )
             return sha
 
@@ -545,7 +570,7 @@ class AssetUpload:
         up = self.e.settings.upload
 
         async def hash_all() -> None:
-            sha_box.append(await hash_file(path, size, up.chunk_bytes))
+            sha_box.append(await hash_file(path, size, up.chunk_bytes, self.open_src))
 
         async def send_part(pn: int) -> None:
             what = f"PUT {name} part {pn}/{n_parts} of {self.asset_id}"
@@ -556,6 +581,7 @@ class AssetUpload:
                     self.e.session, url, path, offset, length,
                     piece_bytes=max(up.chunk_bytes, 4 << 20), limits=self.e.limits,
                     stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what,
+                    opener=self.open_src,
                 )
                 if not etag:
                     raise RetryableError(f"{what}: storage returned no ETag", code="no_etag")

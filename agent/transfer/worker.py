@@ -10,8 +10,8 @@ request: an upload's pending asset is abandoned on Chronicle).
 from __future__ import annotations
 
 import logging
+import os
 import time
-from functools import partial
 from typing import Any
 
 import anyio
@@ -19,7 +19,6 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
-from agent.access import Caller, check_file_readable
 from agent.chronicle import contract
 from agent.errors import (
     AgentError,
@@ -29,6 +28,7 @@ from agent.errors import (
     SourceChanged,
     StateDiskFull,
 )
+from agent.fsid import Identity, run_as
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
 from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
@@ -52,6 +52,20 @@ class Workers:
         dl = engine.settings.download
         self.cache = AssetCache(engine.settings.cache_dir(), dl.cache_max_bytes)
         """The node-local cache of ready assets (opened on the first download)."""
+        self.private_staging = os.path.join(engine.settings.state_dir(), "staging", "")
+        self.roots = [str(r) for r in engine.settings.agent.roots]
+
+    def identity(self, job: Job) -> Identity | None:
+        """Whose rights a job's files are opened with: its owner's (uid, and the gid its
+        request came with), at every step; the daemon's own only for a watcher's snapshot
+        in the daemon's private staging area (taken with the owner's rights, see
+        agent.watch.staging). The payload keys that say so are set by the watcher alone:
+        the socket API refuses unknown fields."""
+        p = job.payload
+        if (job.kind == JobKind.UPLOAD and p.get("checkpoint")
+                and str(p.get("path", "")).startswith(self.private_staging)):
+            return None
+        return Identity.of(job.uid, p.get("gid"))
 
     # ---- API-facing ----------------------------------------------------------------------
 
@@ -211,7 +225,8 @@ class Workers:
                         log.warning("job %s: could not abandon %s: %s", job.job_id,
                                     asset.asset_id, e)
             if job.kind == JobKind.DOWNLOAD:
-                await anyio.to_thread.run_sync(discard_staging, job.payload["dest"], job.job_id)
+                await run_as(self.identity(job), discard_staging, job.payload["dest"],
+                             job.job_id)
         if reason is not None:
             return JobState.ABANDONED, {"code": "abandoned", "message": reason}, None
         return (JobState.CANCELLED, {"code": "cancelled", "message": "cancelled by request"},
@@ -255,9 +270,8 @@ class Workers:
             if prior is not None and prior.state == "abandoned":
                 job.asset_key = None  # a retry after a cancel or a changed source: rescan
         if job.asset_key is None:
-            caller = Caller(job.uid, -1, 0, frozenset(p.get("groups") or ()))
-            comps = await anyio.to_thread.run_sync(
-                scan_path, p["path"], partial(check_file_readable, caller=caller))
+            comps = await run_as(self.identity(job), scan_path, p["path"],
+                                 self.roots if self.identity(job) is not None else [])
             if p.get("content_type") and len(comps) == 1:
                 comps[0]["content_type"] = p["content_type"]
             rec = await self.q.do(
@@ -266,7 +280,8 @@ class Workers:
                 job_id=job.job_id, register_key=p.get("register_key"), cred_id=job.cred_id,
             )
             job.asset_key = rec.asset_key
-        up = AssetUpload(self.e, await self._asset_for(job), progress)
+        up = AssetUpload(self.e, await self._asset_for(job), progress,
+                         reader=self.identity(job))
         if up.asset.state != "finalized":
             try:
                 await up.ensure_registered()
@@ -309,14 +324,16 @@ class Workers:
         assert job.asset_key is not None
         asset = await self.q.do(self.q.s.asset, job.asset_key)
         assert asset is not None
-        up = AssetUpload(self.e, asset, progress)
+        up = AssetUpload(self.e, asset, progress, reader=self.identity(job))
         comps = {c.name: c for c in await self.q.do(self.q.s.components, job.asset_key)}
         comp = comps[p["name"]]
         if comp.uploaded and comp.path == p["path"]:
             return None
-        from agent.transfer.upload import Stat
-
-        st = await anyio.to_thread.run_sync(Stat.of, p["path"])
+        try:
+            st = await up.stat_src(p["path"])
+        except FileNotFoundError:
+            raise SourceChanged(f"{p['path']} was deleted before it could be uploaded as "
+                                f"component {comp.name!r}") from None
         declare = None
         if comp.size != st.size or comp.path != p["path"]:
             declare = {comp.name: st.size}
@@ -359,12 +376,13 @@ class Workers:
             res = await download_asset(
                 self.e, job.job_id, p["asset_id"], p["dest"], bool(p.get("allow_invalid")),
                 progress, token=caller_token(job.cred_id, job.token, f"job {job.job_id}"),
-                cache=self.cache, owner_uid=job.uid)
+                cache=self.cache, ident=self.identity(job))
         except (ChronicleError, AgentError) as e:
-            # A retryable error or a full disk keeps the partial files for the next attempt
-            # (and for `retry`); anything else ends this download: nothing is left behind.
-            if not isinstance(e, RetryableError | DiskFull):
-                await anyio.to_thread.run_sync(discard_staging, p["dest"], job.job_id)
+            # A retryable error or a full disk keeps the partial files for the next attempt;
+            # anything else, or the last attempt, ends this download: nothing is left behind.
+            if (not isinstance(e, RetryableError | DiskFull)
+                    or job.attempts >= self.job_max_attempts or self._stopping):
+                await run_as(self.identity(job), discard_staging, p["dest"], job.job_id)
             raise
         if res.warnings:
             await self.q.do(self.q.s.set_progress, job.job_id, warnings=res.warnings)

@@ -86,12 +86,13 @@ def scan(path: str) -> Scan | None:
     file or directory). Symlinks are followed only when they stay inside the checkpoint."""
     try:
         st = os.stat(path)
+        owner = os.lstat(path).st_uid  # a link's owner, not its target's: whose it is
     except OSError:
         return None
     if stat.S_ISREG(st.st_mode):
         f = FileInfo(os.path.basename(path), path, st.st_size, st.st_mtime_ns, st.st_ino,
                      st.st_dev)
-        return Scan(path, False, [f], st.st_ino, st.st_dev, st.st_uid, st.st_mtime_ns)
+        return Scan(path, False, [f], st.st_ino, st.st_dev, owner, st.st_mtime_ns)
     if not stat.S_ISDIR(st.st_mode):
         return None
     files: list[FileInfo] = []
@@ -127,7 +128,7 @@ def scan(path: str) -> Scan | None:
         return None
     if not os.path.isdir(path):
         return None
-    return Scan(path, True, files, st.st_ino, st.st_dev, st.st_uid, newest, problem)
+    return Scan(path, True, files, st.st_ino, st.st_dev, owner, newest, problem)
 
 
 # ---- globs, roots, temporary names -----------------------------------------------------------

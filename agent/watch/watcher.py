@@ -41,6 +41,7 @@ import anyio.to_thread
 import watchfiles
 
 from agent.config import WatchRule
+from agent.fsid import Identity, Refused, call_as
 from agent.queue import runstore
 from agent.queue.runstore import WatchedRow
 from agent.queue.store import JobState
@@ -218,7 +219,7 @@ class Watcher:
             found = self.staging.orphans(known, [os.path.join(r, STAGING_DIR_NAME)
                                                  for r in roots])
             for d in found:
-                Staging.remove(d)
+                self.staging.remove(d)
             return found
 
         removed = await anyio.to_thread.run_sync(orphans)
@@ -329,37 +330,7 @@ class Watcher:
         cands: dict[str, str] = {}
         rules = sorted(rules, key=lambda r: r.run_id is None)
         for r in rules:
-            parent_glob = "/" + "/".join(r.segs[:-1])
-            last = r.segs[-1]
-            parents = (glob.glob(parent_glob) if seal.GLOB_CHARS.search(parent_glob)
-                       else [parent_glob])
-            for parent in parents:
-                if seal.in_staging(parent):
-                    continue
-                try:
-                    entries = list(os.scandir(parent))
-                except OSError:
-                    continue
-                for e in entries:
-                    name = e.name
-                    if name == STAGING_DIR_NAME:
-                        continue
-                    path = os.path.join(parent, name)
-                    final = seal.final_name(name, r.tmp_rx)
-                    if final is not None and fnmatch.fnmatchcase(final, last):
-                        self.tmp_seen[(parent, final)] = path
-                        self.tmp_live[path] = (r.key, r.run_for(path))
-                        continue
-                    if not seal.is_candidate_name(name, last) or path in cands:
-                        continue
-                    row = self.decided.get(path)
-                    if row is not None and row.state in DONE_STATES:
-                        try:
-                            if e.is_dir():
-                                continue
-                        except OSError:
-                            continue
-                    cands[path] = r.key
+            call_as(self._rule_ident(r), self._rescan_rule, r, cands)
         for p in [p for p in self.tmp_live if not os.path.lexists(p)]:
             del self.tmp_live[p]
         for key, tmp in list(self.tmp_seen.items()):
@@ -369,18 +340,60 @@ class Watcher:
                 del self.tmp_seen[key]
         return cands
 
+    def _rescan_rule(self, r: BoundRule, cands: dict[str, str]) -> None:
+        """One rule's candidates, looked for with the rights of the run's user."""
+        parent_glob = "/" + "/".join(r.segs[:-1])
+        last = r.segs[-1]
+        parents = (glob.glob(parent_glob) if seal.GLOB_CHARS.search(parent_glob)
+                   else [parent_glob])
+        for parent in parents:
+            if seal.in_staging(parent):
+                continue
+            try:
+                entries = list(os.scandir(parent))
+            except OSError:
+                continue
+            for e in entries:
+                name = e.name
+                if name == STAGING_DIR_NAME:
+                    continue
+                path = os.path.join(parent, name)
+                final = seal.final_name(name, r.tmp_rx)
+                if final is not None and fnmatch.fnmatchcase(final, last):
+                    self.tmp_seen[(parent, final)] = path
+                    self.tmp_live[path] = (r.key, r.run_for(path))
+                    continue
+                if not seal.is_candidate_name(name, last) or path in cands:
+                    continue
+                row = self.decided.get(path)
+                if row is not None and row.state in DONE_STATES:
+                    try:
+                        if e.is_dir():
+                            continue
+                    except OSError:
+                        continue
+                cands[path] = r.key
+
     # ---- decisions ----------------------------------------------------------------------
 
-    def _scan_all(self, paths: list[str]) -> dict[str, tuple[Scan | None, bool]]:
+    def _rule_ident(self, r: BoundRule | None) -> Identity | None:
+        """Whose rights a rule's tree is looked at with: the run's user; for a rule of the
+        config file the daemon's, until a checkpoint's owner is known (:meth:`_ident`)."""
+        return Identity.of(r.uid) if r is not None and r.uid is not None else None
+
+    def _ident(self, r: BoundRule, sc: Scan) -> Identity:
+        return Identity.of(self._uid(r, sc))
+
+    def _scan_all(self, cands: dict[str, str]) -> dict[str, tuple[Scan | None, bool]]:
         out: dict[str, tuple[Scan | None, bool]] = {}
-        for p in paths:
+        for p, key in cands.items():
             tmp = self.tmp_seen.get((os.path.dirname(p), os.path.basename(p)))
             renamed = tmp is not None and not os.path.lexists(tmp)
-            out[p] = (seal.scan(p), renamed)
+            out[p] = (call_as(self._rule_ident(self.rules.get(key)), seal.scan, p), renamed)
         return out
 
     async def _evaluate(self, cands: dict[str, str], allow_quiescence: bool) -> None:
-        scans = await anyio.to_thread.run_sync(self._scan_all, list(cands))
+        scans = await anyio.to_thread.run_sync(self._scan_all, dict(cands))
         now = time.monotonic()
         for path, (sc, renamed) in scans.items():
             r = self.rules.get(cands[path])
@@ -433,8 +446,9 @@ class Watcher:
         q = self.d.queue
         key = seal.register_key(run_id, path, sc.version())
         fp = sc.fingerprint()
-        base = await anyio.to_thread.run_sync(self.staging.base_for, r.root, sc.dev)
-        owner = await anyio.to_thread.run_sync(self.staging.claim, base, key, path)
+        ident = self._ident(r, sc)
+        base = await anyio.to_thread.run_sync(self.staging.base_for, r.root, sc.dev, ident)
+        owner = await anyio.to_thread.run_sync(self.staging.claim, base, key, path, ident)
         if owner == "unknown":
             return  # another agent is writing its claim right now: look again next time
         if owner is not None:
@@ -462,11 +476,17 @@ class Watcher:
             return
         try:
             snap = await anyio.to_thread.run_sync(self.staging.snapshot, sc, base,
-                                                  r.rule.copy_files)
+                                                  r.rule.copy_files, ident)
         except SnapshotChanged as e:
             log.info("checkpoint %s changed while it was staged (%s); waiting for its next "
                      "seal", path, e)
             pend.since = time.monotonic()
+            return
+        except (PermissionError, Refused) as e:
+            await self._abandon_unsealed(
+                path, r, run_id, "forbidden",
+                f"uid {ident.uid} cannot read all of it ({e}); the daemon reads a checkpoint "
+                "only with the rights of the user it uploads it for", seal_kind=kind, fp=fp)
             return
         except OSError as e:
             log.warning("checkpoint %s: cannot snapshot it (%s); trying again", path, e)
@@ -499,7 +519,7 @@ class Watcher:
         uid = r.uid
         if uid is None:
             try:
-                uid = (await anyio.to_thread.run_sync(os.stat, path)).st_uid
+                uid = (await anyio.to_thread.run_sync(os.lstat, path)).st_uid
             except OSError:
                 uid = os.getuid()
         row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, state, seal_kind, fp)
@@ -568,7 +588,7 @@ class Watcher:
                 self._recheck.add(row.path)
             else:
                 continue  # queued, running, or failed for another reason (kept for `retry`)
-            await anyio.to_thread.run_sync(Staging.remove, snap_dir)
+            await anyio.to_thread.run_sync(self.staging.remove, snap_dir)
             await q.do(runstore.set_watched, q.s, row.ckpt_id, state=new_state)
             self.staged.pop(row.ckpt_id, None)
             if self.decided.get(row.path, None) is not None and \
@@ -592,7 +612,7 @@ class Watcher:
             return
         changed = await anyio.to_thread.run_sync(
             lambda: {cid: rel for cid, s in watch.items()
-                     if (rel := Staging.changed(s.snap)) is not None})
+                     if (rel := self.staging.changed(s.snap)) is not None})
         q = self.d.queue
         for cid, rel in changed.items():
             st = watch[cid]
