@@ -61,6 +61,8 @@ class DaemonProc:
         self.log_path = root / "daemon.log"
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self.wrap: list[str] = []
+        """A command the daemon runs under (e.g. setpriv with the unit's capabilities)."""
 
     def __repr__(self) -> str:
         pid = self.proc.pid if self.proc else None
@@ -73,7 +75,7 @@ class DaemonProc:
             raise RuntimeError(f"daemon already running (pid {self.pid})")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "daemon"],
+                [*self.wrap, sys.executable, "-m", "agent", "daemon"],
                 env=self.env,
                 cwd=self.root,
                 stdin=subprocess.DEVNULL,
@@ -192,6 +194,7 @@ def start_daemon(
     config_toml: str | None = None,
     *,
     timeout_s: float = START_TIMEOUT_S,
+    wrap: list[str] | None = None,
 ) -> DaemonProc:
     """Start a daemon in a fresh short temp dir and wait until ``/v1/health`` answers."""
     root = Path(tempfile.mkdtemp(prefix="ca-", dir="/tmp"))
@@ -210,6 +213,7 @@ def start_daemon(
     )
     env.update(extra_env or {})
     d = DaemonProc(root, env)
+    d.wrap = list(wrap or [])
     d.config_dir.mkdir(parents=True)
     if config_toml is not None:
         (d.config_dir / "config.toml").write_text(config_toml)

@@ -43,7 +43,7 @@ from agent.errors import (
     UsageError,
     VerificationError,
 )
-from agent.fsid import Identity, run_as
+from agent.fsid import Identity, Refused, run_as
 from agent.transfer.cache import AssetCache, is_disk_full
 from agent.transfer.groups import one_error
 from agent.transfer.http import Watchdog, classify_storage_answer, redact
@@ -87,6 +87,21 @@ async def download_asset(
     files, the final rename) is done with ``ident``'s rights (agent.fsid): the files are
     the caller's from birth, and nothing the caller plants there can send the daemon's
     writes anywhere the caller could not write itself."""
+    try:
+        return await _download(engine, job_id, asset_id, dest, allow_invalid, progress, token,
+                               cache, ident)
+    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        # what the caller's own rights refuse, or what the caller put in the way
+        uid = ident.uid if ident is not None else os.geteuid()
+        cls = Refused if isinstance(e, PermissionError) else UsageError
+        raise cls(f"cannot download into {dest} as uid {uid}: {e.strerror}: "
+                  f"{e.filename}") from None
+
+
+async def _download(
+    engine: Engine, job_id: str, asset_id: str, dest: str, allow_invalid: bool,
+    progress: Progress, token: str | None, cache: AssetCache | None, ident: Identity | None,
+) -> DownloadResult:
     await run_as(ident, check_dest, dest)
     try:
         asset = await engine.chronicle.send(

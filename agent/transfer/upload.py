@@ -52,7 +52,7 @@ from agent.errors import (
     UrlExpired,
     UsageError,
 )
-from agent.fsid import Identity, call_as
+from agent.fsid import Identity, Refused, call_as, thread_uid
 from agent.metrics import Metrics
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
@@ -115,7 +115,12 @@ class Stat:
 
     @classmethod
     def of(cls, path: str) -> Stat:
-        st = os.stat(path)
+        """A source file's identity, looked at in this thread's identity (agent.fsid)."""
+        try:
+            st = os.stat(path)
+        except PermissionError:
+            raise Refused(f"{path}: you (uid {thread_uid()}) cannot reach it, so the daemon "
+                          "will not upload it for you") from None
         return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 

@@ -270,8 +270,13 @@ class Workers:
             if prior is not None and prior.state == "abandoned":
                 job.asset_key = None  # a retry after a cancel or a changed source: rescan
         if job.asset_key is None:
-            comps = await run_as(self.identity(job), scan_path, p["path"],
-                                 self.roots if self.identity(job) is not None else [])
+            try:
+                comps = await run_as(self.identity(job), scan_path, p["path"],
+                                     self.roots if self.identity(job) is not None else [])
+            except FileNotFoundError as e:
+                raise SourceChanged(f"{e.filename} vanished while {p['path']} was scanned; "
+                                    f"`chronicle-agent retry {job.job_id}` scans it again"
+                                    ) from None
             if p.get("content_type") and len(comps) == 1:
                 comps[0]["content_type"] = p["content_type"]
             rec = await self.q.do(
