@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -265,5 +266,5 @@ def make_app(core: Core) -> web.Application:
     for module in (runs, assets, sharing):
         for method, path, handler, mutating in module.routes(core):
             app.router.add_route(method, path, endpoint(core, handler, mutating=mutating))
-    core.storage.add_routes(app)
+    core.storage.add_routes(app, partial(assets.upload_gate, core))
     return app

@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,6 +54,48 @@ MAX_NAME_BYTES = 900
 """S3 keys are at most 1024 bytes; ours are ``assets/<asset_id>/<name>``."""
 STATES = ("pending", "ready", "abandoned")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+UPLOAD_PREFIX = "assets"
+"""Single-PUT upload URLs write ``assets/<asset_id>/<name>``."""
+FINAL_PREFIX = "ready"
+"""A ready component's bytes live at ``ready/<asset_id>/<name>``, a key no single-PUT URL
+names: a single component is copied there at finalize, a multipart upload is created there
+(its part URLs die with the upload at CompleteMultipartUpload)."""
+
+
+def upload_key(object_key: str) -> str:
+    return f"{UPLOAD_PREFIX}/{object_key.split('/', 1)[1]}"
+
+
+def final_key(object_key: str) -> str:
+    return f"{FINAL_PREFIX}/{object_key.split('/', 1)[1]}"
+
+
+def _asset_of_key(key: str) -> str | None:
+    prefix, _, rest = key.partition("/")
+    asset_id, _, name = rest.partition("/")
+    if prefix not in (UPLOAD_PREFIX, FINAL_PREFIX) or not asset_id or not name:
+        return None
+    return asset_id
+
+
+@asynccontextmanager
+async def upload_gate(core: Core, key: str) -> AsyncIterator[bool]:
+    """Whether a presigned PUT may write ``key``: only while its asset is pending and one of
+    its components is planned at that key. Holds the asset's lock meanwhile (finalize,
+    abandon and delete take it too)."""
+    asset_id = _asset_of_key(key)
+    if asset_id is None:
+        yield False
+        return
+    async with core.asset_locks.hold(asset_id):
+        asset = await core.db.read(db.get_asset, asset_id)
+        yield (
+            asset is not None
+            and asset.state == "pending"
+            and any(c.object_key == key for c in asset.components)
+        )
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -199,7 +243,10 @@ async def _drop(core: Core, comps: list[ComponentRow]) -> None:
         try:
             if c.upload_id:
                 await core.storage.abort_multipart(c.object_key, c.upload_id)
-            await core.storage.delete(c.object_key)
+            for key in dict.fromkeys((c.object_key, upload_key(c.object_key))):
+                await core.storage.delete(key)
+            if c.object_key != final_key(c.object_key):  # a copy a failed finalize left
+                await core.storage.delete(final_key(c.object_key))
         except Exception as e:  # storage unreachable, I/O error: garbage, not an error
             log.warning("could not release %s: %s", c.object_key, e)
 
@@ -218,14 +265,18 @@ class Assets:
         """``c`` planned for ``size`` bytes: multipart above the threshold (a new upload id),
         else a single PUT."""
         if size > self.cfg.multipart_threshold_bytes:
-            upload_id = await self.core.storage.create_multipart(c.object_key)
+            key = final_key(c.object_key)
+            upload_id = await self.core.storage.create_multipart(key)
             return replace(
                 c,
+                object_key=key,
                 size=size,
                 upload_id=upload_id,
                 part_size=plan_part_size(size, self.cfg.part_size_bytes),
             )
-        return replace(c, size=size, upload_id=None, part_size=None)
+        return replace(
+            c, object_key=upload_key(c.object_key), size=size, upload_id=None, part_size=None
+        )
 
     async def _urls(
         self, comps: list[ComponentRow], parts: dict[str, list[int]] | None = None
@@ -532,7 +583,22 @@ class Assets:
                 assert done is not None
                 return Reply(200, done.to_json())
 
-            return await ctx.commit(txn)
+            reply = await ctx.commit(txn)
+            promoted = [
+                c
+                for c in asset.components
+                if not c.upload_id and c.object_key != final_key(c.object_key)
+            ]
+            await self._drop_upload_keys(promoted)
+            return reply
+
+    async def _drop_upload_keys(self, comps: list[ComponentRow]) -> None:
+        """After finalize: the single-PUT objects, now copied to their final keys."""
+        for c in comps:
+            try:
+                await self.core.storage.delete(c.object_key)
+            except Exception as e:  # garbage that no URL serves, not an error
+                log.warning("could not drop the upload object of %s: %s", c.name, e)
 
     @staticmethod
     def _same_as_ready(asset: AssetRow, specs: dict[str, FinalizeSpec]) -> AssetRow:
@@ -579,10 +645,12 @@ class Assets:
                         f"component {c.name!r}: part {small[0]} is under 5 MiB and not the last"
                     )
                 info = await storage.complete_multipart(c.object_key, c.upload_id, parts)
-        else:
-            info = await storage.head(c.object_key)
+        else:  # a single PUT: finalize a copy the upload URL cannot reach
+            key = final_key(c.object_key)
+            info = await storage.copy(c.object_key, key)
             if info is None:
                 raise _missing(f"component {c.name!r} is not in storage")
+            c = replace(c, object_key=key)
         if declared is not None and info.size != declared:
             raise _mismatch(
                 f"component {c.name!r}: storage holds {info.size} bytes, declared {declared}"
