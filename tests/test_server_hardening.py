@@ -5,6 +5,11 @@ edge cases. Real servers over loopback; S3 through SeaweedFS where marked."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import resource
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -13,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent.server.storage import MiB
+from tests.helpers_daemon import start_daemon
 from tests.helpers_server import Running, running_server, sha256
 
 SMALL_PARTS = {"multipart_threshold_bytes": 5 * MiB, "part_size_bytes": 5 * MiB}
@@ -121,3 +127,115 @@ async def test_disk_put_refused_once_abandoned_or_deleted_while_pending(srv: Run
     # while pending, the same kind of URL still writes
     plan = await srv.api.register([{"name": "p.bin", "size": 4}])
     assert (await srv.api.put_url(plan["upload_urls"]["p.bin"], b"okay")).status == 200
+
+
+# ---- 2. descriptor exhaustion ------------------------------------------------------------
+
+
+def _raise_nofile(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset: refused over the cap
+        return True
+
+
+FLOOD = 1500
+
+
+def test_idle_connection_flood_leaves_the_daemon_responsive() -> None:
+    _raise_nofile(FLOOD + 500)
+    env = {
+        "CHRONICLE_AGENT_SERVER__MAX_CONNECTIONS": "200",
+        "CHRONICLE_AGENT_SERVER__HEADER_TIMEOUT_S": "2",
+        "CHRONICLE_AGENT_SERVER__KEEPALIVE_TIMEOUT_S": "3",
+    }
+    with start_daemon(env) as d:
+        url = json.loads((d.state_dir / "server" / "endpoint.json").read_text())["url"]
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        lines_before = len(d.log_text().splitlines())
+        socks: list[socket.socket] = []
+        try:
+            start = time.monotonic()
+            for _ in range(FLOOD):  # connected, and never a byte sent
+                socks.append(socket.create_connection((host, int(port)), timeout=5))
+            t = time.monotonic()
+            health = d.client(timeout_s=5).health()
+            assert time.monotonic() - t < 2.0, "the socket API was slow under the flood"
+            assert health["pid"] == d.pid
+            for s in socks:
+                s.setblocking(False)
+            open_ = socks
+            while open_ and time.monotonic() - start < 15:
+                time.sleep(0.25)
+                open_ = [s for s in open_ if not _closed_by_peer(s)]
+            assert not open_, f"{len(open_)} idle connections still open after 15 s"
+            t = time.monotonic()
+            d.client(timeout_s=5).health()
+            assert time.monotonic() - t < 2.0
+        finally:
+            for s in socks:
+                s.close()
+        d.stop()
+        new = d.log_text().splitlines()[lines_before:]
+        assert len(new) < 30, "\n".join(new[:40])
+        text = "\n".join(new)
+        assert "Traceback" not in text and "EMFILE" not in text and "Too many open" not in text
+        assert "connections refused over the cap of 200" in text
+        assert "no complete request headers" in text
+
+
+async def _raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        while await asyncio.wait_for(reader.read(65536), seconds):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+async def test_slow_headers_and_idle_keepalive_are_closed(make_server: MakeServer) -> None:
+    s = await make_server(header_timeout_s=0.5, keepalive_timeout_s=1.0)
+    # headers that never end: closed after the header timeout
+    reader, writer = await _raw(s.server.url)
+    writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+    t = time.monotonic()
+    assert await _closed_within(reader, 5)
+    assert time.monotonic() - t < 3
+    writer.close()
+    # one request, then idle: closed after the keep-alive timeout, not before
+    reader, writer = await _raw(s.server.url)
+    writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert not await _closed_within(reader, 0.6)  # the header timeout no longer applies
+    assert await _closed_within(reader, 3)
+    writer.close()
+
+
+async def test_connections_past_the_cap_are_closed_at_once(make_server: MakeServer) -> None:
+    s = await make_server(max_connections=3)
+    held = [await _raw(s.server.url) for _ in range(3)]
+    reader, writer = await _raw(s.server.url)
+    assert await _closed_within(reader, 2)
+    writer.close()
+    r = held[0]
+    r[1].write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await r[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    for _, w in held:
+        w.close()
