@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import resource
 import socket
 import time
@@ -239,3 +240,104 @@ async def test_connections_past_the_cap_are_closed_at_once(make_server: MakeServ
     assert (await r[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
     for _, w in held:
         w.close()
+
+
+# ---- 4. smaller ones ---------------------------------------------------------------------
+
+
+GARBAGE = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(40)) + b"\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    b"NOT-HTTP AT ALL\r\n\r\n",
+    b"GET /v1/health HTTP/1.1\r\n" + b"X-Long: " + b"a" * 20000 + b"\r\n\r\n",
+]
+
+
+async def test_malformed_requests_log_one_line_without_traceback(
+    make_server: MakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = await make_server()
+    caplog.set_level(logging.DEBUG)
+    for _ in range(5):
+        for junk in GARBAGE:
+            reader, writer = await _raw(s.server.url)
+            writer.write(junk)
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+            assert answer == b"" or answer[9:12] == b"400", answer[:99]
+            writer.close()
+    assert (await s.api.get("/v1/health")).status == 200
+    with_traceback = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert not with_traceback, with_traceback[0].getMessage()
+    assert not [r for r in caplog.records if "Error handling request" in r.getMessage()]
+    lines = [r for r in caplog.records if "malformed HTTP requests" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.getMessage().startswith("UNKNOWN ")]
+
+
+BAD_NAMES = [
+    ("s" * 256 + "/x.bin", "path segment longer than 255 bytes"),
+    ("dir/" + "é" * 128, "path segment longer than 255 bytes"),
+    ("line\nbreak.bin", "control character U+000A"),
+    ("tab\there", "control character U+0009"),
+    ("del\x7f", "control character U+007F"),
+]
+
+
+async def test_unstorable_component_names_are_refused_at_registration(any_srv: Running) -> None:
+    api = any_srv.api
+    for name, rule in BAD_NAMES:
+        r = await api.post("/v1/assets", {"asset_type": "x", "components": [name]})
+        assert r.status == 400 and r.code == "invalid_request", (name, r.body)
+        assert repr(name)[:60] in r.body["error"]["message"] and rule in r.body["error"]["message"]
+    for names in (["a", "a/b"], ["d/e/f", "d/e"], ["x/y", {"name": "x", "size": 1}]):
+        r = await api.post("/v1/assets", {"asset_type": "x", "components": names})
+        assert r.status == 400 and r.code == "invalid_request", (names, r.body)
+        assert "both a file and a directory" in r.body["error"]["message"]
+    ok = ["s" * 255 + "/x.bin", "a/b", "a/c", "ab", "a.b/c", "ünï/cödé.bin"]
+    plan = await api.register([{"name": n, "size": 2} for n in ok])
+    body = await api.upload(plan, {n: b"ok" for n in ok})
+    r = await api.finalize(plan["asset_id"], body)
+    assert r.status == 200 and r.body["state"] == "ready", r.body
+    r = await api.post(f"/v1/assets/{plan['asset_id']}/upload-urls", {"components": ["a\nb"]})
+    assert r.status == 400 and "U+000A" in r.body["error"]["message"]
+
+
+async def test_asset_type_is_bounded(srv: Running) -> None:
+    for path, extra in (("/v1/assets", {"components": ["c"]}), ("/v1/assets/inline",
+                                                                  {"content": "t"})):
+        r = await srv.api.post(path, {"asset_type": "t" * 129, **extra})
+        assert r.status == 400 and "asset_type" in r.body["error"]["message"], r.body
+        r = await srv.api.post(path, {"asset_type": "t" * 512 * 1024, **extra})
+        assert r.status == 400, r.status
+        r = await srv.api.post(path, {"asset_type": "bad\ntype", **extra})
+        assert r.status == 400 and "asset_type" in r.body["error"]["message"], r.body
+        r = await srv.api.post(path, {"asset_type": "t" * 128, **extra})
+        assert r.status == 201, r.body
+
+
+async def test_no_error_reveals_the_stores_path(srv: Running) -> None:
+    api = srv.api
+    root = srv.server.state_dir
+    single = await api.register([{"name": "s.bin", "size": 3}])
+    multi = await api.register([{"name": "m.bin", "size": 6 * MiB}])
+    body_m = await api.upload(multi, {"m.bin": b"m" * (6 * MiB)})
+    assert (await api.put_url(single["upload_urls"]["s.bin"], b"abc")).status == 200
+    tmp = root / "objects" / "tmp"
+    tmp.rmdir()
+    tmp.write_text("in the way")  # every write of the store now fails
+    try:
+        answers = [
+            await api.put_url(single["upload_urls"]["s.bin"], b"xyz"),
+            await api.finalize(single["asset_id"], {}),
+            await api.finalize(multi["asset_id"], body_m),
+            await api.post("/v1/assets/inline", {"asset_type": "x", "content": "t"}),
+            await api.get("/v1/health"),
+        ]
+    finally:
+        tmp.unlink()
+        tmp.mkdir()
+    assert [a.status for a in answers][:4] == [500, 500, 500, 500], answers
+    for a in answers:
+        text = json.dumps(a.body) + " ".join(a.headers.values())
+        assert str(root) not in text and "/objects" not in text, text

@@ -241,9 +241,15 @@ async def _health(request: web.Request) -> web.Response:
             "status": "ok",
             "url": core.public_url,
             "version": core.version,
-            "storage": core.storage.description,
+            "storage": _public_storage(core.storage.description),
         }
     )
+
+
+def _public_storage(description: str) -> str:
+    """What health says about storage: an S3 store's bucket and endpoint, but never the
+    disk store's directory (``file://``)."""
+    return "file://" if description.startswith("file:") else description
 
 
 async def _openapi(request: web.Request) -> web.Response:

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 MAX_COMPONENTS = 100_000
 MAX_NAME_BYTES = 900
 """S3 keys are at most 1024 bytes; ours are ``assets/<asset_id>/<name>``."""
+MAX_SEGMENT_BYTES = 255
+"""A file name's limit on every common file system (a store with a filer maps keys to files)."""
+MAX_ASSET_TYPE = 128
+"""Characters; the contract sets no alphabet, so only control characters are refused."""
 STATES = ("pending", "ready", "abandoned")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -118,6 +122,28 @@ def name_problem(name: str) -> str | None:
         return "contains a '.' segment"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"is longer than {MAX_NAME_BYTES} bytes"
+    control = next((ch for ch in name if _is_control(ch)), None)
+    if control is not None:
+        return f"contains the control character U+{ord(control):04X}"
+    if any(len(seg.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES for seg in segments):
+        return f"has a path segment longer than {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def _is_control(ch: str) -> bool:
+    return ch < " " or "\x7f" <= ch <= "\x9f"
+
+
+def clash(names: list[str]) -> tuple[str, str] | None:
+    """Two names of one asset where one is a directory of the other (``a`` and ``a/b``):
+    no file system (nor an S3 store with a filer) holds both. The pair, or None."""
+    files = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in files:
+                return prefix, name
     return None
 
 
@@ -160,7 +186,23 @@ def parse_components(value: Any, *, field: str = "components") -> list[Component
             raise invalid(f"{where}: component {spec.name!r} is listed twice")
         seen.add(spec.name)
         specs.append(spec)
+    both = clash([s.name for s in specs])
+    if both:
+        raise invalid(
+            f"{field}: component {both[1]!r} needs {both[0]!r} to be a directory, but "
+            f"{both[0]!r} is also a component (a name cannot be both a file and a directory)"
+        )
     return specs
+
+
+def parse_asset_type(body: dict[str, Any]) -> str:
+    value = req_str(body, "asset_type")
+    if len(value) > MAX_ASSET_TYPE:
+        raise invalid(f"asset_type is {len(value)} characters long, the limit is {MAX_ASSET_TYPE}")
+    control = next((ch for ch in value if _is_control(ch)), None)
+    if control is not None:
+        raise invalid(f"asset_type contains the control character U+{ord(control):04X}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -327,7 +369,7 @@ class Assets:
     # -- register, inline --
 
     async def register(self, ctx: Ctx) -> Reply:
-        asset_type = req_str(ctx.body, "asset_type")
+        asset_type = parse_asset_type(ctx.body)
         output_of = opt_str(ctx.body, "output_of") or None  # "" is no run
         visibility, organization_id = _placement(ctx)
         specs = parse_components(ctx.body.get("components"))
@@ -375,7 +417,7 @@ class Assets:
             raise
 
     async def inline(self, ctx: Ctx) -> Reply:
-        asset_type = req_str(ctx.body, "asset_type")
+        asset_type = parse_asset_type(ctx.body)
         if ctx.body.get("content") is None:
             raise invalid("content is required (a JSON value or a string)")
         content = ctx.body["content"]
