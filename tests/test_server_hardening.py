@@ -341,3 +341,16 @@ async def test_no_error_reveals_the_stores_path(srv: Running) -> None:
     for a in answers:
         text = json.dumps(a.body) + " ".join(a.headers.values())
         assert str(root) not in text and "/objects" not in text, text
+
+
+async def test_unsatisfiable_ranges_answer_416(srv: Running) -> None:
+    data = b"0123456789"
+    plan, _ = await _ready(srv, {"r": data})
+    r = await srv.api.get(f"/v1/assets/{plan['asset_id']}", params={"include_presigned": "1"})
+    url = r.body["download_urls"]["r"]
+    for value in ("bytes=-0", "bytes=-000", "bytes=5-2", "bytes=10-", "bytes=20-30"):
+        status, _, headers = await srv.api.get_url(url, {"Range": value})
+        assert status == 416 and headers["Content-Range"] == "bytes */10", (value, status)
+    for value, want in (("bytes=-3", b"789"), ("bytes=2-4", b"234"), ("bytes=8-100", b"89")):
+        status, got, _ = await srv.api.get_url(url, {"Range": value})
+        assert (status, got) == (206, want), value

@@ -53,6 +53,8 @@ COPY_CHUNK = 4 * 1024 * 1024
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _PART_FILE = re.compile(r"(\d{5})\.([0-9a-f]+)")
 STORAGE_PREFIX = "/storage/"
+_EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-0+\s*")
+"""``Range: bytes=-0``: the last 0 bytes, which no byte satisfies (aiohttp would send all)."""
 
 
 def s3_error(status: int, code: str, message: str) -> web.Response:
@@ -64,6 +66,12 @@ def s3_error(status: int, code: str, message: str) -> web.Response:
 def _etag(sha256_hex: str) -> str:
     """A quoted ETag: the first 128 bits of the bytes' SHA-256 (shaped like S3's MD5 ETag)."""
     return f'"{sha256_hex[:32]}"'
+
+
+def _unsatisfiable(size: int) -> web.Response:
+    response = s3_error(416, "InvalidRange", "The requested range is not satisfiable")
+    response.headers["Content-Range"] = f"bytes */{size}"
+    return response
 
 
 def _no_upload() -> web.Response:
@@ -548,6 +556,8 @@ class DiskStorage:
         if found is None:
             return s3_error(404, "NoSuchKey", "The specified key does not exist")
         info, record = found
+        if _EMPTY_SUFFIX.fullmatch(request.headers.get("Range", "")):
+            return _unsatisfiable(info.size)
         data, _ = self._paths(grant.key)
         headers = {"Content-Type": record.get("content_type") or "application/octet-stream"}
         if info.sha256:
