@@ -16,11 +16,13 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import psutil
 import pytest
 
 from agent.server.storage import MiB
 from tests.helpers_daemon import start_daemon
-from tests.helpers_server import Running, running_server, sha256
+from tests.helpers_server import Api, Running, running_server, sha256
 
 SMALL_PARTS = {"multipart_threshold_bytes": 5 * MiB, "part_size_bytes": 5 * MiB}
 
@@ -354,3 +356,102 @@ async def test_unsatisfiable_ranges_answer_416(srv: Running) -> None:
     for value, want in (("bytes=-3", b"789"), ("bytes=2-4", b"234"), ("bytes=8-100", b"89")):
         status, got, _ = await srv.api.get_url(url, {"Range": value})
         assert (status, got) == (206, want), value
+
+
+# ---- 3. memory: JSON bodies in flight ----------------------------------------------------
+
+
+def _padded_register(size: int) -> bytes:
+    head, tail = b'{"asset_type": "x", "components": ["c"], "pad": "', b'"}'
+    return head + b"p" * (size - len(head) - len(tail)) + tail
+
+
+def _post_head(token: str, length: int) -> bytes:
+    return (
+        f"POST /v1/assets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def _status(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    return int(head.split(b" ", 2)[1]), head
+
+
+async def test_json_bodies_in_flight_share_a_byte_budget(make_server: MakeServer) -> None:
+    s = await make_server(json_body_budget_bytes=4 * MiB)
+    first = _padded_register(3 * MiB)
+    r1, w1 = await _raw(s.server.url)
+    w1.write(_post_head(s.token, len(first)) + first[: MiB])  # 3 MiB held, 1 MiB sent
+    await w1.drain()
+    await asyncio.sleep(0.2)
+    second = _padded_register(2 * MiB)
+    r2, w2 = await _raw(s.server.url)
+    w2.write(_post_head(s.token, len(second)))
+    status, head = await _status(r2)
+    assert status == 503 and b"Retry-After: 1" in head, head
+    w2.close()
+    r3, w3 = await _raw(s.server.url)  # one that could never fit
+    w3.write(_post_head(s.token, 5 * MiB))
+    assert (await _status(r3))[0] == 413
+    w3.close()
+    w1.write(first[MiB:])  # the first completes, and frees its share
+    assert (await _status(r1))[0] == 201
+    w1.close()
+    r2, w2 = await _raw(s.server.url)
+    w2.write(_post_head(s.token, len(second)) + second)
+    assert (await _status(r2))[0] == 201
+    w2.close()
+    assert s.server._core.bodies.used == 0
+
+
+PUT_BYTES = 96 * MiB
+PUTS = 4
+
+
+def test_concurrent_put_bodies_are_streamed_not_buffered() -> None:
+    """4 x 96 MiB single PUTs at once to a daemon's embedded server: its RSS grows by far less
+    than one body (whole bodies in memory would add 384 MiB)."""
+    env = {"CHRONICLE_AGENT_SERVER__MULTIPART_THRESHOLD_BYTES": str(256 * MiB)}
+    with start_daemon(env) as d:
+        endpoint = json.loads((d.state_dir / "server" / "endpoint.json").read_text())
+        tokens = json.loads(Path(endpoint["tokens_file"]).read_text())["tokens"]
+        token = next(iter(tokens))
+        proc = psutil.Process(d.pid)
+
+        async def main() -> tuple[int, int]:
+            async with aiohttp.ClientSession() as session:
+                api = Api(session, endpoint["url"], token)
+                names = [f"b{i}" for i in range(PUTS)]
+                plan = await api.register([{"name": n, "size": PUT_BYTES} for n in names])
+                base = proc.memory_info().rss
+                peak = base
+                done = asyncio.Event()
+
+                async def sample() -> None:
+                    nonlocal peak
+                    while not done.is_set():
+                        peak = max(peak, proc.memory_info().rss)
+                        await asyncio.sleep(0.02)
+
+                async def body() -> AsyncIterator[bytes]:
+                    chunk = b"\xab" * MiB
+                    for _ in range(PUT_BYTES // MiB):
+                        yield chunk
+
+                async def put(name: str) -> None:
+                    headers = {"Content-Length": str(PUT_BYTES)}
+                    async with session.put(
+                        plan["upload_urls"][name], data=body(), headers=headers,
+                        skip_auto_headers=("Content-Type",),
+                    ) as r:
+                        assert r.status == 200, await r.text()
+
+                sampler = asyncio.create_task(sample())
+                await asyncio.gather(*(put(n) for n in names))
+                done.set()
+                await sampler
+                return base, peak
+
+        base, peak = asyncio.run(main())
+        assert peak - base < 160 * MiB, f"RSS grew by {(peak - base) / MiB:.0f} MiB"

@@ -22,6 +22,8 @@ from agent.errors import ChronicleError, chronicle_error
 from .storage import MAX_OBJECT_BYTES, StorageError
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
+"""Retry-After on a 503 (the server is busy, or its storage failed)."""
 
 
 def fail(status: int, code: str, message: str) -> ChronicleError:
@@ -178,13 +180,18 @@ async def error_middleware(
     try:
         return await handler(request)
     except ChronicleError as e:
-        return error_response(e.status, e.code, e.message)
+        response = error_response(e.status, e.code, e.message)
+        if e.status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     except StorageError as e:
         log.error("%s %s: storage failed: %s", request.method, request.path, e)
         # the detail (a file path, the store's address) stays in the server's log
-        return error_response(
+        response = error_response(
             503, "storage_unavailable", "storage failed, retry later (see the server log)"
         )
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     except web.HTTPException as e:
         if e.status < 400:
             raise
