@@ -77,7 +77,7 @@ async def _download(s: Running, asset_id: str) -> dict[str, tuple[int, bytes]]:
 async def test_late_single_put_cannot_change_a_ready_asset(any_srv: Running) -> None:
     s = any_srv
     original = b"the bytes that were finalized" * 100
-    plan, asset = await _ready(s, {"w.bin": original})
+    plan, asset = await _ready(s, {"w.bin": original, "empty": b""})
     url = plan["upload_urls"]["w.bin"]
     for late in (b"X" * len(original), b"shorter"):
         r = await s.api.put_url(url, late)
@@ -86,7 +86,7 @@ async def test_late_single_put_cannot_change_a_ready_asset(any_srv: Running) -> 
     recorded = {c["name"]: c["sha256"] for c in asset["components"]}
     assert recorded["w.bin"] == sha256(original)
     got = await _download(s, plan["asset_id"])
-    assert got["w.bin"] == (200, original)
+    assert got["w.bin"] == (200, original) and got["empty"] == (200, b"")
     assert sha256(got["w.bin"][1]) == recorded["w.bin"]
 
 
