@@ -455,3 +455,23 @@ def test_concurrent_put_bodies_are_streamed_not_buffered() -> None:
 
         base, peak = asyncio.run(main())
         assert peak - base < 160 * MiB, f"RSS grew by {(peak - base) / MiB:.0f} MiB"
+
+
+async def test_bodiless_calls_take_nothing_from_the_budget(make_server: MakeServer) -> None:
+    s = await make_server(json_body_budget_bytes=MiB)
+    plans = [await s.api.register(["c"]) for _ in range(8)]
+    for p in plans:  # no Content-Length, no body
+        reader, writer = await _raw(s.server.url)
+        writer.write(
+            f"DELETE /v1/assets/{p['asset_id']} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {s.token}\r\n\r\n".encode()
+        )
+        assert (await _status(reader))[0] == 204
+        writer.close()
+    r1, w1 = await _raw(s.server.url)  # a chunked body reserves the largest body allowed
+    w1.write(
+        f"POST /v1/assets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {s.token}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    assert (await _status(r1))[0] == 413
+    w1.close()

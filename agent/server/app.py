@@ -203,6 +203,14 @@ def _request_hash(request: web.Request, body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _body_size(request: web.Request, core: Core) -> int:
+    """What a request's body may take: its Content-Length; for a chunked body, the largest
+    body allowed; none at all without either (a DELETE, say)."""
+    if request.content_length is not None:
+        return request.content_length
+    return client_max(core) if request.body_exists else 0
+
+
 def endpoint(
     core: Core, handler: Handler, *, mutating: bool = False
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -212,8 +220,7 @@ def endpoint(
         principal = await core.authenticate(request)
         if not mutating:
             return await answer(request, principal, {})
-        size = request.content_length
-        with core.bodies.hold(size if size is not None else client_max(core)):
+        with core.bodies.hold(_body_size(request, core)):
             return await answer(request, principal, await read_json_object(request))
 
     async def answer(
