@@ -292,6 +292,9 @@ def _render(method: str, path: str, op: Op, refs: Mapping[str, Any]) -> dict[str
                     path=re.findall(r"{(\w+)}", path), query=op.query)
     if method != "GET":  # what the endpoint wrapper calls mutating
         out.setdefault("parameters", []).append(IDEMPOTENCY_KEY)
+        out["responses"]["503"] = _reply(
+            "server_busy: too many request bodies in flight (server.json_body_budget_bytes), "
+            "or storage_unavailable; retry after the Retry-After header's seconds", ERROR)
     if (method, path) in NO_AUTH:
         out["security"] = []
     else:
