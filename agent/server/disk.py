@@ -13,7 +13,10 @@ renamed into place: a truncated body leaves nothing behind. The meta file record
 it describes, so a meta file left over from a replaced object is never believed.
 
 URLs look like S3's query-string authentication: ``/storage/<key>?Expires=…&Signature=…``
-(plus ``uploadId`` and ``partNumber`` for a part), refused with S3's XML errors.
+(plus ``uploadId`` and ``partNumber`` for a part), refused with S3's XML errors. A PUT
+writes only while the server's upload gate says the key's asset is pending (409
+``UploadClosed`` else; a part: 404 ``NoSuchUpload``), asked before the body is received and
+again, holding the asset's lock, when it is put in place.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ the object back and hashes it when it is at most ``verify_sha256_max_bytes`` (de
 the default multipart threshold, i.e. every single-PUT component). Larger components keep the
 client's declared digest, recorded as unverified; their parts' ETags and sizes are checked.
 
+A presigned PUT URL cannot be revoked, so a ready component never lives at a key one names:
+a single-PUT object is copied (CopyObject) to its final key at finalize, a multipart upload
+is created at the final key (see :mod:`agent.server.assets`).
+
 PUT URLs sign no Content-Type: clients must not send one (SeaweedFS, for one, refuses a PUT
 carrying a header the URL was not signed with).
 
