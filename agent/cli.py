@@ -348,6 +348,9 @@ def cmd_server(ctx: Ctx) -> int:
         if value is not None
     }
     settings = ctx.settings({"server": server} if server else None)
+    from agent.statedir import private_umask
+
+    private_umask()  # server.db holds signed URLs: every file it creates is private
     from agent.server import serve_forever  # type: ignore[attr-defined, unused-ignore]
 
     return int(serve_forever(settings))
