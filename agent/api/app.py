@@ -24,8 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent import __version__
 from agent.access import Caller, Refused, check_readable, check_writable_dest
 from agent.chronicle import contract
-from agent.errors import AgentError, ChronicleError, StateDiskFull, UsageError
-from agent.queue.store import TERMINAL, Job, JobKind, StateConflict, credential_id
+from agent.errors import (
+    AgentError,
+    ChronicleError,
+    QuotaExceeded,
+    StateDiskFull,
+    UsageError,
+)
+from agent.queue.store import TERMINAL, Job, JobKind, Quota, StateConflict, credential_id
 from agent.transfer.download import check_dest
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
 
@@ -155,6 +161,10 @@ async def errors_middleware(
         return error_response(400, e.code, e.message)
     except StateDiskFull as e:
         return error_response(507, e.code, e.message)
+    except QuotaExceeded as e:
+        resp = error_response(429, e.code, e.message)
+        resp.headers["Retry-After"] = "60"
+        return resp
     except AgentError as e:
         return error_response(502, e.code, e.message)
     except Exception:
@@ -234,9 +244,10 @@ class Api:
                        bytes_total: int = 0, cred_id: str | None = None) -> web.Response:
         if cred_id is None and asset_key is None:
             cred_id = await self._cred(request)
-        job = await self.q.change(self.q.s.enqueue, kind, peer_uid(request), payload,
+        uid = peer_uid(request)
+        job = await self.q.change(self.q.s.enqueue, kind, uid, payload,
                                   run_id=run_id, asset_key=asset_key, bytes_total=bytes_total,
-                                  cred_id=cred_id)
+                                  cred_id=cred_id, quota=self._quota(uid))
         log.info("job %s queued (%s)", job.job_id, kind)
         return web.json_response(self._view(job), status=202)
 
@@ -276,6 +287,14 @@ class Api:
                     principal = me.principal_id
                     self._checked[key] = (principal, time.monotonic() + TOKEN_CHECK_TTL_S)
         return await self.q.do(self.q.s.put_credential, uid, token, principal)
+
+    def _quota(self, uid: int) -> Quota | None:
+        """The queue's per-uid limits (``[queue]``); root is exempt unless
+        queue.quota_exempt_root is false."""
+        cfg = self.d.settings.queue
+        if uid == 0 and cfg.quota_exempt_root:
+            return None
+        return Quota(cfg.quota_jobs, cfg.quota_payload_bytes)
 
     def _caller(self, request: web.Request) -> Caller:
         return Caller.of(*peer_creds(request))
