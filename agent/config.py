@@ -63,6 +63,10 @@ class AgentSection(_Section):
     io_class: Literal["idle", "best-effort", "unchanged"] = "idle"
     """I/O scheduling class the daemon gives itself at start, so training's reads and
     checkpoint writes come first."""
+    api_body_budget_bytes: int = Field(default=32 * MiB, ge=1 * MiB)
+    """Bytes of request bodies the socket API reads at once, across callers; a request past
+    it is answered 503 busy (Retry-After: 1; the Python client and the CLI wait and retry).
+    Never less than one largest body (server.inline_max_bytes + 1 MiB)."""
     metrics_listen: str = ""
     """HOST:PORT on loopback to serve /metrics over TCP too (for Prometheus); empty = only
     on the socket."""
