@@ -103,3 +103,18 @@ def private_sqlite(db: Path) -> None:
 def create_private(path: Path) -> None:
     """Create an empty file 0600 (it must not exist)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
+def shared_makedirs(path: str, mode: int) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)`` that gives ``mode`` to every directory it
+    creates whatever the umask (the daemon's is 077): for the few directories other users or
+    agents must reach (staging claims under watched roots)."""
+    missing: list[str] = []
+    p = os.path.abspath(path)
+    while not os.path.lexists(p) and p != os.path.dirname(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, mode=mode, exist_ok=True)
+    for d in missing:
+        with contextlib.suppress(OSError):
+            os.chmod(d, mode)

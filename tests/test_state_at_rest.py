@@ -195,3 +195,24 @@ def test_a_restart_on_a_good_queue_still_starts(tmp_path: Path) -> None:
         d.stop()
         d.start()
         assert isinstance(d, DaemonProc) and d.running
+
+
+def test_under_the_daemons_umask_shared_claims_keep_their_modes(tmp_path: Path) -> None:
+    """The daemon's umask 077 makes its own files private; the staging claims other agents
+    read under a watched root keep 0755 directories and 0644 files."""
+    from agent.statedir import PRIVATE_UMASK
+    from agent.watch.staging import Staging
+
+    (tmp_path / "state").mkdir()
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        staging = Staging(tmp_path / "state", max_bytes=0)
+        base = tmp_path / "root" / ".chronicle-staging"
+        assert staging.claim(str(base), "watch:r:/p@v1", "/p") is None
+    finally:
+        os.umask(old)
+    claim = next((base / "claims").iterdir())
+    assert stat.S_IMODE(claim.stat().st_mode) == 0o644
+    for d in (base, base / "claims"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+    assert stat.S_IMODE((tmp_path / "state" / "agent_id").stat().st_mode) == 0o600
