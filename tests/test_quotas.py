@@ -40,7 +40,12 @@ def test_past_the_job_quota_the_socket_api_answers_429(tmp_path: Path) -> None:
             c.request("POST", "/v1/assets/inline", big)
         assert e.value.status == 429 and "queue.quota_payload_bytes = 300000" in \
             e.value.message, e.value
-        c.request("POST", "/v1/uploads", body)  # within both quotas again
+        third = c.request("POST", "/v1/uploads", body)  # within both quotas again
+        with pytest.raises(ApiError) as e:  # a retried job would be live again: refused
+            c.request("POST", f"/v1/jobs/{jobs[1]['job_id']}/retry")
+        assert e.value.status == 429 and e.value.code == "quota_exceeded", e.value
+        c.request("POST", f"/v1/jobs/{third['job_id']}/cancel")
+        c.request("POST", f"/v1/jobs/{jobs[1]['job_id']}/retry")  # room for it now
         for j in c.list_jobs():
             if j["state"] in ("queued", "running"):
                 c.request("POST", f"/v1/jobs/{j['job_id']}/cancel")

@@ -565,5 +565,8 @@ class Api:
 
     async def retry(self, request: web.Request) -> web.Response:
         job = await self._own_job(request)
+        quota = self._quota(job.uid)
+        if quota is not None:  # a retried job is live again: it counts
+            quota.check(job.uid, *await self.q.do(self.q.s.usage, job.uid), 0)
         job = await self.q.change(self.q.s.retry, job.job_id, await self._cred(request))
         return web.json_response(self._view(job))
