@@ -48,7 +48,8 @@ class Check:
 
 
 def add_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    p = command("doctor", "check config, socket, Chronicle, storage, clocks, disk, inotify")
+    p = command("doctor", "check config, socket, Chronicle, storage, clocks, queue, disk, "
+                          "inotify")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(handler=cmd_doctor)
 
