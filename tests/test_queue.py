@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,7 +155,7 @@ def test_a_callers_token_is_kept_while_work_needs_it_and_no_longer(q: Queue) -> 
 # ---- retention and quotas ---------------------------------------------------------------------
 
 
-def _end(q: Queue, state: JobState, payload: dict[str, object] | None = None,
+def _end(q: Queue, state: JobState, payload: dict[str, Any] | None = None,
          uid: int = 1000) -> str:
     job = q.enqueue(JobKind.INLINE, uid, payload or {"asset_type": "t", "content": "x" * 100})
     q.claim("w", 60)
