@@ -244,3 +244,12 @@ def test_quotas_count_a_uids_live_jobs_and_payload_bytes(q: Queue) -> None:
         q.enqueue(JobKind.INLINE, 1001, {"content": "z" * 20_000}, quota=quota)
     assert "queue.quota_payload_bytes = 10000" in e.value.message
     assert len(q.list_jobs(uid=1001)) == 1  # nothing was added by the refused call
+
+
+def test_a_listing_leaves_inline_contents_in_the_database(q: Queue) -> None:
+    job = q.enqueue(JobKind.INLINE, 1000, {"asset_type": "m", "content": "c" * 100_000})
+    listed = q.list_jobs(uid=1000)
+    assert [j.job_id for j in listed] == [job.job_id]
+    assert listed[0].payload == {"asset_type": "m"}  # the socket API's listing shows no more
+    one = q.get(job.job_id)
+    assert one is not None and len(one.payload["content"]) == 100_000  # the worker's read

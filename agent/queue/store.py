@@ -167,6 +167,11 @@ _JOB_COLS = (
     "(SELECT token FROM credentials WHERE credentials.cred_id = jobs.cred_id)"
 )
 _JOB_FROM = "jobs LEFT JOIN assets ON assets.asset_key = jobs.asset_key"
+_JOB_COLS_LISTED = _JOB_COLS.replace(
+    "payload,", "CASE WHEN kind = 'inline' THEN json_remove(payload, '$.content') "
+    "ELSE payload END,", 1)
+"""A listing leaves inline contents (up to server.inline_max_bytes each) in the database:
+listing a thousand queued inline jobs must not load them all (only the worker needs one)."""
 _HOLDING = "'queued', 'running', 'failed', 'cancelled'"
 """States whose job keeps its payload: it may run (again); done and abandoned ones drop an
 inline content."""
@@ -364,7 +369,7 @@ class Queue:
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)
-        sql = f"SELECT {_JOB_COLS} FROM {_JOB_FROM}"
+        sql = f"SELECT {_JOB_COLS_LISTED} FROM {_JOB_FROM}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY jobs.created_at, job_id LIMIT ?"
