@@ -1,10 +1,12 @@
-"""Per-uid quotas through a running daemon: past queue.quota_jobs (or
-queue.quota_payload_bytes) the socket API answers 429 quota_exceeded naming the limit, the
-uid's usage and the setting; the CLI prints it in one line and exits 1."""
+"""Per-uid quotas and the retention of finished jobs through a running daemon: past
+queue.quota_jobs (or queue.quota_payload_bytes) the socket API answers 429 quota_exceeded
+naming the limit, the uid's usage and the setting; the CLI prints it in one line and exits
+1; finished jobs go after queue.finished_retention_s."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,20 @@ def test_root_is_exempt_by_default(tmp_path: Path) -> None:
                 for _ in range(3)]
         for j in jobs:
             assert c.wait_job(j["job_id"], 60)["state"] == "done"
+
+
+def test_the_daemons_minute_loop_prunes_finished_jobs(tmp_path: Path) -> None:
+    """The loop runs once at start, then every minute: a restart shows it without waiting."""
+    f = tmp_path / "small.bin"
+    f.write_bytes(b"x" * 1000)
+    with start_daemon({"CHRONICLE_AGENT_QUEUE__FINISHED_RETENTION_S": "1"}) as d:
+        c = d.client()
+        job = c.request("POST", "/v1/uploads", {"path": str(f), "asset_type": "t"})
+        inline = c.request("POST", "/v1/assets/inline", {"asset_type": "m", "content": "c"})
+        for j in (job, inline):
+            assert c.wait_job(j["job_id"], 60)["state"] == "done"
+        assert len(c.list_jobs()) == 2
+        time.sleep(1.5)
+        d.restart()
+        assert d.client().list_jobs() == [], d.log_tail()
+        assert "pruned 2 job(s) finished over 1 s ago" in d.log_text()
