@@ -32,6 +32,7 @@ from agent.errors import (
 )
 from agent.paths import SOCKET_ENV
 from agent.progress import RateMeter, format_bytes, render, wait_with_progress
+from agent.termsafe import visible
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -200,13 +201,15 @@ class Ctx:
         return SocketClient(settings.socket_path(), token=settings.token())
 
     def print(self, text: str = "") -> None:
-        print(text, file=self.out)
+        """Human output: control characters from names and messages are made visible
+        (agent/termsafe.py), never sent to the terminal."""
+        print(visible(text, keep_newlines=True), file=self.out)
 
-    def print_json(self, obj: Any) -> None:
-        print(json.dumps(obj, indent=2), file=self.out)
+    def print_json(self, obj: Any, indent: int | None = 2) -> None:
+        print(json.dumps(obj, indent=indent), file=self.out)
 
     def warn(self, text: str) -> None:
-        print(text, file=self.err)
+        print(visible(text, keep_newlines=True), file=self.err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +351,9 @@ def cmd_server(ctx: Ctx) -> int:
         if value is not None
     }
     settings = ctx.settings({"server": server} if server else None)
+    from agent.statedir import private_umask
+
+    private_umask()  # server.db holds signed URLs: every file it creates is private
     from agent.server import serve_forever  # type: ignore[attr-defined, unused-ignore]
 
     return int(serve_forever(settings))
@@ -556,17 +562,19 @@ def _status_watch(ctx: Ctx, client: SocketClient) -> int:
                         time.monotonic(), int(j.get("bytes_done") or 0))
                 frame = {"time": now, **health, "active_jobs": active}
                 lines = [_status_text(health, client), ""]
-                lines += [f"{j['job_id']}  {j['kind']:<9} "
-                          f"{render(j, meters[str(j['job_id'])].rate())}" for j in active]
+                lines += [visible(f"{j['job_id']}  {j['kind']:<9} "
+                                  f"{render(j, meters[str(j['job_id'])].rate())}")
+                          for j in active]
                 if len(jobs) > len(active):
                     lines.append(f"… and {len(jobs) - len(active)} more")
                 if not jobs:
                     lines.append("no running or queued jobs of yours")
                 text = "\n".join(lines)
             if args.json:
-                ctx.print(json.dumps(frame, sort_keys=True))
-            elif tty:
-                ctx.out.write("\x1b[H\x1b[J" + time.strftime("%H:%M:%S  ") + text + "\n")
+                print(json.dumps(frame, sort_keys=True), file=ctx.out)
+            elif tty:  # our own escape (home, clear), then only visible text
+                ctx.out.write("\x1b[H\x1b[J" + time.strftime("%H:%M:%S  ")
+                              + visible(text, keep_newlines=True) + "\n")
             else:
                 ctx.print(time.strftime("-- %H:%M:%S --"))
                 ctx.print(text)
@@ -596,14 +604,14 @@ def _error_cell(job: dict[str, Any]) -> str:
 def format_jobs_table(jobs: list[dict[str, Any]]) -> str:
     header = ("JOB", "KIND", "STATE", "PROGRESS", "ASSET", "ERROR")
     rows = [
-        (
+        tuple(visible(cell) for cell in (  # one line per job, whatever the names hold
             str(j.get("job_id")),
             str(j.get("kind")),
             str(j.get("state")),
             _progress_cell(j),
             str(j.get("asset_id") or "-"),
             _error_cell(j),
-        )
+        ))
         for j in jobs
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]

@@ -16,6 +16,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import socket
 import time
 import tomllib
@@ -135,8 +136,22 @@ class SocketClient:
         body: dict[str, Any] | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """One call: JSON body in, decoded JSON object out."""
+        """One call: JSON body in, decoded JSON object out. A daemon busy reading other
+        callers' bodies (503 ``busy``) is asked again after its Retry-After, within the
+        timeout."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._request_once(method, path, body, timeout)
+            except ApiError as e:
+                if e.status != 503 or e.code != "busy" or time.monotonic() + 1 > deadline:
+                    raise
+            time.sleep(0.5 + random.random())
+
+    def _request_once(
+        self, method: str, path: str, body: dict[str, Any] | None, timeout: float
+    ) -> dict[str, Any]:
         try:
             payload = None if body is None else json.dumps(body, default=_placeholder)
             payload_bytes = payload.encode("utf-8") if payload is not None else None

@@ -63,6 +63,10 @@ class AgentSection(_Section):
     io_class: Literal["idle", "best-effort", "unchanged"] = "idle"
     """I/O scheduling class the daemon gives itself at start, so training's reads and
     checkpoint writes come first."""
+    api_body_budget_bytes: int = Field(default=32 * MiB, ge=1 * MiB)
+    """Bytes of request bodies the socket API reads at once, across callers; a request past
+    it is answered 503 busy (Retry-After: 1; the Python client and the CLI wait and retry).
+    Never less than one largest body (server.inline_max_bytes + 1 MiB)."""
     metrics_listen: str = ""
     """HOST:PORT on loopback to serve /metrics over TCP too (for Prometheus); empty = only
     on the socket."""
@@ -160,6 +164,23 @@ class WatcherSection(_Section):
     the writer already deleted); above it, new seals wait. 0 = no cap."""
 
 
+class QueueSection(_Section):
+    """What the queue keeps, and how much of it each caller may fill."""
+
+    finished_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """Finished jobs (done, failed, cancelled, abandoned) are deleted this long after they
+    ended (checked every minute). An inline job's content is dropped as soon as it is sent."""
+    quota_jobs: int = Field(default=10_000, ge=1)
+    """Queued and running jobs one uid may have at once; past it the socket API answers 429
+    quota_exceeded."""
+    quota_payload_bytes: int = Field(default=1024 * MiB, ge=1)
+    """Bytes of job payloads (inline contents, mostly) one uid's jobs may hold in queue.db:
+    queued and running jobs, and failed or cancelled ones (they can be retried) until they
+    are pruned; past it the socket API answers 429 quota_exceeded."""
+    quota_exempt_root: bool = True
+    """Root's calls (uid 0: the operator, system services) are not counted against quotas."""
+
+
 class RunsSection(_Section):
     lease_s: float = Field(default=60.0, gt=0)
     on_exit: Literal["drain", "abandon"] = "drain"
@@ -222,6 +243,7 @@ class Settings(BaseSettings):
     download: DownloadSection = Field(default_factory=DownloadSection)
     watch: list[WatchRule] = Field(default_factory=list)
     watcher: WatcherSection = Field(default_factory=WatcherSection)
+    queue: QueueSection = Field(default_factory=QueueSection)
     runs: RunsSection = Field(default_factory=RunsSection)
     server: ServerSection = Field(default_factory=ServerSection)
     log: LogSection = Field(default_factory=LogSection)

@@ -1,6 +1,7 @@
 """The daemon: start order, stop order.
 
-Start: state dir (0700) and its lock (one daemon per state dir) → queue (jobs left running
+Start: state dir (0700 and ours, else one line and exit 2: agent/statedir.py) and its
+lock (one daemon per state dir) → queue (jobs left running
 by a dead daemon go back to the queue) → Chronicle (the embedded local server when no URL
 is configured) → HTTP sessions and the transfer engine → socket → workers → runs of the
 previous daemon (rules restored; which died meanwhile) → the watcher's first scan → run
@@ -38,6 +39,7 @@ from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import new_id
 from agent.runs.registry import RunRegistry
 from agent.sdnotify import Notifier, listen_socket, watchdog_interval_s
+from agent.statedir import prepare_state_dir, private_umask
 from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 from agent.transfer.upload import Engine
@@ -82,7 +84,7 @@ class Daemon:
     # ---- start pieces --------------------------------------------------------------------
 
     def _lock_state_dir(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_state_dir(self.state_dir)  # 0700 and ours, or one line and exit 2
         fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,7 +110,12 @@ class Daemon:
 
     def _bind_socket(self) -> socket.socket:
         path = self.socket_path
+        # The daemon runs with umask 077: directories it creates for the socket get 0755
+        # explicitly (callers must reach the socket; its own mode and group guard it).
+        missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        for d in missing:
+            os.chmod(d, 0o755)
         if path.exists() or path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -304,7 +311,9 @@ class Daemon:
 
 
 def run_daemon(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    """Run until SIGTERM/SIGINT. Returns the process exit code. Every file the daemon
+    creates is private unless given a mode (umask 077, see agent/statedir.py)."""
+    private_umask()
     try:
         anyio.run(Daemon(settings).run)
     except ConfigError as e:

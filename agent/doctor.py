@@ -4,7 +4,9 @@ non-zero exit when any check fails.
 Checks: the configuration loads; the daemon answers on its socket; Chronicle answers and
 accepts our credentials; the storage behind its presigned URLs is reachable (when Chronicle
 says where it is); the clocks agree (presigned URLs and SigV4 depend on it); free space
-where the daemon writes; inotify limits (watching). A warning does not fail the run.
+where the daemon writes; the queue database (it opens, passes ``PRAGMA quick_check``, has a
+schema this agent knows, is private, and its size); inotify limits (watching). A warning
+does not fail the run.
 """
 
 from __future__ import annotations
@@ -32,13 +34,22 @@ class Check:
     name: str
     status: Status
     detail: str
+    facts: dict[str, Any] | None = None
+    """Measured values, for --json (the queue check's path, sizes, schema, modes)."""
 
     def line(self) -> str:
         return f"{self.status:<5} {self.name:<10} {self.detail}"
 
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "status": self.status, "detail": self.detail}
+        if self.facts is not None:
+            out.update(self.facts)
+        return out
+
 
 def add_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    p = command("doctor", "check config, socket, Chronicle, storage, clocks, disk, inotify")
+    p = command("doctor", "check config, socket, Chronicle, storage, clocks, queue, disk, "
+                          "inotify")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(handler=cmd_doctor)
 
@@ -47,7 +58,7 @@ def cmd_doctor(ctx: Any) -> int:
     checks = run_checks(ctx)
     if ctx.args.json:
         ctx.print_json({"ok": all(c.status != "FAIL" for c in checks),
-                        "checks": [c.__dict__ for c in checks]})
+                        "checks": [c.to_json() for c in checks]})
     else:
         for c in checks:
             ctx.print(c.line())
@@ -73,6 +84,7 @@ def run_checks(ctx: Any) -> list[Check]:
         out.append(Check("socket", "FAIL", e.message))
 
     out += _chronicle_checks(settings, health)
+    out.append(queue_check(settings.state_dir()))
     out.append(_disk_check(settings.state_dir(), "state dir"))
     out.append(_inotify_check())
     return out
@@ -151,6 +163,85 @@ def _storage_check(storage: Any) -> Check:
     except OSError as e:
         return Check("storage", "FAIL", f"cannot connect to {host}:{port}: {e}")
     return Check("storage", "ok", f"{host}:{port} accepts connections")
+
+
+QUEUE_BIG_BYTES = 1 << 30
+"""A queue.db past this is worth a look (see queue.finished_retention_s and quotas)."""
+
+
+def queue_check(state_dir: Path) -> Check:
+    """``queue.db`` in ``state_dir``: it exists, opens read-only, is ours, passes
+    ``PRAGMA quick_check``, has a known schema, it and its -wal/-shm and the state dir are
+    private, and how big it is."""
+    import os
+    import sqlite3
+    import stat
+
+    from agent.queue.schema import APP_ID, SCHEMA_VERSION
+    from agent.statedir import sqlite_files
+
+    db = state_dir / "queue.db"
+    facts: dict[str, Any] = {"path": str(db)}
+    if not db.exists():
+        return Check("queue", "FAIL", f"{db} does not exist (the daemon creates it at its "
+                                      "first start; is agent.state_dir the daemon's?)", facts)
+    if not os.access(db, os.R_OK):
+        return Check("queue", "skip", f"{db} is not readable by uid {os.geteuid()}: run "
+                                      "doctor as the daemon's user to check it", facts)
+    files = [p for p in sqlite_files(db) if p.exists()]
+    size = sum(p.stat().st_size for p in files)
+    facts["size_bytes"] = size
+    loose = [f"{p.name} {stat.S_IMODE(p.stat().st_mode):04o}" for p in files
+             if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    dir_mode = stat.S_IMODE(state_dir.stat().st_mode)
+    if dir_mode & 0o077:
+        loose.insert(0, f"{state_dir} {dir_mode:04o}")
+    facts["private"] = not loose
+    if db.stat().st_size == 0:
+        return Check("queue", "FAIL", f"{db} is empty (0 bytes): the daemon refuses it; move "
+                                      "it aside (docs/operations.md)", facts)
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error as e:
+        return Check("queue", "FAIL", f"{db} does not open: {e}", facts)
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0] if app_id == APP_ID \
+            else 0
+    except sqlite3.Error as e:
+        return Check("queue", "FAIL", f"{db} is not a readable SQLite database ({e}); "
+                                      "docs/operations.md, 'A broken queue database'", facts)
+    finally:
+        conn.close()
+    facts.update({"schema": version, "quick_check": ok, "jobs": jobs})
+    where = f"{db}: "
+    if app_id != APP_ID:
+        return Check("queue", "FAIL", where + f"not a chronicle-agent queue (application_id "
+                                              f"{app_id:#x})", facts)
+    if ok != "ok":
+        return Check("queue", "FAIL", where + f"quick_check says {ok}; docs/operations.md, "
+                                              "'A broken queue database'", facts)
+    if not 1 <= version <= SCHEMA_VERSION:
+        return Check("queue", "FAIL", where + f"schema {version}, this agent knows 1 to "
+                                              f"{SCHEMA_VERSION}: upgrade chronicle-agent", facts)
+    if loose:
+        return Check("queue", "FAIL", where + "readable by others: " + ", ".join(loose) +
+                     " (callers' tokens are in it: chmod 0700 the state dir and 0600 the "
+                     "files, or restart the daemon, which does)", facts)
+    detail = (where + f"schema {version}, quick_check ok, private, {_size(size)}, "
+              f"{jobs} job(s)")
+    if size > QUEUE_BIG_BYTES:
+        return Check("queue", "warn", detail + " (large: see queue.finished_retention_s and "
+                                               "the quotas)", facts)
+    return Check("queue", "ok", detail, facts)
+
+
+def _size(n: float) -> str:
+    from agent.progress import format_bytes
+
+    return format_bytes(n)
 
 
 def _disk_check(path: Path, what: str) -> Check:

@@ -7,6 +7,7 @@
     ├── UsageError               bad input from a caller: a missing path, a bad name (exit 2)
     ├── DaemonUnreachable        no daemon on the socket (exit 3)
     ├── StateDiskFull            the daemon's state disk is full: intake stops
+    ├── QuotaExceeded            a uid's live jobs or payload bytes are at [queue]'s quota
     ├── ApiError                 the daemon's socket API refused a call (exit 1)
     ├── JobFailed                a job a caller waited for ended failed/cancelled/abandoned
     ├── ChronicleError           Chronicle answered with an error body (status, code, message)
@@ -71,6 +72,13 @@ class StateDiskFull(AgentError):
     is queued stays queued."""
 
     code = "state_disk_full"
+
+
+class QuotaExceeded(AgentError):
+    """A caller has as many live jobs, or as many payload bytes in the queue, as
+    ``[queue]`` allows one uid (the socket API answers 429)."""
+
+    code = "quota_exceeded"
 
 
 class ApiError(AgentError):

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any, TextIO
 
 from agent.client import TERMINAL_STATES, SocketClient
+from agent.termsafe import visible
 
 POLL_S = 0.2
 RATE_WINDOW_S = 3.0
@@ -98,7 +99,7 @@ def wait_with_progress(
     try:
         while True:
             meter.add(time.monotonic(), int(job.get("bytes_done") or 0))
-            line = f"{job_id} {render(job, meter.rate())}"
+            line = visible(f"{job_id} {render(job, meter.rate())}")
             stream.write("\r" + line + " " * max(0, last_len - len(line)))
             stream.flush()
             last_len = len(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,3 +150,106 @@ def test_a_callers_token_is_kept_while_work_needs_it_and_no_longer(q: Queue) -> 
     assert q.prune_credentials(grace_s=0) == 0
     q.set_asset(rec.asset_key, state="finalized")
     assert q.prune_credentials(grace_s=0) == 1
+
+
+# ---- retention and quotas ---------------------------------------------------------------------
+
+
+def _end(q: Queue, state: JobState, payload: dict[str, Any] | None = None,
+         uid: int = 1000) -> str:
+    job = q.enqueue(JobKind.INLINE, uid, payload or {"asset_type": "t", "content": "x" * 100})
+    q.claim("w", 60)
+    if state == JobState.CANCELLED:
+        q.request_cancel(job.job_id)  # a running job is flagged; the worker ends it
+    q.finish(job.job_id, "w", state)
+    return job.job_id
+
+
+def _age(path: Path, job_id: str, seconds: float) -> None:
+    """Make a job look as if it ended ``seconds`` ago (another connection, the same file)."""
+    db = sqlite3.connect(path)
+    db.execute("UPDATE jobs SET updated_at = updated_at - ? WHERE job_id = ?", (seconds, job_id))
+    db.commit()
+    db.close()
+
+
+def test_finished_jobs_are_pruned_after_the_retention_and_live_ones_never(
+    q: Queue, tmp_path: Path
+) -> None:
+    day = 86400.0
+    old = {s: _end(q, s) for s in (JobState.DONE, JobState.FAILED, JobState.CANCELLED,
+                                   JobState.ABANDONED)}
+    recent = _end(q, JobState.DONE)
+    queued = q.enqueue(JobKind.UPLOAD, 1000, {"path": "/x"}).job_id
+    for jid in [*old.values(), queued]:
+        _age(tmp_path / "queue.db", jid, 8 * day)
+    assert q.prune_finished(7 * day) == 4
+    left = {j.job_id for j in q.list_jobs()}
+    assert left == {recent, queued}  # a queued job is never pruned, however old
+    assert q.prune_finished(7 * day) == 0
+
+
+def test_pruning_takes_the_finished_assets_records_with_it(q: Queue, tmp_path: Path) -> None:
+    job = q.enqueue(JobKind.UPLOAD, 1, {"path": "/x"})
+    rec = q.create_asset(asset_type="t", uid=1, run_id=None, visibility=None,
+                         components=[{"name": "a", "size": 1}], job_id=job.job_id)
+    q.record_part(rec.asset_key, "a", PartRecord(1, 5 << 20, 1, "etag"))
+    q.set_asset(rec.asset_key, state="finalized")
+    q.claim("w", 60)
+    q.finish(job.job_id, "w", JobState.DONE)
+    db = sqlite3.connect(tmp_path / "queue.db")
+    db.execute("UPDATE assets SET updated_at = updated_at - 1e6")
+    db.commit()
+    db.close()
+    _age(tmp_path / "queue.db", job.job_id, 1e6)
+    assert q.prune_finished(3600) == 1
+    assert q.asset(rec.asset_key) is None and q.parts(rec.asset_key, "a") == []
+
+
+def test_an_inline_jobs_content_is_dropped_once_sent_and_the_row_kept(
+    q: Queue, tmp_path: Path
+) -> None:
+    big = {"asset_type": "metrics", "content": "y" * 1_000_000}
+    done = _end(q, JobState.DONE, big)
+    failed = _end(q, JobState.FAILED, big)
+    db = sqlite3.connect(tmp_path / "queue.db")
+    sizes = dict(db.execute("SELECT job_id, length(payload) FROM jobs").fetchall())
+    db.close()
+    assert sizes[done] < 100 and sizes[failed] > 1_000_000  # a failed one may be retried
+    job = q.get(done)
+    assert job is not None and job.state == JobState.DONE
+    assert job.payload == {"asset_type": "metrics"} and "content" not in job.to_api()
+    assert q.usage(1000) == (0, sizes[failed])
+
+
+def test_quotas_count_a_uids_live_jobs_and_payload_bytes(q: Queue) -> None:
+    from agent.errors import QuotaExceeded
+    from agent.queue.store import Quota
+
+    quota = Quota(jobs=3, payload_bytes=10_000)
+    for _ in range(3):
+        q.enqueue(JobKind.UPLOAD, 1000, {"path": "/x"}, quota=quota)
+    with pytest.raises(QuotaExceeded) as e:
+        q.enqueue(JobKind.UPLOAD, 1000, {"path": "/x"}, quota=quota)
+    assert e.value.code == "quota_exceeded"
+    assert "uid 1000 has 3 queued or running jobs" in e.value.message
+    assert "queue.quota_jobs = 3" in e.value.message
+    q.enqueue(JobKind.UPLOAD, 1001, {"path": "/x"}, quota=quota)  # another uid: its own
+    # finished jobs free the slot
+    job = q.claim("w", 60)
+    assert job is not None
+    q.finish(job.job_id, "w", JobState.DONE)
+    q.enqueue(JobKind.INLINE, 1000, {"content": "z" * 5000}, quota=quota)
+    with pytest.raises(QuotaExceeded) as e:
+        q.enqueue(JobKind.INLINE, 1001, {"content": "z" * 20_000}, quota=quota)
+    assert "queue.quota_payload_bytes = 10000" in e.value.message
+    assert len(q.list_jobs(uid=1001)) == 1  # nothing was added by the refused call
+
+
+def test_a_listing_leaves_inline_contents_in_the_database(q: Queue) -> None:
+    job = q.enqueue(JobKind.INLINE, 1000, {"asset_type": "m", "content": "c" * 100_000})
+    listed = q.list_jobs(uid=1000)
+    assert [j.job_id for j in listed] == [job.job_id]
+    assert listed[0].payload == {"asset_type": "m"}  # the socket API's listing shows no more
+    one = q.get(job.job_id)
+    assert one is not None and len(one.payload["content"]) == 100_000  # the worker's read

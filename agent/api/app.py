@@ -24,9 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent import __version__
 from agent.access import Refused, check_readable, check_writable_dest, file_size
 from agent.chronicle import contract
-from agent.errors import AgentError, ChronicleError, StateDiskFull, UsageError
+from agent.errors import (
+    AgentError,
+    ChronicleError,
+    QuotaExceeded,
+    StateDiskFull,
+    UsageError,
+)
 from agent.fsid import Identity
-from agent.queue.store import TERMINAL, Job, JobKind, StateConflict, credential_id
+from agent.queue.store import TERMINAL, Job, JobKind, Quota, StateConflict, credential_id
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
 
 if TYPE_CHECKING:
@@ -155,6 +161,10 @@ async def errors_middleware(
         return error_response(400, e.code, e.message)
     except StateDiskFull as e:
         return error_response(507, e.code, e.message)
+    except QuotaExceeded as e:
+        resp = error_response(429, e.code, e.message)
+        resp.headers["Retry-After"] = "60"
+        return resp
     except AgentError as e:
         return error_response(502, e.code, e.message)
     except Exception:
@@ -162,8 +172,59 @@ async def errors_middleware(
         return error_response(500, "internal_error", "internal error; see the daemon's log")
 
 
+BODY_HEADROOM_BYTES = 1 << 20
+"""Room in a request body for what surrounds an inline content of server.inline_max_bytes."""
+BODY_READ_TIMEOUT_S = 60.0
+"""A body that takes longer than this to arrive is refused (it holds body budget)."""
+
+
+class BodyBudget:
+    """The request bodies the socket API holds at once, in bytes (agent.api_body_budget_bytes):
+    a request reserves its Content-Length (the per-request maximum when it sends none) before
+    its body is read, and gives it back when answered; one that does not fit is answered 503
+    ``busy`` with Retry-After, before its body is read. Found by a review: 16 concurrent 64 MiB
+    bodies took the daemon to 1.27 GB."""
+
+    def __init__(self, total_bytes: int, max_body_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self.max_body_bytes = max_body_bytes
+        self.held = 0
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        if not request.body_exists:
+            return await handler(request)
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            return error_response(
+                413, "payload_too_large",
+                f"the request body is {length} bytes; the socket API takes at most "
+                f"{self.max_body_bytes} (server.inline_max_bytes plus 1 MiB): upload large "
+                "content as a file")
+        need = self.max_body_bytes if length is None else length
+        if self.held + need > self.total_bytes:
+            resp = error_response(
+                503, "busy",
+                f"the daemon is reading {self.held} bytes of other requests' bodies (its limit "
+                f"is agent.api_body_budget_bytes = {self.total_bytes}); try again shortly")
+            resp.headers["Retry-After"] = "1"
+            return resp
+        self.held += need
+        try:
+            return await handler(request)
+        finally:
+            self.held -= need
+
+
 async def _json(request: web.Request) -> Any:
-    raw = await request.read()
+    with anyio.move_on_after(BODY_READ_TIMEOUT_S) as scope:
+        raw = await request.read()
+    if scope.cancelled_caught:
+        raise UsageError(f"the request body did not arrive within {BODY_READ_TIMEOUT_S:g} s",
+                         code="request_timeout")
     if not raw:
         return {}
     try:
@@ -189,7 +250,11 @@ class Api:
         accepted."""
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors_middleware], client_max_size=64 << 20)
+        max_body = self.d.inline_max_bytes + BODY_HEADROOM_BYTES
+        budget = BodyBudget(max(self.d.settings.agent.api_body_budget_bytes, max_body), max_body)
+        self.body_budget = budget
+        app = web.Application(middlewares=[errors_middleware, budget.middleware],
+                              client_max_size=max_body)
         r = app.router
         r.add_get("/v1/health", self.health)
         r.add_get("/metrics", self.metrics)
@@ -234,9 +299,10 @@ class Api:
                        bytes_total: int = 0, cred_id: str | None = None) -> web.Response:
         if cred_id is None and asset_key is None:
             cred_id = await self._cred(request)
-        job = await self.q.change(self.q.s.enqueue, kind, peer_uid(request), payload,
+        uid = peer_uid(request)
+        job = await self.q.change(self.q.s.enqueue, kind, uid, payload,
                                   run_id=run_id, asset_key=asset_key, bytes_total=bytes_total,
-                                  cred_id=cred_id)
+                                  cred_id=cred_id, quota=self._quota(uid))
         log.info("job %s queued (%s)", job.job_id, kind)
         return web.json_response(self._view(job), status=202)
 
@@ -280,6 +346,14 @@ class Api:
     def _caller(self, request: web.Request) -> Identity:
         _pid, uid, gid = peer_creds(request)
         return Identity.of(uid, gid)
+
+    def _quota(self, uid: int) -> Quota | None:
+        """The queue's per-uid limits (``[queue]``); root is exempt unless
+        queue.quota_exempt_root is false."""
+        cfg = self.d.settings.queue
+        if uid == 0 and cfg.quota_exempt_root:
+            return None
+        return Quota(cfg.quota_jobs, cfg.quota_payload_bytes)
 
     def _roots(self) -> list[str]:
         return [str(r) for r in self.d.settings.agent.roots]
@@ -489,5 +563,8 @@ class Api:
 
     async def retry(self, request: web.Request) -> web.Response:
         job = await self._own_job(request)
+        quota = self._quota(job.uid)
+        if quota is not None:  # a retried job is live again: it counts
+            quota.check(job.uid, *await self.q.do(self.q.s.usage, job.uid), 0)
         job = await self.q.change(self.q.s.retry, job.job_id, await self._cred(request))
         return web.json_response(self._view(job))

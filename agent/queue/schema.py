@@ -12,9 +12,10 @@ import sqlite3
 from pathlib import Path
 
 from agent.errors import AgentError
+from agent.statedir import create_private, private_sqlite, sqlite_files
 
 APP_ID = 0x43484147  # "CHAG", in SQLite's application_id header field
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _V1 = """
 CREATE TABLE jobs (
@@ -149,7 +150,14 @@ ALTER TABLE assets ADD COLUMN cred_id TEXT;
 ALTER TABLE runs ADD COLUMN cred_id TEXT;
 """
 
-_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}
+# v4: per-uid quotas (the uid's live jobs and payload bytes) and the pruning of finished jobs
+# after queue.finished_retention_s read these.
+_V4 = """
+CREATE INDEX jobs_uid ON jobs (uid, state);
+CREATE INDEX jobs_finished ON jobs (state, updated_at);
+"""
+
+_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
 """Schema version → the script that brings the previous version to it."""
 
 
@@ -164,44 +172,87 @@ def _way_out(path: Path) -> str:
     )
 
 
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for v in range(version + 1, SCHEMA_VERSION + 1):  # each step keeps every row
+            for stmt in _MIGRATIONS[v].split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+        conn.execute(f"PRAGMA application_id={APP_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _create(path: Path) -> None:
+    """A new queue database, built under a temporary name (0600 from its creation, so its
+    -wal/-shm are 0600 too) and renamed into place complete: a crash leaves either no
+    ``queue.db`` or a whole one, never an empty file."""
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+    for p in sqlite_files(tmp):
+        p.unlink(missing_ok=True)
+    create_private(tmp)
+    conn = sqlite3.connect(tmp, timeout=30, isolation_level=None)
+    try:
+        _configure(conn)
+        _migrate(conn, 0)
+        conn.execute("PRAGMA journal_mode=DELETE")  # everything into the main file
+    finally:
+        conn.close()
+    os.replace(tmp, path)
+    for p in sqlite_files(tmp):
+        p.unlink(missing_ok=True)
+
+
 def open_db(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) and check the queue database; migrate it to the current
-    schema. Raises QueueCorrupt for a foreign or damaged file."""
+    schema. Raises QueueCorrupt for a foreign, empty or damaged file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fresh = not path.exists() or path.stat().st_size == 0
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        try:
+            _create(path)
+        except sqlite3.Error as e:
+            raise QueueCorrupt(f"cannot create queue database {path}: {e}") from None
+        size = path.stat().st_size
+    if size == 0:
+        # Never ours (a new database is renamed into place whole): a truncated copy, or a
+        # file emptied by a full disk. Starting an empty queue over it would hide the loss.
+        raise QueueCorrupt(f"queue database {path} is empty (0 bytes): its jobs are lost; "
+                           f"{_way_out(path)}")
+    private_sqlite(path)
     try:
         conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as e:
         raise QueueCorrupt(f"cannot open queue database {path}: {e}; {_way_out(path)}") from None
     try:
-        if not fresh:
+        try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            if app_id != APP_ID:
-                raise QueueCorrupt(
-                    f"{path} is not a chronicle-agent queue database (application_id "
-                    f"{app_id:#x}); {_way_out(path)}"
-                )
-            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if ok != "ok":
-                raise QueueCorrupt(f"queue database {path} is damaged ({ok}); {_way_out(path)}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.DatabaseError:
+            raise QueueCorrupt(f"{path} is not an SQLite database; {_way_out(path)}") from None
+        if app_id != APP_ID:
+            raise QueueCorrupt(
+                f"{path} is not a chronicle-agent queue database (application_id "
+                f"{app_id:#x}); {_way_out(path)}"
+            )
+        ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise QueueCorrupt(f"queue database {path} is damaged ({ok}); {_way_out(path)}")
+        _configure(conn)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version < SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for v in range(version + 1, SCHEMA_VERSION + 1):  # v1 → v2 keeps every row
-                    for stmt in _MIGRATIONS[v].split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                conn.execute(f"PRAGMA application_id={APP_ID}")
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            _migrate(conn, version)
         elif version > SCHEMA_VERSION:
             raise QueueCorrupt(
                 f"queue database {path} has schema {version}, newer than this agent "
@@ -213,5 +264,5 @@ def open_db(path: Path) -> sqlite3.Connection:
     except QueueCorrupt:
         conn.close()
         raise
-    os.chmod(path, 0o600)
+    private_sqlite(path)
     return conn

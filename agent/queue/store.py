@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError, StateDiskFull
+from agent.errors import AgentError, QuotaExceeded, StateDiskFull
 from agent.queue.schema import open_db
 
 
@@ -167,6 +167,35 @@ _JOB_COLS = (
     "(SELECT token FROM credentials WHERE credentials.cred_id = jobs.cred_id)"
 )
 _JOB_FROM = "jobs LEFT JOIN assets ON assets.asset_key = jobs.asset_key"
+_JOB_COLS_LISTED = _JOB_COLS.replace(
+    "payload,", "CASE WHEN kind = 'inline' THEN json_remove(payload, '$.content') "
+    "ELSE payload END,", 1)
+"""A listing leaves inline contents (up to server.inline_max_bytes each) in the database:
+listing a thousand queued inline jobs must not load them all (only the worker needs one)."""
+_HOLDING = "'queued', 'running', 'failed', 'cancelled'"
+"""States whose job keeps its payload: it may run (again); done and abandoned ones drop an
+inline content."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one uid may hold in the queue (``[queue]`` quota_jobs, quota_payload_bytes)."""
+
+    jobs: int
+    payload_bytes: int
+
+    def check(self, uid: int, live: int, held: int, adding: int) -> None:
+        if live + 1 > self.jobs:
+            raise QuotaExceeded(
+                f"uid {uid} has {live} queued or running jobs, the most one uid may have "
+                f"(queue.quota_jobs = {self.jobs}): wait for some to finish, cancel some, "
+                "or raise queue.quota_jobs")
+        if held + adding > self.payload_bytes:
+            raise QuotaExceeded(
+                f"uid {uid}'s jobs hold {held} bytes of payload in the queue and this one "
+                f"adds {adding}: over queue.quota_payload_bytes = {self.payload_bytes}; wait "
+                "for queued jobs to be sent, or raise queue.quota_payload_bytes (failed and "
+                "cancelled jobs count until queue.finished_retention_s prunes them)")
 
 
 def _job(row: tuple[Any, ...]) -> Job:
@@ -250,12 +279,17 @@ class Queue:
         bytes_total: int = 0,
         job_id: str | None = None,
         cred_id: str | None = None,
+        quota: Quota | None = None,
     ) -> Job:
         """Add a job; durable (fsynced) before it returns, since the caller is told it is
-        queued."""
+        queued. With ``quota``, the uid's usage is checked in the same transaction
+        (:class:`~agent.errors.QuotaExceeded`)."""
         now = time.time()
         jid = job_id or new_id("job")
+        body = json.dumps(payload)
         with self._txn(durable=True) as db:
+            if quota is not None:
+                quota.check(uid, *self._usage(db, uid), len(body))
             db.execute(
                 "INSERT INTO jobs (job_id, kind, state, uid, run_id, asset_key, payload, "
                 "bytes_total, created_at, updated_at, cred_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -266,7 +300,7 @@ class Queue:
                     uid,
                     run_id,
                     asset_key,
-                    json.dumps(payload),
+                    body,
                     bytes_total,
                     now,
                     now,
@@ -276,6 +310,38 @@ class Queue:
         job = self.get(jid)
         assert job is not None
         return job
+
+    @staticmethod
+    def _usage(db: sqlite3.Connection, uid: int) -> tuple[int, int]:
+        live, held = db.execute(
+            "SELECT count(*) FILTER (WHERE state IN ('queued', 'running')), "
+            "coalesce(sum(length(payload)), 0) FROM jobs "
+            f"WHERE uid = ? AND state IN ({_HOLDING})", (uid,)).fetchone()
+        return int(live), int(held)
+
+    def usage(self, uid: int) -> tuple[int, int]:
+        """(queued and running jobs, payload bytes held) of ``uid`` — what quotas count."""
+        with self._lock:
+            return self._usage(self._db, uid)
+
+    def prune_finished(self, retention_s: float, now: float | None = None) -> int:
+        """Delete jobs that ended (done, failed, cancelled, abandoned) more than
+        ``retention_s`` ago, and the local records of finished assets no job names any
+        more. A job whose checkpoint snapshot the watcher still holds is kept (the watcher
+        settles it first). Returns the number of jobs deleted."""
+        cutoff = (time.time() if now is None else now) - retention_s
+        with self._txn() as db:
+            cur = db.execute(
+                "DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled', 'abandoned') "
+                "AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM watched w WHERE "
+                "w.job_id = jobs.job_id AND w.snapshot IS NOT NULL)", (cutoff,))
+            pruned = cur.rowcount
+            if pruned:
+                db.execute(
+                    "DELETE FROM assets WHERE state IN ('finalized', 'abandoned') AND "
+                    "updated_at < ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE "
+                    "j.asset_key = assets.asset_key)", (cutoff,))
+        return pruned
 
     def get(self, job_id: str) -> Job | None:
         rows = self._read(f"SELECT {_JOB_COLS} FROM {_JOB_FROM} WHERE job_id = ?", (job_id,))
@@ -303,7 +369,7 @@ class Queue:
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)
-        sql = f"SELECT {_JOB_COLS} FROM {_JOB_FROM}"
+        sql = f"SELECT {_JOB_COLS_LISTED} FROM {_JOB_FROM}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY jobs.created_at, job_id LIMIT ?"
@@ -381,7 +447,7 @@ class Queue:
         result: dict[str, Any] | None = None,
     ) -> Job:
         assert state in TERMINAL
-        return self._move(
+        job = self._move(
             job_id,
             (JobState.RUNNING,),
             state,
@@ -392,6 +458,18 @@ class Queue:
             lease_owner=None,
             lease_expires_at=None,
         )
+        if state in (JobState.DONE, JobState.ABANDONED) and "content" in job.payload:
+            self.drop_content(job_id)  # sent (or never to be): only the job row stays
+            job.payload.pop("content", None)
+        return job
+
+    def drop_content(self, job_id: str) -> None:
+        """Forget an inline job's content (up to server.inline_max_bytes): it is on
+        Chronicle now, or will never be sent."""
+        with self._txn() as db:
+            db.execute(
+                "UPDATE jobs SET payload = json_remove(payload, '$.content') "
+                "WHERE job_id = ? AND state IN ('done', 'abandoned')", (job_id,))
 
     def release(
         self, job_id: str, owner: str, delay_s: float, error: dict[str, str] | None = None

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from agent.client import SocketClient, path_segment
 from agent.errors import AgentError, DaemonUnreachable, UsageError
 from agent.paths import SOCKET_ENV
+from agent.termsafe import visible
 
 RUN_ID_ENV = "METHODIC_RUN_ID"
 FINISH_RETRY_S = 5.0
@@ -73,10 +74,10 @@ def run_exec(client: SocketClient, command: list[str], *, run_id: str | None,
     try:
         child = subprocess.Popen(command, env=env)
     except FileNotFoundError:
-        print(f"chronicle-agent: exec: command not found: {command[0]}", file=err)
+        print(visible(f"chronicle-agent: exec: command not found: {command[0]}"), file=err)
         return 127
     except PermissionError:
-        print(f"chronicle-agent: exec: permission denied: {command[0]}", file=err)
+        print(visible(f"chronicle-agent: exec: permission denied: {command[0]}"), file=err)
         return 126
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -100,8 +101,8 @@ def run_exec(client: SocketClient, command: list[str], *, run_id: str | None,
         try:
             info = client.request("POST", "/v1/runs", body)
         except AgentError as e:
-            print(f"chronicle-agent: exec: warning: could not register run {rid}: {e}; the "
-                  "command runs anyway", file=err)
+            print(visible(f"chronicle-agent: exec: warning: could not register run {rid}: {e}; "
+                          "the command runs anyway"), file=err)
             info = {}
         if info.get("liveness") == "lease":  # the daemon cannot see our pids
             lease = float(info.get("lease_s") or 60)
@@ -137,10 +138,11 @@ def _finish(client: SocketClient, rid: str, status: str, exit_code: int, err: Te
             return
         except DaemonUnreachable as e:
             if time.monotonic() >= deadline:
-                print(f"chronicle-agent: exec: warning: could not finish run {rid}: {e}",
-                      file=err)
+                print(visible(f"chronicle-agent: exec: warning: could not finish run {rid}: "
+                              f"{e}"), file=err)
                 return
             time.sleep(0.25)
         except AgentError as e:
-            print(f"chronicle-agent: exec: warning: could not finish run {rid}: {e}", file=err)
+            print(visible(f"chronicle-agent: exec: warning: could not finish run {rid}: {e}"),
+                  file=err)
             return

@@ -19,6 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.statedir import private_sqlite
+
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
@@ -233,6 +235,7 @@ class Database:
         await self._call(self._open)
 
     def _open(self) -> None:
+        private_sqlite(self.path)  # signed URLs: 0600, and so its -wal/-shm
         conn = sqlite3.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")

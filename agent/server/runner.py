@@ -26,6 +26,7 @@ from aiohttp import web
 
 from agent.config import Settings
 from agent.errors import ConfigError
+from agent.statedir import prepare_state_dir
 
 from .app import Core, make_app
 from .auth import TokenStore, ensure_tokens_file, local_principal_id
@@ -200,7 +201,7 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
     try:
 
         def prepare() -> tuple[TokenStore, Signer, str]:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            prepare_state_dir(state_dir, "server state dir")  # 0700 and ours, or exit 2
             ensure_tokens_file(tokens_file)
             tokens = TokenStore(tokens_file)
             tokens.load()

@@ -96,10 +96,15 @@ class Workers:
             task_status.started()
 
     async def _forget_tokens(self, every_s: float = 60.0) -> None:
-        """Every minute, callers' tokens that no live work needs are deleted
-        (:meth:`~agent.queue.store.Queue.prune_credentials`)."""
+        """Every minute, jobs finished longer than queue.finished_retention_s ago
+        (:meth:`~agent.queue.store.Queue.prune_finished`), then callers' tokens that no live
+        work needs (:meth:`~agent.queue.store.Queue.prune_credentials`), are deleted."""
+        retention_s = self.e.settings.queue.finished_retention_s
         while not self._stopping:
             try:
+                pruned = await self.q.do(self.q.s.prune_finished, retention_s)
+                if pruned:
+                    log.info("pruned %d job(s) finished over %.0f s ago", pruned, retention_s)
                 await self.q.do(self.q.s.prune_credentials)
             except StateDiskFull:
                 pass

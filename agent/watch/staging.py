@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsid import Identity, call_as
+from agent.statedir import shared_makedirs
 from agent.watch.seal import STAGING_DIR_NAME, FileInfo, Scan
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Staging:
         base = os.path.join(root, STAGING_DIR_NAME)
 
         def make() -> None:
-            os.makedirs(base, mode=0o755, exist_ok=True)
+            shared_makedirs(base, 0o755)  # modes kept under the daemon's umask 077
             os.makedirs(os.path.join(base, self.owner_dir(ident)), mode=0o700, exist_ok=True)
             if os.stat(base).st_dev != dev:
                 raise OSError(errno.EXDEV, "another filesystem")
@@ -192,7 +193,7 @@ class Staging:
         body = json.dumps({"agent": self.agent_id, "key": key, "path": path,
                            "host": socket.gethostname(), "at": time.time()})
         try:
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            shared_makedirs(d, 0o755)
             if not os.path.isdir(d):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", d)
         except OSError as e:
@@ -213,6 +214,7 @@ class Staging:
                         e.strerror or e)
             return None
         try:
+            os.fchmod(fd, 0o644)  # readable by other agents, whatever the umask
             os.write(fd, body.encode())
             os.fsync(fd)
         finally:
