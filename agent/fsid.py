@@ -81,9 +81,8 @@ class Identity:
         return self.uid == os.geteuid()
 
 
-DAEMON: Identity | None = None
-"""``None`` as an identity means the daemon's own: for paths the daemon owns (its state
-directory, its cache, its private staging area)."""
+# ``None`` as an identity means the daemon's own: for paths the daemon owns (its state
+# directory, its cache, its private staging area).
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _local = threading.local()
@@ -178,24 +177,3 @@ async def run_as(ident: Identity | None, fn: Callable[..., T], *args: Any,
 
     return await anyio.to_thread.run_sync(partial(call_as, ident, fn, *args),
                                           abandon_on_cancel=abandon_on_cancel)
-
-
-def can_act_as_others() -> bool:
-    """Whether this process may switch to another user's filesystem identity (CAP_SETUID
-    and CAP_SETGID): checked in a throwaway thread."""
-    me = _self()
-    other = Identity(me.uid + 1 if me.uid < NOBODY_GID else NOBODY_GID - 1, NOBODY_GID,
-                     (NOBODY_GID,))
-    box: list[bool] = []
-
-    def probe() -> None:
-        try:
-            call_as(other, lambda: None)
-            box.append(True)
-        except Refused:
-            box.append(False)
-
-    t = threading.Thread(target=probe, name="fsid-probe")
-    t.start()
-    t.join()
-    return bool(box and box[0])

@@ -98,6 +98,15 @@ def socket_call(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """One raw HTTP call on the daemon's socket: (status, body bytes), whatever they are."""
+    status, raw, _headers = socket_exchange(socket_path, method, path, body, headers)
+    return status, raw
+
+
+def socket_exchange(
+    socket_path: Path, method: str, path: str, body: bytes | None = None,
+    headers: dict[str, str] | None = None, timeout_s: float = 30,
+) -> tuple[int, bytes, dict[str, str]]:
+    """:func:`socket_call`, with the answer's headers too."""
     import http.client
 
     class _Conn(http.client.HTTPConnection):
@@ -106,12 +115,12 @@ def socket_call(
             s.connect(str(socket_path))
             self.sock = s
 
-    conn = _Conn("localhost", timeout=30)
+    conn = _Conn("localhost", timeout=timeout_s)
     try:
         sent = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body, headers={**sent, **(headers or {})})
         resp = conn.getresponse()
-        return resp.status, resp.read()
+        return resp.status, resp.read(), dict(resp.headers)
     finally:
         conn.close()
 

@@ -14,28 +14,14 @@ from pathlib import Path
 import psutil
 
 from tests.helpers_daemon import start_daemon
+from tests.helpers_e2e import socket_exchange
 
 MIB = 1 << 20
 
 
 def raw_post(socket_path: Path, path: str, body: bytes) -> tuple[int, dict[str, object], str]:
-    import http.client
-    import socket
-
-    class _Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(str(socket_path))
-            self.sock = s
-
-    conn = _Conn("localhost", timeout=120)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, json.loads(raw or b"{}"), resp.headers.get("Retry-After") or ""
-    finally:
-        conn.close()
+    status, raw, headers = socket_exchange(socket_path, "POST", path, body, timeout_s=120)
+    return status, json.loads(raw or b"{}"), headers.get("Retry-After") or ""
 
 
 def test_concurrent_large_bodies_keep_the_daemon_bounded(tmp_path: Path) -> None:

@@ -274,10 +274,11 @@ class Workers:
             prior = await self.q.do(self.q.s.asset, job.asset_key)
             if prior is not None and prior.state == "abandoned":
                 job.asset_key = None  # a retry after a cancel or a changed source: rescan
+        ident = self.identity(job)
         if job.asset_key is None:
             try:
-                comps = await run_as(self.identity(job), scan_path, p["path"],
-                                     self.roots if self.identity(job) is not None else [])
+                comps = await run_as(ident, scan_path, p["path"],
+                                     self.roots if ident is not None else [])
             except FileNotFoundError as e:
                 raise SourceChanged(f"{e.filename} vanished while {p['path']} was scanned; "
                                     f"`chronicle-agent retry {job.job_id}` scans it again"
@@ -290,8 +291,7 @@ class Workers:
                 job_id=job.job_id, register_key=p.get("register_key"), cred_id=job.cred_id,
             )
             job.asset_key = rec.asset_key
-        up = AssetUpload(self.e, await self._asset_for(job), progress,
-                         reader=self.identity(job))
+        up = AssetUpload(self.e, await self._asset_for(job), progress, reader=ident)
         if up.asset.state != "finalized":
             try:
                 await up.ensure_registered()
@@ -382,17 +382,18 @@ class Workers:
 
     async def _download(self, job: Job, progress: Progress) -> dict[str, Any] | None:
         p = job.payload
+        ident = self.identity(job)
         try:
             res = await download_asset(
                 self.e, job.job_id, p["asset_id"], p["dest"], bool(p.get("allow_invalid")),
                 progress, token=caller_token(job.cred_id, job.token, f"job {job.job_id}"),
-                cache=self.cache, ident=self.identity(job))
+                cache=self.cache, ident=ident)
         except (ChronicleError, AgentError) as e:
             # A retryable error or a full disk keeps the partial files for the next attempt;
             # anything else, or the last attempt, ends this download: nothing is left behind.
             if (not isinstance(e, RetryableError | DiskFull)
                     or job.attempts >= self.job_max_attempts or self._stopping):
-                await run_as(self.identity(job), discard_staging, p["dest"], job.job_id)
+                await run_as(ident, discard_staging, p["dest"], job.job_id)
             raise
         if res.warnings:
             await self.q.do(self.q.s.set_progress, job.job_id, warnings=res.warnings)
