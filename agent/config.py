@@ -198,6 +198,19 @@ class ServerSection(_Section):
     tokens_file: Path | None = None
     url_expiry_s: int = Field(default=3600, ge=1)
     inline_max_bytes: int = Field(default=8 * MiB, ge=1)
+    max_connections: int = Field(default=256, ge=1)
+    """Concurrent connections to the server's TCP port; more are closed at once (at most
+    half the process's descriptor limit, which the embedding daemon shares)."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A new connection must send its first request's headers within this time."""
+    keepalive_timeout_s: float = Field(default=30.0, gt=0)
+    """An idle connection (between requests, or the headers of a later request) is closed."""
+    json_body_budget_bytes: int = Field(default=128 * MiB, ge=MiB)
+    """Bytes of JSON request bodies being read at once, all requests together; a request
+    that does not fit is answered 503 with Retry-After."""
+    log_interval_s: float = Field(default=60.0, gt=0)
+    """Refused connections, timeouts and malformed requests: one WARNING line with counts
+    per this many seconds at most."""
 
 
 class LogSection(_Section):

@@ -58,7 +58,8 @@ def download(daemon: DaemonProc, asset_id: str, dest: Path) -> dict[str, Any]:
 def gets(proxy: FaultProxy, asset_id: str) -> list[dict[str, Any]]:
     """The storage GETs the proxy saw for one asset."""
     return [e for e in proxy.stats()["log"]
-            if e["method"] == "GET" and f"/assets/{asset_id}/" in e["path"]]
+            if e["method"] == "GET" and e["path"].startswith("/storage/")
+            and f"/{asset_id}/" in e["path"]]
 
 
 def tree(root: Path) -> Path:

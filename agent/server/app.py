@@ -11,14 +11,16 @@ makes its change and stores the idempotent response together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -29,6 +31,7 @@ from . import auth, db
 from .auth import Principal, Protected, TokenStore
 from .db import AssetRow, Database, IdemKey
 from .http import (
+    RETRY_AFTER_S,
     Reply,
     conflict,
     error_middleware,
@@ -51,6 +54,42 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+class BodyBudget:
+    """Bytes of JSON request bodies in flight, all requests together: each mutating call
+    reserves its body's size (its Content-Length, or the largest body allowed when it has
+    none) from reading until its answer. One that does not fit now is answered 503 with
+    Retry-After (clients retry it), one that could never fit 413: waiting would only hold
+    the connection and its buffers longer."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        if size > self.limit:
+            raise fail(
+                413,
+                "payload_too_large",
+                f"request body of {size} bytes is over the server's JSON body budget of "
+                f"{self.limit} bytes (server.json_body_budget_bytes)",
+            )
+        if self.used + size > self.limit:
+            self.refused += 1
+            raise fail(
+                503,
+                "server_busy",
+                f"too many request bodies in flight (server.json_body_budget_bytes = "
+                f"{self.limit}): retry in {RETRY_AFTER_S} s",
+            )
+        self.used += size
+        try:
+            yield
+        finally:
+            self.used -= size
+
+
 @dataclass
 class Core:
     """Everything a handler needs: configuration, database, storage, tokens, locks."""
@@ -63,6 +102,10 @@ class Core:
     public_url: str = ""
     asset_locks: KeyedLocks = field(default_factory=KeyedLocks)
     idem_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    bodies: BodyBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bodies = BodyBudget(self.config.json_body_budget_bytes)
 
     async def authenticate(self, request: web.Request) -> Principal:
         header = request.headers.get("Authorization", "")
@@ -160,6 +203,14 @@ def _request_hash(request: web.Request, body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _body_size(request: web.Request, core: Core) -> int:
+    """What a request's body may take: its Content-Length; for a chunked body, the largest
+    body allowed; none at all without either (a DELETE, say)."""
+    if request.content_length is not None:
+        return request.content_length
+    return client_max(core) if request.body_exists else 0
+
+
 def endpoint(
     core: Core, handler: Handler, *, mutating: bool = False
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -167,7 +218,14 @@ def endpoint(
 
     async def handle(request: web.Request) -> web.StreamResponse:
         principal = await core.authenticate(request)
-        body = await read_json_object(request) if mutating else {}
+        if not mutating:
+            return await answer(request, principal, {})
+        with core.bodies.hold(_body_size(request, core)):
+            return await answer(request, principal, await read_json_object(request))
+
+    async def answer(
+        request: web.Request, principal: Principal, body: dict[str, Any]
+    ) -> web.StreamResponse:
         key = request.headers.get("Idempotency-Key") if mutating else None
         if not key:
             ctx = Ctx(core, request, principal, body, None)
@@ -240,9 +298,15 @@ async def _health(request: web.Request) -> web.Response:
             "status": "ok",
             "url": core.public_url,
             "version": core.version,
-            "storage": core.storage.description,
+            "storage": _public_storage(core.storage.description),
         }
     )
+
+
+def _public_storage(description: str) -> str:
+    """What health says about storage: an S3 store's bucket and endpoint, but never the
+    disk store's directory (``file://``)."""
+    return "file://" if description.startswith("file:") else description
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -254,16 +318,20 @@ async def _openapi(request: web.Request) -> web.Response:
 CORE = web.AppKey("core", Core)
 
 
+def client_max(core: Core) -> int:
+    """The largest request body aiohttp reads (an inline asset's JSON, escaped)."""
+    return max(32 * 1024 * 1024, core.config.inline_max_bytes * 8 + 1024 * 1024)
+
+
 def make_app(core: Core) -> web.Application:
     from . import assets, runs, sharing
 
-    client_max = max(32 * 1024 * 1024, core.config.inline_max_bytes * 8 + 1024 * 1024)
-    app = web.Application(middlewares=[error_middleware], client_max_size=client_max)
+    app = web.Application(middlewares=[error_middleware], client_max_size=client_max(core))
     app[CORE] = core
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/openapi.json", _openapi)  # no auth, like the health check
     for module in (runs, assets, sharing):
         for method, path, handler, mutating in module.routes(core):
             app.router.add_route(method, path, endpoint(core, handler, mutating=mutating))
-    core.storage.add_routes(app)
+    core.storage.add_routes(app, partial(assets.upload_gate, core))
     return app

@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,8 +52,54 @@ log = logging.getLogger(__name__)
 MAX_COMPONENTS = 100_000
 MAX_NAME_BYTES = 900
 """S3 keys are at most 1024 bytes; ours are ``assets/<asset_id>/<name>``."""
+MAX_SEGMENT_BYTES = 255
+"""A file name's limit on every common file system (a store with a filer maps keys to files)."""
+MAX_ASSET_TYPE = 128
+"""Characters; the contract sets no alphabet, so only control characters are refused."""
 STATES = ("pending", "ready", "abandoned")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+UPLOAD_PREFIX = "assets"
+"""Single-PUT upload URLs write ``assets/<asset_id>/<name>``."""
+FINAL_PREFIX = "ready"
+"""A ready component's bytes live at ``ready/<asset_id>/<name>``, a key no single-PUT URL
+names: a single component is copied there at finalize, a multipart upload is created there
+(its part URLs die with the upload at CompleteMultipartUpload)."""
+
+
+def upload_key(object_key: str) -> str:
+    return f"{UPLOAD_PREFIX}/{object_key.split('/', 1)[1]}"
+
+
+def final_key(object_key: str) -> str:
+    return f"{FINAL_PREFIX}/{object_key.split('/', 1)[1]}"
+
+
+def _asset_of_key(key: str) -> str | None:
+    prefix, _, rest = key.partition("/")
+    asset_id, _, name = rest.partition("/")
+    if prefix not in (UPLOAD_PREFIX, FINAL_PREFIX) or not asset_id or not name:
+        return None
+    return asset_id
+
+
+@asynccontextmanager
+async def upload_gate(core: Core, key: str) -> AsyncIterator[bool]:
+    """Whether a presigned PUT may write ``key``: only while its asset is pending and one of
+    its components is planned at that key. Holds the asset's lock meanwhile (finalize,
+    abandon and delete take it too)."""
+    asset_id = _asset_of_key(key)
+    if asset_id is None:
+        yield False
+        return
+    async with core.asset_locks.hold(asset_id):
+        asset = await core.db.read(db.get_asset, asset_id)
+        yield (
+            asset is not None
+            and asset.state == "pending"
+            and any(c.object_key == key for c in asset.components)
+        )
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -74,6 +122,28 @@ def name_problem(name: str) -> str | None:
         return "contains a '.' segment"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"is longer than {MAX_NAME_BYTES} bytes"
+    control = next((ch for ch in name if _is_control(ch)), None)
+    if control is not None:
+        return f"contains the control character U+{ord(control):04X}"
+    if any(len(seg.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES for seg in segments):
+        return f"has a path segment longer than {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def _is_control(ch: str) -> bool:
+    return ch < " " or "\x7f" <= ch <= "\x9f"
+
+
+def clash(names: list[str]) -> tuple[str, str] | None:
+    """Two names of one asset where one is a directory of the other (``a`` and ``a/b``):
+    no file system (nor an S3 store with a filer) holds both. The pair, or None."""
+    files = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in files:
+                return prefix, name
     return None
 
 
@@ -116,7 +186,23 @@ def parse_components(value: Any, *, field: str = "components") -> list[Component
             raise invalid(f"{where}: component {spec.name!r} is listed twice")
         seen.add(spec.name)
         specs.append(spec)
+    both = clash([s.name for s in specs])
+    if both:
+        raise invalid(
+            f"{field}: component {both[1]!r} needs {both[0]!r} to be a directory, but "
+            f"{both[0]!r} is also a component (a name cannot be both a file and a directory)"
+        )
     return specs
+
+
+def parse_asset_type(body: dict[str, Any]) -> str:
+    value = req_str(body, "asset_type")
+    if len(value) > MAX_ASSET_TYPE:
+        raise invalid(f"asset_type is {len(value)} characters long, the limit is {MAX_ASSET_TYPE}")
+    control = next((ch for ch in value if _is_control(ch)), None)
+    if control is not None:
+        raise invalid(f"asset_type contains the control character U+{ord(control):04X}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -199,7 +285,10 @@ async def _drop(core: Core, comps: list[ComponentRow]) -> None:
         try:
             if c.upload_id:
                 await core.storage.abort_multipart(c.object_key, c.upload_id)
-            await core.storage.delete(c.object_key)
+            for key in dict.fromkeys((c.object_key, upload_key(c.object_key))):
+                await core.storage.delete(key)
+            if c.object_key != final_key(c.object_key):  # a copy a failed finalize left
+                await core.storage.delete(final_key(c.object_key))
         except Exception as e:  # storage unreachable, I/O error: garbage, not an error
             log.warning("could not release %s: %s", c.object_key, e)
 
@@ -218,14 +307,18 @@ class Assets:
         """``c`` planned for ``size`` bytes: multipart above the threshold (a new upload id),
         else a single PUT."""
         if size > self.cfg.multipart_threshold_bytes:
-            upload_id = await self.core.storage.create_multipart(c.object_key)
+            key = final_key(c.object_key)
+            upload_id = await self.core.storage.create_multipart(key)
             return replace(
                 c,
+                object_key=key,
                 size=size,
                 upload_id=upload_id,
                 part_size=plan_part_size(size, self.cfg.part_size_bytes),
             )
-        return replace(c, size=size, upload_id=None, part_size=None)
+        return replace(
+            c, object_key=upload_key(c.object_key), size=size, upload_id=None, part_size=None
+        )
 
     async def _urls(
         self, comps: list[ComponentRow], parts: dict[str, list[int]] | None = None
@@ -276,7 +369,7 @@ class Assets:
     # -- register, inline --
 
     async def register(self, ctx: Ctx) -> Reply:
-        asset_type = req_str(ctx.body, "asset_type")
+        asset_type = parse_asset_type(ctx.body)
         output_of = opt_str(ctx.body, "output_of") or None  # "" is no run
         visibility, organization_id = _placement(ctx)
         specs = parse_components(ctx.body.get("components"))
@@ -324,7 +417,7 @@ class Assets:
             raise
 
     async def inline(self, ctx: Ctx) -> Reply:
-        asset_type = req_str(ctx.body, "asset_type")
+        asset_type = parse_asset_type(ctx.body)
         if ctx.body.get("content") is None:
             raise invalid("content is required (a JSON value or a string)")
         content = ctx.body["content"]
@@ -532,7 +625,22 @@ class Assets:
                 assert done is not None
                 return Reply(200, done.to_json())
 
-            return await ctx.commit(txn)
+            reply = await ctx.commit(txn)
+            promoted = [
+                c
+                for c in asset.components
+                if not c.upload_id and c.object_key != final_key(c.object_key)
+            ]
+            await self._drop_upload_keys(promoted)
+            return reply
+
+    async def _drop_upload_keys(self, comps: list[ComponentRow]) -> None:
+        """After finalize: the single-PUT objects, now copied to their final keys."""
+        for c in comps:
+            try:
+                await self.core.storage.delete(c.object_key)
+            except Exception as e:  # garbage that no URL serves, not an error
+                log.warning("could not drop the upload object of %s: %s", c.name, e)
 
     @staticmethod
     def _same_as_ready(asset: AssetRow, specs: dict[str, FinalizeSpec]) -> AssetRow:
@@ -579,10 +687,12 @@ class Assets:
                         f"component {c.name!r}: part {small[0]} is under 5 MiB and not the last"
                     )
                 info = await storage.complete_multipart(c.object_key, c.upload_id, parts)
-        else:
-            info = await storage.head(c.object_key)
+        else:  # a single PUT: finalize a copy the upload URL cannot reach
+            key = final_key(c.object_key)
+            info = await storage.copy(c.object_key, key)
             if info is None:
                 raise _missing(f"component {c.name!r} is not in storage")
+            c = replace(c, object_key=key)
         if declared is not None and info.size != declared:
             raise _mismatch(
                 f"component {c.name!r}: storage holds {info.size} bytes, declared {declared}"

@@ -451,10 +451,11 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
 
 def save_components(conn: sqlite3.Connection, asset_id: str, comps: Iterable[ComponentRow]) -> None:
     conn.executemany(
-        "UPDATE components SET size=?, sha256=?, sha256_verified=?, content_type=?, "
-        "upload_id=?, part_size=?, uploaded=? WHERE asset_id=? AND name=?",
+        "UPDATE components SET object_key=?, size=?, sha256=?, sha256_verified=?, "
+        "content_type=?, upload_id=?, part_size=?, uploaded=? WHERE asset_id=? AND name=?",
         [
             (
+                c.object_key,
                 c.size,
                 c.sha256,
                 int(c.sha256_verified),

@@ -13,7 +13,10 @@ renamed into place: a truncated body leaves nothing behind. The meta file record
 it describes, so a meta file left over from a replaced object is never believed.
 
 URLs look like S3's query-string authentication: ``/storage/<key>?Expires=…&Signature=…``
-(plus ``uploadId`` and ``partNumber`` for a part), refused with S3's XML errors.
+(plus ``uploadId`` and ``partNumber`` for a part), refused with S3's XML errors. A PUT
+writes only while the server's upload gate says the key's asset is pending (409
+``UploadClosed`` else; a part: 404 ``NoSuchUpload``), asked before the body is received and
+again, holding the asset's lock, when it is put in place.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .locks import KeyedLocks
 from .signing import Grant, Signer
-from .storage import MAX_PARTS, ObjectInfo, PartInfo, StorageError, etag_value
+from .storage import MAX_PARTS, ObjectInfo, PartInfo, StorageError, UploadGate, etag_value
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ COPY_CHUNK = 4 * 1024 * 1024
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _PART_FILE = re.compile(r"(\d{5})\.([0-9a-f]+)")
 STORAGE_PREFIX = "/storage/"
+_EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-0+\s*")
+"""``Range: bytes=-0``: the last 0 bytes, which no byte satisfies (aiohttp would send all)."""
 
 
 def s3_error(status: int, code: str, message: str) -> web.Response:
@@ -64,6 +69,28 @@ def s3_error(status: int, code: str, message: str) -> web.Response:
 def _etag(sha256_hex: str) -> str:
     """A quoted ETag: the first 128 bits of the bytes' SHA-256 (shaped like S3's MD5 ETag)."""
     return f'"{sha256_hex[:32]}"'
+
+
+def _unsatisfiable(size: int) -> web.Response:
+    response = s3_error(416, "InvalidRange", "The requested range is not satisfiable")
+    response.headers["Content-Range"] = f"bytes */{size}"
+    return response
+
+
+def _no_upload() -> web.Response:
+    return s3_error(404, "NoSuchUpload", "The specified upload does not exist")
+
+
+def _closed(grant: Grant) -> web.Response:
+    """The asset is no longer pending: a part answers as S3 does once its upload is gone."""
+    if grant.upload_id:
+        return _no_upload()
+    return s3_error(
+        409,
+        "UploadClosed",
+        "The asset is no longer pending (finalized, abandoned or deleted): "
+        "its upload URLs can no longer write",
+    )
 
 
 class _Truncated(Exception):
@@ -83,6 +110,7 @@ class DiskStorage:
         self._multipart = root / "multipart"
         self._tmp = root / "tmp"
         self._locks = KeyedLocks()
+        self._gate: UploadGate | None = None
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -128,7 +156,8 @@ class DiskStorage:
     async def close(self) -> None:
         pass
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(self, app: web.Application, gate: UploadGate) -> None:
+        self._gate = gate
         app.router.add_put(STORAGE_PREFIX + "{key:.+}", self._handle_put)
         app.router.add_get(STORAGE_PREFIX + "{key:.+}", self._handle_get)
 
@@ -217,6 +246,30 @@ class DiskStorage:
     async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo:
         async with self._locks.hold(key):
             return await self._run(self._write_new, key, data, content_type)
+
+    def _copy(self, src: str, dst: str) -> ObjectInfo | None:
+        """A hard link of ``src``'s file as ``dst``: PUTs never write a file in place (they
+        rename a new one over the name), so ``dst`` keeps these bytes."""
+        found = self._head(src)
+        if found is None:
+            return None
+        info, record = found
+        data, _ = self._paths(src)
+        tmp = self._tmp_path()
+        try:
+            os.link(data, tmp)
+        except FileNotFoundError:  # deleted meanwhile
+            return None
+        try:
+            sha = info.sha256 or self._rehash(src) or ""
+            return self._install(tmp, dst, sha, record.get("content_type"))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo | None:
+        async with self._locks.hold(src), self._locks.hold(dst):
+            return await self._run(self._copy, src, dst)
 
     def _delete(self, key: str) -> None:
         for p in self._paths(key):
@@ -370,7 +423,9 @@ class DiskStorage:
         if grant.upload_id:
             upload_dir = await self._run(self._upload_of, grant.key, grant.upload_id)
             if upload_dir is None:
-                return s3_error(404, "NoSuchUpload", "The specified upload does not exist")
+                return _no_upload()
+        if not await self._open(grant.key):
+            return _closed(grant)
         tmp = self._tmp_path()
         try:
             digest = await self._receive(request, length, tmp)
@@ -381,21 +436,43 @@ class DiskStorage:
             log.error("PUT %s: cannot store: %s", request.path, e)
             return s3_error(500, "InternalError", f"cannot store the object: {e.strerror}")
         try:
+            refused = await self._install_received(request, grant, upload_dir, tmp, digest)
+        except BaseException:
+            self._background(partial(tmp.unlink, missing_ok=True))
+            raise
+        if refused is not None:
+            self._background(partial(tmp.unlink, missing_ok=True))
+            return refused
+        return web.Response(status=200, headers={"ETag": _etag(digest)})
+
+    async def _open(self, key: str) -> bool:
+        """Whether an upload URL may still write ``key`` (a quick look before the body)."""
+        if self._gate is None:
+            return True
+        async with self._gate(key) as open_:
+            return open_
+
+    async def _install_received(
+        self, request: web.Request, grant: Grant, upload_dir: Path | None, tmp: Path, digest: str
+    ) -> web.Response | None:
+        """Put a received body in place, if the gate still lets this key be written (it is
+        held meanwhile, so a finalize or delete cannot slip in between); else the refusal."""
+        gate = self._gate(grant.key) if self._gate is not None else contextlib.nullcontext(True)
+        async with gate as open_:
+            if not open_:
+                return _closed(grant)
             if upload_dir is not None:
                 async with self._locks.hold(f"part:{grant.upload_id}:{grant.part_number}"):
                     stored = await self._run(
                         self._install_part, tmp, upload_dir, grant.part_number, digest
                     )
                 if not stored:
-                    return s3_error(404, "NoSuchUpload", "The specified upload does not exist")
+                    return _no_upload()
             else:
                 content_type = request.headers.get("Content-Type")
                 async with self._locks.hold(grant.key):
                     await self._run(self._install, tmp, grant.key, digest, content_type)
-        except BaseException:
-            self._background(partial(tmp.unlink, missing_ok=True))
-            raise
-        return web.Response(status=200, headers={"ETag": _etag(digest)})
+        return None
 
     def _install_part(self, tmp: Path, d: Path, number: int, digest: str) -> bool:
         name = f"{number:05d}.{digest[:32]}"
@@ -482,6 +559,8 @@ class DiskStorage:
         if found is None:
             return s3_error(404, "NoSuchKey", "The specified key does not exist")
         info, record = found
+        if _EMPTY_SUFFIX.fullmatch(request.headers.get("Range", "")):
+            return _unsatisfiable(info.size)
         data, _ = self._paths(grant.key)
         headers = {"Content-Type": record.get("content_type") or "application/octet-stream"}
         if info.sha256:

@@ -22,6 +22,8 @@ from agent.errors import ChronicleError, chronicle_error
 from .storage import MAX_OBJECT_BYTES, StorageError
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
+"""Retry-After on a 503 (the server is busy, or its storage failed)."""
 
 
 def fail(status: int, code: str, message: str) -> ChronicleError:
@@ -178,10 +180,18 @@ async def error_middleware(
     try:
         return await handler(request)
     except ChronicleError as e:
-        return error_response(e.status, e.code, e.message)
+        response = error_response(e.status, e.code, e.message)
+        if e.status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     except StorageError as e:
         log.error("%s %s: storage failed: %s", request.method, request.path, e)
-        return error_response(503, "storage_unavailable", f"storage failed, retry later: {e}")
+        # the detail (a file path, the store's address) stays in the server's log
+        response = error_response(
+            503, "storage_unavailable", "storage failed, retry later (see the server log)"
+        )
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -203,9 +213,12 @@ async def error_middleware(
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path (no query string: it may hold a URL signature),
-    status, bytes, seconds. Never the Authorization header."""
+    status, bytes, seconds. Never the Authorization header. Requests aiohttp could not parse
+    get no line of their own (see :mod:`.guard`)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.method == "UNKNOWN":  # unparsable: counted by the guard's rate-limited line
+            return
         self.logger.info(
             "%s %s %d %s %.3fs",
             request.method,

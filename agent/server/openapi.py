@@ -24,7 +24,14 @@ from pydantic.json_schema import models_json_schema
 from agent.chronicle import models as m
 
 from .app import MAX_IDEMPOTENCY_KEY
-from .assets import _SHA256, MAX_COMPONENTS, MAX_NAME_BYTES, STATES
+from .assets import (
+    _SHA256,
+    MAX_ASSET_TYPE,
+    MAX_COMPONENTS,
+    MAX_NAME_BYTES,
+    MAX_SEGMENT_BYTES,
+    STATES,
+)
 from .auth import ACTIONS, VISIBILITIES
 from .disk import STORAGE_PREFIX
 from .runs import _RUN_ID, RUN_STATUSES
@@ -107,10 +114,16 @@ SIZE = _maybe({"type": "integer", "minimum": 0, "maximum": MAX_OBJECT_BYTES})
 """What ``opt_size`` accepts: bytes."""
 REASON = _obj(optional={"reason": TEXT})
 PLACEMENT = {"visibility": _maybe(_enum(VISIBILITIES)), "organization_id": TEXT}
+NO_CONTROL = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+"""No C0 or C1 control character (what ``_is_control`` refuses)."""
+ASSET_TYPE = {"type": "string", "minLength": 1, "maxLength": MAX_ASSET_TYPE,
+              "pattern": NO_CONTROL}
 COMPONENT_NAME = {
-    "type": "string", "minLength": 1,
+    "type": "string", "minLength": 1, "pattern": NO_CONTROL,
     "description": "a relative POSIX path: no leading '/', no empty, '.' or '..' segment, "
-                   f"no NUL, at most {MAX_NAME_BYTES} bytes of UTF-8",
+                   f"no control character, at most {MAX_NAME_BYTES} bytes of UTF-8 and "
+                   f"{MAX_SEGMENT_BYTES} per segment; in one asset no name is a directory of "
+                   "another ('a' beside 'a/b')",
 }
 COMPONENTS = {
     "type": "array", "minItems": 1, "maxItems": MAX_COMPONENTS,
@@ -176,7 +189,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     # assets
     ("POST", "/v1/assets"): Op(
         "register an asset: its upload URLs (presigned flow)", 201, m.UploadUrls,
-        _obj({"asset_type": NAME, "components": COMPONENTS},
+        _obj({"asset_type": ASSET_TYPE, "components": COMPONENTS},
              {"output_of": TEXT, "content_type": TEXT, **PLACEMENT})),
     ("GET", "/v1/assets"): Op(
         "the assets the caller may read", 200, m.AssetList,
@@ -185,7 +198,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/assets/inline"): Op(
         "an inline asset, stored as one component named content and finalized", 201,
         m.Asset,
-        _obj({"asset_type": NAME,
+        _obj({"asset_type": ASSET_TYPE,
               "content": {"not": {"type": "null"},
                           "description": "a string (text/plain) or any other JSON value"}},
              {"content_type": TEXT, "output_of": TEXT, **PLACEMENT})),
@@ -279,6 +292,9 @@ def _render(method: str, path: str, op: Op, refs: Mapping[str, Any]) -> dict[str
                     path=re.findall(r"{(\w+)}", path), query=op.query)
     if method != "GET":  # what the endpoint wrapper calls mutating
         out.setdefault("parameters", []).append(IDEMPOTENCY_KEY)
+        out["responses"]["503"] = _reply(
+            "server_busy: too many request bodies in flight (server.json_body_budget_bytes), "
+            "or storage_unavailable; retry after the Retry-After header's seconds", ERROR)
     if (method, path) in NO_AUTH:
         out["security"] = []
     else:

@@ -31,6 +31,7 @@ from agent.statedir import prepare_state_dir
 from .app import Core, make_app
 from .auth import TokenStore, ensure_tokens_file, local_principal_id
 from .db import Database
+from .guard import ConnectionGuard, ServerLogger
 from .http import AccessLogger
 from .signing import Signer
 from .storage import open_storage
@@ -127,6 +128,8 @@ class LocalServer:
     """The local user's token from the tokens file (what the daemon uses); if the file has
     none for ``user_<login>``, its first token."""
     _runner: web.AppRunner = field(repr=False)
+    _listener: asyncio.Server = field(repr=False)
+    _guard: ConnectionGuard = field(repr=False)
     _core: Core = field(repr=False)
     _pool: concurrent.futures.ThreadPoolExecutor = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
@@ -141,12 +144,42 @@ class LocalServer:
         self._stopped = True
         loop = asyncio.get_running_loop()
         try:
+            self._listener.close()
             await self._runner.cleanup()
+            self._guard.events.close()
         finally:
             await self._core.storage.close()
             await self._core.db.close()
             await loop.run_in_executor(self._pool, _remove_if_ours, self.endpoint_file, self.url)
             await asyncio.to_thread(self._pool.shutdown, True)
+
+
+def _make_runner(core: Core) -> tuple[web.AppRunner, ConnectionGuard]:
+    """The aiohttp runner and, in front of its protocol, the connection guard (cap, header
+    timeout, rate-limited logging of refusals and malformed requests)."""
+    cfg = core.config
+    runner: web.AppRunner | None = None
+
+    def protocol() -> asyncio.Protocol:
+        assert runner is not None and runner.server is not None
+        return runner.server()
+
+    guard = ConnectionGuard(
+        protocol,
+        max_connections=cfg.max_connections,
+        header_timeout_s=cfg.header_timeout_s,
+        log_interval_s=cfg.log_interval_s,
+    )
+    runner = web.AppRunner(
+        make_app(core),
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("agent.server.access"),
+        logger=ServerLogger(guard.events),
+        read_bufsize=READ_BUFSIZE,
+        keepalive_timeout=cfg.keepalive_timeout_s,
+        shutdown_timeout=2.0,
+    )
+    return runner, guard
 
 
 async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
@@ -189,16 +222,11 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         await storage.start(public_url)
         cleanup.push_async_callback(storage.close)
         core = Core(cfg, database, storage, tokens, version, public_url)
-        runner = web.AppRunner(
-            make_app(core),
-            access_log_class=AccessLogger,
-            access_log=logging.getLogger("agent.server.access"),
-            read_bufsize=READ_BUFSIZE,
-            shutdown_timeout=2.0,
-        )
+        runner, guard = _make_runner(core)
         await runner.setup()
         cleanup.push_async_callback(runner.cleanup)
-        await web.SockSite(runner, sock).start()
+        listener = await loop.create_server(guard, sock=sock, backlog=512)
+        cleanup.callback(listener.close)
         await loop.run_in_executor(
             pool,
             _write_private_json,
@@ -217,6 +245,8 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         public_url=public_url,
         local_token=tokens.token_for(local_principal_id()) or tokens.first_token(),
         _runner=runner,
+        _listener=listener,
+        _guard=guard,
         _core=core,
         _pool=pool,
     )

@@ -17,6 +17,10 @@ the object back and hashes it when it is at most ``verify_sha256_max_bytes`` (de
 the default multipart threshold, i.e. every single-PUT component). Larger components keep the
 client's declared digest, recorded as unverified; their parts' ETags and sizes are checked.
 
+A presigned PUT URL cannot be revoked, so a ready component never lives at a key one names:
+a single-PUT object is copied (CopyObject) to its final key at finalize, a multipart upload
+is created at the final key (see :mod:`agent.server.assets`).
+
 PUT URLs sign no Content-Type: clients must not send one (SeaweedFS, for one, refuses a PUT
 carrying a header the URL was not signed with).
 
@@ -41,7 +45,7 @@ from aiohttp import web
 
 from agent.errors import ConfigError
 
-from .storage import ObjectInfo, PartInfo, StorageError
+from .storage import ObjectInfo, PartInfo, StorageError, UploadGate
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +175,8 @@ class S3Storage:
             client, self._client = self._client, None
             await self._run(client.close)
 
-    def add_routes(self, app: web.Application) -> None:
-        pass  # the store serves its own URLs
+    def add_routes(self, app: web.Application, gate: UploadGate) -> None:
+        pass  # the store serves its own URLs (a SigV4 URL cannot be revoked: see copy)
 
     # ---- URLs --------------------------------------------------------------------------------
 
@@ -237,6 +241,16 @@ class S3Storage:
         await self._s3("put_object", Key=key, Body=data, ContentType=content_type)
         digest = await self._run(lambda: hashlib.sha256(data).hexdigest())
         return ObjectInfo(len(data), digest)
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo | None:
+        """Server-side CopyObject (single-PUT components: at most 5 GiB, S3's copy limit).
+        The upload URL names ``src`` only, so once finalized the bytes at ``dst`` are out of
+        its reach."""
+        try:
+            await self._s3("copy_object", Key=dst, CopySource={"Bucket": self.bucket, "Key": src})
+        except botocore.exceptions.ClientError:
+            return None  # NoSuchKey: src is not there
+        return await self.head(dst)
 
     async def delete(self, key: str) -> None:
         try:

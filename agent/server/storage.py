@@ -14,7 +14,8 @@ configured.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +57,12 @@ def etag_value(etag: str) -> str:
     return etag.strip().strip('"')
 
 
+UploadGate = Callable[[str], AbstractAsyncContextManager[bool]]
+"""For a store that serves its own upload URLs: ``async with gate(key) as open_:`` tells
+whether a presigned PUT may still write ``key`` (its asset is pending and names that key),
+and holds the asset's lock while the PUT installs the bytes."""
+
+
 class StorageError(Exception):
     """A backend call failed in a way the caller cannot fix (I/O error, store unreachable)."""
 
@@ -70,8 +77,9 @@ class Storage(Protocol):
 
     async def close(self) -> None: ...
 
-    def add_routes(self, app: web.Application) -> None:
-        """Mount the handlers that serve presigned URLs, if the backend needs any."""
+    def add_routes(self, app: web.Application, gate: UploadGate) -> None:
+        """Mount the handlers that serve presigned URLs, if the backend needs any; a PUT
+        writes only while ``gate`` says the key is open."""
 
     async def presign_put(self, key: str, expires_s: int) -> str: ...
 
@@ -107,6 +115,11 @@ class Storage(Protocol):
         ...
 
     async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo: ...
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo | None:
+        """Copy ``src`` to ``dst`` inside the store (replacing ``dst``); None if ``src`` does
+        not exist. ``dst`` then no longer changes when ``src`` is written again."""
+        ...
 
     async def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
