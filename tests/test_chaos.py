@@ -76,16 +76,19 @@ def test_random_kills_and_faults_on_real_s3(seaweed: Seaweed, tmp_path: Path) ->
             "CHRONICLE_AGENT_UPLOAD__STALL_TIMEOUT_S": "3",
         })
         with start_daemon(env) as daemon:
-            # Faults on storage PUTs only (the agent's traffic), set once the server has
-            # made its bucket (a PUT too); the server's own calls are POSTs and GETs.
+            # Faults on the agent's storage PUTs only (presigned: the signature is in the
+            # query), set once the server has made its bucket; the server's own calls (its
+            # bucket, the copies a finalize makes) sign with headers.
+            agent = "X-Amz-Signature="
             proxy.set_rules([
                 {"action": "reset_request", "method": "PUT", "after_bytes": 256 * 1024,
-                 "probability": 0.03},
+                 "probability": 0.03, "path_regex": agent},
                 {"action": "status", "code": "s3_slowdown", "method": "PUT",
-                 "probability": 0.03},
+                 "probability": 0.03, "path_regex": agent},
                 {"action": "stall_request", "method": "PUT", "after_bytes": 64 * 1024,
-                 "seconds": 5, "then_close": True, "probability": 0.01},
-                {"action": "status", "code": "expired", "method": "PUT", "probability": 0.02},
+                 "seconds": 5, "then_close": True, "probability": 0.01, "path_regex": agent},
+                {"action": "status", "code": "expired", "method": "PUT", "probability": 0.02,
+                 "path_regex": agent},
             ])
             client = daemon.client()
             client.request("POST", "/v1/runs", {"run_id": "run_chaos"})
@@ -125,7 +128,7 @@ def test_random_kills_and_faults_on_real_s3(seaweed: Seaweed, tmp_path: Path) ->
                 for comp in asset.components:
                     local = src / comp.name
                     size, digest = stored_sha256(
-                        s3, seaweed.bucket, f"assets/{job['asset_id']}/{comp.name}")
+                        s3, seaweed.bucket, f"ready/{job['asset_id']}/{comp.name}")
                     assert (size, digest) == (local.stat().st_size, sha256_file(local)), comp.name
 
     resent = max(0, stats["bytes_up"] - total_bytes)
