@@ -55,14 +55,16 @@ class DaemonProc:
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root = root
-        self.socket_path = root / "agent.sock"
-        self.state_dir = root / "state"
-        self.config_dir = root / "cfg" / "chronicle-agent"
+        # the environment's paths (a test may move them), else the usual ones under root
+        self.socket_path = Path(env.get("CHRONICLE_AGENT_SOCKET") or root / "agent.sock")
+        self.state_dir = Path(env.get("CHRONICLE_AGENT_AGENT__STATE_DIR") or root / "state")
+        self.config_dir = Path(env.get("XDG_CONFIG_HOME") or root / "cfg") / "chronicle-agent"
         self.log_path = root / "daemon.log"
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.wrap: list[str] = []
         """A command the daemon runs under (e.g. setpriv with the unit's capabilities)."""
+        self.python = sys.executable
 
     def __repr__(self) -> str:
         pid = self.proc.pid if self.proc else None
@@ -75,7 +77,7 @@ class DaemonProc:
             raise RuntimeError(f"daemon already running (pid {self.pid})")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.wrap, sys.executable, "-m", "agent", "daemon"],
+                [*self.wrap, self.python, "-m", "agent", "daemon"],
                 env=self.env,
                 cwd=self.root,
                 stdin=subprocess.DEVNULL,
@@ -195,6 +197,7 @@ def start_daemon(
     *,
     timeout_s: float = START_TIMEOUT_S,
     wrap: list[str] | None = None,
+    python: str | None = None,
 ) -> DaemonProc:
     """Start a daemon in a fresh short temp dir and wait until ``/v1/health`` answers."""
     root = Path(tempfile.mkdtemp(prefix="ca-", dir="/tmp"))
@@ -214,6 +217,7 @@ def start_daemon(
     env.update(extra_env or {})
     d = DaemonProc(root, env)
     d.wrap = list(wrap or [])
+    d.python = python or sys.executable
     d.config_dir.mkdir(parents=True)
     if config_toml is not None:
         (d.config_dir / "config.toml").write_text(config_toml)

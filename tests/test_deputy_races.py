@@ -94,6 +94,20 @@ def flip_link(link, good, bad):
             flips[0] += 1
             time.sleep(0.0005)
 
+def flip_hard(link, good, bad):
+    # hardlinks, where protected_hardlinks lets a user link a file of someone else's
+    while not stop.is_set():
+        for target in (good, bad):
+            tmp = link + ".tmp"
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.link(target, tmp)
+            os.rename(tmp, link)
+            flips[0] += 1
+            time.sleep(0.0005)
+
 def flip_dir(path, bad):
     away = path + ".away"
     while not stop.is_set():
@@ -148,6 +162,8 @@ if mode == "run":
     t = threading.Thread(target=flip_dir, args=(cfg["ckpt"], cfg["bad"]))
 elif mode == "download":
     t = threading.Thread(target=plant, args=(cfg["parent"], cfg["bad"]))
+elif cfg.get("hard"):
+    t = threading.Thread(target=flip_hard, args=(cfg["path"], cfg["good"], cfg["bad"]))
 elif cfg.get("dir"):
     t = threading.Thread(target=flip_dir, args=(cfg["path"], cfg["bad"]))
 else:
@@ -234,6 +250,36 @@ def test_single_file_symlink_swapped_after_the_request(
                                   "n": 25, "linger_s": 3})
     jobs = settle(guarded, out["jobs"])
     assert jobs, out  # some requests got through while the link pointed at the tester's
+    assert_no_secret_uploaded(guarded, jobs)
+
+
+@pytest.fixture
+def hardlinks_allowed() -> Iterator[None]:
+    """fs.protected_hardlinks off for the test (a machine-wide setting, restored after):
+    then a user may hardlink a root-only file into a directory of their own."""
+    knob = Path("/proc/sys/fs/protected_hardlinks")
+    before = knob.read_text().strip()
+    knob.write_text("0")
+    try:
+        yield
+    finally:
+        knob.write_text(before)
+
+
+def test_single_file_hardlinked_to_a_root_only_file(
+    guarded: DaemonProc, world: Path, tester: pwd.struct_passwd, secrets_: Path,
+    hardlinks_allowed: None
+) -> None:
+    home = make_tester_dir(world, tester, "atk-hard")
+    good = mine_file(home / "mine.bin", tester)
+    secret = world / "served" / "root-only.bin"  # its directory is searchable, it is not
+    shutil.copyfile(secrets_ / "ckpt.bin", secret)
+    secret.chmod(0o600)
+    out = attack(guarded, world, {"mode": "upload", "hard": True, "path": str(home / "ckpt.bin"),
+                                  "good": str(good), "bad": str(secret),
+                                  "n": 25, "linger_s": 3})
+    jobs = settle(guarded, out["jobs"])
+    assert jobs, out
     assert_no_secret_uploaded(guarded, jobs)
 
 
