@@ -40,9 +40,7 @@ HARDENED = ["setpriv", "--bounding-set=-all,+setuid,+setgid,+dac_read_search,+ch
 """The shipped system unit's capabilities (systemd/chronicle-agent.service)."""
 
 
-@pytest.fixture(params=["root", "hardened-unit-caps"])
-def guarded(request: pytest.FixtureRequest, tester: pwd.struct_passwd,
-            world: Path) -> Iterator[DaemonProc]:
+def _guarded(world: Path, caps: str, cache_bytes: int) -> Iterator[DaemonProc]:
     group = subprocess.run(["id", "-gn", USER], capture_output=True, text=True,
                            check=True).stdout.strip()
     served = world / "served"
@@ -51,11 +49,27 @@ def guarded(request: pytest.FixtureRequest, tester: pwd.struct_passwd,
     served.mkdir(mode=0o755)
     env = {"CHRONICLE_AGENT_AGENT__SOCKET_GROUP": group,
            "CHRONICLE_AGENT_AGENT__ROOTS": json.dumps([str(served)]),
-           "CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES": "0"}
-    wrap = HARDENED if request.param != "root" else None
+           "CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES": str(cache_bytes)}
+    wrap = HARDENED if caps != "root" else None
     with start_daemon(env, wrap=wrap) as d:
         d.root.chmod(0o755)
         yield d
+
+
+@pytest.fixture(params=["root", "hardened-unit-caps"])
+def guarded(request: pytest.FixtureRequest, tester: pwd.struct_passwd,
+            world: Path) -> Iterator[DaemonProc]:
+    yield from _guarded(world, request.param, 0)
+
+
+@pytest.fixture(params=[(caps, cache) for caps in ("root", "hardened-unit-caps")
+                        for cache in ("no-cache", "node-cache")],
+                ids=lambda p: "-".join(p))
+def guarded_dl(request: pytest.FixtureRequest, tester: pwd.struct_passwd,
+               world: Path) -> Iterator[DaemonProc]:
+    """For downloads: straight into staging, and materialized from the node-local cache."""
+    caps, cache = request.param
+    yield from _guarded(world, caps, 0 if cache == "no-cache" else 1 << 30)
 
 
 @pytest.fixture
@@ -335,7 +349,7 @@ def test_watched_checkpoint_directory_swapped_after_its_seal(
 
 
 def test_download_staging_name_planted_by_the_caller(
-    guarded: DaemonProc, world: Path, tester: pwd.struct_passwd, secrets_: Path
+    guarded_dl: DaemonProc, world: Path, tester: pwd.struct_passwd, secrets_: Path
 ) -> None:
     """The staging directory's name is learnt from the 202: a symlink planted there (and
     planted again over whatever the daemon makes) must not make the daemon write into the
@@ -344,14 +358,14 @@ def test_download_staging_name_planted_by_the_caller(
     src.mkdir()
     (src / "tokens.json").write_text('{"tokens": {"forged": {"principal_id": "user_x"}}}')
     (src / "w.bin").write_bytes(os.urandom(SIZE))
-    job = guarded.client().request("POST", "/v1/uploads",
+    job = guarded_dl.client().request("POST", "/v1/uploads",
                                    {"path": str(src), "asset_type": "checkpoint"})
-    aid = guarded.client().wait_job(job["job_id"], 60)["asset_id"]
+    aid = guarded_dl.client().wait_job(job["job_id"], 60)["asset_id"]
     before = {p.name: (p.stat().st_uid, p.read_bytes()) for p in secrets_.iterdir()}
     parent = make_tester_dir(world, tester, "atk-dl")
-    out = attack(guarded, world, {"mode": "download", "asset_id": aid, "parent": str(parent),
+    out = attack(guarded_dl, world, {"mode": "download", "asset_id": aid, "parent": str(parent),
                                   "bad": str(secrets_), "n": 15, "linger_s": 3})
-    jobs = settle(guarded, out["jobs"])
+    jobs = settle(guarded_dl, out["jobs"])
     after = {p.name: (p.stat().st_uid, p.read_bytes()) for p in secrets_.iterdir()}
     assert after == before  # nothing written, replaced or handed over in there
     assert all(j["state"] in ("done", "failed") for j in jobs), jobs
