@@ -95,7 +95,8 @@ c = SocketClient({sock!r})
 stop = threading.Event()
 flips = [0]
 
-def flip_link(link, good, bad):
+def flip(link, good, bad, make=os.symlink):
+    # make=os.link: hardlinks, where protected_hardlinks lets a user link someone else's file
     while not stop.is_set():
         for target in (good, bad):
             tmp = link + ".tmp"
@@ -103,21 +104,7 @@ def flip_link(link, good, bad):
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-            os.symlink(target, tmp)
-            os.rename(tmp, link)
-            flips[0] += 1
-            time.sleep(0.0005)
-
-def flip_hard(link, good, bad):
-    # hardlinks, where protected_hardlinks lets a user link a file of someone else's
-    while not stop.is_set():
-        for target in (good, bad):
-            tmp = link + ".tmp"
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            os.link(target, tmp)
+            make(target, tmp)
             os.rename(tmp, link)
             flips[0] += 1
             time.sleep(0.0005)
@@ -177,11 +164,11 @@ if mode == "run":
 elif mode == "download":
     t = threading.Thread(target=plant, args=(cfg["parent"], cfg["bad"]))
 elif cfg.get("hard"):
-    t = threading.Thread(target=flip_hard, args=(cfg["path"], cfg["good"], cfg["bad"]))
+    t = threading.Thread(target=flip, args=(cfg["path"], cfg["good"], cfg["bad"], os.link))
 elif cfg.get("dir"):
     t = threading.Thread(target=flip_dir, args=(cfg["path"], cfg["bad"]))
 else:
-    t = threading.Thread(target=flip_link, args=(cfg["path"], cfg["good"], cfg["bad"]))
+    t = threading.Thread(target=flip, args=(cfg["path"], cfg["good"], cfg["bad"]))
 t.start()
 for i in range(cfg["n"]):
     if mode == "download":

@@ -11,8 +11,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +21,10 @@ import pytest
 
 from agent.server.storage import MiB
 from tests.helpers_daemon import start_daemon
-from tests.helpers_server import Api, Running, running_server, sha256
+from tests.helpers_server import Api, Running, sha256
+from tests.test_server import MakeServer, any_srv, make_server, srv
 
-SMALL_PARTS = {"multipart_threshold_bytes": 5 * MiB, "part_size_bytes": 5 * MiB}
-
-MakeServer = Callable[..., Awaitable[Running]]
-
-
-@pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
-    async with AsyncExitStack() as stack:
-        n = 0
-
-        async def make(**server: Any) -> Running:
-            nonlocal n
-            n += 1
-            return await stack.enter_async_context(running_server(tmp_path / f"state{n}", **server))
-
-        yield make
-
-
-@pytest.fixture
-async def srv(make_server: MakeServer) -> Running:
-    return await make_server(**SMALL_PARTS)
-
-
-@pytest.fixture
-async def any_srv(make_server: MakeServer, storage_backend: str) -> Running:
-    return await make_server(storage=storage_backend, **SMALL_PARTS)
+__all__ = ["any_srv", "make_server", "srv"]  # the server tests' fixtures, used by name
 
 
 async def _ready(s: Running, files: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, Any]]:
