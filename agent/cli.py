@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("jobs", "list jobs")
     p.add_argument("--run", metavar="RUN_ID")
     p.add_argument("--state", metavar="STATE",
-                   help="queued, running, done, failed, cancelled or abandoned")
+                   help="queued, running, done, failed, cancelled, abandoned or lost")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs)
 

@@ -30,7 +30,7 @@ from agent.paths import SOCKET_ENV, fallback_socket_path
 log = logging.getLogger(__name__)
 
 
-TERMINAL_STATES = frozenset({"done", "failed", "cancelled", "abandoned"})
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled", "abandoned", "lost"})
 SERVER_WAIT_S = 30.0
 """Longest single ``/wait`` call; longer waits loop over several."""
 UNREACHABLE_GRACE_S = 10.0

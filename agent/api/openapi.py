@@ -14,7 +14,8 @@ from agent.server.openapi import operation
 JOB = {"type": "object", "required": ["job_id", "kind", "state"], "properties": {
     "job_id": {"type": "string"},
     "kind": {"enum": ["upload", "inline", "component", "finalize", "download"]},
-    "state": {"enum": ["queued", "running", "done", "failed", "cancelled", "abandoned"]},
+    "state": {"enum": ["queued", "running", "done", "failed", "cancelled", "abandoned",
+                        "lost"]},
     "asset_id": {"type": ["string", "null"]}, "run_id": {"type": ["string", "null"]},
     "bytes_total": {"type": "integer"}, "bytes_done": {"type": "integer"},
     "attempts": {"type": "integer"},

@@ -90,7 +90,7 @@ class WatchedRow:
     path: str
     run_id: str | None
     rule: str
-    state: str  # sealed | done | abandoned | elsewhere | superseded
+    state: str  # sealed | done | abandoned | lost | elsewhere | superseded
     seal: str | None = None
     fingerprint: str | None = None
     register_key: str | None = None
@@ -152,12 +152,12 @@ def seal_checkpoint(q: Queue, w: WatchedRow, uid: int, payload: dict[str, Any],
 
 
 def record_abandoned(q: Queue, w: WatchedRow, uid: int, payload: dict[str, Any],
-                     error: dict[str, str]) -> Job:
-    """A checkpoint that never becomes an asset: a job born ``abandoned`` (so that ``jobs``
-    shows it) and its row."""
+                     error: dict[str, str], state: JobState = JobState.ABANDONED) -> Job:
+    """A checkpoint that never becomes an asset: a job born ``abandoned`` (or ``lost``: a
+    checkpoint its writer completed that could not be captured), so that ``jobs`` shows
+    it, and its row."""
     with q._txn(durable=True) as db:
-        w.job_id = _insert_job(db, JobKind.UPLOAD, JobState.ABANDONED, uid, w.run_id, payload,
-                               0, error)
+        w.job_id = _insert_job(db, JobKind.UPLOAD, state, uid, w.run_id, payload, 0, error)
         _insert_watched(db, w)
     job = q.get(w.job_id)
     assert job is not None

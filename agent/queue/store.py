@@ -33,6 +33,9 @@ class JobState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     ABANDONED = "abandoned"
+    LOST = "lost"
+    """A checkpoint the writer completed that could not be captured (deleted before its
+    seal, changed during its snapshot, ...): nothing to send, kept as a visible record."""
 
 
 class JobKind(StrEnum):
@@ -43,7 +46,8 @@ class JobKind(StrEnum):
     DOWNLOAD = "download"
 
 
-TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.ABANDONED})
+TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.ABANDONED,
+                      JobState.LOST})
 
 
 class StateConflict(AgentError):
@@ -325,15 +329,15 @@ class Queue:
             return self._usage(self._db, uid)
 
     def prune_finished(self, retention_s: float, now: float | None = None) -> int:
-        """Delete jobs that ended (done, failed, cancelled, abandoned) more than
+        """Delete jobs that ended (done, failed, cancelled, abandoned, lost) more than
         ``retention_s`` ago, and the local records of finished assets no job names any
         more. A job whose checkpoint snapshot the watcher still holds is kept (the watcher
         settles it first). Returns the number of jobs deleted."""
         cutoff = (time.time() if now is None else now) - retention_s
         with self._txn() as db:
             cur = db.execute(
-                "DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled', 'abandoned') "
-                "AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM watched w WHERE "
+                "DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled', 'abandoned', "
+                "'lost') AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM watched w WHERE "
                 "w.job_id = jobs.job_id AND w.snapshot IS NOT NULL)", (cutoff,))
             pruned = cur.rowcount
             if pruned:
