@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs)
 
+    from agent.cli_runs import add_command as add_runs
+
+    add_runs(command)
+
     p = command("exec", "run a training command as a child: one run, its output watched, "
                         "ended with the child's exit status")
     p.add_argument("--run", metavar="RUN_ID",
