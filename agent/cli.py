@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quiescence fallback, in seconds (default 30)")
     p.add_argument("--on-exit", choices=("drain", "abandon"),
                    help="what a failed or crashed run's sealed checkpoints do (runs.on_exit)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print neither the run id at the start nor the summary at the end")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND…")
     p.set_defaults(handler=cmd_exec)
 
@@ -504,7 +506,7 @@ def cmd_exec(ctx: Ctx) -> int:
             extra[key] = value
     rules = rules_from_args(args.watch, args.asset_type, extra)
     return run_exec(ctx.client(), command, run_id=args.run, rules=rules,
-                    on_exit=args.on_exit, err=ctx.err)
+                    on_exit=args.on_exit, err=ctx.err, quiet=args.quiet)
 
 
 # ---- the queue ----------------------------------------------------------------------------

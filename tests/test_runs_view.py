@@ -114,6 +114,13 @@ def test_runs_show_each_checkpoint_fate_over_the_socket_and_the_cli(tmp_path: Pa
                      "--seal", "marker", "--", sys.executable, str(child), str(out),
                      str(tmp_path / "seen.json"), "3")
         assert r.returncode == 3, r.stderr
+        # exec's own account: the run id first, and once the daemon's final scan is done
+        # (the half-written step-3 already counted as abandoned), the summary
+        lines = r.stderr.splitlines()
+        assert lines[0] == "chronicle-agent: run run_view"
+        assert lines[-1].startswith("chronicle-agent: run run_view failed: 2 checkpoints "
+                                    "sealed ("), r.stderr
+        assert lines[-1].endswith("), 0 lost, 1 abandoned"), r.stderr
 
         def drained() -> dict[str, object] | None:
             run = daemon_run(d, "run_view")

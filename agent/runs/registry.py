@@ -20,9 +20,10 @@ A run's end, in order:
    jobs are terminal, since ending a run abandons whatever of it is still pending.
 
 A pid-observed death is settled at once (steps 1–4 take milliseconds); under ``exec`` the
-wrapper reports the child's exit status, so the daemon waits up to ``EXEC_GRACE_S`` for it
-before calling the death a crash. Only Chronicle API calls are made from here (register the
-run, abandon assets, end the run); transfers stay with the workers.
+reporter (the command's parent) reports its exit status, so the daemon waits up to
+``EXEC_GRACE_S`` for it before calling the death a crash. Only Chronicle API calls are
+made from here (register the run, abandon assets, end the run); transfers stay with the
+workers.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXEC_GRACE_S = 1.0
-"""How long a dead ``exec`` child's run waits for the wrapper to report its exit status."""
+"""How long a dead ``exec`` command's run waits for its reporter to report its exit status."""
 
 
 @dataclass
@@ -335,7 +336,7 @@ class RunRegistry:
             os.close(fd)
         if info.state != "running":
             return
-        if info.wrapper_pid:  # exec: the wrapper reports the exit status
+        if info.wrapper_pid:  # exec: its reporter (the registering peer) reports the status
             with anyio.move_on_after(EXEC_GRACE_S):
                 await info.finished.wait()
             if info.state != "running":
