@@ -78,6 +78,13 @@ def _state(run: dict[str, Any]) -> str:
     return state
 
 
+def _process(run: dict[str, Any], short: bool = False) -> str:
+    """What keeps the run alive: its process, or heartbeats within a lease."""
+    if run.get("liveness") == "pid":
+        return str(run.get("pid")) if short else f"pid {run.get('pid')}"
+    return "lease" if short else f"heartbeats within a lease of {run.get('lease_s')} s"
+
+
 def _reason(ck: dict[str, Any]) -> str:
     r = ck.get("reason")
     return f"{r.get('code')}: {r.get('message')}" if isinstance(r, dict) else ""
@@ -90,10 +97,11 @@ def cmd_runs(ctx: Ctx) -> int:
         if ctx.args.json:
             ctx.print_json({"runs": runs})
         elif runs:
-            ctx.print(table(("RUN", "STATE", "STARTED (UTC)", "ENDED (UTC)", "CHECKPOINTS"), [
-                (r.get("run_id"), _state(r), _when(r.get("started_at")),
-                 _when(r.get("ended_at")), summary(r.get("checkpoints") or {}))
-                for r in runs]))
+            ctx.print(table(
+                ("RUN", "STATE", "PID", "STARTED (UTC)", "ENDED (UTC)", "CHECKPOINTS"),
+                [(r.get("run_id"), _state(r), _process(r, short=True),
+                  _when(r.get("started_at")), _when(r.get("ended_at")),
+                  summary(r.get("checkpoints") or {})) for r in runs]))
         else:
             ctx.warn("no runs")
         return 0
@@ -107,8 +115,7 @@ def cmd_runs(ctx: Ctx) -> int:
     about = [
         ("run:", run.get("run_id")),
         ("state:", _state(run)),
-        ("process:", f"pid {run.get('pid')}" if run.get("liveness") == "pid" else
-         f"lease of {run.get('lease_s')} s"),
+        ("process:", _process(run)),
         ("started:", _when(run.get("started_at")) + " UTC"),
         ("ended:", _when(run.get("ended_at")) + (" UTC" if run.get("ended_at") else "")),
         ("watch:", rules or "-"),

@@ -148,7 +148,7 @@ def test_runs_show_each_checkpoint_fate_over_the_socket_and_the_cli(tmp_path: Pa
         listing = d.run_cli("runs")
         assert listing.returncode == 0, listing.stderr
         line = next(ln for ln in listing.stdout.splitlines() if ln.startswith("run_view"))
-        assert "ended (failed, exit 3)" in line
+        assert line.split()[1:6] == ["ended", "(failed,", "exit", "3)", str(run["pid"])]
         assert "2 checkpoints sealed (2 ready, 0 uploading), 0 lost, 1 abandoned" in line
         one = d.run_cli("runs", "run_view")
         assert one.returncode == 0, one.stderr
@@ -191,5 +191,8 @@ def test_a_live_run_counts_what_is_not_sealed_yet_and_paths_are_shown_escaped(
         assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
         assert "step-\\x1b]0;pwned\\x07" in shown.stdout
         assert "not sealed yet" in shown.stdout  # 1 unsealed, in the summary line
+        assert "heartbeats within a lease" in shown.stdout
+        listing = d.run_cli("runs").stdout.splitlines()
+        assert listing[1].split()[:3] == ["run_live", "running", "lease"]
         raw = json.loads(d.run_cli("runs", "run_live", "--json").stdout)
         assert str(out / "step-\x1b]0;pwned\x07") in [x["path"] for x in raw["checkpoint_list"]]
