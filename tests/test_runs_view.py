@@ -5,6 +5,7 @@ and against a real daemon whose watcher seals what a real writer process wrote."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -196,3 +197,16 @@ def test_a_live_run_counts_what_is_not_sealed_yet_and_paths_are_shown_escaped(
         assert listing[1].split()[:3] == ["run_live", "running", "lease"]
         raw = json.loads(d.run_cli("runs", "run_live", "--json").stdout)
         assert str(out / "step-\x1b]0;pwned\x07") in [x["path"] for x in raw["checkpoint_list"]]
+
+        shutil.rmtree(out / "step-2")  # rotated away before any seal held: lost, visibly
+
+        def lost() -> dict[str, int] | None:
+            n = c.request("GET", "/v1/runs/run_live")["checkpoints"]
+            return n if n["lost"] == 1 else None
+        counts = wait_until(lost, 30, "the unsealed checkpoint counted lost")
+        assert (counts["sealed"], counts["unsealed"], counts["abandoned"]) == (2, 0, 0)
+        gone = [x for x in c.request("GET", "/v1/runs/run_live/checkpoints")["checkpoints"]
+                if x["path"] == str(out / "step-2")]
+        assert [(x["fate"], x["job_state"], x["seal"], x["reason"]["code"]) for x in gone] == [
+            ("lost", "lost", None, "deleted_before_seal")]
+        assert "lost  " in d.run_cli("runs", "run_live").stdout  # the table's FATE column
