@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.queue.store import AssetRecord, Job, JobKind, JobState, Queue, new_id
+from agent.queue.store import AssetRecord, Job, JobKind, JobState, Queue, _rfc3339, new_id
 
 # ---- runs -----------------------------------------------------------------------------------
 
@@ -40,6 +40,9 @@ class RunRow:
     cred_id: str | None = None
     """The caller's own Chronicle credential (schema v3): the run and what the watcher
     uploads for it are made with it."""
+    updated_at: float | None = None
+    """When the row last changed (read, never written from here): for an ended run, when
+    it ended."""
 
 
 _RUN_COLS = ("run_id, uid, pid, pid_start, wrapper_pid, liveness, lease_s, on_exit, watch, "
@@ -48,7 +51,8 @@ _RUN_COLS = ("run_id, uid, pid, pid_start, wrapper_pid, liveness, lease_s, on_ex
 
 def _run(row: tuple[Any, ...]) -> RunRow:
     return RunRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13], row[14])
+                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13], row[14],
+                  row[15] if len(row) > 15 else None)
 
 
 def save_run(q: Queue, r: RunRow) -> None:
@@ -76,7 +80,7 @@ def update_run(q: Queue, run_id: str, **cols: Any) -> None:
 
 def load_runs(q: Queue, states: tuple[str, ...] = ("running", "ending", "ended")) -> list[RunRow]:
     marks = ",".join("?" * len(states))
-    rows = q._read(f"SELECT {_RUN_COLS} FROM runs WHERE state IN ({marks}) "
+    rows = q._read(f"SELECT {_RUN_COLS}, updated_at FROM runs WHERE state IN ({marks}) "
                    "ORDER BY created_at", states)
     return [_run(r) for r in rows]
 
@@ -99,23 +103,29 @@ class WatchedRow:
     staged: dict[str, Any] | None = None
     """What the snapshot holds: {"files": {rel: [size, mtime_ns, ino, how]}}."""
     created_at: float = field(default_factory=time.time)
+    ident: str | None = None
+    """Which file or directory was decided (``Scan.ident``); None on rows of schema < 5."""
+    top_mtime_ns: int | None = None
+    """Its own mtime then (a directory's changes when entries come or go)."""
 
 
 _W_COLS = ("ckpt_id, path, run_id, rule, state, seal, fingerprint, register_key, job_id, "
-           "snapshot, staged, created_at")
+           "snapshot, staged, created_at, ident, top_mtime_ns")
+_W_N = len(_W_COLS.split(","))
 
 
 def _watched(row: tuple[Any, ...]) -> WatchedRow:
     return WatchedRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-                      row[9], json.loads(row[10]) if row[10] else None, row[11])
+                      row[9], json.loads(row[10]) if row[10] else None, row[11], row[12],
+                      row[13])
 
 
 def _insert_watched(db: sqlite3.Connection, w: WatchedRow) -> None:
     db.execute(
-        f"INSERT INTO watched ({_W_COLS}, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT INTO watched ({_W_COLS}, updated_at) VALUES ({','.join('?' * (_W_N + 1))})",
         (w.ckpt_id, w.path, w.run_id, w.rule, w.state, w.seal, w.fingerprint, w.register_key,
          w.job_id, w.snapshot, json.dumps(w.staged) if w.staged is not None else None,
-         w.created_at, time.time()),
+         w.created_at, w.ident, w.top_mtime_ns, time.time()),
     )
 
 
@@ -190,7 +200,7 @@ def staged_rows(q: Queue) -> list[tuple[WatchedRow, str, str | None]]:
         f"SELECT {', '.join('w.' + c.strip() for c in _W_COLS.split(','))}, j.state, "
         "j.error_code FROM watched w JOIN jobs j ON j.job_id = w.job_id "
         "WHERE w.snapshot IS NOT NULL")
-    return [(_watched(r[:12]), r[12], r[13]) for r in rows]
+    return [(_watched(r[:_W_N]), r[_W_N], r[_W_N + 1]) for r in rows]
 
 
 def relabel_abandoned(q: Queue, job_id: str, expect: tuple[str, ...], code: str,
@@ -218,3 +228,100 @@ def unfinalized_presigned(q: Queue, run_id: str) -> list[AssetRecord]:
         (run_id,))
     out = [q.asset(r[0]) for r in rows]
     return [a for a in out if a is not None]
+
+
+# ---- what became of a run's checkpoints ------------------------------------------------------
+
+FATES = ("ready", "uploading", "failed", "lost", "abandoned", "superseded", "elsewhere")
+"""A checkpoint's fate, from its ``watched`` row and its job: ``ready`` (its job is done),
+``uploading`` (queued or running), ``failed`` (``retry`` can still send it), ``lost`` (its
+writer completed it but it could not be captured), ``abandoned`` (not sealed when its run
+ended, cancelled, invalid...), ``superseded`` (a later version of the same path replaced
+this one), ``elsewhere`` (another agent sharing the filesystem claimed it)."""
+
+_FATE_SQL = """CASE
+    WHEN w.state = 'elsewhere' THEN 'elsewhere'
+    WHEN w.state = 'superseded' THEN 'superseded'
+    WHEN j.state = 'done' THEN 'ready'
+    WHEN j.state IN ('queued', 'running') THEN 'uploading'
+    WHEN j.state = 'failed' THEN 'failed'
+    WHEN j.state = 'lost' OR (j.state IS NULL AND w.state = 'lost') THEN 'lost'
+    WHEN j.state IS NULL AND w.state = 'done' THEN 'ready'
+    ELSE 'abandoned' END"""
+"""The fate of a ``watched w`` row LEFT JOINed to its ``jobs j``. A job may be gone (pruned
+after queue.finished_retention_s): its row's own state says what became of it."""
+
+COUNTED = ("sealed", "ready", "uploading", "failed", "lost", "abandoned", "elsewhere")
+"""The counts of a run's summary; ``sealed`` counts the checkpoints this agent sealed
+(whatever their fate since: ready, uploading, failed, or abandoned after their seal);
+``superseded`` versions are not counted (the version that replaced them is)."""
+
+
+@dataclass
+class CheckpointFate:
+    ckpt_id: str
+    path: str
+    seal: str | None
+    fate: str
+    job_id: str | None
+    job_state: str | None
+    error_code: str | None
+    error_message: str | None
+    asset_id: str | None
+    asset_type: str | None
+    bytes_total: int | None
+    created_at: float
+
+    def to_api(self) -> dict[str, Any]:
+        reason = None
+        if self.error_code:
+            reason = {"code": self.error_code, "message": self.error_message or ""}
+        elif self.fate in _REASONS:
+            reason = _REASONS[self.fate]
+        return {"ckpt_id": self.ckpt_id, "path": self.path, "seal": self.seal,
+                "fate": self.fate, "job_id": self.job_id, "job_state": self.job_state,
+                "reason": reason, "asset_id": self.asset_id, "asset_type": self.asset_type,
+                "bytes_total": self.bytes_total, "created_at": _rfc3339(self.created_at)}
+
+
+_REASONS = {
+    "elsewhere": {"code": "claimed_elsewhere", "message": "another agent sharing this "
+                  "filesystem claimed it at its seal and uploads it"},
+    "superseded": {"code": "superseded", "message": "a later version of this path "
+                   "replaced it"},
+}
+"""The reason of a fate its job (if any) does not explain."""
+
+
+def run_checkpoints(q: Queue, run_id: str) -> list[CheckpointFate]:
+    """Every decision about the run's checkpoints (one row per sealed version, oldest
+    first), with its fate, its job and the asset it became."""
+    rows = q._read(
+        f"SELECT w.ckpt_id, w.path, w.seal, {_FATE_SQL}, w.job_id, j.state, j.error_code, "
+        "j.error_message, a.asset_id, json_extract(j.payload, '$.asset_type'), j.bytes_total, "
+        "w.created_at FROM watched w LEFT JOIN jobs j ON j.job_id = w.job_id "
+        "LEFT JOIN assets a ON a.asset_key = j.asset_key WHERE w.run_id = ? "
+        "ORDER BY w.created_at, w.ckpt_id", (run_id,))
+    return [CheckpointFate(*r) for r in rows]
+
+
+def checkpoint_counts(q: Queue, run_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Per run (of ``run_ids``, None: every run): how many of its checkpoints met each fate
+    (:data:`COUNTED`; every key present, 0 when none)."""
+    where = "w.run_id IS NOT NULL"
+    if run_ids is not None:
+        where = f"w.run_id IN ({','.join('?' * len(run_ids))})"
+    rows = q._read(
+        f"SELECT w.run_id, {_FATE_SQL} AS fate, w.seal IS NOT NULL, count(*) FROM watched w "
+        f"LEFT JOIN jobs j ON j.job_id = w.job_id WHERE {where} GROUP BY 1, 2, 3",
+        tuple(run_ids or ()))
+    out = {rid: dict.fromkeys(COUNTED, 0) for rid in run_ids or ()}
+    for rid, fate, sealed, n in rows:
+        counts = out.setdefault(rid, dict.fromkeys(COUNTED, 0))
+        if fate == "superseded":
+            continue
+        if fate in counts:
+            counts[fate] += n
+        if sealed and fate != "elsewhere":
+            counts["sealed"] += n
+    return out
