@@ -236,10 +236,11 @@ def test_hf_trainer_with_both_cores_busy(tmp_path: Path) -> None:
 
 def test_checkpoint_rotated_away_while_the_staging_area_is_full_is_lost(
         tmp_path: Path) -> None:
-    """(g) step-1 is captured (a hardlink) and uploads slowly; the writer deletes it, so the
-    staging area holds its 1 MiB on its own, over a 512 KiB cap. step-2, complete (marker),
-    waits for room; the writer deletes it: it could never be captured. `chronicle-agent
-    jobs --json` shows it `lost`, with the reason."""
+    """(g) step-1 is captured (a hardlink) and uploads slowly (8 s); the writer deletes
+    it, so the staging area holds its 2 MiB on its own, over a 1 MiB cap (the daemon
+    recounts what it holds every 2 s: the writer's next save comes 3 s later). step-2,
+    complete (marker), waits for room; the writer deletes it a second later: it could never
+    be captured. `chronicle-agent jobs --json` shows it `lost`, with the reason."""
     out = tmp_path / "out"
     out.mkdir()
     writer = script(tmp_path, "rotate.py", """
@@ -249,12 +250,13 @@ def test_checkpoint_rotated_away_while_the_staging_area_is_full_is_lost(
             d = os.path.join(out, f"step-{step}")
             os.makedirs(d)
             with open(os.path.join(d, "w.bin"), "wb") as f:
-                f.write(random.Random(step).randbytes(1024 * 1024))
+                f.write(random.Random(step).randbytes(2 * 1024 * 1024))
             open(os.path.join(d, "_SUCCESS"), "w").close()
-            time.sleep(1.5)
+            time.sleep(1.0)
             shutil.rmtree(d)  # keep none: rotated away before the next save
+            time.sleep(3.0)
     """)
-    env = {"CHRONICLE_AGENT_WATCHER__STAGING_MAX_BYTES": str(MiB // 2),
+    env = {"CHRONICLE_AGENT_WATCHER__STAGING_MAX_BYTES": str(MiB),
            "CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(256 * 1024)}
     with start_daemon(env) as d:
         r = subprocess.run(
@@ -269,10 +271,12 @@ def test_checkpoint_rotated_away_while_the_staging_area_is_full_is_lost(
         (tmp_path / "dl").mkdir()
         dl = d.run_cli("download", js["step-1"]["asset_id"], str(tmp_path / "dl" / "1"))
         assert dl.returncode == 0, dl.stderr
-        assert tree(tmp_path / "dl" / "1") == {"w.bin": random.Random(1).randbytes(MiB)}
+        assert tree(tmp_path / "dl" / "1") == {"w.bin": random.Random(1).randbytes(2 * MiB),
+                                               "_SUCCESS": b""}
         lost = js["step-2"]
         assert lost["state"] == "lost", why
-        assert lost["error"] and lost["error"].get("code") and lost["error"].get("message"), why
+        assert lost["error"]["code"] == "staging_full", why
+        assert "staging" in lost["error"]["message"], why
         assert not lost.get("asset_id") or lost["asset_id"] not in {
             a.asset_id for a in chronicle_for(d).assets.list(output_of="run_lost")
             if a.state == "ready"}
