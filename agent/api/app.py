@@ -406,14 +406,17 @@ class Api:
 
     async def _with_counts(self, runs: list[dict[str, Any]],
                            only: list[str] | None) -> list[dict[str, Any]]:
-        """Each run with ``checkpoints``: how many of its checkpoints met each fate (one
-        query, in the queue's thread), and how many the watcher still waits to seal."""
+        """Each run with ``checkpoints`` (each one's fate) and ``checkpoint_counts`` (how
+        many met each fate, and how many the watcher still waits to seal): two queries, in
+        the queue's thread."""
         counts = await self.q.do(runstore.checkpoint_counts, self.q.s, only)
+        listed = await self.q.do(runstore.run_checkpoints, self.q.s, only)
         zero = dict.fromkeys(runstore.COUNTED, 0)
         for run in runs:
             rid = run["run_id"]
-            run["checkpoints"] = counts.get(rid, zero) | {
+            run["checkpoint_counts"] = counts.get(rid, zero) | {
                 "unsealed": self.d.watcher.unsealed(rid)}
+            run["checkpoints"] = [c.to_api() for c in listed.get(rid, [])]
         return runs
 
     async def list_runs(self, request: web.Request) -> web.Response:
@@ -427,9 +430,9 @@ class Api:
 
     async def run_checkpoints(self, request: web.Request) -> web.Response:
         run = self.d.runs.get(request.match_info["run_id"], peer_uid(request))
-        rows = await self.q.do(runstore.run_checkpoints, self.q.s, run["run_id"])
+        rows = await self.q.do(runstore.run_checkpoints, self.q.s, [run["run_id"]])
         return web.json_response({"run_id": run["run_id"],
-                                  "checkpoints": [r.to_api() for r in rows]})
+                                  "checkpoints": [r.to_api() for r in rows[run["run_id"]]]})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         run = await self.d.runs.heartbeat(request.match_info["run_id"], peer_uid(request))

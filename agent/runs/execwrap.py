@@ -217,7 +217,7 @@ def _summary(client: SocketClient, rid: str, exit_code: int, err: TextIO) -> Non
     except AgentError:
         return  # never registered, or the daemon is gone: the warnings said so
     status = run.get("status") or f"exited {exit_code}"
-    _say(err, f"chronicle-agent: run {rid} {status}: {summary(run.get('checkpoints') or {})}")
+    _say(err, f"chronicle-agent: run {rid} {status}: {summary(run.get('checkpoint_counts') or {})}")
 
 
 def _heartbeats(client: SocketClient, rid: str, every_s: float, stop: threading.Event) -> None:
