@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("jobs", "list jobs")
     p.add_argument("--run", metavar="RUN_ID")
-    p.add_argument("--state", metavar="STATE",
+    p.add_argument("--state", metavar="STATE", type=_job_state,
                    help="queued, running, done, failed, cancelled, abandoned or lost")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs)
@@ -169,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(command)
     add_doctor(command)
     return parser
+
+
+def _job_state(value: str) -> str:
+    """``jobs --state``: one of the queue's states, else a usage error naming them."""
+    from agent.queue.store import job_state
+
+    try:
+        return job_state(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _upload_options(p: argparse.ArgumentParser) -> None:
