@@ -104,10 +104,15 @@ class DownloadSection(_Section):
     upload.job_max_attempts; then it fails with disk_full and `retry` resumes it."""
 
 
-SealKind = Literal["marker", "dcp_metadata", "rename_dir", "rename_file", "quiescence"]
-DEFAULT_SEALS: tuple[SealKind, ...] = ("marker", "dcp_metadata", "rename_dir", "quiescence")
-DEFAULT_TMP_PATTERNS = ("tmp-{name}", "{name}.orbax-checkpoint-tmp-*", "{name}.tmp",
-                        "{name}.tmp.*", ".{name}.tmp*")
+SealKind = Literal["marker", "dcp_metadata", "rename_dir", "rename_file", "format", "quiescence"]
+DEFAULT_SEALS: tuple[SealKind, ...] = ("marker", "dcp_metadata", "rename_dir", "rename_file",
+                                       "format", "quiescence")
+DEFAULT_MARKERS = ("_SUCCESS", "commit_success.txt", "trainer_state.json")
+"""Spark/Hadoop, Orbax on object stores, and the Hugging Face Trainer (which writes
+``checkpoint-N`` in place and its ``trainer_state.json`` last)."""
+DEFAULT_TMP_PATTERNS = ("tmp-{name}", "{name}.orbax-checkpoint-tmp",
+                        "{name}.orbax-checkpoint-tmp-*", "{name}.tmp", "{name}.tmp.*",
+                        ".{name}.tmp*")
 
 
 class WatchRule(_Section):
@@ -115,7 +120,7 @@ class WatchRule(_Section):
     """Glob of checkpoint paths (directories or files), e.g. /scratch/runs/*/ckpt/step-*."""
     asset_type: str = "checkpoint"
     seal: list[SealKind] = Field(default_factory=lambda: list(DEFAULT_SEALS))
-    markers: list[str] = Field(default_factory=lambda: ["_SUCCESS", "commit_success.txt"])
+    markers: list[str] = Field(default_factory=lambda: list(DEFAULT_MARKERS))
     quiescence_s: float = Field(default=30.0, gt=0)
     run_id: str = ""
     """Where the run id comes from: a literal id, or "{N}" for the N-th path segment of the
@@ -153,8 +158,9 @@ class WatcherSection(_Section):
     """Full rescan of every rule's directories: events are only hints."""
     check_s: float = Field(default=1.0, gt=0)
     """How often checkpoints not yet sealed are looked at again (quiescence, staging)."""
-    debounce_ms: int = Field(default=1600, ge=1)
-    """Longest time file events are grouped before they are handled."""
+    debounce_ms: int = Field(default=400, ge=1)
+    """Longest time file events are grouped before they are handled (a writer busy for
+    seconds still gets its finished checkpoints looked at this often)."""
     step_ms: int = Field(default=50, ge=1)
     """Events are handled once none arrived for this long."""
     poll_delay_ms: int = Field(default=1000, ge=10)

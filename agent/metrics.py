@@ -55,6 +55,9 @@ class Metrics:
         self.rate_down = Rate()
         self.retries: Counter[str] = Counter()
         self.jobs_finished: Counter[str] = Counter()
+        self.checkpoints: Counter[tuple[str, str]] = Counter()
+        """Watched checkpoints since start by (fate, reason): sealed (by seal kind), lost
+        and abandoned (by why)."""
 
     def sent(self, n: int) -> None:
         self.bytes_up += n
@@ -68,6 +71,9 @@ class Metrics:
 
     def retry(self, cause: str) -> None:
         self.retries[cause] += 1
+
+    def checkpoint(self, fate: str, reason: str) -> None:
+        self.checkpoints[(fate, reason)] += 1
 
     def prometheus(self, queue_counts: dict[str, int], staging_bytes: int) -> str:
         lines = [
@@ -103,6 +109,13 @@ class Metrics:
             "# HELP chronicle_agent_loop_lag_max_seconds Longest event-loop delay seen.",
             "# TYPE chronicle_agent_loop_lag_max_seconds gauge",
             f"chronicle_agent_loop_lag_max_seconds {self.loop_lag_max_s:.3f}",
+            "# HELP chronicle_agent_checkpoints_total Watched checkpoints by fate since start "
+            "(sealed; lost or abandoned, with why).",
+            "# TYPE chronicle_agent_checkpoints_total counter",
+        ]
+        lines += [f'chronicle_agent_checkpoints_total{{fate="{f}",reason="{r}"}} {n}'
+                  for (f, r), n in sorted(self.checkpoints.items())]
+        lines += [
             "# HELP chronicle_agent_staging_bytes Bytes held in the staging area.",
             "# TYPE chronicle_agent_staging_bytes gauge",
             f"chronicle_agent_staging_bytes {staging_bytes}",

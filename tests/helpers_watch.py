@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from agent.chronicle import contract
 from agent.chronicle.sdk import Chronicle
+from agent.client import TERMINAL_STATES
 from tests.helpers_daemon import DaemonProc, clean_env, start_daemon
 from tests.helpers_e2e import chronicle_for
 
@@ -108,8 +109,7 @@ def wait_jobs_terminal(d: DaemonProc, n: int, run_id: str | None = None,
     """Wait until at least ``n`` watched-checkpoint jobs exist and all are terminal."""
     def ready() -> list[dict[str, Any]] | None:
         js = [j for j in jobs(d, run_id) if "checkpoint" in j]
-        if len(js) >= n and all(j["state"] in ("done", "failed", "cancelled", "abandoned")
-                                for j in js):
+        if len(js) >= n and all(j["state"] in TERMINAL_STATES for j in js):
             return js
         return None
     return wait_until(ready, timeout_s, f"{n} terminal checkpoint jobs")

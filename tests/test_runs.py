@@ -280,7 +280,7 @@ def test_schema_v1_database_is_migrated(tmp_path: Path) -> None:
     try:
         job = q.get("job_old")
         assert job is not None and job.kind == JobKind.UPLOAD and job.payload == {"path": "/x"}
-        assert q._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
+        assert q._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 5
         indexes = {r[0] for r in q._read("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"jobs_uid", "jobs_finished"} <= indexes  # v4: quotas and pruning
         assert job.cred_id is None and job.token is None

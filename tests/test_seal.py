@@ -231,3 +231,65 @@ def test_claims_and_backpressure(tmp_path: Path, staging: Staging) -> None:
     assert capped.room_for(1000)  # an empty staging area always takes one
     capped.held_bytes = 60
     assert capped.room_for(40) and not capped.room_for(41)
+
+
+# ---- the format seal: a file whose own structure says it is whole ---------------------------
+
+
+def _prefixes_never_whole(path: Path) -> int:
+    """Every cut of the file (a writer caught mid-write, in place) is not whole; returns how
+    many cuts were tried."""
+    data = path.read_bytes()
+    part = path.with_name(path.name + ".part")
+    step = max(1, len(data) // 300)
+    cuts = sorted({*range(1, len(data), step), *range(max(1, len(data) - 200), len(data))})
+    for cut in cuts:
+        part.write_bytes(data[:cut])
+        assert not seal.file_whole(str(part), os.stat(part)), f"{path.name} cut at {cut}"
+    part.unlink()
+    return len(cuts)
+
+
+def test_format_seal_knows_torch_save_safetensors_and_zip(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    torch.save({"w": torch.randn(64, 64), "step": 3}, tmp_path / "a.ckpt")  # zip + zip64 end
+    save_file({"w": torch.randn(64, 64), "b": torch.zeros(3)}, str(tmp_path / "b.safetensors"))
+    np.savez(tmp_path / "c.npz", a=np.arange(500))
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z, z.open("x", "w", force_zip64=True) as f:
+        f.write(b"abc" * 500)
+    (tmp_path / "e.json").write_text(json.dumps({"not": "a checkpoint"}))
+    for name in ("a.ckpt", "b.safetensors", "c.npz", "d.zip"):
+        p = tmp_path / name
+        assert seal.file_whole(str(p), os.stat(p)), name
+        assert _prefixes_never_whole(p) > 200
+        sc = scan(str(p))
+        assert sc is not None and sc.whole
+        assert decide(rule(), sc, quiet=False) == "format"
+        assert decide(rule(seal=["rename_file"]), sc, quiet=False) is None
+    e = scan(str(tmp_path / "e.json"))
+    assert e is not None and not e.whole and decide(rule(), e, quiet=False) is None
+    # bytes appended after a whole file (a second save appended, a torn rewrite) are not whole
+    with open(tmp_path / "a.ckpt", "ab") as f:
+        f.write(b"PK\x03\x04 more")
+    assert not seal.file_whole(str(tmp_path / "a.ckpt"), os.stat(tmp_path / "a.ckpt"))
+
+
+def test_identity_is_the_entry_not_the_path(tmp_path: Path) -> None:
+    ck = tmp_path / "checkpoint-2"
+    touch(ck / "trainer_state.json", b"{}")
+    first = scan(str(ck))
+    assert first is not None
+    import shutil
+    shutil.rmtree(ck)
+    touch(ck / "trainer_state.json", b"{}")
+    second = scan(str(ck))
+    assert second is not None
+    # a new directory at the same path: another inode, or the same inode born later
+    assert first.ident() != second.ident()
+    again = scan(str(ck))
+    assert again is not None and again.ident() == second.ident()
+    assert decide(rule(), second, quiet=False) == "marker"  # the Trainer's last file

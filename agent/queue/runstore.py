@@ -99,23 +99,29 @@ class WatchedRow:
     staged: dict[str, Any] | None = None
     """What the snapshot holds: {"files": {rel: [size, mtime_ns, ino, how]}}."""
     created_at: float = field(default_factory=time.time)
+    ident: str | None = None
+    """Which file or directory was decided (``Scan.ident``); None on rows of schema < 5."""
+    top_mtime_ns: int | None = None
+    """Its own mtime then (a directory's changes when entries come or go)."""
 
 
 _W_COLS = ("ckpt_id, path, run_id, rule, state, seal, fingerprint, register_key, job_id, "
-           "snapshot, staged, created_at")
+           "snapshot, staged, created_at, ident, top_mtime_ns")
+_W_N = len(_W_COLS.split(","))
 
 
 def _watched(row: tuple[Any, ...]) -> WatchedRow:
     return WatchedRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-                      row[9], json.loads(row[10]) if row[10] else None, row[11])
+                      row[9], json.loads(row[10]) if row[10] else None, row[11], row[12],
+                      row[13])
 
 
 def _insert_watched(db: sqlite3.Connection, w: WatchedRow) -> None:
     db.execute(
-        f"INSERT INTO watched ({_W_COLS}, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT INTO watched ({_W_COLS}, updated_at) VALUES ({','.join('?' * (_W_N + 1))})",
         (w.ckpt_id, w.path, w.run_id, w.rule, w.state, w.seal, w.fingerprint, w.register_key,
          w.job_id, w.snapshot, json.dumps(w.staged) if w.staged is not None else None,
-         w.created_at, time.time()),
+         w.created_at, w.ident, w.top_mtime_ns, time.time()),
     )
 
 
@@ -190,7 +196,7 @@ def staged_rows(q: Queue) -> list[tuple[WatchedRow, str, str | None]]:
         f"SELECT {', '.join('w.' + c.strip() for c in _W_COLS.split(','))}, j.state, "
         "j.error_code FROM watched w JOIN jobs j ON j.job_id = w.job_id "
         "WHERE w.snapshot IS NOT NULL")
-    return [(_watched(r[:12]), r[12], r[13]) for r in rows]
+    return [(_watched(r[:_W_N]), r[_W_N], r[_W_N + 1]) for r in rows]
 
 
 def relabel_abandoned(q: Queue, job_id: str, expect: tuple[str, ...], code: str,

@@ -15,7 +15,7 @@ from agent.errors import AgentError
 from agent.statedir import create_private, private_sqlite, sqlite_files
 
 APP_ID = 0x43484147  # "CHAG", in SQLite's application_id header field
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _V1 = """
 CREATE TABLE jobs (
@@ -157,7 +157,16 @@ CREATE INDEX jobs_uid ON jobs (uid, state);
 CREATE INDEX jobs_finished ON jobs (state, updated_at);
 """
 
-_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
+# v5 (issue 11): a watcher decision is about a file or directory as it was, not about its
+# path forever: its identity (device, inode, birth time) and, for a directory, its own mtime
+# (which changes when entries come or go), so a rescan looks again at a path whose entry is
+# another one now (a second run writing checkpoint-N again).
+_V5 = """
+ALTER TABLE watched ADD COLUMN ident TEXT;
+ALTER TABLE watched ADD COLUMN top_mtime_ns INTEGER;
+"""
+
+_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5}
 """Schema version → the script that brings the previous version to it."""
 
 

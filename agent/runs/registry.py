@@ -389,9 +389,13 @@ class RunRegistry:
             if not clean and info.on_exit == "abandon":
                 k = await self._abandon_pending(info)
             info.settled = True
-            log.info("run %s settled: %d unsealed checkpoint(s) abandoned, %d unfinalized "
-                     "asset(s) abandoned%s", info.run_id, n, m,
-                     f", {k} pending job(s) abandoned (on_exit = abandon)" if k else "")
+            tally = w.tally.get(info.run_id, {})
+            log.log(logging.WARNING if n or tally.get("lost") else logging.INFO,
+                    "run %s settled: %d checkpoint(s) sealed, %d lost, %d unsealed "
+                    "abandoned, %d unfinalized asset(s) abandoned%s (this daemon's count "
+                    "since its start)", info.run_id, tally.get("sealed", 0),
+                    tally.get("lost", 0), n, m,
+                    f", {k} pending job(s) abandoned (on_exit = abandon)" if k else "")
         await self._end_when_drained(info)
 
     async def _abandon_presigned(self, info: RunInfo) -> int:

@@ -8,10 +8,14 @@ by the first of the rule's ``seal`` kinds that holds:
   save into the same directory does not seal a rewrite);
 - ``dcp_metadata``: torch.distributed.checkpoint's ``.metadata``, written last, is there and
   no other file is newer;
-- ``rename_dir`` / ``rename_file``: the directory (file) appeared by a rename from one of
-  the rule's temporary names (Hugging Face ``tmp-checkpoint-*``, Orbax
-  ``*.orbax-checkpoint-tmp-*``, ``*.tmp``): the watcher saw the temporary name, and it is
-  gone now. Temporary names are never checkpoints themselves;
+- ``rename_dir`` / ``rename_file``: the directory (file) appeared by a rename: from one of
+  the rule's temporary names (Orbax ``*.orbax-checkpoint-tmp-*``, ``*.tmp``), seen by the
+  watcher and gone now, or from another name the watcher had seen it under (the same
+  inode). Temporary names are never checkpoints themselves;
+- ``format``: a single file whose own structure says it is whole: a zip archive
+  (``torch.save``, Lightning ``.ckpt``, ``np.savez``) whose end-of-central-directory record
+  ends the file and points at a central directory right before it, or a safetensors file
+  whose header's offsets reach exactly its end;
 - ``quiescence`` (the fallback): nothing changed (names, sizes, mtimes) for
   ``quiescence_s``, by the watcher's own observation and by the files' mtimes. It never
   seals a directory that shows the signs of a stronger seal not yet given (``.distcp``
@@ -24,12 +28,16 @@ files); the watcher calls it from a thread.
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import hashlib
+import json
 import os
 import re
 import stat
+import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from agent.config import WatchRule
 
@@ -60,6 +68,17 @@ class Scan:
     """Newest mtime among the files and directories."""
     problem: str | None = None
     """Why this cannot be uploaded as it is (a symlink leaving it), if anything."""
+    btime_ns: int | None = None
+    """When the file or directory was created (statx), where the filesystem tells."""
+    mtime_ns: int = 0
+    """The top entry's own mtime (a directory's changes when entries come or go)."""
+    whole: bool = False
+    """A single file whose format says it is complete (see :func:`file_whole`)."""
+
+    def ident(self) -> str:
+        """Which file or directory this is, not where: a new checkpoint at an old path has
+        another (an inode number the filesystem reused has another birth time)."""
+        return f"{self.dev}:{self.ino}:{self.btime_ns if self.btime_ns is not None else '-'}"
 
     def fingerprint(self) -> str:
         """Names, sizes, mtimes and inodes: any change to the content changes it."""
@@ -89,10 +108,12 @@ def scan(path: str) -> Scan | None:
         owner = os.lstat(path).st_uid  # a link's owner, not its target's: whose it is
     except OSError:
         return None
+    btime = birth_ns(path)
     if stat.S_ISREG(st.st_mode):
         f = FileInfo(os.path.basename(path), path, st.st_size, st.st_mtime_ns, st.st_ino,
                      st.st_dev)
-        return Scan(path, False, [f], st.st_ino, st.st_dev, owner, st.st_mtime_ns)
+        return Scan(path, False, [f], st.st_ino, st.st_dev, owner, st.st_mtime_ns,
+                    btime_ns=btime, mtime_ns=st.st_mtime_ns, whole=file_whole(path, st))
     if not stat.S_ISDIR(st.st_mode):
         return None
     files: list[FileInfo] = []
@@ -128,7 +149,114 @@ def scan(path: str) -> Scan | None:
         return None
     if not os.path.isdir(path):
         return None
-    return Scan(path, True, files, st.st_ino, st.st_dev, owner, newest, problem)
+    return Scan(path, True, files, st.st_ino, st.st_dev, owner, newest, problem,
+                btime_ns=btime, mtime_ns=st.st_mtime_ns)
+
+
+# ---- identity and formats -------------------------------------------------------------------
+
+_STATX_BTIME = 0x800
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+_statx = getattr(_libc, "statx", None)
+
+
+def birth_ns(path: str) -> int | None:
+    """The creation time of ``path`` (statx ``stx_btime``), or None where the filesystem
+    or the C library does not tell it."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if _statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_BTIME, buf) != 0:
+        return None
+    mask = struct.unpack_from("<I", buf, 0)[0]
+    if not mask & _STATX_BTIME:
+        return None
+    sec, nsec = struct.unpack_from("<qI", buf, 80)  # struct statx: stx_btime at offset 80
+    return int(sec) * 1_000_000_000 + int(nsec)
+
+
+_EOCD = b"PK\x05\x06"
+_EOCD64 = b"PK\x06\x06"
+_LOC64 = b"PK\x06\x07"
+_CEN = b"PK\x01\x02"
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def file_whole(path: str, st: os.stat_result) -> bool:
+    """True when the file's own format says it is complete: a zip archive (PyTorch's
+    ``torch.save`` since 1.6, Lightning ``.ckpt``, ``np.savez``) or a safetensors file.
+    Written in place or renamed, such a file is whole once this holds: the structure that
+    says so is written last."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(8)
+            if head[:4] == b"PK\x03\x04":
+                return _zip_whole(f, st.st_size)
+            if len(head) == 8:
+                return _safetensors_whole(f, head, st.st_size)
+    except (OSError, ValueError, struct.error):
+        pass
+    return False
+
+
+def _zip_whole(f: BinaryIO, size: int) -> bool:
+    """The end-of-central-directory record ends the file exactly (its comment included),
+    and the central directory it points at ends where it (or its zip64 record) begins."""
+    tail_len = min(size, 22 + 65535)
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    pos = tail.rfind(_EOCD)
+    while pos >= 0:
+        if pos + 22 <= len(tail):
+            (_d, _cd, n_here, n_all, cd_size, cd_off,
+             comment) = struct.unpack_from("<HHHHIIH", tail, pos + 4)
+            eocd_at = size - tail_len + pos
+            if eocd_at + 22 + comment == size:
+                end = eocd_at
+                if pos >= 20 and tail[pos - 20:pos - 16] == _LOC64:  # zip64 (torch: always)
+                    rec_at = struct.unpack_from("<Q", tail, pos - 12)[0]
+                    f.seek(rec_at)
+                    rec = f.read(56)
+                    if (len(rec) < 56 or rec[:4] != _EOCD64
+                            or rec_at + 12 + struct.unpack_from("<Q", rec, 4)[0] != eocd_at - 20):
+                        return False
+                    cd_size, cd_off = struct.unpack_from("<QQ", rec, 40)
+                    end = rec_at
+                elif 0xFFFFFFFF in (cd_size, cd_off) or 0xFFFF in (n_here, n_all):
+                    return False
+                if cd_off + cd_size != end:
+                    return False
+                if cd_size == 0:
+                    return True
+                f.seek(cd_off)
+                return bool(f.read(4) == _CEN)
+        pos = tail.rfind(_EOCD, 0, pos)
+    return False
+
+
+def _safetensors_whole(f: BinaryIO, head: bytes, size: int) -> bool:
+    """An 8-byte header length, a JSON header, and data up to the largest end offset: the
+    file is exactly that long."""
+    n = int(struct.unpack("<Q", head)[0])
+    if not 2 <= n <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+        return False
+    raw = f.read(n)
+    if raw[:1] != b"{":
+        return False
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        return False
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offs = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) for o in offs)):
+            return False
+        end = max(end, offs[1])
+    return size == 8 + n + end
 
 
 # ---- globs, roots, temporary names -----------------------------------------------------------
@@ -241,6 +369,8 @@ def check_seal(
             return kind
         if kind == "rename_file" and not sc.is_dir and renamed:
             return kind
+        if kind == "format" and not sc.is_dir and sc.whole:
+            return kind
     if (
         "quiescence" in rule.seal
         and allow_quiescence
@@ -253,6 +383,8 @@ def check_seal(
 
 
 STRONG_DIR_SEALS = frozenset({"marker", "dcp_metadata"})
+STRONG_SEALS = frozenset({"marker", "dcp_metadata", "rename_dir", "rename_file", "format"})
+"""Seals that show the writer finished: the only ones that count once its run died."""
 
 
 def run_id_for(rule: WatchRule, path: str, bound: str | None) -> str | None:

@@ -64,6 +64,15 @@ DONE_STATES = ("sealed", "done", "elsewhere")
 handled."""
 
 
+def _same_entry(row: WatchedRow, st: os.stat_result) -> bool:
+    """The entry a decision was made on, unchanged (for a directory: no entry came or went
+    directly in it since). Rows from before identities were kept count as the same."""
+    if row.ident is None:
+        return True
+    dev, ino, _birth = row.ident.split(":")
+    return (int(dev), int(ino)) == (st.st_dev, st.st_ino) and row.top_mtime_ns == st.st_mtime_ns
+
+
 def mount_fstype(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
     """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo)."""
     real = os.path.realpath(path)
@@ -86,6 +95,10 @@ def mount_fstype(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
 
 def is_network_fs(path: str) -> bool:
     return mount_fstype(path) in NETWORK_FS
+
+
+RootSets = tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]
+"""Roots watched by events, by polling; parents of missing roots, by events, by polling."""
 
 
 @dataclass
@@ -120,6 +133,14 @@ class Pending:
     next_check: float = 0.0
     idle: int = 0
     """Looks that found nothing changed: re-checks back off (events still wake them)."""
+    dev_ino: tuple[int, int] = (0, 0)
+    files: int = 0
+    size: int = 0
+    first_seen: float = field(default_factory=time.time)
+    sealed_as: str | None = None
+    """A seal held, but the snapshot did not happen (yet)."""
+    problem: str | None = None
+    """Why the last try to snapshot it failed."""
 
 
 @dataclass
@@ -143,6 +164,9 @@ class Watcher:
         self.strong: dict[tuple[str, str], set[str]] = {}
         self.staged: dict[str, Staged] = {}
         self.seals = 0
+        self.tally: dict[str | None, dict[str, int]] = {}
+        """Per run since start: checkpoints sealed, lost, abandoned (for its end's log line)."""
+        self._rescan_again_at = 0.0
         self._dirty: set[str] = set()
         self._recheck: set[str] = set()
         self._rescan_due = True
@@ -232,8 +256,11 @@ class Watcher:
             with anyio.move_on_after(self.cfg.check_s):
                 await self._wake.wait()
             self._wake = anyio.Event()
-            rescan = self._rescan_due or (
-                time.monotonic() - self._last_rescan >= self.cfg.rescan_s)
+            now = time.monotonic()
+            again = 0.0 < self._rescan_again_at <= now
+            if again:
+                self._rescan_again_at = 0.0
+            rescan = self._rescan_due or again or now - self._last_rescan >= self.cfg.rescan_s
             try:
                 async with self._lock:
                     await self._pass(rescan=rescan)
@@ -368,7 +395,7 @@ class Watcher:
                 row = self.decided.get(path)
                 if row is not None and row.state in DONE_STATES:
                     try:
-                        if e.is_dir():
+                        if e.is_dir() and _same_entry(row, e.stat()):
                             continue
                     except OSError:
                         continue
@@ -384,16 +411,31 @@ class Watcher:
     def _ident(self, r: BoundRule, sc: Scan) -> Identity:
         return Identity.of(self._uid(r, sc))
 
-    def _scan_all(self, cands: dict[str, str]) -> dict[str, tuple[Scan | None, bool]]:
+    def _scan_all(self, cands: dict[str, str], inodes: dict[tuple[int, int], str]
+                  ) -> tuple[dict[str, tuple[Scan | None, bool]], set[str]]:
+        """Scans of the candidates, whether each appeared by a rename, and the unsealed
+        paths that are gone because they were renamed to one of them (``inodes``: the
+        unsealed checkpoints by device and inode)."""
         out: dict[str, tuple[Scan | None, bool]] = {}
+        moved_away: set[str] = set()
         for p, key in cands.items():
             tmp = self.tmp_seen.get((os.path.dirname(p), os.path.basename(p)))
             renamed = tmp is not None and not os.path.lexists(tmp)
-            out[p] = (call_as(self._rule_ident(self.rules.get(key)), seal.scan, p), renamed)
-        return out
+            sc = call_as(self._rule_ident(self.rules.get(key)), seal.scan, p)
+            if sc is not None:
+                was = inodes.get((sc.dev, sc.ino))
+                if was is not None and was != p and not os.path.lexists(was):
+                    renamed = True  # the same file or directory under its new name
+                    moved_away.add(was)
+            out[p] = (sc, renamed)
+        return out, moved_away
 
     async def _evaluate(self, cands: dict[str, str], allow_quiescence: bool) -> None:
-        scans = await anyio.to_thread.run_sync(self._scan_all, dict(cands))
+        inodes = {pend.dev_ino: p for p, pend in self.pending.items()}
+        scans, moved_away = await anyio.to_thread.run_sync(self._scan_all, dict(cands), inodes)
+        for p in moved_away:
+            log.debug("unsealed checkpoint %s was renamed", p)
+            self.pending.pop(p, None)
         now = time.monotonic()
         for path, (sc, renamed) in scans.items():
             r = self.rules.get(cands[path])
@@ -407,21 +449,26 @@ class Watcher:
                 continue
             if sc is None:
                 gone = self.pending.pop(path, None)
-                if gone is not None and gone.blocked:
-                    await self._abandon_unsealed(path, r, run_id, "staging_full",
-                                                 "the checkpoint was deleted while it waited "
-                                                 "for room in the staging area")
+                if gone is not None:
+                    await self._lost(path, r, run_id, gone)
                 continue
             fp = sc.fingerprint()
             last = self.decided.get(path)
             if last is not None and last.state in DONE_STATES and last.fingerprint == fp:
                 self.pending.pop(path, None)
                 continue
+            # a decision is about the entry it was made on: another one at the same path (a
+            # second run writing checkpoint-N again) is a new checkpoint
+            same = last is not None and last.ident in (None, sc.ident())
             pend = self.pending.get(path)
             if pend is None or pend.fingerprint != fp:
+                old = pend
                 pend = self.pending[path] = Pending(r.key, run_id, fp, now, is_dir=sc.is_dir)
+                if old is not None and old.dev_ino == (sc.dev, sc.ino):
+                    pend.first_seen, pend.problem = old.first_seen, old.problem
             else:
                 pend.idle += 1
+            pend.dev_ino, pend.files, pend.size = (sc.dev, sc.ino), len(sc.files), sc.size
             wait = min(self.cfg.check_s * 2 ** min(pend.idle, 8), 10.0)
             if "quiescence" in r.rule.seal:  # never later than when it may become quiet
                 wait = min(wait, max(self.cfg.check_s,
@@ -430,7 +477,7 @@ class Watcher:
             quiet_ok = allow_quiescence and mode == "open" and not (
                 sc.is_dir and (
                     self.strong.get((r.key, os.path.dirname(path)), set()) & seal.STRONG_DIR_SEALS
-                    or (last is not None and last.state in DONE_STATES
+                    or (same and last is not None and last.state in DONE_STATES
                         and last.seal != "quiescence")))
             kind = seal.check_seal(r.rule, sc, renamed=renamed, stable_for_s=now - pend.since,
                                    age_s=time.time() - sc.newest_ns / 1e9,
@@ -453,15 +500,16 @@ class Watcher:
             return  # another agent is writing its claim right now: look again next time
         if owner is not None:
             row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, "elsewhere", kind, fp,
-                             key)
+                             key, ident=sc.ident(), top_mtime_ns=sc.mtime_ns)
             await q.do(runstore.record_watched, q.s, row)
             self._decide(row)
             log.info("checkpoint %s sealed (%s): claimed by agent %s, not uploaded here",
                      path, kind, owner)
             return
+        pend.sealed_as = kind
         if sc.problem:
             await self._abandon_unsealed(path, r, run_id, "invalid_checkpoint", sc.problem,
-                                         state="abandoned", seal_kind=kind, fp=fp)
+                                         seal_kind=kind, sc=sc)
             return
         copy_bytes = sum(f.size for f in sc.files
                          if any(fnmatch.fnmatchcase(f.rel, g)
@@ -481,18 +529,21 @@ class Watcher:
             log.info("checkpoint %s changed while it was staged (%s); waiting for its next "
                      "seal", path, e)
             pend.since = time.monotonic()
+            pend.problem = f"changed while it was staged ({e})"
             return
         except (PermissionError, Refused) as e:
             await self._abandon_unsealed(
                 path, r, run_id, "forbidden",
                 f"uid {ident.uid} cannot read all of it ({e}); the daemon reads a checkpoint "
-                "only with the rights of the user it uploads it for", seal_kind=kind, fp=fp)
+                "only with the rights of the user it uploads it for", seal_kind=kind, sc=sc)
             return
         except OSError as e:
             log.warning("checkpoint %s: cannot snapshot it (%s); trying again", path, e)
+            pend.problem = f"could not be staged ({e.strerror or e})"
             return
         row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, "sealed", kind, fp, key,
-                         snapshot=snap.dir, staged={"path": snap.path, "files": snap.files})
+                         snapshot=snap.dir, staged={"path": snap.path, "files": snap.files},
+                         ident=sc.ident(), top_mtime_ns=sc.mtime_ns)
         payload = {"path": snap.path, "asset_type": r.rule.asset_type,
                    "visibility": self.d.settings.upload.visibility, "register_key": key,
                    "checkpoint": path, "seal": kind}
@@ -502,6 +553,7 @@ class Watcher:
         self.staged[row.ckpt_id] = Staged(row, snap)
         self.staging.held_bytes += sum(v[0] for v in snap.files.values() if v[3] != "link")
         self.seals += 1
+        self._count(run_id, "sealed", kind)
         hows = sorted({v[3] for v in snap.files.values()})
         log.info("checkpoint %s sealed (%s), staged by %s: job %s", path, kind,
                  "+".join(hows), job.job_id)
@@ -512,9 +564,38 @@ class Watcher:
         if row.seal and row.state in DONE_STATES:
             self.strong.setdefault((row.rule, os.path.dirname(row.path)), set()).add(row.seal)
 
+    def _count(self, run_id: str | None, fate: str, reason: str) -> None:
+        tally = self.tally.setdefault(run_id, {})
+        tally[fate] = tally.get(fate, 0) + 1
+        self.d.metrics.checkpoint(fate, reason)
+
+    async def _lost(self, path: str, r: BoundRule, run_id: str | None, gone: Pending) -> None:
+        """An unsealed checkpoint is gone: a visible record of what could not be captured
+        (it may have been complete: its writer rotated it away before it was sealed)."""
+        seen = f"{gone.files} file(s), {gone.size} bytes, first seen " \
+               f"{max(0.0, time.time() - gone.first_seen):.1f} s earlier"
+        if gone.blocked:
+            code, why = "staging_full", ("deleted while it waited for room in the staging "
+                                         "area (watcher.staging_max_bytes)")
+        elif gone.problem and gone.problem.startswith("changed"):
+            code, why = "changed_during_snapshot", f"deleted after it {gone.problem}"
+        elif gone.sealed_as is not None:
+            code, why = "deleted_before_snapshot", (
+                f"sealed ({gone.sealed_as}) but deleted before it could be staged"
+                + (f": {gone.problem}" if gone.problem else ""))
+        else:
+            code, why = "deleted_before_seal", (
+                "deleted before any seal held (the writer removed it, or rotated it away "
+                "before the daemon could seal it)")
+        await self._abandon_unsealed(path, r, run_id, code, f"{why}; {seen}",
+                                     job_state=JobState.LOST)
+
     async def _abandon_unsealed(self, path: str, r: BoundRule, run_id: str | None, code: str,
-                                message: str, *, state: str = "abandoned",
-                                seal_kind: str | None = None, fp: str | None = None) -> None:
+                                message: str, *, seal_kind: str | None = None,
+                                sc: Scan | None = None,
+                                job_state: JobState = JobState.ABANDONED) -> None:
+        """A checkpoint that never becomes an asset: a job row born ``abandoned`` (or
+        ``lost``), a WARNING line and a count."""
         q = self.d.queue
         uid = r.uid
         if uid is None:
@@ -522,13 +603,18 @@ class Watcher:
                 uid = (await anyio.to_thread.run_sync(os.lstat, path)).st_uid
             except OSError:
                 uid = os.getuid()
-        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, state, seal_kind, fp)
+        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, str(job_state), seal_kind,
+                         sc.fingerprint() if sc else None,
+                         ident=sc.ident() if sc else None,
+                         top_mtime_ns=sc.mtime_ns if sc else None)
         payload = {"path": path, "asset_type": r.rule.asset_type, "checkpoint": path}
         job = await q.change(runstore.record_abandoned, q.s, row, uid, payload,
-                             {"code": code, "message": message})
+                             {"code": code, "message": message}, job_state)
         self._decide(row)
         self.tmp_live.pop(path, None)
-        log.info("checkpoint %s abandoned (%s): %s; job %s", path, code, message, job.job_id)
+        self._count(run_id, str(job_state), code)
+        log.warning("checkpoint %s %s (%s): %s; job %s", path, job_state, code, message,
+                    job.job_id)
 
     # ---- a run's end --------------------------------------------------------------------
 
@@ -655,26 +741,36 @@ class Watcher:
 
     # ---- file events --------------------------------------------------------------------
 
-    def _root_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+    def _root_sets(self) -> RootSets:
+        """The roots watched by events and by polling, and for roots that do not exist yet
+        their nearest existing parents (watched without recursion: the moment a root
+        appears, the watchers restart with it and its rule is rescanned)."""
         events: set[str] = set()
         polled: set[str] = set()
+        parents: set[str] = set()
+        parents_polled: set[str] = set()
         fs_cache: dict[str, bool] = {}
         for r in list(self.rules.values()):
             root = r.root
-            if not os.path.isdir(root):
-                continue
+            exists = os.path.isdir(root)
+            while not os.path.isdir(root):
+                root = os.path.dirname(root)
             poll = r.rule.poll
             if poll is None:
                 if root not in fs_cache:
                     fs_cache[root] = is_network_fs(root)
                 poll = fs_cache[root]
-            (polled if poll else events).add(root)
+            if exists:
+                (polled if poll else events).add(root)
+            else:
+                (parents_polled if poll else parents).add(root)
 
         def outermost(roots: set[str]) -> frozenset[str]:
             return frozenset(p for p in roots if not any(
                 p != o and p.startswith(o.rstrip("/") + "/") for o in roots))
 
-        return outermost(events), outermost(polled - events)
+        return (outermost(events), outermost(polled - events), frozenset(parents),
+                frozenset(parents_polled - parents))
 
     def _filter(self, change: watchfiles.Change, path: str) -> bool:
         return not seal.in_staging(path)
@@ -683,8 +779,12 @@ class Watcher:
         self._dirty.update(p for _c, p in changes)
         self._wake.set()
 
+    def _on_parent_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
+        self._roots_changed.set()  # a missing root (or a step towards it) may be there now
+
     async def _watchers(self) -> None:
-        current: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+        none: RootSets = (frozenset(), frozenset(), frozenset(), frozenset())
+        current = none
         stops: list[anyio.Event] = []
         async with anyio.create_task_group() as tg:
             try:
@@ -692,23 +792,28 @@ class Watcher:
                     sets = await anyio.to_thread.run_sync(self._root_sets)
                     if self._watch_failed:
                         self._watch_failed = False
-                        current = (frozenset(), frozenset())
+                        current = none
                         await anyio.sleep(min(self.cfg.rescan_s, 10.0))
                     if sets != current:
                         for ev in stops:
                             ev.set()
                         stops = []
-                        for roots, poll in ((sets[0], False), (sets[1], True)):
+                        for roots, poll, whole in ((sets[0], False, True), (sets[1], True, True),
+                                                   (sets[2], False, False),
+                                                   (sets[3], True, False)):
                             if roots:
                                 ev = anyio.Event()
                                 stops.append(ev)
-                                tg.start_soon(self._awatch, sorted(roots), poll, ev)
-                        if current != (frozenset(), frozenset()):
-                            self._rescan_due = True  # what happened while no one watched
-                            self.wake()
+                                tg.start_soon(self._awatch, sorted(roots), poll, ev, whole)
+                        # what happened while no one watched: now, and once more when the
+                        # new watchers surely took hold (they give no sign of it)
+                        self._rescan_due = True
+                        self._rescan_again_at = time.monotonic() + 1.0
+                        self.wake()
                         current = sets
-                        log.info("watching %d root(s) by events, %d by polling",
-                                 len(sets[0]), len(sets[1]))
+                        log.info("watching %d root(s) by events, %d by polling; %d missing "
+                                 "root(s) from their parents", len(sets[0]), len(sets[1]),
+                                 len(sets[2]) + len(sets[3]))
                     with anyio.move_on_after(self.cfg.rescan_s):
                         await self._roots_changed.wait()
                     self._roots_changed = anyio.Event()
@@ -716,14 +821,19 @@ class Watcher:
                 for ev in stops:
                     ev.set()
 
-    async def _awatch(self, roots: list[str], poll: bool, stop: anyio.Event) -> None:
+    async def _awatch(self, roots: list[str], poll: bool, stop: anyio.Event,
+                      recursive: bool = True) -> None:
+        """One watchfiles watcher: recursive over roots, or only the entries of the parents
+        of missing roots."""
+        handle = self._on_changes if recursive else self._on_parent_changes
         try:
             async for changes in watchfiles.awatch(
                 *roots, watch_filter=self._filter, debounce=self.cfg.debounce_ms,
                 step=self.cfg.step_ms, stop_event=stop, force_polling=poll,
                 poll_delay_ms=self.cfg.poll_delay_ms, ignore_permission_denied=True,
+                recursive=recursive,
             ):
-                self._on_changes(changes)
+                handle(changes)
         except Exception as e:  # a root removed under the watcher, an inotify limit, ...
             if not stop.is_set():
                 log.warning("file watcher on %s stopped (%s); rescans go on, and it restarts "
