@@ -62,9 +62,14 @@ class Waiter:
                 return line
 
     def finish(self) -> tuple[int, str, str]:
-        out, _ = self.proc.communicate(timeout=EVENT_TIMEOUT_S * 2)
-        self._reader.join(10)
-        return self.proc.returncode, out, "".join(self.err)
+        assert self.proc.stdout is not None  # stderr is the reader thread's alone
+        out = self.proc.stdout.read()
+        self.proc.stdout.close()
+        code = self.proc.wait(EVENT_TIMEOUT_S)
+        self._reader.join(EVENT_TIMEOUT_S)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return code, out, "".join(self.err)
 
 
 def _running_job(daemon: DaemonProc) -> dict[str, object]:
