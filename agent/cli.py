@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs)
 
+    from agent.cli_runs import add_command as add_runs
+
+    add_runs(command)
+
     p = command("exec", "run a training command as a child: one run, its output watched, "
                         "ended with the child's exit status")
     p.add_argument("--run", metavar="RUN_ID",
@@ -154,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quiescence fallback, in seconds (default 30)")
     p.add_argument("--on-exit", choices=("drain", "abandon"),
                    help="what a failed or crashed run's sealed checkpoints do (runs.on_exit)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print neither the run id at the start nor the summary at the end")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND…")
     p.set_defaults(handler=cmd_exec)
 
@@ -514,7 +520,7 @@ def cmd_exec(ctx: Ctx) -> int:
             extra[key] = value
     rules = rules_from_args(args.watch, args.asset_type, extra)
     return run_exec(ctx.client(), command, run_id=args.run, rules=rules,
-                    on_exit=args.on_exit, err=ctx.err)
+                    on_exit=args.on_exit, err=ctx.err, quiet=args.quiet)
 
 
 # ---- the queue ----------------------------------------------------------------------------

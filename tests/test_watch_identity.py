@@ -161,3 +161,52 @@ def test_renamed_between_candidate_names_is_not_lost(tmp_path: Path) -> None:
         assert job["state"] == "done" and job["checkpoint"] == str(out / "step-3"), job
         assert "sealed (rename_dir)" in d.log_text()
         assert "lost" not in d.log_text()
+
+
+def orbax_save(out: Path, step: int, payload: bytes) -> None:
+    """The file operations of orbax-checkpoint 0.12.8's CheckpointManager.save on a local
+    filesystem, in the order strace showed them (jax is too heavy for the test
+    environment): a ``N.orbax-checkpoint-tmp`` directory, the item's own temporary
+    directory renamed inside it, ``_CHECKPOINT_METADATA`` rewritten in place three times,
+    ``commit_success.txt`` last, then the rename to ``N``."""
+    tmp = out / f"{step}.orbax-checkpoint-tmp"
+    tmp.mkdir()
+    meta = tmp / "_CHECKPOINT_METADATA"
+    meta.write_text('{"init_timestamp_nsecs": 1}')
+    item = tmp / "default.orbax-checkpoint-tmp"
+    (item / "ocdbt.process_0" / "d").mkdir(parents=True)
+    (item / "ocdbt.process_0" / "d" / "f0a1").write_bytes(payload)
+    lock = item / "ocdbt.process_0" / "manifest.ocdbt.__lock"
+    lock.write_bytes(b"manifest")
+    os.rename(lock, item / "ocdbt.process_0" / "manifest.ocdbt")
+    (item / "_METADATA").write_text("{}")
+    meta.write_text('{"init_timestamp_nsecs": 1, "item_handlers": {}}')
+    (item / "commit_success.txt").write_text("ok")
+    os.rename(item, tmp / "default")
+    meta.write_text('{"init_timestamp_nsecs": 1, "commit_timestamp_nsecs": 2}')
+    (tmp / "commit_success.txt").write_text(f"Checkpoint commit was successful to {out}/{step}")
+    os.rename(tmp, out / str(step))
+
+
+def test_orbax_sequence_as_traced_is_sealed_by_default_rules(tmp_path: Path) -> None:
+    """Default rules (``exec --watch``): every Orbax step sealed once, none under its
+    temporary name, with max_to_keep=2's in-place deletion of old steps after each save."""
+    out = tmp_path / "ckpts"
+    out.mkdir()
+    with watch_daemon() as d:
+        d.client().request("POST", "/v1/runs", {"run_id": "run_orbax", "watch": [
+            {"path": f"{out}/*", "asset_type": "checkpoint"}]})
+        payloads = {s: random.Random(s).randbytes(20_000) for s in range(4)}
+        for s in range(4):
+            orbax_save(out, s, payloads[s])
+            wait_until(lambda s=s: by_checkpoint(d).get(str(out / str(s))), 15, f"step {s}")
+            if s >= 2:
+                shutil.rmtree(out / str(s - 2))  # max_to_keep=2, in place
+        js = wait_jobs_terminal(d, 4)
+        assert sorted(j["checkpoint"] for j in js) == [str(out / str(s)) for s in range(4)]
+        assert all(j["state"] == "done" for j in js), js
+        for j in js:
+            s = int(Path(j["checkpoint"]).name)
+            got = tree(download(d, j["asset_id"], tmp_path / f"dl{s}"))
+            assert got["default/ocdbt.process_0/d/f0a1"] == payloads[s]
+        assert "orbax-checkpoint-tmp" not in "".join(j["checkpoint"] for j in js)

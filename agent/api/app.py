@@ -32,6 +32,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.fsid import Identity
+from agent.queue import runstore
 from agent.queue.store import (
     TERMINAL,
     Job,
@@ -270,6 +271,7 @@ class Api:
         r.add_post("/v1/runs", self.create_run)
         r.add_get("/v1/runs", self.list_runs)
         r.add_get("/v1/runs/{run_id}", self.get_run)
+        r.add_get("/v1/runs/{run_id}/checkpoints", self.run_checkpoints)
         r.add_post("/v1/runs/{run_id}/heartbeat", self.heartbeat)
         r.add_post("/v1/runs/{run_id}/finish", self.finish_run)
         r.add_post("/v1/uploads", self.upload)
@@ -410,13 +412,35 @@ class Api:
             cred_id=await self._cred(request))
         return web.json_response(run, status=201)
 
+    async def _with_counts(self, runs: list[dict[str, Any]],
+                           only: list[str] | None) -> list[dict[str, Any]]:
+        """Each run with ``checkpoints`` (each one's fate) and ``checkpoint_counts`` (how
+        many met each fate, and how many the watcher still waits to seal): two queries, in
+        the queue's thread."""
+        counts = await self.q.do(runstore.checkpoint_counts, self.q.s, only)
+        listed = await self.q.do(runstore.run_checkpoints, self.q.s, only)
+        zero = dict.fromkeys(runstore.COUNTED, 0)
+        for run in runs:
+            rid = run["run_id"]
+            run["checkpoint_counts"] = counts.get(rid, zero) | {
+                "unsealed": self.d.watcher.unsealed(rid)}
+            run["checkpoints"] = [c.to_api() for c in listed.get(rid, [])]
+        return runs
+
     async def list_runs(self, request: web.Request) -> web.Response:
         uid = peer_uid(request)
-        return web.json_response({"runs": self.d.runs.list(None if uid == 0 else uid)})
+        runs = self.d.runs.list(None if uid == 0 else uid)
+        return web.json_response({"runs": await self._with_counts(runs, None)})
 
     async def get_run(self, request: web.Request) -> web.Response:
-        return web.json_response(self.d.runs.get(request.match_info["run_id"],
-                                                 peer_uid(request)))
+        run = self.d.runs.get(request.match_info["run_id"], peer_uid(request))
+        return web.json_response((await self._with_counts([run], [run["run_id"]]))[0])
+
+    async def run_checkpoints(self, request: web.Request) -> web.Response:
+        run = self.d.runs.get(request.match_info["run_id"], peer_uid(request))
+        rows = await self.q.do(runstore.run_checkpoints, self.q.s, [run["run_id"]])
+        return web.json_response({"run_id": run["run_id"],
+                                  "checkpoints": [r.to_api() for r in rows[run["run_id"]]]})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         run = await self.d.runs.heartbeat(request.match_info["run_id"], peer_uid(request))

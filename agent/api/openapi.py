@@ -21,6 +21,40 @@ JOB = {"type": "object", "required": ["job_id", "kind", "state"], "properties": 
     "attempts": {"type": "integer"},
     "error": {"type": ["object", "null"]}}}
 
+CHECKPOINT = {"type": "object", "required": ["path", "fate"], "properties": {
+    "ckpt_id": {"type": "string"}, "path": {"type": "string"},
+    "seal": {"type": ["string", "null"], "description": "the seal kind that held"},
+    "fate": {"enum": ["sealed", "ready", "lost", "abandoned"], "description": "sealed: "
+             "sealed, not (yet) ready here (see detail)"},
+    "detail": {"enum": ["ready", "uploading", "failed", "lost", "abandoned", "superseded",
+                        "elsewhere"]},
+    "job_id": {"type": ["string", "null"]}, "job_state": {"type": ["string", "null"]},
+    "reason": {"type": ["object", "null"], "description": "why it is not (yet) ready: "
+               "{code, message}"},
+    "asset_id": {"type": ["string", "null"]}, "asset_type": {"type": ["string", "null"]},
+    "bytes_total": {"type": ["integer", "null"]}, "created_at": {"type": "string"}}}
+_COUNT = {"type": "integer", "minimum": 0}
+RUN = {"type": "object", "required": ["run_id", "state", "checkpoints", "checkpoint_counts"],
+       "properties": {
+    "run_id": {"type": "string"}, "pid": {"type": ["integer", "null"]},
+    "state": {"enum": ["running", "dying", "ending", "ended"]},
+    "status": {"enum": ["finished", "failed", "crashed", None]},
+    "exit_code": {"type": ["integer", "null"]}, "liveness": {"enum": ["pid", "lease"]},
+    "watch": {"type": "array"}, "started_at": {"type": "string"},
+    "ended_at": {"type": ["string", "null"]},
+    "settled": {"type": "boolean", "description": "its end-of-run processing is done (the "
+                "final scan; what was not sealed recorded as abandoned)"},
+    "checkpoints": {"type": "array", "items": CHECKPOINT},
+    "checkpoint_counts": {
+        "type": "object", "description": "how many of the run's checkpoints met each fate: "
+        "sealed (all this agent sealed, whatever became of them), ready (uploaded), "
+        "uploading (queued or running), failed, lost (completed by the writer, never "
+        "captured), abandoned (not sealed when the run ended, cancelled, invalid), "
+        "elsewhere (claimed by another agent), unsealed (the watcher still waits to seal "
+        "them); superseded versions are not counted",
+        "properties": {k: _COUNT for k in ("sealed", "ready", "uploading", "failed", "lost",
+                                           "abandoned", "elsewhere", "unsealed")}}}}
+
 
 def _op(summary: str, body: type[BaseModel] | None, ok: int, answer: dict[str, Any],
         params: tuple[str, ...] | list[str] = (),
@@ -36,8 +70,17 @@ def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {
         "/v1/health": {"get": _op("the daemon's health", None, 200, obj)},
         "/v1/runs": {"post": _op("register a run (idempotent on run_id)", a.RunReq, 201, obj),
-                     "get": _op("runs of the caller", None, 200, obj)},
-        "/v1/runs/{run_id}": {"get": _op("a run", None, 200, obj, ["run_id"])},
+                     "get": _op("runs of the caller, each with its checkpoint counts", None,
+                                200, {"type": "object", "properties": {
+                                    "runs": {"type": "array", "items": RUN}}})},
+        "/v1/runs/{run_id}": {"get": _op("a run, with its checkpoints' fates and counts", None,
+                                         200, RUN,
+                                         ["run_id"])},
+        "/v1/runs/{run_id}/checkpoints": {"get": _op(
+            "each checkpoint of a run (each sealed version), oldest first, with its fate "
+            "and reason", None, 200, {"type": "object", "properties": {
+                "run_id": {"type": "string"},
+                "checkpoints": {"type": "array", "items": CHECKPOINT}}}, ["run_id"])},
         "/v1/runs/{run_id}/heartbeat": {"post": _op("keep a leased run alive", None, 200, obj,
                                                     ["run_id"])},
         "/v1/runs/{run_id}/finish": {"post": _op("end a run", a.FinishReq, 200, obj,

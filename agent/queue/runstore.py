@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.queue.store import AssetRecord, Job, JobKind, JobState, Queue, new_id
+from agent.queue.store import AssetRecord, Job, JobKind, JobState, Queue, _rfc3339, new_id
 
 # ---- runs -----------------------------------------------------------------------------------
 
@@ -40,6 +40,9 @@ class RunRow:
     cred_id: str | None = None
     """The caller's own Chronicle credential (schema v3): the run and what the watcher
     uploads for it are made with it."""
+    updated_at: float | None = None
+    """When the row last changed (read, never written from here): for an ended run, when
+    it ended."""
 
 
 _RUN_COLS = ("run_id, uid, pid, pid_start, wrapper_pid, liveness, lease_s, on_exit, watch, "
@@ -48,7 +51,8 @@ _RUN_COLS = ("run_id, uid, pid, pid_start, wrapper_pid, liveness, lease_s, on_ex
 
 def _run(row: tuple[Any, ...]) -> RunRow:
     return RunRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13], row[14])
+                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13], row[14],
+                  row[15] if len(row) > 15 else None)
 
 
 def save_run(q: Queue, r: RunRow) -> None:
@@ -76,7 +80,7 @@ def update_run(q: Queue, run_id: str, **cols: Any) -> None:
 
 def load_runs(q: Queue, states: tuple[str, ...] = ("running", "ending", "ended")) -> list[RunRow]:
     marks = ",".join("?" * len(states))
-    rows = q._read(f"SELECT {_RUN_COLS} FROM runs WHERE state IN ({marks}) "
+    rows = q._read(f"SELECT {_RUN_COLS}, updated_at FROM runs WHERE state IN ({marks}) "
                    "ORDER BY created_at", states)
     return [_run(r) for r in rows]
 
@@ -224,3 +228,114 @@ def unfinalized_presigned(q: Queue, run_id: str) -> list[AssetRecord]:
         (run_id,))
     out = [q.asset(r[0]) for r in rows]
     return [a for a in out if a is not None]
+
+
+# ---- what became of a run's checkpoints ------------------------------------------------------
+
+DETAILS = ("ready", "uploading", "failed", "lost", "abandoned", "superseded", "elsewhere")
+"""What became of a checkpoint, in detail, from its ``watched`` row and its job: ``ready``
+(its job is done), ``uploading`` (queued or running), ``failed`` (``retry`` can still send
+it), ``lost`` (its writer completed it but it could not be captured), ``abandoned`` (not
+sealed when its run ended, cancelled, invalid...), ``superseded`` (a later version of the
+same path replaced this one), ``elsewhere`` (another agent sharing the filesystem claimed
+it)."""
+
+FATE_OF = {"ready": "ready", "uploading": "sealed", "failed": "sealed", "elsewhere": "sealed",
+           "lost": "lost", "abandoned": "abandoned", "superseded": "abandoned"}
+"""A checkpoint's fate (``sealed|ready|lost|abandoned``) by its detail: sealed and not (yet)
+ready — uploading, failed, or uploaded by another agent — is ``sealed``."""
+
+_FATE_SQL = """CASE
+    WHEN w.state = 'elsewhere' THEN 'elsewhere'
+    WHEN w.state = 'superseded' THEN 'superseded'
+    WHEN j.state = 'done' THEN 'ready'
+    WHEN j.state IN ('queued', 'running') THEN 'uploading'
+    WHEN j.state = 'failed' THEN 'failed'
+    WHEN j.state = 'lost' OR (j.state IS NULL AND w.state = 'lost') THEN 'lost'
+    WHEN j.state IS NULL AND w.state = 'done' THEN 'ready'
+    ELSE 'abandoned' END"""
+"""The fate of a ``watched w`` row LEFT JOINed to its ``jobs j``. A job may be gone (pruned
+after queue.finished_retention_s): its row's own state says what became of it."""
+
+COUNTED = ("sealed", "ready", "uploading", "failed", "lost", "abandoned", "elsewhere")
+"""The counts of a run's summary; ``sealed`` counts the checkpoints this agent sealed
+(whatever their fate since: ready, uploading, failed, or abandoned after their seal);
+``superseded`` versions are not counted (the version that replaced them is)."""
+
+
+@dataclass
+class CheckpointFate:
+    ckpt_id: str
+    path: str
+    seal: str | None
+    detail: str
+    job_id: str | None
+    job_state: str | None
+    error_code: str | None
+    error_message: str | None
+    asset_id: str | None
+    asset_type: str | None
+    bytes_total: int | None
+    created_at: float
+
+    def to_api(self) -> dict[str, Any]:
+        reason = None
+        if self.error_code:
+            reason = {"code": self.error_code, "message": self.error_message or ""}
+        elif self.detail in _REASONS:
+            reason = _REASONS[self.detail]
+        return {"ckpt_id": self.ckpt_id, "path": self.path, "seal": self.seal,
+                "fate": FATE_OF[self.detail], "detail": self.detail,
+                "job_id": self.job_id, "job_state": self.job_state,
+                "reason": reason, "asset_id": self.asset_id, "asset_type": self.asset_type,
+                "bytes_total": self.bytes_total, "created_at": _rfc3339(self.created_at)}
+
+
+_REASONS = {
+    "elsewhere": {"code": "claimed_elsewhere", "message": "another agent sharing this "
+                  "filesystem claimed it at its seal and uploads it"},
+    "superseded": {"code": "superseded", "message": "a later version of this path "
+                   "replaced it"},
+}
+"""The reason of a fate its job (if any) does not explain."""
+
+
+def run_checkpoints(q: Queue, run_ids: list[str] | None = None
+                    ) -> dict[str, list[CheckpointFate]]:
+    """Per run (of ``run_ids``, None: every run): every decision about its checkpoints (one
+    row per sealed version, oldest first), with its fate, its job and the asset it became."""
+    where = "w.run_id IS NOT NULL"
+    if run_ids is not None:
+        where = f"w.run_id IN ({','.join('?' * len(run_ids))})"
+    rows = q._read(
+        f"SELECT w.run_id, w.ckpt_id, w.path, w.seal, {_FATE_SQL}, w.job_id, j.state, "
+        "j.error_code, j.error_message, a.asset_id, json_extract(j.payload, '$.asset_type'), "
+        "j.bytes_total, w.created_at FROM watched w LEFT JOIN jobs j ON j.job_id = w.job_id "
+        f"LEFT JOIN assets a ON a.asset_key = j.asset_key WHERE {where} "
+        "ORDER BY w.created_at, w.ckpt_id", tuple(run_ids or ()))
+    out: dict[str, list[CheckpointFate]] = {rid: [] for rid in run_ids or ()}
+    for r in rows:
+        out.setdefault(r[0], []).append(CheckpointFate(*r[1:]))
+    return out
+
+
+def checkpoint_counts(q: Queue, run_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Per run (of ``run_ids``, None: every run): how many of its checkpoints met each fate
+    (:data:`COUNTED`; every key present, 0 when none)."""
+    where = "w.run_id IS NOT NULL"
+    if run_ids is not None:
+        where = f"w.run_id IN ({','.join('?' * len(run_ids))})"
+    rows = q._read(
+        f"SELECT w.run_id, {_FATE_SQL} AS fate, w.seal IS NOT NULL, count(*) FROM watched w "
+        f"LEFT JOIN jobs j ON j.job_id = w.job_id WHERE {where} GROUP BY 1, 2, 3",
+        tuple(run_ids or ()))
+    out = {rid: dict.fromkeys(COUNTED, 0) for rid in run_ids or ()}
+    for rid, fate, sealed, n in rows:
+        counts = out.setdefault(rid, dict.fromkeys(COUNTED, 0))
+        if fate == "superseded":
+            continue
+        if fate in counts:
+            counts[fate] += n
+        if sealed and fate != "elsewhere":
+            counts["sealed"] += n
+    return out

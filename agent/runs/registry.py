@@ -20,9 +20,10 @@ A run's end, in order:
    jobs are terminal, since ending a run abandons whatever of it is still pending.
 
 A pid-observed death is settled at once (steps 1–4 take milliseconds); under ``exec`` the
-wrapper reports the child's exit status, so the daemon waits up to ``EXEC_GRACE_S`` for it
-before calling the death a crash. Only Chronicle API calls are made from here (register the
-run, abandon assets, end the run); transfers stay with the workers.
+reporter (the command's parent) reports its exit status, so the daemon waits up to
+``EXEC_GRACE_S`` for it before calling the death a crash. Only Chronicle API calls are
+made from here (register the run, abandon assets, end the run); transfers stay with the
+workers.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from agent.config import WatchRule
 from agent.errors import AgentError, ChronicleError, UsageError
 from agent.queue import runstore
 from agent.queue.runstore import RunRow
-from agent.queue.store import TERMINAL, JobState, StateConflict
+from agent.queue.store import TERMINAL, JobState, StateConflict, _rfc3339
 from agent.runs import liveness
 from agent.transfer.upload import caller_token
 from agent.watch.seal import glob_root
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXEC_GRACE_S = 1.0
-"""How long a dead ``exec`` child's run waits for the wrapper to report its exit status."""
+"""How long a dead ``exec`` command's run waits for its reporter to report its exit status."""
 
 
 @dataclass
@@ -82,12 +83,15 @@ class RunInfo:
     saved_seen: float = 0.0
     cred_id: str | None = None
     """The caller's own Chronicle credential, if it sent one: the run is made with it."""
+    ended_at: float | None = None
 
     def to_api(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pid": self.pid, "state": self.state,
                 "status": self.status, "exit_code": self.exit_code,
                 "liveness": self.liveness, "lease_s": self.lease_s, "on_exit": self.on_exit,
-                "watch": self.watch}
+                "watch": self.watch, "started_at": _rfc3339(self.created_at),
+                "ended_at": _rfc3339(self.ended_at) if self.ended_at is not None else None,
+                "settled": self.settled or self.state == "ended"}
 
     def row(self) -> RunRow:
         return RunRow(self.run_id, self.uid, self.pid, self.pid_start, self.wrapper_pid,
@@ -99,7 +103,8 @@ class RunInfo:
     def of(cls, r: RunRow) -> RunInfo:
         return cls(r.run_id, r.uid, r.pid, r.pid_start, r.wrapper_pid, r.liveness, r.lease_s,
                    r.on_exit, r.watch, r.state, r.status, r.exit_code, r.last_seen,
-                   r.created_at, cred_id=r.cred_id)
+                   r.created_at, cred_id=r.cred_id,
+                   ended_at=r.updated_at if r.state == "ended" else None)
 
 
 def ended_message(info: RunInfo) -> str:
@@ -342,7 +347,7 @@ class RunRegistry:
             os.close(fd)
         if info.state != "running":
             return
-        if info.wrapper_pid:  # exec: the wrapper reports the exit status
+        if info.wrapper_pid:  # exec: its reporter (the registering peer) reports the status
             with anyio.move_on_after(EXEC_GRACE_S):
                 await info.finished.wait()
             if info.state != "running":
@@ -480,6 +485,6 @@ class RunRegistry:
                             "%.0f s", info.run_id, e, delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 60.0)
-        info.state = "ended"
+        info.state, info.ended_at = "ended", time.time()
         await self._save(info)
         log.info("run %s ended on Chronicle: %s", info.run_id, info.status)
