@@ -33,7 +33,15 @@ from agent.errors import (
 )
 from agent.fsid import Identity
 from agent.queue import runstore
-from agent.queue.store import TERMINAL, Job, JobKind, Quota, StateConflict, credential_id
+from agent.queue.store import (
+    TERMINAL,
+    Job,
+    JobKind,
+    Quota,
+    StateConflict,
+    credential_id,
+    job_state,
+)
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
 
 if TYPE_CHECKING:
@@ -555,8 +563,14 @@ class Api:
     async def jobs(self, request: web.Request) -> web.Response:
         uid = peer_uid(request)
         q = request.query
+        state = q.get("state") or None
+        if state is not None:
+            try:
+                job_state(state)
+            except ValueError as e:
+                raise UsageError(f"state: {e}") from None
         jobs = await self.q.do(self.q.s.list_jobs, run_id=q.get("run_id") or None,
-                               state=q.get("state") or None, uid=None if uid == 0 else uid)
+                               state=state, uid=None if uid == 0 else uid)
         return web.json_response({"jobs": [self._view(j) for j in jobs]})
 
     async def job(self, request: web.Request) -> web.Response:
