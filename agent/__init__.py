@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         ConfigError,
         DaemonUnreachable,
         JobFailed,
+        RunEnded,
         UsageError,
     )
     from agent.run import JobHandle, PresignedUpload, Run
@@ -34,6 +35,7 @@ __all__ = [
     "JobHandle",
     "PresignedUpload",
     "Run",
+    "RunEnded",
     "SocketClient",
     "UsageError",
     "__version__",
@@ -51,6 +53,7 @@ _LAZY = {
     "ConfigError": "agent.errors",
     "DaemonUnreachable": "agent.errors",
     "JobFailed": "agent.errors",
+    "RunEnded": "agent.errors",
     "UsageError": "agent.errors",
 }
 _FALLBACK_VERSION = "0.1.0"

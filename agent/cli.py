@@ -31,7 +31,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.paths import SOCKET_ENV
-from agent.progress import RateMeter, format_bytes, render, wait_with_progress
+from agent.progress import RECONNECT_S, RateMeter, follow_job, format_bytes, render
 from agent.termsafe import visible
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("jobs", "list jobs")
     p.add_argument("--run", metavar="RUN_ID")
-    p.add_argument("--state", metavar="STATE",
+    p.add_argument("--state", metavar="STATE", type=_job_state,
                    help="queued, running, done, failed, cancelled, abandoned or lost")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs)
@@ -177,12 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _job_state(value: str) -> str:
+    """``jobs --state``: one of the queue's states, else a usage error naming them."""
+    from agent.queue.store import job_state
+
+    try:
+        return job_state(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _upload_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", metavar="RUN_ID", help="the run (default: $METHODIC_RUN_ID)")
     p.add_argument("--content-type", metavar="T")
     p.add_argument("--wait", action="store_true",
                    help="wait for the asset to be ready, showing progress")
     p.add_argument("--json", action="store_true", help="print the job object")
+    p.add_argument("--reconnect-s", type=float, default=RECONNECT_S, metavar="S",
+                   help="with --wait: how long to wait for a daemon that went away (a "
+                        f"restart) before leaving the job to it (default {RECONNECT_S:g})")
 
 
 # ---- entry points -----------------------------------------------------------------------
@@ -449,7 +462,8 @@ def _report_job(ctx: Ctx, client: SocketClient, job: dict[str, Any], *, wait: bo
 
 def _wait(ctx: Ctx, client: SocketClient, job: dict[str, Any]) -> dict[str, Any]:
     try:
-        final = wait_with_progress(client, job, ctx.err)
+        final = follow_job(client, job, ctx.err, ctx.warn,
+                           reconnect_s=getattr(ctx.args, "reconnect_s", RECONNECT_S))
     except KeyboardInterrupt:
         jid = job["job_id"]
         ctx.warn(f"interrupted: job {jid} goes on in the daemon "

@@ -27,7 +27,7 @@ def add_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     p.add_argument("run_id", nargs="?", metavar="RUN",
                    help="a run id: show it and its checkpoints")
     p.add_argument("--json", action="store_true",
-                   help='print {"runs": [...]}, or the run with "checkpoint_list"')
+                   help='print {"runs": [...]}, or the run (its "checkpoints" included)')
     p.set_defaults(handler=cmd_runs)
 
 
@@ -70,6 +70,12 @@ def _when(stamp: str | None) -> str:
     return stamp[:19].replace("T", " ") if stamp else "-"
 
 
+def _fate(c: dict[str, Any]) -> str:
+    """``sealed (uploading)``: the fate, and the detail where it says more."""
+    fate, detail = str(c.get("fate")), c.get("detail")
+    return fate if detail in (None, fate) else f"{fate} ({detail})"
+
+
 def _state(run: dict[str, Any]) -> str:
     state = str(run.get("state"))
     if run.get("status"):
@@ -101,15 +107,14 @@ def cmd_runs(ctx: Ctx) -> int:
                 ("RUN", "STATE", "PID", "STARTED (UTC)", "ENDED (UTC)", "CHECKPOINTS"),
                 [(r.get("run_id"), _state(r), _process(r, short=True),
                   _when(r.get("started_at")), _when(r.get("ended_at")),
-                  summary(r.get("checkpoints") or {})) for r in runs]))
+                  summary(r.get("checkpoint_counts") or {})) for r in runs]))
         else:
             ctx.warn("no runs")
         return 0
     run = get_run(client, ctx.args.run_id)
-    listed = client.request("GET", f"/v1/runs/{path_segment(run['run_id'])}/checkpoints")
-    checkpoints = listed.get("checkpoints") or []
+    checkpoints = run.get("checkpoints") or []
     if ctx.args.json:
-        ctx.print_json(run | {"checkpoint_list": checkpoints})
+        ctx.print_json(run)
         return 0
     rules = ", ".join(f"{w.get('path')} ({w.get('asset_type')})" for w in run.get("watch") or [])
     about = [
@@ -119,12 +124,12 @@ def cmd_runs(ctx: Ctx) -> int:
         ("started:", _when(run.get("started_at")) + " UTC"),
         ("ended:", _when(run.get("ended_at")) + (" UTC" if run.get("ended_at") else "")),
         ("watch:", rules or "-"),
-        ("checkpoints:", summary(run.get("checkpoints") or {})),
+        ("checkpoints:", summary(run.get("checkpoint_counts") or {})),
     ]
     ctx.print("\n".join(f"{key:<13}{visible(value)}" for key, value in about))
     if checkpoints:
         ctx.print()
         ctx.print(table(("PATH", "SEAL", "FATE", "JOB", "ASSET", "REASON"), [
-            (c.get("path"), c.get("seal") or "-", c.get("fate"), c.get("job_id") or "-",
+            (c.get("path"), c.get("seal") or "-", _fate(c), c.get("job_id") or "-",
              c.get("asset_id") or "-", _reason(c)) for c in checkpoints]))
     return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from agent.errors import ApiError, DaemonUnreachable, UsageError
+from agent.errors import ApiError, DaemonUnreachable, RunEnded, UsageError
 from agent.paths import SOCKET_ENV, fallback_socket_path
 
 log = logging.getLogger(__name__)
@@ -296,4 +296,4 @@ def _decode(status: int, raw: bytes, method: str, path: str) -> dict[str, Any]:
         err = data["error"]
         code = str(err.get("code") or code)
         message = str(err.get("message") or message)
-    raise ApiError(status, code, message)
+    raise (RunEnded if code == RunEnded.code else ApiError)(status, code, message)

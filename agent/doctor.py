@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import email.utils
 import json
+import os
 import shutil
 import socket
 import time
@@ -75,19 +76,35 @@ def run_checks(ctx: Any) -> list[Check]:
         return [Check("config", "FAIL", e.message)]
     out.append(Check("config", "ok", "settings load"))
 
+    from agent.paths import SOCKET_ENV
+
     health: dict[str, Any] | None = None
     sock = settings.socket_path()
+    named = f" (named by {SOCKET_ENV})" if os.environ.get(SOCKET_ENV) else ""
     try:
         health = ctx.client().health()
-        out.append(Check("socket", "ok", f"daemon {health.get('version')} answers on {sock}"))
+        out.append(Check("socket", "ok",
+                         f"daemon {health.get('version')} answers on {sock}{named}"))
+        settings = _as_daemon(settings, health)
     except AgentError as e:
-        out.append(Check("socket", "FAIL", e.message))
+        out.append(Check("socket", "FAIL", e.message + named))
 
     out += _chronicle_checks(settings, health)
     out.append(queue_check(settings.state_dir()))
     out.append(_disk_check(settings.state_dir(), "state dir"))
     out.append(_inotify_check())
     return out
+
+
+def _as_daemon(settings: Any, health: dict[str, Any]) -> Any:
+    """The settings of the daemon that answered: the socket may name another daemon than
+    the configured one (``CHRONICLE_AGENT_SOCKET``, ``--socket``), and then its state dir
+    (its queue, its disk, its embedded Chronicle's endpoint) is the one to check."""
+    raw = health.get("state_dir")
+    if not isinstance(raw, str) or not raw or Path(raw) == settings.state_dir():
+        return settings
+    agent = settings.agent.model_copy(update={"state_dir": Path(raw)})
+    return settings.model_copy(update={"agent": agent})
 
 
 def _chronicle_checks(settings: Any, health: dict[str, Any] | None) -> list[Check]:
@@ -173,7 +190,6 @@ def queue_check(state_dir: Path) -> Check:
     """``queue.db`` in ``state_dir``: it exists, opens read-only, is ours, passes
     ``PRAGMA quick_check``, has a known schema, it and its -wal/-shm and the state dir are
     private, and how big it is."""
-    import os
     import sqlite3
     import stat
 

@@ -9,6 +9,7 @@
     ├── StateDiskFull            the daemon's state disk is full: intake stops
     ├── QuotaExceeded            a uid's live jobs or payload bytes are at [queue]'s quota
     ├── ApiError                 the daemon's socket API refused a call (exit 1)
+    │   └── RunEnded             409 run_ended: the run id names a run that has ended
     ├── JobFailed                a job a caller waited for ended failed/cancelled/abandoned
     ├── ChronicleError           Chronicle answered with an error body (status, code, message)
     │   ├── NotFound             404 not_found
@@ -87,6 +88,13 @@ class ApiError(AgentError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message, code=code)
         self.status = status
+
+
+class RunEnded(ApiError):
+    """A run id that names a run that has already ended (finished, failed or crashed):
+    ``Run(run_id)`` raises it at once rather than queue work that nothing will take."""
+
+    code = "run_ended"
 
 
 class JobFailed(AgentError):

@@ -3,19 +3,28 @@
 On a TTY the job is polled about five times a second and one line is redrawn in place:
 ``[#######.......]  48%  1.2 GiB / 2.5 GiB  85.3 MiB/s  ETA 0:15  running``. Elsewhere
 nothing is drawn and the wait is the daemon's long poll.
+
+:func:`follow_job` follows the job across a daemon restart: the job survives in the
+persistent queue, so while the socket does not answer the wait says so and asks again with
+backoff, for up to ``reconnect_s``, then goes on waiting on the same job id.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from agent.client import TERMINAL_STATES, SocketClient
+from agent.errors import DaemonUnreachable
 from agent.termsafe import visible
 
 POLL_S = 0.2
 RATE_WINDOW_S = 3.0
+RECONNECT_S = 60.0
+"""How long a waiting command keeps asking for a daemon that went away (a restart)."""
+RECONNECT_MAX_DELAY_S = 2.0
 BAR_WIDTH = 24
 
 
@@ -86,6 +95,7 @@ def wait_with_progress(
     *,
     show: bool | None = None,
     poll_s: float = POLL_S,
+    unreachable_grace_s: float | None = None,
 ) -> dict[str, Any]:
     """Wait for ``job`` to be terminal; draw progress on ``stream`` if it is a terminal (or
     ``show``)."""
@@ -93,7 +103,11 @@ def wait_with_progress(
         show = _isatty(stream)
     job_id = str(job["job_id"])
     if not show:
-        return job if job.get("state") in TERMINAL_STATES else client.wait_job(job_id)
+        if job.get("state") in TERMINAL_STATES:
+            return job
+        if unreachable_grace_s is None:
+            return client.wait_job(job_id)
+        return client.wait_job(job_id, unreachable_grace_s=unreachable_grace_s)
     meter = RateMeter()
     last_len = 0
     try:
@@ -110,6 +124,47 @@ def wait_with_progress(
     finally:
         stream.write("\n")
         stream.flush()
+
+
+def follow_job(
+    client: SocketClient,
+    job: dict[str, Any],
+    stream: TextIO,
+    say: Callable[[str], None],
+    *,
+    reconnect_s: float = RECONNECT_S,
+    show: bool | None = None,
+) -> dict[str, Any]:
+    """:func:`wait_with_progress`, across daemon restarts. While the daemon does not answer,
+    ``say`` tells the user so once, and the daemon is asked again with backoff; once it
+    answers, the wait goes on with the same job. Raises :class:`DaemonUnreachable` (saying
+    that the job stays queued) if it does not answer within ``reconnect_s``."""
+    job_id = str(job["job_id"])
+    while True:
+        try:
+            return wait_with_progress(client, job, stream, show=show, unreachable_grace_s=0.0)
+        except DaemonUnreachable as e:
+            say(f"chronicle-agent: daemon restarting ({e.message}); job {job_id} resumes when "
+                f"it is back (waiting up to {reconnect_s:g} s)")
+        job = _reconnect(client, job_id, reconnect_s)
+        say(f"chronicle-agent: daemon is back; job {job_id} is {job.get('state')}")
+
+
+def _reconnect(client: SocketClient, job_id: str, reconnect_s: float) -> dict[str, Any]:
+    """The job, once the daemon answers again."""
+    deadline = time.monotonic() + max(0.0, reconnect_s)
+    delay = POLL_S
+    while True:
+        try:
+            return client.get_job(job_id)
+        except DaemonUnreachable:
+            if time.monotonic() >= deadline:
+                raise DaemonUnreachable(
+                    f"the daemon on {client.socket_path} did not come back within "
+                    f"{reconnect_s:g} s; job {job_id} stays in its queue and resumes when it "
+                    f"is back (`chronicle-agent jobs` shows it then)") from None
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
 
 
 def _isatty(stream: TextIO) -> bool:

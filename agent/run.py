@@ -103,6 +103,10 @@ class Run:
     block raised. Without ``with``, call :meth:`finish` (or don't: the daemon notices the
     process is gone and applies its ``runs.on_exit`` policy).
 
+    A ``run_id`` that names a run which has already ended (finished, failed or crashed)
+    raises :class:`~agent.errors.RunEnded` at once: a run id names one run. ``register=False``
+    makes no registration (read-only use: ``jobs()``, ``job()``, handles on existing jobs).
+
     While registered, a background thread sends a heartbeat every ``heartbeat_interval_s``
     (None = never) so that a run whose process the daemon cannot see (another pid namespace)
     keeps its lease.

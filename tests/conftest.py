@@ -111,3 +111,26 @@ def tiny_fs() -> _DaemonIterator[Path]:
     with tiny_tmpfs() as where:
         yield where
 # --- end e2e fixtures ---
+
+
+# --- process guard ---
+# (every process the tests start dies with the session, however it ends: tests/procguard.py)
+import subprocess as _guard_subprocess  # noqa: E402
+
+from tests import procguard as _procguard  # noqa: E402
+
+_guard: _guard_subprocess.Popen[bytes] | None = None
+
+
+def pytest_configure(config: _server_pytest.Config) -> None:
+    global _guard
+    if _guard is None:
+        _guard = _procguard.install()
+
+
+def pytest_unconfigure(config: _server_pytest.Config) -> None:
+    global _guard
+    if _guard is not None:
+        _procguard.finish(_guard)
+        _guard = None
+# --- end process guard ---

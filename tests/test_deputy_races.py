@@ -28,6 +28,7 @@ import pytest
 
 from tests.helpers_daemon import DaemonProc, start_daemon
 from tests.helpers_e2e import chronicle_for
+from tests.procguard import session_env
 from tests.test_two_users import PY, RUNUSER, USER, owned_by_tester, tester, world
 
 __all__ = ["tester", "world"]  # fixtures of the two-user tests, used here by name
@@ -198,7 +199,7 @@ def attack(d: DaemonProc, world: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     code = textwrap.dedent(ATTACKER).format(lib=str(world / "lib"), sock=str(d.socket_path))
     res = subprocess.run([RUNUSER, "-u", USER, "--", PY, "-c", code, json.dumps(cfg)],
                          capture_output=True, text=True, timeout=180,
-                         env={"PATH": "/usr/bin:/bin"}, check=False)
+                         env={"PATH": "/usr/bin:/bin", **session_env()}, check=False)
     assert res.returncode == 0, res.stderr
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
     # the swaps really ran while the daemon worked (a download's staging names: each planted)

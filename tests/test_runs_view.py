@@ -37,7 +37,7 @@ def test_every_fate_from_the_rows_and_their_jobs(tmp_path: Path) -> None:
         # a done job pruned after queue.finished_retention_s: its row still says ready
         _sealed(q, "run_a", "/c/pruned")
         _finish_next(q, JobState.DONE)
-        pruned = runstore.run_checkpoints(q, "run_a")[0]
+        pruned = runstore.run_checkpoints(q, ["run_a"])["run_a"][0]
         runstore.set_watched(q, pruned.ckpt_id, state="done")
         assert q.prune_finished(0, now=time.time() + 1) == 1
         ready = _sealed(q, "run_a", "/c/ready")
@@ -62,11 +62,18 @@ def test_every_fate_from_the_rows_and_their_jobs(tmp_path: Path) -> None:
         _sealed(q, "run_b", "/other/ready")  # another run's: counted for it alone
         q.enqueue(JobKind.UPLOAD, 1000, {"path": "/x"}, run_id="run_a")  # not a checkpoint
 
-        got = {c.path: c.to_api() for c in runstore.run_checkpoints(q, "run_a")}
-        assert {p: c["fate"] for p, c in got.items()} == {
+        got = {c.path: c.to_api() for c in runstore.run_checkpoints(q, ["run_a"])["run_a"]}
+        assert {p: c["detail"] for p, c in got.items()} == {
             "/c/pruned": "ready", "/c/ready": "ready", "/c/failed": "failed",
             "/c/uploading": "uploading", "/c/cancelled": "abandoned",
             "/c/rewritten": "superseded", "/c/shared": "elsewhere", "/c/deleted": "lost",
+            "/c/half": "abandoned"}
+        # the fates of the interface: sealed (not, or not yet, ready here), ready, lost,
+        # abandoned
+        assert {p: c["fate"] for p, c in got.items()} == {
+            "/c/pruned": "ready", "/c/ready": "ready", "/c/failed": "sealed",
+            "/c/uploading": "sealed", "/c/cancelled": "abandoned",
+            "/c/rewritten": "abandoned", "/c/shared": "sealed", "/c/deleted": "lost",
             "/c/half": "abandoned"}
         assert got["/c/pruned"]["job_state"] is None and got["/c/pruned"]["job_id"]
         assert got["/c/ready"]["job_id"] == ready.job_id and got["/c/ready"]["reason"] is None
@@ -77,8 +84,9 @@ def test_every_fate_from_the_rows_and_their_jobs(tmp_path: Path) -> None:
         assert got["/c/shared"]["reason"]["code"] == "claimed_elsewhere"
         assert got["/c/rewritten"]["reason"]["code"] == "superseded"
         assert got["/c/uploading"]["asset_type"] == "checkpoint"
-        assert list(got) == [c.path for c in sorted(runstore.run_checkpoints(q, "run_a"),
-                                                    key=lambda c: c.created_at)]
+        in_order = runstore.run_checkpoints(q, ["run_a"])["run_a"]
+        assert list(got) == [c.path for c in sorted(in_order, key=lambda c: c.created_at)]
+        assert set(runstore.run_checkpoints(q)) == {"run_a", "run_b"}
 
         counts = runstore.checkpoint_counts(q, ["run_a", "run_b", "run_none"])
         # sealed: everything this agent sealed but the superseded version and the claimed
@@ -129,9 +137,9 @@ def test_runs_show_each_checkpoint_fate_over_the_socket_and_the_cli(tmp_path: Pa
         run = wait_until(drained, 30, "run_view ended")
         assert run["status"] == "failed" and run["settled"] is True
         assert run["started_at"] <= run["ended_at"]
-        assert run["checkpoints"] == {"sealed": 2, "ready": 2, "uploading": 0, "failed": 0,
-                                      "lost": 0, "abandoned": 1, "elsewhere": 0,
-                                      "unsealed": 0}
+        assert run["checkpoint_counts"] == {"sealed": 2, "ready": 2, "uploading": 0, "failed": 0,
+                                            "lost": 0, "abandoned": 1, "elsewhere": 0,
+                                            "unsealed": 0}
         listed = d.client().request("GET", "/v1/runs/run_view/checkpoints")
         assert listed["run_id"] == "run_view"
         cks = {c["path"]: c for c in listed["checkpoints"]}
@@ -159,8 +167,8 @@ def test_runs_show_each_checkpoint_fate_over_the_socket_and_the_cli(tmp_path: Pa
         assert rows[str(out / "step-3")][1:3] == ["-", "abandoned"]
         assert "not_sealed: run run_view ended (failed)" in one.stdout
         as_json = json.loads(d.run_cli("runs", "run_view", "--json").stdout)
-        assert as_json["checkpoints"] == run["checkpoints"]
-        assert as_json["checkpoint_list"] == listed["checkpoints"]
+        assert as_json["checkpoint_counts"] == run["checkpoint_counts"]
+        assert as_json["checkpoints"] == listed["checkpoints"] == run["checkpoints"]
         all_json = json.loads(d.run_cli("runs", "--json").stdout)
         assert [x["run_id"] for x in all_json["runs"]] == ["run_view"]
 
@@ -177,16 +185,16 @@ def test_a_live_run_counts_what_is_not_sealed_yet_and_paths_are_shown_escaped(
         c = d.client()
         c.request("POST", "/v1/runs", {"run_id": "run_live", "lease": True, "watch": [
             {"path": f"{out}/*", "asset_type": "checkpoint", "seal": ["marker"]}]})
-        assert c.request("GET", "/v1/runs/run_live")["checkpoints"]["unsealed"] == 0
+        assert c.request("GET", "/v1/runs/run_live")["checkpoint_counts"]["unsealed"] == 0
         subprocess.run([sys.executable, str(writer), str(out)], env=writer_env(), timeout=60,
                        check=True)
 
         def counted() -> dict[str, int] | None:
-            n = c.request("GET", "/v1/runs/run_live")["checkpoints"]
+            n = c.request("GET", "/v1/runs/run_live")["checkpoint_counts"]
             return n if n["sealed"] == 2 and n["unsealed"] == 1 else None
         counts = wait_until(counted, 30, "two sealed and one unsealed checkpoint")
         assert counts["lost"] == counts["abandoned"] == 0
-        assert c.request("GET", "/v1/runs")["runs"][0]["checkpoints"]["unsealed"] == 1
+        assert c.request("GET", "/v1/runs")["runs"][0]["checkpoint_counts"]["unsealed"] == 1
         shown = d.run_cli("runs", "run_live")
         assert shown.returncode == 0, shown.stderr
         assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
@@ -196,12 +204,12 @@ def test_a_live_run_counts_what_is_not_sealed_yet_and_paths_are_shown_escaped(
         listing = d.run_cli("runs").stdout.splitlines()
         assert listing[1].split()[:3] == ["run_live", "running", "lease"]
         raw = json.loads(d.run_cli("runs", "run_live", "--json").stdout)
-        assert str(out / "step-\x1b]0;pwned\x07") in [x["path"] for x in raw["checkpoint_list"]]
+        assert str(out / "step-\x1b]0;pwned\x07") in [x["path"] for x in raw["checkpoints"]]
 
         shutil.rmtree(out / "step-2")  # rotated away before any seal held: lost, visibly
 
         def lost() -> dict[str, int] | None:
-            n = c.request("GET", "/v1/runs/run_live")["checkpoints"]
+            n = c.request("GET", "/v1/runs/run_live")["checkpoint_counts"]
             return n if n["lost"] == 1 else None
         counts = wait_until(lost, 30, "the unsealed checkpoint counted lost")
         assert (counts["sealed"], counts["unsealed"], counts["abandoned"]) == (2, 0, 0)

@@ -25,6 +25,7 @@ import pytest
 from tests.helpers_daemon import DaemonProc, start_daemon
 from tests.helpers_e2e import chronicle_for
 from tests.helpers_server import add_principal
+from tests.procguard import session_env
 
 USER = "ca-tester"
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,8 @@ except ApiError as e:
     print(json.dumps([e.status, {{"code": e.code, "message": e.message}}]))
 """
     res = subprocess.run([RUNUSER, "-u", USER, "--", PY, "-c", code], capture_output=True,
-                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=False,
+                         text=True, timeout=60, check=False,
+                         env={"PATH": "/usr/bin:/bin", **session_env()},
                          input=token or "")
     assert res.returncode == 0, res.stderr
     status, answer = json.loads(res.stdout)

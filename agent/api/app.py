@@ -33,7 +33,15 @@ from agent.errors import (
 )
 from agent.fsid import Identity
 from agent.queue import runstore
-from agent.queue.store import TERMINAL, Job, JobKind, Quota, StateConflict, credential_id
+from agent.queue.store import (
+    TERMINAL,
+    Job,
+    JobKind,
+    Quota,
+    StateConflict,
+    credential_id,
+    job_state,
+)
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
 
 if TYPE_CHECKING:
@@ -406,14 +414,17 @@ class Api:
 
     async def _with_counts(self, runs: list[dict[str, Any]],
                            only: list[str] | None) -> list[dict[str, Any]]:
-        """Each run with ``checkpoints``: how many of its checkpoints met each fate (one
-        query, in the queue's thread), and how many the watcher still waits to seal."""
+        """Each run with ``checkpoints`` (each one's fate) and ``checkpoint_counts`` (how
+        many met each fate, and how many the watcher still waits to seal): two queries, in
+        the queue's thread."""
         counts = await self.q.do(runstore.checkpoint_counts, self.q.s, only)
+        listed = await self.q.do(runstore.run_checkpoints, self.q.s, only)
         zero = dict.fromkeys(runstore.COUNTED, 0)
         for run in runs:
             rid = run["run_id"]
-            run["checkpoints"] = counts.get(rid, zero) | {
+            run["checkpoint_counts"] = counts.get(rid, zero) | {
                 "unsealed": self.d.watcher.unsealed(rid)}
+            run["checkpoints"] = [c.to_api() for c in listed.get(rid, [])]
         return runs
 
     async def list_runs(self, request: web.Request) -> web.Response:
@@ -427,9 +438,9 @@ class Api:
 
     async def run_checkpoints(self, request: web.Request) -> web.Response:
         run = self.d.runs.get(request.match_info["run_id"], peer_uid(request))
-        rows = await self.q.do(runstore.run_checkpoints, self.q.s, run["run_id"])
+        rows = await self.q.do(runstore.run_checkpoints, self.q.s, [run["run_id"]])
         return web.json_response({"run_id": run["run_id"],
-                                  "checkpoints": [r.to_api() for r in rows]})
+                                  "checkpoints": [r.to_api() for r in rows[run["run_id"]]]})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         run = await self.d.runs.heartbeat(request.match_info["run_id"], peer_uid(request))
@@ -552,8 +563,14 @@ class Api:
     async def jobs(self, request: web.Request) -> web.Response:
         uid = peer_uid(request)
         q = request.query
+        state = q.get("state") or None
+        if state is not None:
+            try:
+                job_state(state)
+            except ValueError as e:
+                raise UsageError(f"state: {e}") from None
         jobs = await self.q.do(self.q.s.list_jobs, run_id=q.get("run_id") or None,
-                               state=q.get("state") or None, uid=None if uid == 0 else uid)
+                               state=state, uid=None if uid == 0 else uid)
         return web.json_response({"jobs": [self._view(j) for j in jobs]})
 
     async def job(self, request: web.Request) -> web.Response:

@@ -21,8 +21,21 @@ JOB = {"type": "object", "required": ["job_id", "kind", "state"], "properties": 
     "attempts": {"type": "integer"},
     "error": {"type": ["object", "null"]}}}
 
+CHECKPOINT = {"type": "object", "required": ["path", "fate"], "properties": {
+    "ckpt_id": {"type": "string"}, "path": {"type": "string"},
+    "seal": {"type": ["string", "null"], "description": "the seal kind that held"},
+    "fate": {"enum": ["sealed", "ready", "lost", "abandoned"], "description": "sealed: "
+             "sealed, not (yet) ready here (see detail)"},
+    "detail": {"enum": ["ready", "uploading", "failed", "lost", "abandoned", "superseded",
+                        "elsewhere"]},
+    "job_id": {"type": ["string", "null"]}, "job_state": {"type": ["string", "null"]},
+    "reason": {"type": ["object", "null"], "description": "why it is not (yet) ready: "
+               "{code, message}"},
+    "asset_id": {"type": ["string", "null"]}, "asset_type": {"type": ["string", "null"]},
+    "bytes_total": {"type": ["integer", "null"]}, "created_at": {"type": "string"}}}
 _COUNT = {"type": "integer", "minimum": 0}
-RUN = {"type": "object", "required": ["run_id", "state", "checkpoints"], "properties": {
+RUN = {"type": "object", "required": ["run_id", "state", "checkpoints", "checkpoint_counts"],
+       "properties": {
     "run_id": {"type": "string"}, "pid": {"type": ["integer", "null"]},
     "state": {"enum": ["running", "dying", "ending", "ended"]},
     "status": {"enum": ["finished", "failed", "crashed", None]},
@@ -31,7 +44,8 @@ RUN = {"type": "object", "required": ["run_id", "state", "checkpoints"], "proper
     "ended_at": {"type": ["string", "null"]},
     "settled": {"type": "boolean", "description": "its end-of-run processing is done (the "
                 "final scan; what was not sealed recorded as abandoned)"},
-    "checkpoints": {
+    "checkpoints": {"type": "array", "items": CHECKPOINT},
+    "checkpoint_counts": {
         "type": "object", "description": "how many of the run's checkpoints met each fate: "
         "sealed (all this agent sealed, whatever became of them), ready (uploaded), "
         "uploading (queued or running), failed, lost (completed by the writer, never "
@@ -40,16 +54,6 @@ RUN = {"type": "object", "required": ["run_id", "state", "checkpoints"], "proper
         "them); superseded versions are not counted",
         "properties": {k: _COUNT for k in ("sealed", "ready", "uploading", "failed", "lost",
                                            "abandoned", "elsewhere", "unsealed")}}}}
-CHECKPOINT = {"type": "object", "required": ["path", "fate"], "properties": {
-    "ckpt_id": {"type": "string"}, "path": {"type": "string"},
-    "seal": {"type": ["string", "null"], "description": "the seal kind that held"},
-    "fate": {"enum": ["ready", "uploading", "failed", "lost", "abandoned", "superseded",
-                      "elsewhere"]},
-    "job_id": {"type": ["string", "null"]}, "job_state": {"type": ["string", "null"]},
-    "reason": {"type": ["object", "null"], "description": "why it is not (yet) ready: "
-               "{code, message}"},
-    "asset_id": {"type": ["string", "null"]}, "asset_type": {"type": ["string", "null"]},
-    "bytes_total": {"type": ["integer", "null"]}, "created_at": {"type": "string"}}}
 
 
 def _op(summary: str, body: type[BaseModel] | None, ok: int, answer: dict[str, Any],
@@ -69,7 +73,8 @@ def document() -> dict[str, Any]:
                      "get": _op("runs of the caller, each with its checkpoint counts", None,
                                 200, {"type": "object", "properties": {
                                     "runs": {"type": "array", "items": RUN}}})},
-        "/v1/runs/{run_id}": {"get": _op("a run, with its checkpoint counts", None, 200, RUN,
+        "/v1/runs/{run_id}": {"get": _op("a run, with its checkpoints' fates and counts", None,
+                                         200, RUN,
                                          ["run_id"])},
         "/v1/runs/{run_id}/checkpoints": {"get": _op(
             "each checkpoint of a run (each sealed version), oldest first, with its fate "

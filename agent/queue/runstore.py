@@ -232,12 +232,18 @@ def unfinalized_presigned(q: Queue, run_id: str) -> list[AssetRecord]:
 
 # ---- what became of a run's checkpoints ------------------------------------------------------
 
-FATES = ("ready", "uploading", "failed", "lost", "abandoned", "superseded", "elsewhere")
-"""A checkpoint's fate, from its ``watched`` row and its job: ``ready`` (its job is done),
-``uploading`` (queued or running), ``failed`` (``retry`` can still send it), ``lost`` (its
-writer completed it but it could not be captured), ``abandoned`` (not sealed when its run
-ended, cancelled, invalid...), ``superseded`` (a later version of the same path replaced
-this one), ``elsewhere`` (another agent sharing the filesystem claimed it)."""
+DETAILS = ("ready", "uploading", "failed", "lost", "abandoned", "superseded", "elsewhere")
+"""What became of a checkpoint, in detail, from its ``watched`` row and its job: ``ready``
+(its job is done), ``uploading`` (queued or running), ``failed`` (``retry`` can still send
+it), ``lost`` (its writer completed it but it could not be captured), ``abandoned`` (not
+sealed when its run ended, cancelled, invalid...), ``superseded`` (a later version of the
+same path replaced this one), ``elsewhere`` (another agent sharing the filesystem claimed
+it)."""
+
+FATE_OF = {"ready": "ready", "uploading": "sealed", "failed": "sealed", "elsewhere": "sealed",
+           "lost": "lost", "abandoned": "abandoned", "superseded": "abandoned"}
+"""A checkpoint's fate (``sealed|ready|lost|abandoned``) by its detail: sealed and not (yet)
+ready — uploading, failed, or uploaded by another agent — is ``sealed``."""
 
 _FATE_SQL = """CASE
     WHEN w.state = 'elsewhere' THEN 'elsewhere'
@@ -262,7 +268,7 @@ class CheckpointFate:
     ckpt_id: str
     path: str
     seal: str | None
-    fate: str
+    detail: str
     job_id: str | None
     job_state: str | None
     error_code: str | None
@@ -276,10 +282,11 @@ class CheckpointFate:
         reason = None
         if self.error_code:
             reason = {"code": self.error_code, "message": self.error_message or ""}
-        elif self.fate in _REASONS:
-            reason = _REASONS[self.fate]
+        elif self.detail in _REASONS:
+            reason = _REASONS[self.detail]
         return {"ckpt_id": self.ckpt_id, "path": self.path, "seal": self.seal,
-                "fate": self.fate, "job_id": self.job_id, "job_state": self.job_state,
+                "fate": FATE_OF[self.detail], "detail": self.detail,
+                "job_id": self.job_id, "job_state": self.job_state,
                 "reason": reason, "asset_id": self.asset_id, "asset_type": self.asset_type,
                 "bytes_total": self.bytes_total, "created_at": _rfc3339(self.created_at)}
 
@@ -293,16 +300,23 @@ _REASONS = {
 """The reason of a fate its job (if any) does not explain."""
 
 
-def run_checkpoints(q: Queue, run_id: str) -> list[CheckpointFate]:
-    """Every decision about the run's checkpoints (one row per sealed version, oldest
-    first), with its fate, its job and the asset it became."""
+def run_checkpoints(q: Queue, run_ids: list[str] | None = None
+                    ) -> dict[str, list[CheckpointFate]]:
+    """Per run (of ``run_ids``, None: every run): every decision about its checkpoints (one
+    row per sealed version, oldest first), with its fate, its job and the asset it became."""
+    where = "w.run_id IS NOT NULL"
+    if run_ids is not None:
+        where = f"w.run_id IN ({','.join('?' * len(run_ids))})"
     rows = q._read(
-        f"SELECT w.ckpt_id, w.path, w.seal, {_FATE_SQL}, w.job_id, j.state, j.error_code, "
-        "j.error_message, a.asset_id, json_extract(j.payload, '$.asset_type'), j.bytes_total, "
-        "w.created_at FROM watched w LEFT JOIN jobs j ON j.job_id = w.job_id "
-        "LEFT JOIN assets a ON a.asset_key = j.asset_key WHERE w.run_id = ? "
-        "ORDER BY w.created_at, w.ckpt_id", (run_id,))
-    return [CheckpointFate(*r) for r in rows]
+        f"SELECT w.run_id, w.ckpt_id, w.path, w.seal, {_FATE_SQL}, w.job_id, j.state, "
+        "j.error_code, j.error_message, a.asset_id, json_extract(j.payload, '$.asset_type'), "
+        "j.bytes_total, w.created_at FROM watched w LEFT JOIN jobs j ON j.job_id = w.job_id "
+        f"LEFT JOIN assets a ON a.asset_key = j.asset_key WHERE {where} "
+        "ORDER BY w.created_at, w.ckpt_id", tuple(run_ids or ()))
+    out: dict[str, list[CheckpointFate]] = {rid: [] for rid in run_ids or ()}
+    for r in rows:
+        out.setdefault(r[0], []).append(CheckpointFate(*r[1:]))
+    return out
 
 
 def checkpoint_counts(q: Queue, run_ids: list[str] | None = None) -> dict[str, dict[str, int]]:

@@ -50,6 +50,16 @@ TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobSta
                       JobState.LOST})
 
 
+def job_state(value: str) -> JobState:
+    """``value`` as a job state; ValueError naming the valid ones (for ``--state`` and
+    ``?state=``)."""
+    try:
+        return JobState(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a job state (choose from "
+                         f"{', '.join(s.value for s in JobState)})") from None
+
+
 class StateConflict(AgentError):
     """A guarded move found the job in another state than it expected."""
 

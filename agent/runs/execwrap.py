@@ -39,7 +39,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from agent.client import SocketClient, path_segment
-from agent.errors import AgentError, DaemonUnreachable, UsageError
+from agent.errors import AgentError, ApiError, DaemonUnreachable, UsageError
 from agent.paths import SOCKET_ENV
 from agent.termsafe import visible
 
@@ -85,7 +85,11 @@ def run_exec(client: SocketClient, command: list[str], *, run_id: str | None,
     if not command:
         raise UsageError("exec needs a command: chronicle-agent exec [options] -- COMMAND…")
     client.health(timeout_s=10)  # DaemonUnreachable → exit 3, before the child starts
-    rid = run_id or os.environ.get(RUN_ID_ENV) or f"run_{secrets.token_hex(8)}"
+    rid = run_id or os.environ.get(RUN_ID_ENV)
+    if rid:
+        _refuse_ended(client, rid)
+    else:
+        rid = f"run_{secrets.token_hex(8)}"
     env = dict(os.environ)
     env[RUN_ID_ENV] = rid
     env[SOCKET_ENV] = str(client.socket_path.absolute())
@@ -195,6 +199,22 @@ def _report(client: SocketClient, command: list[str], env: dict[str, str], rid: 
     return exit_code
 
 
+def _refuse_ended(client: SocketClient, rid: str) -> None:
+    """A run id of a run that has ended is a usage error before the command starts."""
+    from agent.cli_runs import get_run
+
+    try:
+        run = get_run(client, rid, timeout_s=10)
+    except ApiError as e:
+        if e.status == 404:  # a new run
+            return
+        raise
+    if run.get("state") != "running":
+        how = f"{run.get('status') or 'crashed'}, state {run.get('state')}"
+        raise UsageError(f"run {rid} has already ended ({how}); the command was not started: "
+                         "give --run (or METHODIC_RUN_ID) a new id, or none", code="run_ended")
+
+
 def _say(err: TextIO, text: str) -> None:
     """One line on stderr; a reader that went away (a killed wrapper's pipe) is no error."""
     with contextlib.suppress(OSError, ValueError):
@@ -217,7 +237,7 @@ def _summary(client: SocketClient, rid: str, exit_code: int, err: TextIO) -> Non
     except AgentError:
         return  # never registered, or the daemon is gone: the warnings said so
     status = run.get("status") or f"exited {exit_code}"
-    _say(err, f"chronicle-agent: run {rid} {status}: {summary(run.get('checkpoints') or {})}")
+    _say(err, f"chronicle-agent: run {rid} {status}: {summary(run.get('checkpoint_counts') or {})}")
 
 
 def _heartbeats(client: SocketClient, rid: str, every_s: float, stop: threading.Event) -> None:

@@ -107,6 +107,15 @@ class RunInfo:
                    ended_at=r.updated_at if r.state == "ended" else None)
 
 
+def ended_message(info: RunInfo) -> str:
+    """Why an ended run cannot be registered (or joined) again."""
+    how = info.status or "crashed"
+    if info.exit_code is not None:
+        how += f", exit code {info.exit_code}"
+    return (f"run {info.run_id} has already ended ({how}): a run id names one run, so "
+            "give this one a new id (or none: one is made up)")
+
+
 class RunRegistry:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
@@ -194,6 +203,8 @@ class RunRegistry:
         if existing is not None:
             if uid not in (0, existing.uid):
                 raise Refused(f"run {run_id} belongs to another user")
+            if existing.state != "running":
+                raise StateConflict(ended_message(existing), code="run_ended")
             new = [r.model_dump(mode="json") for r in rules]
             new = [w for w in new if w not in existing.watch]
             if new and existing.state == "running":
