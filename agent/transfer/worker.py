@@ -283,6 +283,10 @@ class Workers:
                 raise SourceChanged(f"{e.filename} vanished while {p['path']} was scanned; "
                                     f"`chronicle-agent retry {job.job_id}` scans it again"
                                     ) from None
+            except OSError as e:  # e.g. a link swapped for a directory under realpath(3)
+                raise SourceChanged(f"{e.filename or p['path']} changed while {p['path']} was "
+                                    f"scanned ({e.strerror}); `chronicle-agent retry "
+                                    f"{job.job_id}` scans it again") from None
             if p.get("content_type") and len(comps) == 1:
                 comps[0]["content_type"] = p["content_type"]
             rec = await self.q.do(

@@ -119,8 +119,8 @@ def scan(path: str) -> Scan | None:
     files: list[FileInfo] = []
     newest = st.st_mtime_ns
     problem: str | None = None
-    root = os.path.realpath(path)
     try:
+        root = os.path.realpath(path)  # raises if a link is swapped for a directory under it
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames.sort()
             for d in dirnames:
