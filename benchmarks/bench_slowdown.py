@@ -67,7 +67,6 @@ def trainer(conn: Connection, threads: int) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
