@@ -128,12 +128,21 @@ class Yielder:
     async def run(self) -> None:
         tick = os.sysconf("SC_CLK_TCK")
         step = self.cfg.busy_check_s
-        prev = await anyio.to_thread.run_sync(self._sample)
+        try:
+            prev = await anyio.to_thread.run_sync(self._sample)
+        except (OSError, ValueError, IndexError) as e:  # no /proc: nothing to measure by
+            log.warning("cannot measure the CPU use of other processes (%s): the daemon "
+                        "does not hold back for training", e)
+            return
         last = time.monotonic()
         while True:
             await anyio.sleep(step)
             now = time.monotonic()
-            cur = await anyio.to_thread.run_sync(self._sample)
+            try:
+                cur = await anyio.to_thread.run_sync(self._sample)
+            except (OSError, ValueError, IndexError) as e:
+                log.warning("measuring the CPU use of other processes failed (%s)", e)
+                continue
             elapsed = max(now - last, 1e-3)
             others = (cur[0] - prev[0] - (cur[1] - prev[1])) / tick / elapsed
             self.pressure = cur[3]
