@@ -549,8 +549,19 @@ def _status_text(health: dict[str, Any], client: SocketClient) -> str:
         ("upload", f"{format_bytes(float(transfer.get('bytes_per_s_up') or 0))}/s"),
         ("download", f"{format_bytes(float(transfer.get('bytes_per_s_down') or 0))}/s"),
         ("staging", format_bytes(float(health.get("staging_bytes") or 0))),
+        ("yielding", _yield_text(health.get("yield") or {})),
     ]
     return "\n".join(f"{key + ':':<11}{value}" for key, value in rows)
+
+
+def _yield_text(y: dict[str, Any]) -> str:
+    """Whether the daemon holds back for training, and why."""
+    if not y:
+        return "-"
+    if y.get("reason"):
+        return f"holding back: {y['reason']}"
+    return (f"no (others use {y.get('others_cpu')} of {y.get('cpus')} CPU(s); bulk threads "
+            f"{y.get('bulk_policy')})")
 
 
 WATCH_JOBS_SHOWN = 20

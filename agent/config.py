@@ -67,6 +67,21 @@ class AgentSection(_Section):
     """Bytes of request bodies the socket API reads at once, across callers; a request past
     it is answered 503 busy (Retry-After: 1; the Python client and the CLI wait and retry).
     Never less than one largest body (server.inline_max_bytes + 1 MiB)."""
+    bulk_policy: Literal["idle", "batch", "normal"] = "idle"
+    """Scheduling policy of the threads that read, hash, copy and write transferred bytes
+    (and the embedded server's ingest): "idle" (SCHED_IDLE: a core only when nothing else
+    wants it), "batch" (SCHED_BATCH at the daemon's niceness), "normal"."""
+    cpus: list[int] = Field(default_factory=list)
+    """CPUs the daemon runs on (set at start), for nodes that keep cores for services;
+    empty = every CPU it was given."""
+    busy_cpu_fraction: float = Field(default=0.75, ge=0, le=1)
+    """Hold back when other processes use this fraction of the daemon's CPUs (training is
+    CPU-bound): transfers together are capped at busy_bytes_per_s. 0 = never."""
+    busy_bytes_per_s: int = Field(default=16 * MiB, ge=64 * 1024)
+    """The transfer rate while holding back; also the progress floor: transfers that move
+    less than half of it for 5 looks stop yielding until they catch up."""
+    busy_check_s: float = Field(default=1.0, gt=0, le=60)
+    """How often the daemon looks at the CPU use of other processes."""
     metrics_listen: str = ""
     """HOST:PORT on loopback to serve /metrics over TCP too (for Prometheus); empty = only
     on the socket."""

@@ -34,7 +34,7 @@ from agent.config import Settings
 from agent.crashpoints import from_settings
 from agent.errors import AgentError, ConfigError
 from agent.metrics import Metrics, watch_loop_lag
-from agent.priority import lower_priority
+from agent.priority import BULK, lower_priority, set_cpus
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import new_id
 from agent.runs.registry import RunRegistry
@@ -45,6 +45,7 @@ from agent.transfer.retry import RetryPolicy
 from agent.transfer.upload import Engine
 from agent.transfer.worker import Workers
 from agent.watch.watcher import Watcher
+from agent.yielding import Yielder
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Daemon:
         self.inline_max_bytes = settings.server.inline_max_bytes
         self.queue: AsyncQueue
         self.engine: Engine
+        self.yielder: Yielder
         self.workers: Workers
         self.runs = RunRegistry(self)
         self.watcher: Watcher
@@ -148,6 +150,8 @@ class Daemon:
     async def run(self) -> None:
         self._lock_state_dir()
         lower_priority(self.settings.agent.nice, self.settings.agent.io_class)
+        set_cpus(self.settings.agent.cpus)
+        BULK.configure(self.settings.agent.bulk_policy)
         crash = from_settings(self.settings.debug.crash_point, str(self.state_dir),
                               self.settings.debug.block_loop)
         self.queue = await AsyncQueue.open(self.state_dir / "queue.db")
@@ -177,6 +181,8 @@ class Daemon:
                     self.settings.chronicle.request_timeout_s,
                 )
                 limits = Limits(up.concurrency, up.bandwidth_limit_bytes_per_s)
+                self.yielder = Yielder(self.settings.agent, limits, self.metrics,
+                                       active=lambda: limits.slots.borrowed_tokens > 0)
                 self.engine = Engine(self.settings, self.queue, chronicle, storage, limits,
                                      self.metrics, crash)
                 self.workers = Workers(self.engine, owner=new_id("daemon"),
@@ -191,6 +197,7 @@ class Daemon:
                 if self._server is not None:
                     await self._server.stop()
                 await self.queue.close()
+                BULK.shutdown()
                 if self._lock_fd is not None:
                     os.close(self._lock_fd)
 
@@ -223,6 +230,7 @@ class Daemon:
                 await tg.start(self.watcher.run)
                 await tg.start(self.runs.run)
                 tg.start_soon(watch_loop_lag, self.metrics)
+                tg.start_soon(self.yielder.run)
                 await self._stop.wait()
                 self.notifier.stopping("stopping")
                 log.info("stopping: no new work is claimed; in-flight transfers resume at "

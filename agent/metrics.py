@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from typing import Any
 
 
 class Rate:
@@ -75,7 +76,8 @@ class Metrics:
     def checkpoint(self, fate: str, reason: str) -> None:
         self.checkpoints[(fate, reason)] += 1
 
-    def prometheus(self, queue_counts: dict[str, int], staging_bytes: int) -> str:
+    def prometheus(self, queue_counts: dict[str, int], staging_bytes: int,
+                   yielding: dict[str, Any] | None = None) -> str:
         lines = [
             "# HELP chronicle_agent_bytes_sent_total Bytes sent to storage.",
             "# TYPE chronicle_agent_bytes_sent_total counter",
@@ -120,4 +122,22 @@ class Metrics:
             "# TYPE chronicle_agent_staging_bytes gauge",
             f"chronicle_agent_staging_bytes {staging_bytes}",
         ]
+        if yielding is not None:
+            lines += [
+                "# HELP chronicle_agent_holding_back 1 while other processes keep the CPUs "
+                "busy and transfers are capped (agent.busy_cpu_fraction).",
+                "# TYPE chronicle_agent_holding_back gauge",
+                f"chronicle_agent_holding_back {int(yielding['holding_back'])}",
+                "# HELP chronicle_agent_holding_back_seconds_total Time spent holding back.",
+                "# TYPE chronicle_agent_holding_back_seconds_total counter",
+                f"chronicle_agent_holding_back_seconds_total {yielding['held_s']}",
+                "# HELP chronicle_agent_progress_floor_boost 1 while the progress floor has "
+                "the bulk threads stop yielding.",
+                "# TYPE chronicle_agent_progress_floor_boost gauge",
+                f"chronicle_agent_progress_floor_boost {int(yielding['floor_boost'])}",
+                "# HELP chronicle_agent_others_cpu CPUs other processes use on the daemon's "
+                "CPUs.",
+                "# TYPE chronicle_agent_others_cpu gauge",
+                f"chronicle_agent_others_cpu {yielding['others_cpu']}",
+            ]
         return "\n".join(lines) + "\n"

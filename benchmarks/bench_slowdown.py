@@ -1,20 +1,29 @@
-"""How much an upload slows training: a CPU-bound stand-in for a training loop measures its
-own step rate while the daemon uploads GIB GiB at full speed with its default settings
-(niceness 10, idle I/O class), and alone, in alternating windows of the same run.
+"""How much an upload slows real training: a PyTorch loop (a tiny GPT-2 from a config, 2
+layers of width 64, random weights, AdamW steps on batches of 8 × 32 random tokens; torch
+2.13 on the CPU) measures its own step
+rate while the daemon uploads, and alone, in alternating windows of the same run.
 
-    .venv/bin/python benchmarks/bench_slowdown.py [--gib 4] [--pairs 24] [--nice 19]
+    .venv/bin/python benchmarks/bench_slowdown.py [--gib 4] [--pairs 16] [--window 1.5]
+        [--threads all,all-but-one] [--settings default,before] [--server embedded,separate]
+        [--full-upload]
 
-The stand-in is pinned to CPU 0. The local Chronicle server (a separate process, its disk
-store standing in for remote storage) is niced to 19 and pinned away from CPU 0 when the
-machine has more than one CPU; the daemon is not pinned (it runs wherever the scheduler puts
-it, as on a real node).
+Workloads (``--threads``): ``all`` = torch's intra-op threads on every core (torch's own
+default: the case where any neighbour hurts most), ``all-but-one`` = one core left free.
+Settings: ``default`` = the daemon as installed (nice 10, idle I/O class, bulk threads
+SCHED_IDLE, holding back while other processes keep the CPUs busy); ``before`` = the same
+but with ``agent.bulk_policy = "normal"`` and ``agent.busy_cpu_fraction = 0`` (what the daemon
+did before it yielded). Server: ``embedded`` = the daemon's own local Chronicle, as a new
+user runs it (its ingest is part of the daemon's CPU); ``separate`` = ``chronicle-agent
+server`` as its own process (standing in for remote storage; its CPU is reported on its
+own, and it is paused and resumed with the daemon).
 
-This VM's speed drifts by 10-20% over tens of seconds (other tenants), more than the effect
-measured. So "alone" and "during" are measured in adjacent windows: while an upload runs,
-the daemon and the server are paused (SIGSTOP) for one window, the stand-in's alone rate,
-and resumed (SIGCONT) for the next, its rate during the upload. Each pair gives a ratio; the
-slowdown printed is one minus the median ratio. ``--nice`` adds daemons with other
-``agent.nice`` values, measured the same way in the same run.
+This VM's speed drifts by 10-20% over tens of seconds, more than the effect measured. So
+"alone" and "during" are adjacent windows: while an upload runs, the daemon (and a separate
+server) are paused (SIGSTOP) for one window — the training's rate alone — and resumed
+(SIGCONT) for the next — its rate during the upload. Each pair gives a ratio; the slowdown
+printed is one minus the median ratio. CPU-s per GiB: the daemon's and the server's CPU time
+over the bytes sent while they ran. ``--full-upload`` also times one whole upload of
+``--gib`` GiB with training running throughout, per workload, default settings.
 """
 
 from __future__ import annotations
@@ -25,43 +34,75 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Daemon, Server  # noqa: E402
+from _common import REPO, Daemon, Server  # noqa: E402
+
+from agent.client import SocketClient  # noqa: E402
+from agent.yielding import own_ticks  # noqa: E402
 
 MiB = 1 << 20
+GiB = 1 << 30
 SETTLE_S = 0.3
-"""After a resume, how long the upload gets to reach full speed again before measuring."""
+"""After a resume, how long the upload gets to reach its pace again before measuring."""
+TICK = os.sysconf("SC_CLK_TCK")
+SETTINGS = {
+    "default": {},
+    "before": {"CHRONICLE_AGENT_AGENT__BULK_POLICY": "normal",
+               "CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0"},
+}
 
 
-def stand_in(conn: Connection) -> None:
-    """A training step: a fixed chunk of pure-Python arithmetic. For each window length
-    received, runs steps for that long and answers with steps per second."""
-    os.sched_setaffinity(0, {0})
+def trainer(conn: Connection, threads: int) -> None:
+    """A training loop. For each window length received, trains for that long and answers
+    with steps per second."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=1000,
+                                       n_positions=64, bos_token_id=0, eos_token_id=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 1000, (8, 32))
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(5):
+        step()
+    conn.send("ready")
     while True:
         seconds = conn.recv()
         if seconds is None:
             return
         steps, end = 0, time.perf_counter() + seconds
         while time.perf_counter() < end:
-            x = 0
-            for i in range(20_000):
-                x += i * i % 7
+            step()
             steps += 1
         conn.send(steps / seconds)
 
 
-class StandIn:
-    def __init__(self) -> None:
-        self.conn, child = mp.Pipe()
-        self.proc = mp.Process(target=stand_in, args=(child,), daemon=True)
+class Trainer:
+    def __init__(self, threads: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=trainer, args=(child, threads), daemon=True)
         self.proc.start()
+        assert self.conn.recv() == "ready"
 
     def rate(self, seconds: float) -> float:
         self.conn.send(seconds)
@@ -73,85 +114,155 @@ class StandIn:
         self.proc.join(10)
 
 
+class EmbeddedDaemon(Daemon):
+    """A daemon with its embedded local Chronicle (no URL configured), as a new user runs
+    it."""
+
+    def __init__(self, extra_env: dict[str, str]) -> None:  # noqa: D107
+        self.dir = Path(tempfile.mkdtemp(prefix="cab-", dir="/tmp"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_AGENT_")}
+        env.update(extra_env, PYTHONPATH=str(REPO),
+                   CHRONICLE_AGENT_AGENT__STATE_DIR=str(self.dir / "state"),
+                   CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),
+                   XDG_CONFIG_HOME=str(self.dir / "cfg"))
+        with open(self.dir / "log", "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
+                                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        self.client = SocketClient(self.dir / "a.sock", timeout_s=30)
+        for _ in range(400):
+            try:
+                self.client.health()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start: {(self.dir / 'log').read_text()[-2000:]}")
+
+
 def pause(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         os.kill(pid, sig)
 
 
+def job_bytes(client: SocketClient, job_ids: list[str]) -> int:
+    return sum(int(client.get_job(j)["bytes_done"]) for j in job_ids)
+
+
+def measure(trainer: Trainer, daemon: Daemon, server: Server | None, src: Path,
+            pairs: int, window: float) -> dict[str, Any]:
+    """Paired windows while uploads of ``src`` run (a new one when one ends)."""
+    pids = [daemon.proc.pid] + ([server.proc.pid] if server else [])
+    ratios: list[float] = []
+    rates: list[tuple[float, float]] = []
+    jobs: list[str] = []
+    cpu0 = [own_ticks(p) for p in pids]
+    uploads = 0
+    while len(ratios) < pairs:
+        job = daemon.client.request("POST", "/v1/uploads", {"path": str(src),
+                                                             "asset_type": f"bench{uploads}"})
+        uploads += 1
+        jobs.append(job["job_id"])
+        time.sleep(1.0)  # under way
+        while len(ratios) < pairs:
+            if daemon.client.get_job(job["job_id"])["state"] != "running":
+                break
+            pause(pids, signal.SIGSTOP)
+            alone = trainer.rate(window)
+            pause(pids, signal.SIGCONT)
+            time.sleep(SETTLE_S)
+            during = trainer.rate(window)
+            if daemon.client.get_job(job["job_id"])["state"] != "running":
+                break  # the upload ended within the window: not a full pair
+            ratios.append(during / alone)
+            rates.append((alone, during))
+    cpu1 = [own_ticks(p) for p in pids]
+    moved = job_bytes(daemon.client, jobs)
+    for j in jobs:  # the rest is not measured: cancel, so the next setting starts clean
+        if daemon.client.get_job(j)["state"] in ("queued", "running"):
+            daemon.client.request("POST", f"/v1/jobs/{j}/cancel")
+    r = sorted(ratios)
+    cpu = [(b - a) / TICK for a, b in zip(cpu0, cpu1, strict=True)]
+    return {"alone": statistics.median(a for a, _ in rates),
+            "during": statistics.median(d for _, d in rates),
+            "ratio": statistics.median(r), "q1": r[len(r) // 4], "q3": r[(3 * len(r)) // 4],
+            "daemon_cpu_per_gib": cpu[0] / max(moved / GiB, 1e-9),
+            "server_cpu_per_gib": cpu[1] / max(moved / GiB, 1e-9) if server else None,
+            "moved_gib": moved / GiB}
+
+
+def full_upload(trainer: Trainer, daemon: Daemon, src: Path, window: float
+                ) -> tuple[float, float]:
+    """One whole upload with training running throughout: (seconds, median steps/s)."""
+    t0 = time.monotonic()
+    job = daemon.client.request("POST", "/v1/uploads", {"path": str(src),
+                                                         "asset_type": "bench-full"})
+    rates = []
+    while daemon.client.get_job(job["job_id"])["state"] in ("queued", "running"):
+        rates.append(trainer.rate(window))
+    final = daemon.client.get_job(job["job_id"])
+    assert final["state"] == "done", final
+    return time.monotonic() - t0, statistics.median(rates)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=4.0)
-    ap.add_argument("--pairs", type=int, default=24,
-                    help="alone/during window pairs per setting")
+    ap.add_argument("--pairs", type=int, default=16, help="alone/during pairs per case")
     ap.add_argument("--window", type=float, default=1.5, help="seconds per window")
-    ap.add_argument("--nice", default="",
-                    help="also measure with these agent.nice values, side by side (e.g. 19)")
+    ap.add_argument("--threads", default="all,all-but-one")
+    ap.add_argument("--settings", default="default,before")
+    ap.add_argument("--server", default="embedded,separate")
+    ap.add_argument("--full-upload", action="store_true")
     args = ap.parse_args()
+    ncpu = len(os.sched_getaffinity(0))
+    workloads = {"all": ncpu, "all-but-one": max(1, ncpu - 1)}
     root = Path(tempfile.mkdtemp(prefix="bench-slow-"))
-    servers: list[Server] = []
-    daemons: list[Daemon] = []
+    src = root / "ckpt.bin"
+    block = os.urandom(8 * MiB)
+    with open(src, "wb") as f:
+        for _ in range(int(args.gib * GiB) // len(block)):
+            f.write(block)
+    print(f"{ncpu} CPUs; {args.pairs} pairs of {args.window:g} s windows per case; uploads of "
+          f"{args.gib:g} GiB (one file)")
+    print(f"{'training threads':<24}{'setting':<9}{'server':<10}{'alone':>7}{'during':>8}"
+          f"{'slowdown':>10}{'IQR of ratio':>15}{'daemon CPU-s/GiB':>18}{'server CPU-s/GiB':>18}")
     try:
-        src = root / "ckpt"
-        src.mkdir()
-        block = os.urandom(8 * MiB)
-        per_file = int(args.gib * 1024 * MiB / 4)
-        for i in range(4):
-            with open(src / f"shard-{i}.bin", "wb") as f:
-                for _ in range(per_file // len(block)):
-                    f.write(block)
-        away = "1" if (os.cpu_count() or 1) > 1 else "0"
-        server = Server(root, prefix=["taskset", "-c", away, "nice", "-n", "19"])
-        servers.append(server)
-        settings = [None] + [int(n) for n in args.nice.split(",") if n] if args.nice else [None]
-        daemons += [Daemon(server, {} if n is None else {"CHRONICLE_AGENT_AGENT__NICE": str(n)})
-                    for n in settings]
-        stand = StandIn()
-        ratios: dict[int | None, list[float]] = {n: [] for n in settings}
-        rates: dict[int | None, list[tuple[float, float]]] = {n: [] for n in settings}
-        uploaded = 0
-        try:
-            while any(len(r) < args.pairs for r in ratios.values()):
-                for nice, daemon in zip(settings, daemons, strict=True):
-                    if len(ratios[nice]) >= args.pairs:
-                        continue
-                    job = daemon.client.request("POST", "/v1/uploads", {
-                        "path": str(src), "asset_type": f"bench{uploaded}"})
-                    uploaded += 1
-                    pids = [daemon.proc.pid, server.proc.pid]
-                    time.sleep(1.0)  # full speed
-                    while len(ratios[nice]) < args.pairs:
-                        if daemon.client.get_job(job["job_id"])["state"] != "running":
-                            break
-                        pause(pids, signal.SIGSTOP)
-                        alone = stand.rate(args.window)
-                        pause(pids, signal.SIGCONT)
-                        time.sleep(SETTLE_S)
-                        during = stand.rate(args.window)
-                        if daemon.client.get_job(job["job_id"])["state"] != "running":
-                            break  # the upload ended within the window: not a full pair
-                        ratios[nice].append(during / alone)
-                        rates[nice].append((alone, during))
-                    final = daemon.client.wait_job(job["job_id"], 900)
-                    assert final["state"] == "done", final
-        finally:
-            stand.close()
-        print(f"{args.pairs} pairs of {args.window:g} s windows per setting, {uploaded} uploads "
-              f"of {args.gib:g} GiB")
-        for nice in settings:
-            label = "default settings" if nice is None else f"agent.nice = {nice}"
-            alone_med = statistics.median(a for a, _ in rates[nice])
-            during_med = statistics.median(d for _, d in rates[nice])
-            r = sorted(ratios[nice])
-            q1, q3 = r[len(r) // 4], r[(3 * len(r)) // 4]
-            print(f"{label}: alone {alone_med:.1f} steps/s, during the upload {during_med:.1f} "
-                  f"steps/s; median ratio {statistics.median(r):.3f} (IQR {q1:.3f}-{q3:.3f}): "
-                  f"slowdown {100 * (1 - statistics.median(r)):.1f}% (goal < 5%)")
+        for wname in args.threads.split(","):
+            trainer = Trainer(workloads[wname])
+            try:
+                for server_mode in args.server.split(","):
+                    for setting in args.settings.split(","):
+                        server = Server(root) if server_mode == "separate" else None
+                        env = dict(SETTINGS[setting])
+                        daemon: Daemon = (Daemon(server, env) if server
+                                          else EmbeddedDaemon(env))
+                        try:
+                            m = measure(trainer, daemon, server, src, args.pairs, args.window)
+                        finally:
+                            daemon.stop()
+                            if server:
+                                server.stop()
+                        srv = (f"{m['server_cpu_per_gib']:.2f}"
+                               if m["server_cpu_per_gib"] is not None else "(in daemon)")
+                        label = f"{wname} ({workloads[wname]})"
+                        print(f"{label:<24}{setting:<9}{server_mode:<10}{m['alone']:>7.1f}"
+                              f"{m['during']:>8.1f}{100 * (1 - m['ratio']):>9.1f}%"
+                              f"{m['q1']:>8.3f}-{m['q3']:.3f}"
+                              f"{m['daemon_cpu_per_gib']:>18.2f}{srv:>18}", flush=True)
+                if args.full_upload:
+                    daemon = EmbeddedDaemon({})
+                    try:
+                        secs, steps = full_upload(trainer, daemon, src, args.window)
+                    finally:
+                        daemon.stop()
+                    print(f"  {wname}: one {args.gib:g} GiB upload with training throughout, "
+                          f"default settings, embedded server: {secs:.0f} s "
+                          f"({args.gib * 1024 / secs:.0f} MiB/s); training {steps:.1f} steps/s",
+                          flush=True)
+            finally:
+                trainer.close()
     finally:
-        for d in daemons:
-            d.stop()
-        for s in servers:
-            s.stop()
         shutil.rmtree(root, ignore_errors=True)
+    print("goals: slowdown < 5% with a core left free (all-but-one), < 10% on every core (all)")
     return 0
 
 

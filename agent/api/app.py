@@ -389,6 +389,7 @@ class Api:
             "state_dir": str(self.d.state_dir),
             "pid": os.getpid(),
             "loop_lag_max_ms": round(m.loop_lag_max_s * 1000),
+            "yield": self.d.yielder.info(),
         })
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -398,7 +399,8 @@ class Api:
 
     async def metrics(self, request: web.Request) -> web.Response:
         counts = await self.q.do(self.q.s.counts)
-        text = self.d.metrics.prometheus(counts, self.d.staging_bytes())
+        text = self.d.metrics.prometheus(counts, self.d.staging_bytes(),
+                                         self.d.yielder.info())
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     # ---- runs ----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ class _Truncated(Exception):
 
 class DiskStorage:
     def __init__(
-        self, root: Path, signer: Signer, io_pool: concurrent.futures.ThreadPoolExecutor
+        self, root: Path, signer: Signer, io_pool: concurrent.futures.Executor
     ) -> None:
         self.root = root
         self.description = f"file://{root}"

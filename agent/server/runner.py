@@ -26,6 +26,7 @@ from aiohttp import web
 
 from agent.config import Settings
 from agent.errors import ConfigError
+from agent.priority import BulkExecutor
 from agent.statedir import prepare_state_dir
 
 from .app import Core, make_app
@@ -131,7 +132,7 @@ class LocalServer:
     _listener: asyncio.Server = field(repr=False)
     _guard: ConnectionGuard = field(repr=False)
     _core: Core = field(repr=False)
-    _pool: concurrent.futures.ThreadPoolExecutor = field(repr=False)
+    _pool: concurrent.futures.Executor = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -194,7 +195,11 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         cfg.listen or ("127.0.0.1:0" if embedded else DEFAULT_STANDALONE_LISTEN)
     )
     tokens_file = cfg.tokens_file or state_dir / "tokens.json"
-    pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="server-io")
+    # embedded: the ingest's hashing and writing run in the daemon's bulk threads (idle by
+    # default, agent.bulk_policy); on its own, in ordinary threads
+    pool: concurrent.futures.Executor = (
+        BulkExecutor() if embedded
+        else concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="server-io"))
     loop = asyncio.get_running_loop()
     cleanup: contextlib.AsyncExitStack = contextlib.AsyncExitStack()
     cleanup.callback(pool.shutdown, False)

@@ -65,7 +65,7 @@ class S3Storage:
     def __init__(
         self,
         bucket: str,
-        io_pool: concurrent.futures.ThreadPoolExecutor,
+        io_pool: concurrent.futures.Executor,
         *,
         endpoint_url: str | None = None,
         region: str = "us-east-1",
@@ -83,7 +83,7 @@ class S3Storage:
 
     @classmethod
     def from_options(
-        cls, bucket: str, options: dict[str, str], io_pool: concurrent.futures.ThreadPoolExecutor
+        cls, bucket: str, options: dict[str, str], io_pool: concurrent.futures.Executor
     ) -> S3Storage:
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:

@@ -126,7 +126,7 @@ class Storage(Protocol):
 
 
 def open_storage(
-    url: str, state_dir: Path, signer: Signer, io_pool: concurrent.futures.ThreadPoolExecutor
+    url: str, state_dir: Path, signer: Signer, io_pool: concurrent.futures.Executor
 ) -> Storage:
     """The backend named by ``server.storage`` (empty = ``<state_dir>/objects`` on disk)."""
     if not url:

@@ -54,7 +54,8 @@ import anyio.to_thread
 
 from agent.chronicle import models as m
 from agent.errors import DiskFull
-from agent.fsid import Identity, run_as
+from agent.fsid import Identity, call_as, run_as
+from agent.priority import run_bulk
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,8 @@ class AssetCache:
             sfd = await anyio.to_thread.run_sync(os.open, src, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 while done < f.size:
-                    n = await run_as(ident, _copy_chunk, sfd, src, dst, done,
-                                     min(COPY_CHUNK_BYTES, f.size - done))
+                    n = await run_bulk(call_as, ident, _copy_chunk, sfd, src, dst, done,
+                                       min(COPY_CHUNK_BYTES, f.size - done))
                     done += n
                     on_bytes(n)
             finally:

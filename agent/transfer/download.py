@@ -44,6 +44,7 @@ from agent.errors import (
     VerificationError,
 )
 from agent.fsid import Identity, Refused, run_as
+from agent.priority import run_bulk
 from agent.transfer.cache import AssetCache, is_disk_full
 from agent.transfer.groups import one_error
 from agent.transfer.http import Watchdog, classify_storage_answer, redact
@@ -335,8 +336,7 @@ async def _get_into(
                         batch_bytes += len(chunk)
                         watchdog.kick()
                     if batch and (batch_bytes >= READ_CHUNK_BYTES or not chunk):
-                        await anyio.to_thread.run_sync(_write_at, fd, batch, pos, h, target,
-                                                       what)
+                        await run_bulk(_write_at, fd, batch, pos, h, target, what)
                         n, batch, batch_bytes = batch_bytes, [], 0
                         pos += n
                         got += n

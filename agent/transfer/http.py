@@ -32,6 +32,7 @@ from agent.errors import (
     TransferError,
     UrlExpired,
 )
+from agent.priority import run_bulk
 from agent.transfer.limits import Limits
 
 _CODE = re.compile(rb"<Code>([^<]*)</Code>")
@@ -127,7 +128,7 @@ async def file_chunks(
 
         while pos < end:
             n = min(chunk_bytes, end - pos)
-            data = await anyio.to_thread.run_sync(read, n, pos)
+            data = await run_bulk(read, n, pos)
             if len(data) != n:
                 raise SourceShrank(f"{path}: file ended at byte {pos + len(data)}, expected {end}")
             pos += n
@@ -267,7 +268,7 @@ async def hash_file(path: str, size: int, chunk_bytes: int,
         return h.hexdigest()
 
     try:
-        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        return await run_bulk(run, abandon_on_cancel=True)
     finally:
         stop.set()
 

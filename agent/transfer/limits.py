@@ -17,6 +17,11 @@ class TokenBucket:
         self._stamp = time.monotonic()
         self._lock = anyio.Lock()
 
+    def set_rate(self, rate_bytes_per_s: int) -> None:
+        """A new rate from now on (the daemon holding back, or letting go)."""
+        self.rate = rate_bytes_per_s
+        self._tokens = min(self._tokens, float(rate_bytes_per_s))
+
     async def take(self, n: int) -> None:
         if self.rate <= 0:
             return

@@ -54,6 +54,7 @@ from agent.errors import (
 )
 from agent.fsid import Identity, Refused, call_as, thread_uid
 from agent.metrics import Metrics
+from agent.priority import run_bulk
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
 from agent.transfer.groups import one_error
@@ -531,8 +532,7 @@ class AssetUpload:
 
         async def put(url: str) -> str:
             with self.e.small_buffers.take() as buf:
-                data, sha = await anyio.to_thread.run_sync(read_registered, comp, buf,
-                                                           self.open_src)
+                data, sha = await run_bulk(read_registered, comp, buf, self.open_src)
                 await put_bytes(self.e.session, url, data, limits=self.e.limits,
                                 stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what)
             return sha
