@@ -8,7 +8,10 @@ same bytes.
 One ``chronicle-agent server`` process (disk store, its own state dir, not niced). For each
 part size, each round: register one asset whose components are GIB / part size single-PUT
 objects, PUT them all, one after another on one keep-alive connection, then abandon the
-asset (its bytes are removed). The client is a raw socket that sends each body with
+asset (its bytes are removed). Then one component of the same size that the server plans
+as a multipart upload (its default part size), its parts PUT in order and finalized (the
+parts assembled into one object and hashed again): the server's share of the daemon's
+path; the finalize's own CPU and wall are printed too. The client is a raw socket that sends each body with
 ``sendfile(2)`` from a file in the page cache, so it costs next to nothing itself (its CPU is
 printed too). Measured: the server process's CPU (user+sys of all its threads, from
 ``/proc/<pid>/stat``) from the first PUT's request line to the last answer, and the wall
@@ -91,6 +94,7 @@ class Conn:
         self.sock = socket.create_connection((u.hostname, u.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = self.sock.makefile("rb")
+        self.etag = ""
 
     def put(self, url: str, fd: int, offset: int, count: int) -> tuple[int, bytes]:
         u = urlsplit(url)
@@ -106,6 +110,8 @@ class Conn:
             k, _, v = line.decode().partition(":")
             if k.lower() == "content-length":
                 length = int(v)
+            elif k.lower() == "etag":
+                self.etag = v.strip()
         return status, self.rfile.read(length)
 
     def close(self) -> None:
@@ -135,6 +141,38 @@ def ingest_round(server: Server, src: Path, size: int, part: int) -> dict[str, f
     return {"wall_s": wall, "cpu_s": cpu, "client_cpu_s": me}
 
 
+def multipart_round(server: Server, src: Path, size: int) -> dict[str, float]:
+    """One component of ``size`` bytes, planned by the server as a multipart upload (its
+    default part size), its parts PUT in order, then finalized: the daemon's path without
+    the daemon. CPU and wall of the PUTs and of the finalize (which assembles the parts)."""
+    reg = api(server, "POST", "/v1/assets",
+              {"asset_type": "bench", "components": [{"name": "big", "size": size}]})
+    mp = reg["multipart"]["big"]  # type: ignore[index]
+    part = mp["part_size"]
+    conn = Conn(server.url)
+    fd = os.open(src, os.O_RDONLY)
+    etags = []
+    try:
+        cpu0, me0, t0 = proc_cpu(server.proc.pid), self_cpu(), time.perf_counter()
+        for p in mp["parts"]:
+            off = (p["part_number"] - 1) * part
+            status, body = conn.put(p["url"], fd, off, min(part, size - off))
+            assert status == 200, (status, body)
+            etags.append({"part_number": p["part_number"], "etag": conn.etag})
+        wall = time.perf_counter() - t0
+        cpu, me = proc_cpu(server.proc.pid) - cpu0, self_cpu() - me0
+    finally:
+        os.close(fd)
+        conn.close()
+    cpu0, t0 = proc_cpu(server.proc.pid), time.perf_counter()
+    api(server, "POST", f"/v1/assets/{reg['asset_id']}/finalize",
+        {"components": {"big": {"size": size, "parts": etags}}})
+    fin_wall, fin_cpu = time.perf_counter() - t0, proc_cpu(server.proc.pid) - cpu0
+    api(server, "DELETE", f"/v1/assets/{reg['asset_id']}")
+    return {"wall_s": wall + fin_wall, "cpu_s": cpu + fin_cpu, "client_cpu_s": me,
+            "finalize_s": fin_wall, "finalize_cpu_s": fin_cpu, "part_mib": part / MiB}
+
+
 def hash_round(cmd: list[str], src: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     p = subprocess.Popen([*cmd, str(src)], stdout=subprocess.DEVNULL)
@@ -160,6 +198,33 @@ def daemon_round(server: Server, src: Path) -> dict[str, float]:
     finally:
         daemon.stop()
     return {"wall_s": wall, "cpu_s": cpu, "server_cpu_s": srv}
+
+
+def report(rows: dict[str, list[dict[str, float]]], size: int, rounds: int) -> None:
+    gib = size / GiB
+    print(f"\n== {gib:g} GiB per round, median of {rounds} ==")
+    width = max(len(k) for k in rows)
+    print(f"{'':{width}} {'CPU s/GiB':>10} {'(min-max)':>13} {'MB/s':>7}  other")
+    refs = {k: statistics.median(r["cpu_s"] for r in rows[k]) / gib for k in REFERENCES}
+    for label, rs in rows.items():
+        per = sorted(r["cpu_s"] / gib for r in rs)
+        wall = statistics.median(r["wall_s"] for r in rs)
+        other = ""
+        if "client_cpu_s" in rs[0]:
+            other = f"client {statistics.median(r['client_cpu_s'] for r in rs) / gib:.2f}"
+        if "finalize_cpu_s" in rs[0]:
+            other = (f"{rs[0]['part_mib']:g} MiB parts; finalize "
+                     f"{statistics.median(r['finalize_cpu_s'] for r in rs) / gib:.2f} CPU s/GiB, "
+                     f"{statistics.median(r['finalize_s'] for r in rs):.2f} s; " + other)
+        elif "server_cpu_s" in rs[0]:
+            other = f"server {statistics.median(r['server_cpu_s'] for r in rs) / gib:.2f}"
+        spread = f"({per[0]:.2f}-{per[-1]:.2f})"
+        print(f"{label:{width}} {statistics.median(per):10.2f} {spread:>13} "
+              f"{size / wall / 1e6:7.0f}  {other}")
+    for label, rs in rows.items():
+        if label not in refs:
+            cpu = statistics.median(r["cpu_s"] for r in rs) / gib
+            print(f"{label}: " + ", ".join(f"{cpu / v:.2f}x {k}" for k, v in refs.items()))
 
 
 def main() -> int:
@@ -190,6 +255,8 @@ def main() -> int:
                 for part in parts:
                     label = f"{name}, {part // MiB} MiB PUTs"
                     rows.setdefault(label, []).append(ingest_round(server, src, size, part))
+                rows.setdefault(f"{name}, multipart+finalize", []).append(
+                    multipart_round(server, src, size))
             for label, cmd in REFERENCES.items():
                 rows.setdefault(label, []).append(hash_round(cmd, src))
             if args.daemon:
@@ -203,26 +270,7 @@ def main() -> int:
         for server in servers.values():
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
-    gib = size / GiB
-    print(f"\n== {gib:g} GiB per round, median of {args.rounds} ==")
-    width = max(len(k) for k in rows)
-    print(f"{'':{width}} {'CPU s/GiB':>10} {'(min-max)':>13} {'MB/s':>7} {'other CPU s/GiB':>16}")
-    refs = {k: statistics.median(r["cpu_s"] for r in rows[k]) / gib for k in REFERENCES}
-    for label, rs in rows.items():
-        per = sorted(r["cpu_s"] / gib for r in rs)
-        wall = statistics.median(r["wall_s"] for r in rs)
-        other = ""
-        if "client_cpu_s" in rs[0]:
-            other = f"client {statistics.median(r['client_cpu_s'] for r in rs) / gib:.2f}"
-        elif "server_cpu_s" in rs[0]:
-            other = f"server {statistics.median(r['server_cpu_s'] for r in rs) / gib:.2f}"
-        spread = f"({per[0]:.2f}-{per[-1]:.2f})"
-        print(f"{label:{width}} {statistics.median(per):10.2f} {spread:>13} "
-              f"{size / wall / 1e6:7.0f} {other:>16}")
-    for label, rs in rows.items():
-        if label not in refs:
-            cpu = statistics.median(r["cpu_s"] for r in rs) / gib
-            print(f"{label}: " + ", ".join(f"{cpu / v:.2f}x {k}" for k, v in refs.items()))
+    report(rows, size, args.rounds)
     return 0
 
 
