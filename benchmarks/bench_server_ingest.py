@@ -1,26 +1,31 @@
 """The local server's cost of receiving bytes (issue 12): CPU-seconds per GiB that the
-disk store spends on presigned PUTs over loopback, beside one ``sha256sum`` pass over the
-same bytes.
+disk store spends on presigned PUTs over loopback, beside one SHA-256 pass over the same
+bytes.
 
-    .venv/bin/python benchmarks/bench_server_ingest.py [--gib 2] [--part-mib 64,1024] [--rounds 3]
-                                                       [--daemon]
+    .venv/bin/python benchmarks/bench_server_ingest.py [--gib 2] [--part-mib 64,1024]
+        [--rounds 3] [--daemon] [--compare OTHER_CHECKOUT]
 
-One ``chronicle-agent server`` process (disk store, its own state dir, not niced). For each
-part size, each round: register one asset whose components are GIB / part size single-PUT
-objects, PUT them all, one after another on one keep-alive connection, then abandon the
-asset (its bytes are removed). Then one component of the same size that the server plans
-as a multipart upload (its default part size), its parts PUT in order and finalized (the
-parts assembled into one object and hashed again): the server's share of the daemon's
-path; the finalize's own CPU and wall are printed too. The client is a raw socket that sends each body with
-``sendfile(2)`` from a file in the page cache, so it costs next to nothing itself (its CPU is
-printed too). Measured: the server process's CPU (user+sys of all its threads, from
-``/proc/<pid>/stat``) from the first PUT's request line to the last answer, and the wall
-time; per GiB, medians over rounds. Rounds are interleaved with one ``sha256sum`` of the
-source file (CPU from ``wait4``): the cost of one SHA-256 pass reading from the page cache.
+One ``chronicle-agent server`` process (disk store, its own state dir, not niced). Each
+round, for each part size: one asset whose components are GIB / part-size single-PUT
+objects, all PUT one after another on one keep-alive connection, then abandoned (its bytes
+removed). Then one component of the same total size that the server plans as a multipart
+upload (its default part size), its parts PUT in order, then finalized, which assembles
+the parts into one object and hashes it again: the server's share of the daemon's path
+(the finalize's own CPU and wall are printed apart), then deleted.
 
-``--daemon`` adds the daemon's side: a fresh ``chronicle-agent daemon`` uploads the same
-file (``chronicle-agent upload FILE --type checkpoint --wait``, the server's default part
-size), its CPU from ``/proc`` (start-up not counted), and the server's CPU meanwhile.
+The client is a raw socket that sends each body with ``sendfile(2)`` from a file in the
+page cache, so it costs next to nothing itself (its CPU is printed too). Measured: the
+server process's CPU (user+sys of all its threads, from ``/proc/<pid>/stat``) from the
+first request line to the last answer, and the wall time; per GiB, medians over rounds.
+Each round also times one SHA-256 pass over the same file, from the page cache:
+``sha256sum`` (coreutils' own code) and ``openssl dgst -sha256`` (what Python's hashlib
+runs; it uses the CPU's SHA extensions where there are some). CPU from ``wait4``.
+
+``--daemon``: also a fresh ``chronicle-agent daemon`` uploading the same file
+(``chronicle-agent upload FILE --type checkpoint --wait``): the daemon's CPU (from
+``/proc``, its start-up not counted) and the server's meanwhile (finalize included).
+``--compare``: a second server running another checkout's ``agent`` package, interleaved
+with this one (which goes first alternates), for before/after figures in one run.
 """
 
 from __future__ import annotations
@@ -251,7 +256,8 @@ def main() -> int:
         if args.compare:
             servers["compared"] = Server(root / "compared", repo=args.compare.resolve())
         for r in range(args.rounds):  # interleaved, so drift hits every column alike
-            for name, server in servers.items():
+            order = list(servers.items())
+            for name, server in order[::-1] if r % 2 else order:  # who goes first alternates
                 for part in parts:
                     label = f"{name}, {part // MiB} MiB PUTs"
                     rows.setdefault(label, []).append(ingest_round(server, src, size, part))
