@@ -515,6 +515,11 @@ class Watcher:
                          if any(fnmatch.fnmatchcase(f.rel, g)
                                 or fnmatch.fnmatchcase(f.rel.rsplit("/", 1)[-1], g)
                                 for g in r.rule.copy_files))
+        if self.staging.max_bytes and self.staged:
+            # recounted now, not at the last periodic recount: a writer that just deleted
+            # an original makes its linked snapshot count against the cap at once
+            await anyio.to_thread.run_sync(self.staging.account,
+                                           [st.snap.dir for st in self.staged.values()])
         if not self.staging.room_for(copy_bytes):
             if not pend.blocked:
                 log.warning("checkpoint %s waits: the staging area holds %d bytes of its "
