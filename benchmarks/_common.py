@@ -22,12 +22,13 @@ class Server:
     """``chronicle-agent server`` on an ephemeral loopback port, run under ``prefix``
     (e.g. ``["nice", "-n", "5"]``) so it stands in for a remote machine."""
 
-    def __init__(self, root: Path, prefix: list[str] | None = None) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+    def __init__(self, root: Path, prefix: list[str] | None = None, repo: Path = REPO) -> None:
+        """``repo``: the checkout whose ``agent`` package the server runs."""
+        env = dict(os.environ, PYTHONPATH=str(repo))
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "agent", "server", "--listen",
              "127.0.0.1:0", "--state-dir", str(root / "server")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         info: dict[str, str] = {}
         assert self.proc.stdout is not None
         while len(info) < 2:

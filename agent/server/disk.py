@@ -490,48 +490,44 @@ class DiskStorage:
         """Stream the body into ``tmp``; its hex SHA-256. Raises _Truncated (and leaves no
         file) if fewer than ``length`` bytes arrive.
 
-        Batches of received bytes go to two worker threads at once, one writing and one
-        hashing (both release the GIL), while the event loop receives the next batch."""
+        Received chunks are handed to a worker thread in batches of about BATCH_BYTES, one
+        thread hop per batch, while the event loop receives the next batch. The thread
+        hashes each chunk and writes it at once, while it is still in the CPU's cache
+        (hashlib and os.write release the GIL)."""
         loop = asyncio.get_running_loop()
         fd = await self._run(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         h = hashlib.sha256()
-        writing: asyncio.Future[None] | None = None
-        hashing: asyncio.Future[None] | None = None
+        storing: asyncio.Future[None] | None = None
         batch: list[bytes] = []
         batch_bytes = received = 0
+        content = request.content
         try:
             try:
                 while received < length:
-                    chunk = await request.content.readany()
+                    chunk = await content.readany()
                     if not chunk:
                         break
                     batch.append(chunk)
                     batch_bytes += len(chunk)
                     received += len(chunk)
                     if batch_bytes >= BATCH_BYTES:
-                        if writing is not None:
-                            await writing
-                        if hashing is not None:
-                            await hashing
-                        writing = loop.run_in_executor(self._pool, _write_all, fd, batch)
-                        hashing = loop.run_in_executor(self._pool, _hash_all, h, batch)
+                        if storing is not None:
+                            await storing
+                        storing = loop.run_in_executor(self._pool, _store, fd, h, batch)
                         batch, batch_bytes = [], 0
             except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as e:
                 raise _Truncated(f"connection lost after {received} of {length} bytes") from e
             if received != length:
                 raise _Truncated(f"got {received} of {length} bytes")
-            for pending in (writing, hashing):
-                if pending is not None:
-                    await pending
-            writing = loop.run_in_executor(self._pool, _write_all, fd, batch)
-            hashing = loop.run_in_executor(self._pool, _hash_all, h, batch)
-            await writing
-            await hashing
-            writing = hashing = None
+            if storing is not None:
+                await storing
+            storing = loop.run_in_executor(self._pool, _store, fd, h, batch)
+            await storing
+            storing = None
             await self._run(os.close, fd)
             return h.hexdigest()
         except BaseException:
-            self._discard(fd, tmp, [p for p in (writing, hashing) if p is not None])
+            self._discard(fd, tmp, [storing] if storing is not None else [])
             raise
 
     def _discard(self, fd: int, tmp: Path, pending: list[asyncio.Future[None]]) -> None:
@@ -568,17 +564,11 @@ class DiskStorage:
         return web.FileResponse(data, chunk_size=1024 * 1024, headers=headers)
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        n = os.writev(fd, views[:1024])
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-
-
-def _hash_all(h: Any, chunks: list[bytes]) -> None:
+def _store(fd: int, h: Any, chunks: list[bytes]) -> None:
+    """Hash and write each chunk in turn: the write reads it while the hash left it in the
+    CPU's cache."""
     for c in chunks:
         h.update(c)
+        view = memoryview(c)
+        while view:
+            view = view[os.write(fd, view):]
