@@ -9,10 +9,12 @@ rate while the daemon uploads, and alone, in alternating windows of the same run
 
 Workloads (``--threads``): ``all`` = torch's intra-op threads on every core (torch's own
 default: the case where any neighbour hurts most), ``all-but-one`` = one core left free.
-Settings: ``default`` = the daemon as installed (nice 10, idle I/O class, bulk threads
-SCHED_IDLE, holding back while other processes keep the CPUs busy); ``before`` = the same
-but with ``agent.bulk_policy = "normal"`` and ``agent.busy_cpu_fraction = 0`` (what the daemon
-did before it yielded). Server: ``embedded`` = the daemon's own local Chronicle, as a new
+Settings (``--settings``): ``default`` = the daemon as installed (nice 10, idle I/O class,
+bulk threads SCHED_IDLE, holding back while other processes keep the CPUs busy);
+``before`` = the same but with ``agent.bulk_policy = "normal"`` and
+``agent.busy_cpu_fraction = 0`` (what the daemon did before it yielded); ``idle-only`` and
+``cap-4MiB`` (below) take the mechanisms apart.
+Server: ``embedded`` = the daemon's own local Chronicle, as a new
 user runs it (its ingest is part of the daemon's CPU); ``separate`` = ``chronicle-agent
 server`` as its own process (standing in for remote storage; its CPU is reported on its
 own, and it is paused and resumed with the daemon).
@@ -58,7 +60,11 @@ SETTINGS = {
     "default": {},
     "before": {"CHRONICLE_AGENT_AGENT__BULK_POLICY": "normal",
                "CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0"},
+    "idle-only": {"CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0"},
+    "cap-4MiB": {"CHRONICLE_AGENT_AGENT__BUSY_BYTES_PER_S": str(4 * MiB)},
 }
+"""``idle-only``: SCHED_IDLE bulk threads without holding back; ``cap-4MiB``: holding back
+at 4 MiB/s instead of 16."""
 
 
 def trainer(conn: Connection, threads: int) -> None:
@@ -241,6 +247,7 @@ def main() -> int:
                             daemon.stop()
                             if server:
                                 server.stop()
+                                shutil.rmtree(root / "server", ignore_errors=True)
                         srv = (f"{m['server_cpu_per_gib']:.2f}"
                                if m["server_cpu_per_gib"] is not None else "(in daemon)")
                         label = f"{wname} ({workloads[wname]})"
