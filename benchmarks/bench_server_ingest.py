@@ -9,9 +9,11 @@ One ``chronicle-agent server`` process (disk store, its own state dir, not niced
 round, for each part size: one asset whose components are GIB / part-size single-PUT
 objects, all PUT one after another on one keep-alive connection, then abandoned (its bytes
 removed). Then one component of the same total size that the server plans as a multipart
-upload (its default part size), its parts PUT in order, then finalized, which assembles
-the parts into one object and hashes it again: the server's share of the daemon's path
-(the finalize's own CPU and wall are printed apart), then deleted.
+upload (its default part size), its parts PUT in order, then finalized (the disk store
+writes each part at its place in one file; the finalize hashes that file once and renames
+it into place; before issue 12 it copied the parts into one object and hashed it again):
+the server's share of the daemon's path (the finalize's own CPU and wall are printed
+apart), then deleted.
 
 The client is a raw socket that sends each body with ``sendfile(2)`` from a file in the
 page cache, so it costs next to nothing itself (its CPU is printed too). Measured: the

@@ -42,6 +42,7 @@ from .storage import (
     MAX_PARTS,
     MIN_PART_BYTES,
     PartInfo,
+    PartsRefused,
     etag_value,
     part_count,
     plan_part_size,
@@ -308,14 +309,9 @@ class Assets:
         else a single PUT."""
         if size > self.cfg.multipart_threshold_bytes:
             key = final_key(c.object_key)
-            upload_id = await self.core.storage.create_multipart(key)
-            return replace(
-                c,
-                object_key=key,
-                size=size,
-                upload_id=upload_id,
-                part_size=plan_part_size(size, self.cfg.part_size_bytes),
-            )
+            part_size = plan_part_size(size, self.cfg.part_size_bytes)
+            upload_id = await self.core.storage.create_multipart(key, part_size)
+            return replace(c, object_key=key, size=size, upload_id=upload_id, part_size=part_size)
         return replace(
             c, object_key=upload_key(c.object_key), size=size, upload_id=None, part_size=None
         )
@@ -686,7 +682,11 @@ class Assets:
                     raise _mismatch(
                         f"component {c.name!r}: part {small[0]} is under 5 MiB and not the last"
                     )
-                info = await storage.complete_multipart(c.object_key, c.upload_id, parts)
+                try:
+                    info = await storage.complete_multipart(c.object_key, c.upload_id, parts)
+                except PartsRefused as e:
+                    refuse = _missing if e.missing else _mismatch
+                    raise refuse(f"component {c.name!r}: {e}") from None
         else:  # a single PUT: finalize a copy the upload URL cannot reach
             key = final_key(c.object_key)
             info = await storage.copy(c.object_key, key)

@@ -4,13 +4,25 @@ Layout under the root (keys are hashed, so no client-chosen name ever touches a 
 
     objects/<h[:2]>/<h>         the object's bytes, h = sha256(key)
     objects/<h[:2]>/<h>.meta    {"key", "size", "sha256", "ino", "content_type"}
-    multipart/<upload_id>/KEY   the object key of a multipart upload
-    multipart/<upload_id>/<part:05d>.<etag>   one received part
+    multipart/<upload_id>/KEY             the object key of a multipart upload
+    multipart/<upload_id>/PART_SIZE       its planned part size P
+    multipart/<upload_id>/object.partial  the object being assembled: part N at (N-1)*P
+    multipart/<upload_id>/<part:05d>.<etag>.<size>   part N arrived whole (empty)
     tmp/                        bodies being received
 
-A PUT streams to ``tmp/`` in large batches written (and hashed) in a worker thread, then is
-renamed into place: a truncated body leaves nothing behind. The meta file records the inode
-it describes, so a meta file left over from a replaced object is never believed.
+A single PUT streams to ``tmp/`` in large batches written (and hashed) in a worker thread,
+then is renamed into place: a truncated body leaves nothing behind. The meta file records
+the inode it describes, so a meta file left over from a replaced object is never believed.
+
+A part PUT writes its body straight at its place in ``object.partial`` (no hash: its ETag is
+an opaque token naming this write). Before the first byte, the part's marker is removed;
+the marker is created only once the whole body is written, so a part cut short (or by a
+crash) is missing, never half there. One PUT of a part writes at a time: a newer one makes
+the older stop at its next batch and waits for its last write. Completing the upload checks
+the markers against the plan, hashes the object once (the SHA-256 finalize checks) and
+renames it into place: no copy. An upload directory without ``PART_SIZE`` (made by an
+older version) or without ``object.partial`` (completed, crash before clean-up) is no
+upload: its URLs answer NoSuchUpload and finalize falls back to the object if present.
 
 URLs look like S3's query-string authentication: ``/storage/<key>?Expires=…&Signature=…``
 (plus ``uploadId`` and ``partNumber`` for a part), refused with S3's XML errors. A PUT
@@ -43,7 +55,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .locks import KeyedLocks
 from .signing import Grant, Signer
-from .storage import MAX_PARTS, ObjectInfo, PartInfo, StorageError, UploadGate, etag_value
+from .storage import (
+    MAX_PARTS,
+    ObjectInfo,
+    PartInfo,
+    PartsRefused,
+    StorageError,
+    UploadGate,
+    etag_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +74,8 @@ BATCH_BYTES = 4 * 1024 * 1024
 """Received bytes handed to the writer thread at once."""
 COPY_CHUNK = 4 * 1024 * 1024
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
-_PART_FILE = re.compile(r"(\d{5})\.([0-9a-f]+)")
+_PART_FILE = re.compile(r"(\d{5})\.([0-9a-f]{32})\.(\d+)")
+PARTIAL = "object.partial"
 STORAGE_PREFIX = "/storage/"
 _EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-0+\s*")
 """``Range: bytes=-0``: the last 0 bytes, which no byte satisfies (aiohttp would send all)."""
@@ -97,6 +118,95 @@ class _Truncated(Exception):
     pass
 
 
+class _Superseded(Exception):
+    """A newer PUT of the same part, or the upload's completion, took over."""
+
+
+class _Part:
+    """The PUTs of one part in flight in this process."""
+
+    __slots__ = ("gen", "refs", "busy")
+
+    def __init__(self) -> None:
+        self.gen = 0
+        """Bumped by each PUT of the part; only the newest may write or mark it."""
+        self.refs = 0
+        """PUTs of the part being handled."""
+        self.busy = 0
+        """Their file operations under way in worker threads."""
+
+
+class _Upload:
+    """The part PUTs of one multipart upload in flight in this process."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, _Part] = {}
+        self.refs = 0
+        self.busy = 0
+        self.closing = False
+        """Being completed: no part PUT may start or write more."""
+        self.done = False
+        """Completed (its file is the object now): no part PUT may write again."""
+        self.changed = asyncio.Event()
+        """Set (and replaced) whenever a file operation of a part PUT ends."""
+
+    async def wait(self) -> None:
+        await self.changed.wait()
+
+
+class _PartWrite:
+    """One PUT of a part: counted with its upload while it is handled, and each of its file
+    operations while it runs in a worker thread (which a newer PUT of the part, and the
+    upload's completion, wait for: a PUT that is no longer ``live`` starts none)."""
+
+    def __init__(self, up: _Upload, number: int, forget: Callable[[], None]) -> None:
+        self.up = up
+        self.number = number
+        self.part = up.parts.setdefault(number, _Part())
+        self.part.gen += 1
+        self.gen = self.part.gen
+        self.part.refs += 1
+        up.refs += 1
+        self._forget = forget
+        self._released = False
+        self._loop = asyncio.get_running_loop()
+
+    def live(self) -> bool:
+        """Whether this PUT may still write: no newer PUT of the part, no completion."""
+        return self.part.gen == self.gen and not (self.up.closing or self.up.done)
+
+    def track(self, cf: concurrent.futures.Future[T]) -> concurrent.futures.Future[T]:
+        """Count ``cf`` (a file operation in a worker thread) until it ends."""
+        up, part = self.up, self.part
+        part.busy += 1
+        up.busy += 1
+
+        def ended() -> None:
+            part.busy -= 1
+            up.busy -= 1
+            changed, up.changed = up.changed, asyncio.Event()
+            changed.set()
+
+        def done(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: moot
+                self._loop.call_soon_threadsafe(ended)
+
+        cf.add_done_callback(done)
+        return cf
+
+    def release(self) -> None:
+        """This PUT is handled (its file operations are counted on their own)."""
+        if self._released:
+            return
+        self._released = True
+        up, part = self.up, self.part
+        part.refs -= 1
+        up.refs -= 1
+        if not part.refs and up.parts.get(self.number) is part:
+            del up.parts[self.number]
+        self._forget()
+
+
 class DiskStorage:
     def __init__(
         self, root: Path, signer: Signer, io_pool: concurrent.futures.Executor
@@ -111,6 +221,7 @@ class DiskStorage:
         self._tmp = root / "tmp"
         self._locks = KeyedLocks()
         self._gate: UploadGate | None = None
+        self._uploads: dict[str, _Upload] = {}
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -281,18 +392,35 @@ class DiskStorage:
 
     # ---- multipart ------------------------------------------------------------------------------
 
-    def _create_upload(self, key: str) -> str:
+    def _create_upload(self, key: str, part_size: int) -> str:
+        if part_size <= 0:
+            raise ValueError(f"part size {part_size}")
         upload_id = secrets.token_hex(16)
         d = self._multipart / upload_id
         d.mkdir(mode=0o700)
-        (d / "KEY").write_text(key)
+        os.close(os.open(d / PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        (d / "PART_SIZE").write_text(str(part_size))
+        (d / "KEY").write_text(key)  # last: until it is there, the upload does not exist
         return upload_id
 
-    async def create_multipart(self, key: str) -> str:
-        return await self._run(self._create_upload, key)
+    async def create_multipart(self, key: str, part_size: int) -> str:
+        return await self._run(self._create_upload, key, part_size)
 
-    def _upload_of(self, key: str, upload_id: str) -> Path | None:
-        """The upload's directory if ``upload_id`` is an upload of ``key``."""
+    def _upload_of(self, key: str, upload_id: str) -> tuple[Path, int] | None:
+        """The upload's directory and part size if ``upload_id`` is an open upload of
+        ``key``."""
+        d = self._dir_of(key, upload_id)
+        if d is None:
+            return None
+        try:
+            part_size = int((d / "PART_SIZE").read_text())
+            os.stat(d / PARTIAL)
+        except (OSError, ValueError):  # an older layout, or completed: no upload
+            return None
+        return d, part_size
+
+    def _dir_of(self, key: str, upload_id: str) -> Path | None:
+        """The directory of ``upload_id`` if it was made for ``key``, whatever its state."""
         d = self._upload_dir(upload_id)
         if d is None:
             return None
@@ -301,82 +429,97 @@ class DiskStorage:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    @staticmethod
+    def _markers(d: Path) -> dict[int, tuple[str, int]]:
+        """Part number -> (ETag value, size) of the parts stored whole."""
+        found = {}
+        with os.scandir(d) as it:
+            for entry in it:
+                m = _PART_FILE.fullmatch(entry.name)
+                if m:
+                    found[int(m[1])] = (m[2], int(m[3]))
+        return found
+
     def _list_parts(self, key: str, upload_id: str) -> list[PartInfo] | None:
-        d = self._upload_of(key, upload_id)
-        if d is None:
+        found = self._upload_of(key, upload_id)
+        if found is None:
             return None
-        parts = []
         try:
-            with os.scandir(d) as it:
-                for entry in it:
-                    m = _PART_FILE.fullmatch(entry.name)
-                    if m:
-                        size = entry.stat().st_size
-                        parts.append(PartInfo(int(m[1]), f'"{m[2]}"', size))
+            markers = self._markers(found[0])
         except FileNotFoundError:
             return None
-        return sorted(parts, key=lambda p: p.part_number)
+        return [PartInfo(n, f'"{etag}"', size) for n, (etag, size) in sorted(markers.items())]
 
     async def list_parts(self, key: str, upload_id: str) -> list[PartInfo] | None:
         return await self._run(self._list_parts, key, upload_id)
 
-    @staticmethod
-    def _part_path(d: Path, p: PartInfo) -> Path:
-        return d / f"{p.part_number:05d}.{etag_value(p.etag)}"
-
-    def _concat(self, d: Path, parts: Sequence[PartInfo], tmp: Path) -> None:
-        """Concatenate the parts into ``tmp`` inside the kernel (copy_file_range)."""
-        with open(tmp, "xb") as out:
-            for p in parts:
-                with open(self._part_path(d, p), "rb") as f:
-                    left = os.fstat(f.fileno()).st_size
-                    try:
-                        while left > 0:
-                            n = os.copy_file_range(f.fileno(), out.fileno(), left)
-                            if n == 0:
-                                break
-                            left -= n
-                    except OSError:  # no copy_file_range here: copy in user space
-                        f.seek(os.fstat(f.fileno()).st_size - left)
-                        shutil.copyfileobj(f, out, COPY_CHUNK)
-
-    def _hash_parts(self, d: Path, parts: Sequence[PartInfo]) -> str:
+    def _seal(self, d: Path, part_size: int, parts: Sequence[PartInfo]) -> str:
+        """Check that ``parts`` are parts 1..N stored whole as planned, cut the object to
+        their size; its hex SHA-256 (the one pass over the bytes)."""
+        try:
+            markers = self._markers(d)
+        except FileNotFoundError:
+            raise PartsRefused("its multipart upload is gone", missing=True) from None
+        total = 0
+        for i, p in enumerate(parts, 1):
+            if p.part_number != i:
+                raise PartsRefused(
+                    f"parts must be numbered 1 to {len(parts)} without a gap "
+                    f"(part {i} is not named)",
+                    missing=False,
+                )
+            have = markers.get(i)
+            if have is None or have[0] != etag_value(p.etag):
+                raise PartsRefused(f"part {i} is not in storage (or was sent again)", missing=True)
+            if i < len(parts) and have[1] != part_size:
+                raise PartsRefused(
+                    f"part {i} holds {have[1]} bytes, not the planned {part_size}",
+                    missing=False,
+                )
+            total += have[1]
+        partial_path = d / PARTIAL
+        for n, (etag, size) in markers.items():  # parts past the end: cut off below
+            if n > len(parts):
+                (d / f"{n:05d}.{etag}.{size}").unlink(missing_ok=True)
+        os.truncate(partial_path, total)
         h = hashlib.sha256()
         buf = bytearray(COPY_CHUNK)
         view = memoryview(buf)
-        for p in parts:
-            with open(self._part_path(d, p), "rb", buffering=0) as f:
-                while n := f.readinto(buf):
-                    h.update(view[:n])
+        with open(partial_path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
         return h.hexdigest()
 
     async def complete_multipart(
         self, key: str, upload_id: str, parts: Sequence[PartInfo]
     ) -> ObjectInfo:
         async with self._locks.hold(f"upload:{upload_id}"):
-            d = await self._run(self._upload_of, key, upload_id)
-            if d is None:
+            found = await self._run(self._upload_of, key, upload_id)
+            if found is None:
                 raise StorageError(f"multipart upload {upload_id} of {key!r} does not exist")
-            tmp = self._tmp_path()
-            # Copy and hash in two threads at once: each pass reads the parts on its own.
-            copying = self._run(self._concat, d, parts, tmp)
-            hashing = self._run(self._hash_parts, d, parts)
-            done = await asyncio.gather(copying, hashing, return_exceptions=True)
-            failed = [r for r in done if isinstance(r, BaseException)]
-            if failed:
-                await self._run(partial(tmp.unlink, missing_ok=True))
-                if isinstance(failed[0], FileNotFoundError):
-                    raise StorageError(f"part missing while assembling {key!r}: {failed[0]}")
-                raise failed[0]
-            digest = str(done[1])
-            async with self._locks.hold(key):
-                info = await self._run(self._install, tmp, key, digest, None)
+            d, part_size = found
+            up = self._uploads.setdefault(upload_id, _Upload())
+            up.closing = True  # part PUTs stop at their next batch, new ones are refused
+            try:
+                while up.busy:  # the last batches of part PUTs (they start no more)
+                    await up.wait()
+                digest = await self._run(self._seal, d, part_size, parts)
+                up.done = True  # the file becomes the object: no part PUT may write it again
+                async with self._locks.hold(key):
+                    info = await self._run(self._install, d / PARTIAL, key, digest, None)
+            except Exception:
+                if up.done and await self._run(os.path.exists, d / PARTIAL):
+                    up.done = False  # not moved: the upload goes on
+                raise
+            finally:
+                up.closing = False
+                self._forget(upload_id)
             await self._run(shutil.rmtree, d, True)
             return info
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         async with self._locks.hold(f"upload:{upload_id}"):
-            d = await self._run(self._upload_of, key, upload_id)
+            d = await self._run(self._dir_of, key, upload_id)
             if d is not None:
                 await self._run(shutil.rmtree, d, True)
 
@@ -419,24 +562,40 @@ class DiskStorage:
             return s3_error(411, "MissingContentLength", "You must provide the Content-Length")
         if length > MAX_PUT_BYTES:
             return s3_error(400, "EntityTooLarge", "Your proposed upload exceeds 5 GiB")
-        upload_dir: Path | None = None
         if grant.upload_id:
-            upload_dir = await self._run(self._upload_of, grant.key, grant.upload_id)
-            if upload_dir is None:
-                return _no_upload()
+            return await self._put_part(request, grant, length)
         if not await self._open(grant.key):
             return _closed(grant)
         tmp = self._tmp_path()
+        h = hashlib.sha256()
         try:
-            digest = await self._receive(request, length, tmp)
+            fd = await self._run(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            log.error("PUT %s: cannot store: %s", request.path, e)
+            return s3_error(500, "InternalError", f"cannot store the object: {e.strerror}")
+
+        def idle(ok: bool) -> None:
+            def cleanup() -> None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                if not ok:
+                    tmp.unlink(missing_ok=True)
+
+            self._background(cleanup)
+
+        try:
+            await self._receive(
+                request, length, lambda batch: self._pool.submit(_store, fd, h, batch), idle
+            )
         except _Truncated as e:
             log.info("PUT %s cut short: %s", request.path, e)
             return s3_error(400, "IncompleteBody", str(e))
         except OSError as e:
             log.error("PUT %s: cannot store: %s", request.path, e)
             return s3_error(500, "InternalError", f"cannot store the object: {e.strerror}")
+        digest = h.hexdigest()
         try:
-            refused = await self._install_received(request, grant, upload_dir, tmp, digest)
+            refused = await self._install_received(request, grant, tmp, digest)
         except BaseException:
             self._background(partial(tmp.unlink, missing_ok=True))
             raise
@@ -452,52 +611,159 @@ class DiskStorage:
         async with self._gate(key) as open_:
             return open_
 
+    def _gated(self, key: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Held while a received body is put in place: the gate says whether the key may
+        still be written, and a finalize or delete cannot slip in meanwhile."""
+        return self._gate(key) if self._gate is not None else contextlib.nullcontext(True)
+
     async def _install_received(
-        self, request: web.Request, grant: Grant, upload_dir: Path | None, tmp: Path, digest: str
+        self, request: web.Request, grant: Grant, tmp: Path, digest: str
     ) -> web.Response | None:
-        """Put a received body in place, if the gate still lets this key be written (it is
-        held meanwhile, so a finalize or delete cannot slip in between); else the refusal."""
-        gate = self._gate(grant.key) if self._gate is not None else contextlib.nullcontext(True)
-        async with gate as open_:
+        """Put a received single body in place, if the gate still lets this key be
+        written; else the refusal."""
+        async with self._gated(grant.key) as open_:
             if not open_:
                 return _closed(grant)
-            if upload_dir is not None:
-                async with self._locks.hold(f"part:{grant.upload_id}:{grant.part_number}"):
-                    stored = await self._run(
-                        self._install_part, tmp, upload_dir, grant.part_number, digest
-                    )
-                if not stored:
-                    return _no_upload()
-            else:
-                content_type = request.headers.get("Content-Type")
-                async with self._locks.hold(grant.key):
-                    await self._run(self._install, tmp, grant.key, digest, content_type)
+            content_type = request.headers.get("Content-Type")
+            async with self._locks.hold(grant.key):
+                await self._run(self._install, tmp, grant.key, digest, content_type)
         return None
 
-    def _install_part(self, tmp: Path, d: Path, number: int, digest: str) -> bool:
-        name = f"{number:05d}.{digest[:32]}"
+    # ---- part PUTs -------------------------------------------------------------------------------
+
+    def _forget(self, upload_id: str) -> None:
+        up = self._uploads.get(upload_id)
+        if up is not None and not up.refs and not up.closing:
+            del self._uploads[upload_id]
+
+    async def _put_part(
+        self, request: web.Request, grant: Grant, length: int
+    ) -> web.StreamResponse:
+        """Write a part's body at its place in the object being assembled, then mark it."""
+        found = await self._run(self._upload_of, grant.key, grant.upload_id)
+        if found is None:
+            return _no_upload()
+        d, part_size = found
+        number = grant.part_number
+        if length > part_size:
+            return s3_error(
+                400,
+                "EntityTooLarge",
+                f"Part {number} is {length} bytes, over this upload's part size of {part_size}",
+            )
+        if not await self._open(grant.key):
+            return _closed(grant)
+        up = self._uploads.setdefault(grant.upload_id, _Upload())
+        if up.closing or up.done:
+            return _no_upload()
+        w = _PartWrite(up, number, partial(self._forget, grant.upload_id))
         try:
-            os.replace(tmp, d / name)
-        except FileNotFoundError:  # the upload was aborted or completed meanwhile
-            tmp.unlink(missing_ok=True)
-            return False
+            while w.part.busy and w.live():  # an older PUT of this part: its last batch
+                await up.wait()
+            if not w.live():
+                return self._superseded(grant, up)
+            opening = w.track(self._pool.submit(self._open_part, d, number))
+            try:
+                fd = await asyncio.wrap_future(opening)
+            except FileNotFoundError:
+                return _no_upload()
+            except OSError as e:
+                log.error("PUT %s: cannot store: %s", request.path, e)
+                return s3_error(500, "InternalError", f"cannot store the part: {e.strerror}")
+            except asyncio.CancelledError:
+                opening.add_done_callback(_close_opened)
+                raise
+            return await self._write_part(request, grant, d, fd, part_size, length, w)
+        finally:
+            w.release()
+
+    async def _write_part(
+        self,
+        request: web.Request,
+        grant: Grant,
+        d: Path,
+        fd: int,
+        part_size: int,
+        length: int,
+        w: _PartWrite,
+    ) -> web.StreamResponse:
+        number = grant.part_number
+        placer = _Placer(fd, (number - 1) * part_size)
+
+        def idle(ok: bool) -> None:
+            self._background(partial(_close_quietly, fd))
+
+        def submit(batch: list[bytes]) -> concurrent.futures.Future[None]:
+            return w.track(self._pool.submit(placer, batch))
+
+        try:
+            await self._receive(request, length, submit, idle, w.live)
+        except _Truncated as e:
+            log.info("PUT %s cut short: %s", request.path, e)
+            return s3_error(400, "IncompleteBody", str(e))
+        except _Superseded:
+            return self._superseded(grant, w.up)
+        except OSError as e:
+            log.error("PUT %s: cannot store: %s", request.path, e)
+            return s3_error(500, "InternalError", f"cannot store the part: {e.strerror}")
+        async with self._gated(grant.key) as open_:
+            if not open_:
+                return _closed(grant)
+            if not w.live():
+                return self._superseded(grant, w.up)
+            etag = secrets.token_hex(16)
+            marking = w.track(self._pool.submit(self._mark_part, d, number, etag, length))
+            if not await asyncio.wrap_future(marking):
+                return _no_upload()
+        return web.Response(status=200, headers={"ETag": f'"{etag}"'})
+
+    @staticmethod
+    def _superseded(grant: Grant, up: _Upload) -> web.Response:
+        if up.closing or up.done:
+            return _no_upload()
+        return s3_error(
+            409,
+            "OperationAborted",
+            f"Part {grant.part_number} is being sent again by a newer request; "
+            "this one was stopped",
+        )
+
+    @staticmethod
+    def _open_part(d: Path, number: int) -> int:
+        """Unmark part ``number`` (its range is about to change), then open the object
+        being assembled for writing (FileNotFoundError: the upload is gone)."""
         for old in d.glob(f"{number:05d}.*"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+        return os.open(d / PARTIAL, os.O_WRONLY)
+
+    @staticmethod
+    def _mark_part(d: Path, number: int, etag: str, size: int) -> bool:
+        try:
+            os.close(os.open(d / f"{number:05d}.{etag}.{size}", os.O_WRONLY | os.O_CREAT, 0o600))
+        except FileNotFoundError:  # aborted meanwhile
+            return False
         return True
 
-    async def _receive(self, request: web.Request, length: int, tmp: Path) -> str:
-        """Stream the body into ``tmp``; its hex SHA-256. Raises _Truncated (and leaves no
-        file) if fewer than ``length`` bytes arrive.
+    # ---- receiving a body --------------------------------------------------------------------
 
-        Received chunks are handed to a worker thread in batches of about BATCH_BYTES, one
-        thread hop per batch, while the event loop receives the next batch. The thread
-        hashes each chunk and writes it at once, while it is still in the CPU's cache
-        (hashlib and os.write release the GIL)."""
+    async def _receive(
+        self,
+        request: web.Request,
+        length: int,
+        submit: Callable[[list[bytes]], concurrent.futures.Future[None]],
+        idle: Callable[[bool], None],
+        live: Callable[[], bool] | None = None,
+    ) -> None:
+        """Stream the body through ``submit``. Raises _Truncated if fewer than ``length``
+        bytes arrive, _Superseded once ``live()`` says no more writes.
+
+        Received chunks are handed to ``submit`` (a write in a worker thread) in batches of about
+        BATCH_BYTES, one thread hop per batch, while the event loop receives the next batch.
+        ``idle(ok)`` is called on the event loop once no batch is being written any more:
+        before returning, else (the body refused, or this task cancelled while a thread
+        still writes) once that thread is done."""
         loop = asyncio.get_running_loop()
-        fd = await self._run(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        h = hashlib.sha256()
-        storing: asyncio.Future[None] | None = None
+        writing: concurrent.futures.Future[None] | None = None
         batch: list[bytes] = []
         batch_bytes = received = 0
         content = request.content
@@ -511,41 +777,34 @@ class DiskStorage:
                     batch_bytes += len(chunk)
                     received += len(chunk)
                     if batch_bytes >= BATCH_BYTES:
-                        if storing is not None:
-                            await storing
-                        storing = loop.run_in_executor(self._pool, _store, fd, h, batch)
+                        if writing is not None:
+                            await asyncio.wrap_future(writing)
+                        if live is not None and not live():
+                            raise _Superseded()
+                        writing = submit(batch)
                         batch, batch_bytes = [], 0
             except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as e:
                 raise _Truncated(f"connection lost after {received} of {length} bytes") from e
             if received != length:
                 raise _Truncated(f"got {received} of {length} bytes")
-            if storing is not None:
-                await storing
-            storing = loop.run_in_executor(self._pool, _store, fd, h, batch)
-            await storing
-            storing = None
-            await self._run(os.close, fd)
-            return h.hexdigest()
+            if writing is not None:
+                await asyncio.wrap_future(writing)
+            if live is not None and not live():
+                raise _Superseded()
+            writing = submit(batch)
+            await asyncio.wrap_future(writing)
         except BaseException:
-            self._discard(fd, tmp, [storing] if storing is not None else [])
+            if writing is None or writing.done():
+                idle(False)
+            else:
+
+                def later(_: object) -> None:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: moot
+                        loop.call_soon_threadsafe(idle, False)
+
+                writing.add_done_callback(later)
             raise
-
-    def _discard(self, fd: int, tmp: Path, pending: list[asyncio.Future[None]]) -> None:
-        """Close and remove a cut-short body once no thread uses it any more."""
-
-        def cleanup() -> None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            tmp.unlink(missing_ok=True)
-
-        def later(_: object = None) -> None:
-            if all(p.done() for p in pending):
-                self._background(cleanup)
-
-        for p in pending:
-            if not p.done():
-                p.add_done_callback(later)
-        later()
+        idle(True)
 
     async def _handle_get(self, request: web.Request) -> web.StreamResponse:
         grant, refused = self._authorize(request, "GET")
@@ -562,6 +821,33 @@ class DiskStorage:
         if info.sha256:
             headers["ETag"] = _etag(info.sha256)
         return web.FileResponse(data, chunk_size=1024 * 1024, headers=headers)
+
+
+def _close_opened(cf: concurrent.futures.Future[int]) -> None:
+    """A descriptor opened for a PUT that was cancelled meanwhile: close it."""
+    if not cf.cancelled() and cf.exception() is None:
+        _close_quietly(cf.result())
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+class _Placer:
+    """Writes a part's batches one after another from its offset in the object."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self.fd = fd
+        self.offset = offset
+
+    def __call__(self, chunks: list[bytes]) -> None:
+        for c in chunks:
+            view = memoryview(c)
+            while view:
+                n = os.pwrite(self.fd, view, self.offset)
+                self.offset += n
+                view = view[n:]
 
 
 def _store(fd: int, h: Any, chunks: list[bytes]) -> None:

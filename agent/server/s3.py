@@ -260,7 +260,7 @@ class S3Storage:
 
     # ---- multipart -------------------------------------------------------------------------------
 
-    async def create_multipart(self, key: str) -> str:
+    async def create_multipart(self, key: str, part_size: int = 0) -> str:
         r = await self._s3("create_multipart_upload", Key=key)
         return str(r["UploadId"])
 

@@ -67,6 +67,15 @@ class StorageError(Exception):
     """A backend call failed in a way the caller cannot fix (I/O error, store unreachable)."""
 
 
+class PartsRefused(StorageError):
+    """The parts named cannot be assembled: one is not (or no longer) stored whole
+    (``missing``), or they are not laid out as the upload's plan says."""
+
+    def __init__(self, message: str, *, missing: bool) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 class Storage(Protocol):
     description: str
     """For logs and health: ``file:///…`` or ``s3://bucket`` (never credentials)."""
@@ -85,8 +94,9 @@ class Storage(Protocol):
 
     async def presign_get(self, key: str, expires_s: int) -> str: ...
 
-    async def create_multipart(self, key: str) -> str:
-        """Start a multipart upload of ``key``; returns its upload id."""
+    async def create_multipart(self, key: str, part_size: int) -> str:
+        """Start a multipart upload of ``key`` whose parts are ``part_size`` bytes (all but
+        the last); returns its upload id."""
         ...
 
     async def presign_parts(
@@ -101,7 +111,8 @@ class Storage(Protocol):
     async def complete_multipart(
         self, key: str, upload_id: str, parts: Sequence[PartInfo]
     ) -> ObjectInfo:
-        """Assemble ``parts`` (ascending, checked by the caller) into ``key``."""
+        """Assemble ``parts`` (ascending, checked by the caller) into ``key``. Raises
+        PartsRefused if the store cannot assemble these parts."""
         ...
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
