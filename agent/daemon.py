@@ -182,7 +182,8 @@ class Daemon:
                 )
                 limits = Limits(up.concurrency, up.bandwidth_limit_bytes_per_s)
                 self.yielder = Yielder(self.settings.agent, limits, self.metrics,
-                                       active=lambda: limits.slots.borrowed_tokens > 0)
+                                       active=lambda: (limits.slots.borrowed_tokens > 0
+                                                       or BULK.inflight > 0))
                 self.engine = Engine(self.settings, self.queue, chronicle, storage, limits,
                                      self.metrics, crash)
                 self.workers = Workers(self.engine, owner=new_id("daemon"),

@@ -63,6 +63,9 @@ def set_cpus(cpus: list[int]) -> None:
 # ---- the threads that move bytes ------------------------------------------------------------
 
 BULK_POLICIES = {"idle": os.SCHED_IDLE, "batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
+HASH_STEP_BYTES = 32 * 1024 * 1024
+"""Bytes hashed per bulk call: long work is cut into short calls, so that a boost of the
+progress floor reaches it at the next call (a thread never leaves SCHED_IDLE itself)."""
 BULK_THREADS = 16
 """Threads per bulk pool (reads, hashes, copies and writes of transfers, and the embedded
 server's I/O): as many as transfers usually run at once, and more than enough."""
@@ -92,6 +95,9 @@ class BulkThreads:
     def __init__(self) -> None:
         self.policy = "normal"
         self.boost = False
+        self.inflight = 0
+        """Calls waiting for or running in a bulk thread (the progress floor's "under
+        way": a finalize hashing a large object moves no transfer bytes)."""
         self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
 
@@ -125,14 +131,21 @@ class BulkThreads:
         caller waits for the thread's call to end unless ``abandon_on_cancel``."""
         pool = self.executor()
         call = functools.partial(fn, *args)
-        if pool is None:
-            return await anyio.to_thread.run_sync(call, abandon_on_cancel=abandon_on_cancel)
-        fut = asyncio.get_running_loop().run_in_executor(pool, call)
-        if abandon_on_cancel:
-            return await fut
-        with anyio.CancelScope(shield=True):
-            result = await fut
-        return result
+        with self._lock:
+            self.inflight += 1
+        try:
+            if pool is None:
+                return await anyio.to_thread.run_sync(call,
+                                                      abandon_on_cancel=abandon_on_cancel)
+            fut = asyncio.get_running_loop().run_in_executor(pool, call)
+            if abandon_on_cancel:
+                return await fut
+            with anyio.CancelScope(shield=True):
+                result = await fut
+            return result
+        finally:
+            with self._lock:
+                self.inflight -= 1
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """For code that runs on a plain executor (the local server's storage)."""
@@ -143,7 +156,15 @@ class BulkThreads:
                 if pool is None:
                     pool = self._pools["normal"] = concurrent.futures.ThreadPoolExecutor(
                         BULK_THREADS, thread_name_prefix="bulk-normal")
-        return pool.submit(fn, *args)
+        with self._lock:
+            self.inflight += 1
+        fut = pool.submit(fn, *args)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self.inflight -= 1
 
     def shutdown(self) -> None:
         with self._lock:
@@ -171,6 +192,20 @@ class BulkExecutor(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass  # the pools belong to the process
+
+
+def hash_step(f: Any, h: Any, view: memoryview, limit: int = -1) -> int:
+    """Up to :data:`HASH_STEP_BYTES` (and at most ``limit`` when >= 0) more bytes of the
+    open file ``f`` into the hash ``h``, through ``view``; how many (0 at the end)."""
+    want = HASH_STEP_BYTES if limit < 0 else min(limit, HASH_STEP_BYTES)
+    done = 0
+    while done < want:
+        n = f.readinto(view[: min(len(view), want - done)])
+        if not n:
+            break
+        h.update(view[:n])
+        done += n
+    return done
 
 
 def thread_policy(tid: int, pid: int | None = None) -> str:

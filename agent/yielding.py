@@ -15,9 +15,11 @@ Three mechanisms, measured in ``benchmarks/bench_slowdown.py``:
   best. CPU pressure (``/proc/pressure/cpu``) is reported beside it, not used: the daemon's
   own work raises it.
 - **The progress floor**: uploads must finish on a node that is busy for days. When
-  transfers are under way but moved less than half of ``busy_bytes_per_s`` over the last
+  transfers or bulk work (a finalize hashing what was assembled moves no transfer bytes)
+  are under way but moved less than half of ``busy_bytes_per_s`` over the last
   ``FLOOR_WINDOW`` looks, the bulk work stops yielding (``SCHED_BATCH`` threads at the
-  daemon's niceness) until it moves at least that rate again.
+  daemon's niceness) until it moves at least that rate again or ends. Long bulk work is cut
+  into short calls (:func:`agent.priority.hash_step`), so a boost reaches it at the next.
 
 Everything it decides is in ``/v1/health`` (``yield``), ``chronicle-agent status`` and
 ``/metrics``, with the reason.

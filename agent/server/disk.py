@@ -53,6 +53,8 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from agent.priority import hash_step
+
 from .locks import KeyedLocks
 from .signing import Grant, Signer
 from .storage import (
@@ -455,7 +457,7 @@ class DiskStorage:
 
     def _seal(self, d: Path, part_size: int, parts: Sequence[PartInfo]) -> str:
         """Check that ``parts`` are parts 1..N stored whole as planned, cut the object to
-        their size; its hex SHA-256 (the one pass over the bytes)."""
+        their size; its path (hashed next: the one pass over the bytes)."""
         try:
             markers = self._markers(d)
         except FileNotFoundError:
@@ -482,12 +484,20 @@ class DiskStorage:
             if n > len(parts):
                 (d / f"{n:05d}.{etag}.{size}").unlink(missing_ok=True)
         os.truncate(partial_path, total)
+        return str(partial_path)
+
+    async def _hash_file(self, path: str) -> str:
+        """The hex SHA-256 of a file, in short executor calls (:func:`hash_step`): in the
+        embedded server they are bulk work, which the daemon's progress floor can boost
+        between two calls."""
         h = hashlib.sha256()
-        buf = bytearray(COPY_CHUNK)
-        view = memoryview(buf)
-        with open(partial_path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
+        view = memoryview(bytearray(COPY_CHUNK))
+        f = await self._run(open, path, "rb", 0)
+        try:
+            while await self._run(hash_step, f, h, view):
+                pass
+        finally:
+            await self._run(f.close)
         return h.hexdigest()
 
     async def complete_multipart(
@@ -503,7 +513,7 @@ class DiskStorage:
             try:
                 while up.busy:  # the last batches of part PUTs (they start no more)
                     await up.wait()
-                digest = await self._run(self._seal, d, part_size, parts)
+                digest = await self._hash_file(await self._run(self._seal, d, part_size, parts))
                 up.done = True  # the file becomes the object: no part PUT may write it again
                 async with self._locks.hold(key):
                     info = await self._run(self._install, d / PARTIAL, key, digest, None)

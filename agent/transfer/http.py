@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import os
 import re
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from agent.errors import (
     TransferError,
     UrlExpired,
 )
-from agent.priority import run_bulk
+from agent.priority import hash_step, run_bulk
 from agent.transfer.limits import Limits
 
 _CODE = re.compile(rb"<Code>([^<]*)</Code>")
@@ -247,30 +246,22 @@ async def put_bytes(
 
 async def hash_file(path: str, size: int, chunk_bytes: int,
                     opener: Opener | None = None) -> str:
-    """SHA-256 of a whole file, read sequentially in a thread into one reused buffer. A
-    cancelled caller returns at once; the thread stops at its next chunk."""
-    stop = threading.Event()
-
-    def run() -> str:
-        h = hashlib.sha256()
-        buf = bytearray(max(chunk_bytes, 4 << 20))
-        view = memoryview(buf)
-        with os.fdopen((opener or open_plain)(path), "rb", buffering=0) as f:
-            remaining = size
-            while remaining > 0:
-                if stop.is_set():
-                    return ""
-                n = f.readinto(view[: min(len(buf), remaining)])
-                if not n:
-                    raise SourceShrank(f"{path}: file is shorter than {size} bytes")
-                h.update(view[:n])
-                remaining -= n
-        return h.hexdigest()
-
+    """SHA-256 of a whole file, read sequentially into one reused buffer, in short bulk
+    calls (:func:`agent.priority.hash_step`: the progress floor can boost the next one). A
+    cancelled caller stops at the end of the current call."""
+    h = hashlib.sha256()
+    view = memoryview(bytearray(max(chunk_bytes, 4 << 20)))
+    f = await run_bulk(lambda: os.fdopen((opener or open_plain)(path), "rb", buffering=0))
     try:
-        return await run_bulk(run, abandon_on_cancel=True)
+        remaining = size
+        while remaining > 0:
+            n = await run_bulk(hash_step, f, h, view, remaining)
+            if not n:
+                raise SourceShrank(f"{path}: file is shorter than {size} bytes")
+            remaining -= n
     finally:
-        stop.set()
+        await anyio.to_thread.run_sync(f.close)
+    return h.hexdigest()
 
 
 class SendfilePayload(aiohttp.payload.Payload):
