@@ -74,9 +74,9 @@ class AgentSection(_Section):
     cpus: list[int] = Field(default_factory=list)
     """CPUs the daemon runs on (set at start), for nodes that keep cores for services;
     empty = every CPU it was given."""
-    busy_cpu_fraction: float = Field(default=0.75, ge=0, le=1)
+    busy_cpu_fraction: float = Field(default=0.4, ge=0, le=1)
     """Hold back when other processes use this fraction of the daemon's CPUs (training is
-    CPU-bound): transfers together are capped at busy_bytes_per_s. 0 = never."""
+    busy on them): transfers together are capped at busy_bytes_per_s. 0 = never."""
     busy_bytes_per_s: int = Field(default=16 * MiB, ge=64 * 1024)
     """The transfer rate while holding back; also the progress floor: transfers that move
     less than half of it for 5 looks stop yielding until they catch up."""

@@ -7,8 +7,8 @@ Three mechanisms, measured in ``benchmarks/bench_slowdown.py``:
   else wants it.
 - **Holding back**: every ``agent.busy_check_s`` the :class:`Yielder` measures how much CPU
   the other processes use on the daemon's CPUs (``/proc/stat`` less the daemon's own time,
-  ``/proc/self/stat``). At ``agent.busy_cpu_fraction`` of them (training is CPU-bound) it
-  caps every transfer together at ``agent.busy_bytes_per_s`` until they use clearly less
+  ``/proc/self/stat``). At ``agent.busy_cpu_fraction`` of them (training is busy on them)
+  it caps every transfer together at ``agent.busy_bytes_per_s`` until they use clearly less
   (a quarter of the CPUs less, for three looks in a row). Multi-threaded training is hurt
   by any neighbour far more than that neighbour's share suggests (its threads meet at every
   step, so one descheduled thread stalls all); a small, steady trickle is what it tolerates

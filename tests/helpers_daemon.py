@@ -212,6 +212,9 @@ def start_daemon(
             # checks the defaults).
             "CHRONICLE_AGENT_AGENT__NICE": "0",
             "CHRONICLE_AGENT_AGENT__IO_CLASS": "unchanged",
+            # nor do they hold back for the other processes of a test (a storage server,
+            # a writer, a second daemon): test_yield.py turns it on where it is the point
+            "CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0",
         }
     )
     env.update(extra_env or {})

@@ -109,7 +109,8 @@ def test_holding_back_engages_under_cpu_load_and_releases_after(tmp_path: Path) 
     """Two spinning processes on this machine's CPUs: the daemon holds back (status,
     /metrics, the transfer cap) within a few looks, and lets go once they stop."""
     env = {"CHRONICLE_AGENT_AGENT__BUSY_CHECK_S": "0.2",
-           "CHRONICLE_AGENT_AGENT__BUSY_BYTES_PER_S": str(8 * MiB)}
+           "CHRONICLE_AGENT_AGENT__BUSY_BYTES_PER_S": str(8 * MiB),
+           "CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0.4"}  # the default
     cpus = len(os.sched_getaffinity(0))
     with start_daemon(env) as d:
         def health() -> dict[str, object]:
@@ -119,7 +120,7 @@ def test_holding_back_engages_under_cpu_load_and_releases_after(tmp_path: Path) 
             held = wait_until(lambda: (h := health())["holding_back"] and h, 20, "holding back")
             assert held["rate_cap_bytes_per_s"] == 8 * MiB
             assert "other processes use" in str(held["reason"])
-            assert float(str(held["others_cpu"])) >= 0.75 * cpus
+            assert float(str(held["others_cpu"])) >= 0.4 * cpus
             assert "chronicle_agent_holding_back 1" in socket_get_text(d.socket_path,
                                                                        "/metrics")
             status = d.run_cli("status")
@@ -142,6 +143,7 @@ def test_the_progress_floor_completes_an_upload_on_a_fully_busy_machine(
     src = big_file(tmp_path, 80 * MiB)  # over the multipart threshold
     env = {"CHRONICLE_AGENT_AGENT__BUSY_CHECK_S": "0.2",
            "CHRONICLE_AGENT_AGENT__BUSY_BYTES_PER_S": str(16 * MiB),
+           "CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0.4",
            "CHRONICLE_AGENT_AGENT__NICE": "19"}
     with start_daemon(env) as d, burners(2 * len(os.sched_getaffinity(0))):
         wait_until(lambda: d.client().request("GET", "/v1/health")["yield"]["holding_back"],
