@@ -405,6 +405,8 @@ def load_settings(
         raise ConfigError(_format_error(e)) from None
     except ValueError as e:  # pydantic-settings' own parse errors (bad JSON in env, ...)
         raise ConfigError(str(e).splitlines()[0]) from None
+    finally:  # a Settings built directly later reads no file chosen for this load
+        _config_file, _config_required = None, False
 
 
 def local_login() -> str:

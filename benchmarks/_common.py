@@ -18,6 +18,17 @@ sys.path.insert(0, str(REPO))
 from agent.client import SocketClient  # noqa: E402
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# A benchmark stopped with SIGTERM or SIGHUP (a closed terminal, a time limit) unwinds
+# through its ``finally`` blocks, which stop its processes and remove its gigabytes of
+# temp files; the default action would leave both behind.
+for _sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(_sig, _exit_on_signal)
+
+
 class Server:
     """``chronicle-agent server`` on an ephemeral loopback port, run under ``prefix``
     (e.g. ``["nice", "-n", "5"]``) so it stands in for a remote machine."""

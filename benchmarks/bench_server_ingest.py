@@ -93,15 +93,20 @@ def api(server: Server, method: str, path: str, body: object = None) -> dict[str
 
 
 class Conn:
-    """One keep-alive HTTP/1.1 connection that PUTs file ranges with sendfile(2)."""
+    """An HTTP/1.1 connection that PUTs file ranges with sendfile(2), kept alive unless the
+    server says ``Connection: close`` (then a new one)."""
 
     def __init__(self, url: str) -> None:
         u = urlsplit(url)
         self.host = u.netloc
-        self.sock = socket.create_connection((u.hostname, u.port))
+        self.address = (u.hostname, u.port)
+        self.etag = ""
+        self.connect()
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection(self.address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = self.sock.makefile("rb")
-        self.etag = ""
 
     def put(self, url: str, fd: int, offset: int, count: int) -> tuple[int, bytes]:
         u = urlsplit(url)
@@ -112,14 +117,20 @@ class Conn:
         while offset < end:
             offset += os.sendfile(self.sock.fileno(), fd, offset, end - offset)
         status = int(self.rfile.readline().split()[1])
-        length = 0
+        length, close = 0, False
         while (line := self.rfile.readline()) not in (b"\r\n", b""):
             k, _, v = line.decode().partition(":")
             if k.lower() == "content-length":
                 length = int(v)
             elif k.lower() == "etag":
                 self.etag = v.strip()
-        return status, self.rfile.read(length)
+            elif k.lower() == "connection":
+                close = v.strip().lower() == "close"
+        body = self.rfile.read(length)
+        if close:  # the server reads large bodies from the socket itself, then hangs up
+            self.close()
+            self.connect()
+        return status, body
 
     def close(self) -> None:
         self.rfile.close()

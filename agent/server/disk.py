@@ -42,7 +42,9 @@ import logging
 import os
 import re
 import secrets
+import select
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -70,10 +72,20 @@ from .storage import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview
+_Fut = concurrent.futures.Future[Any]
 MAX_PUT_BYTES = 5 * 1024**3
 """S3's limit for one PUT (a whole object or one part)."""
 BATCH_BYTES = 4 * 1024 * 1024
 """Received bytes handed to the writer thread at once."""
+DIRECT_MIN_BYTES = 8 * 1024 * 1024
+"""Bodies from this size on are read from the socket by the writer thread itself
+(:func:`_take_over`); smaller ones keep the connection alive for the next request."""
+DIRECT_BUFFER_BYTES = 1024 * 1024
+DIRECT_STEP_BYTES = 32 * 1024 * 1024
+POLL_S = 0.5
+STALL_S = 120.0
+"""A body that sends nothing for this long is cut short (its connection closed)."""
 COPY_CHUNK = 4 * 1024 * 1024
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _PART_FILE = re.compile(r"(\d{5})\.([0-9a-f]{32})\.(\d+)")
@@ -224,6 +236,8 @@ class DiskStorage:
         self._locks = KeyedLocks()
         self._gate: UploadGate | None = None
         self._uploads: dict[str, _Upload] = {}
+        self._direct: set[int] = set()
+        """ids of the requests whose bodies were read from the socket (see _take_over)."""
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -557,6 +571,16 @@ class DiskStorage:
         return grant, None
 
     async def _handle_put(self, request: web.Request) -> web.StreamResponse:
+        try:
+            response = await self._put(request)
+        finally:
+            direct = id(request) in self._direct
+            self._direct.discard(id(request))
+        if direct:  # the connection's parser was left behind: it cannot carry another request
+            response.force_close()
+        return response
+
+    async def _put(self, request: web.Request) -> web.StreamResponse:
         grant, refused = self._authorize(request, "PUT")
         if refused is not None:
             return refused
@@ -594,9 +618,7 @@ class DiskStorage:
             self._background(cleanup)
 
         try:
-            await self._receive(
-                request, length, lambda batch: self._pool.submit(_store, fd, h, batch), idle
-            )
+            await self._receive(request, length, partial(_store, fd, h), idle)
         except _Truncated as e:
             log.info("PUT %s cut short: %s", request.path, e)
             return s3_error(400, "IncompleteBody", str(e))
@@ -703,11 +725,8 @@ class DiskStorage:
         def idle(ok: bool) -> None:
             self._background(partial(_close_quietly, fd))
 
-        def submit(batch: list[bytes]) -> concurrent.futures.Future[None]:
-            return w.track(self._pool.submit(placer, batch))
-
         try:
-            await self._receive(request, length, submit, idle, w.live)
+            await self._receive(request, length, placer, idle, w.track, w.live)
         except _Truncated as e:
             log.info("PUT %s cut short: %s", request.path, e)
             return s3_error(400, "IncompleteBody", str(e))
@@ -760,51 +779,30 @@ class DiskStorage:
         self,
         request: web.Request,
         length: int,
-        submit: Callable[[list[bytes]], concurrent.futures.Future[None]],
+        sink: Callable[[Sequence[Buffer]], None],
         idle: Callable[[bool], None],
+        track: Callable[[_Fut], _Fut] = lambda f: f,
         live: Callable[[], bool] | None = None,
     ) -> None:
-        """Stream the body through ``submit``. Raises _Truncated if fewer than ``length``
-        bytes arrive, _Superseded once ``live()`` says no more writes.
+        """Stream the body into ``sink`` (run in a worker thread, its writes in order).
+        Raises _Truncated if fewer than ``length`` bytes arrive, _Superseded once ``live()``
+        says no more writes. ``track`` sees each worker call (a newer PUT of the same part
+        waits for the last one).
 
-        Received chunks are handed to ``submit`` (a write in a worker thread) in batches of about
-        BATCH_BYTES, one thread hop per batch, while the event loop receives the next batch.
-        ``idle(ok)`` is called on the event loop once no batch is being written any more:
-        before returning, else (the body refused, or this task cancelled while a thread
-        still writes) once that thread is done."""
+        ``idle(ok)`` is called on the event loop once no worker writes any more: before
+        returning, else (the body refused, or this task cancelled while a thread still
+        writes) once that thread is done."""
         loop = asyncio.get_running_loop()
-        writing: concurrent.futures.Future[None] | None = None
-        batch: list[bytes] = []
-        batch_bytes = received = 0
-        content = request.content
+        w = _Writes(self._pool, sink, track, live)
         try:
-            try:
-                while received < length:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    batch.append(chunk)
-                    batch_bytes += len(chunk)
-                    received += len(chunk)
-                    if batch_bytes >= BATCH_BYTES:
-                        if writing is not None:
-                            await asyncio.wrap_future(writing)
-                        if live is not None and not live():
-                            raise _Superseded()
-                        writing = submit(batch)
-                        batch, batch_bytes = [], 0
-            except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as e:
-                raise _Truncated(f"connection lost after {received} of {length} bytes") from e
-            if received != length:
-                raise _Truncated(f"got {received} of {length} bytes")
-            if writing is not None:
-                await asyncio.wrap_future(writing)
-            if live is not None and not live():
-                raise _Superseded()
-            writing = submit(batch)
-            await asyncio.wrap_future(writing)
+            direct = _take_over(request) if length >= DIRECT_MIN_BYTES else None
+            if direct is None:
+                await self._receive_parsed(request, length, w)
+            else:
+                self._direct.add(id(request))
+                await self._receive_direct(*direct, length, w)
         except BaseException:
-            if writing is None or writing.done():
+            if w.last is None or w.last.done():
                 idle(False)
             else:
 
@@ -812,9 +810,63 @@ class DiskStorage:
                     with contextlib.suppress(RuntimeError):  # the loop is closed: moot
                         loop.call_soon_threadsafe(idle, False)
 
-                writing.add_done_callback(later)
+                w.last.add_done_callback(later)
             raise
         idle(True)
+
+    @staticmethod
+    async def _receive_parsed(request: web.Request, length: int, w: _Writes) -> None:
+        """The body as aiohttp parses it: received chunks go to ``sink`` in batches of about
+        BATCH_BYTES, one thread hop per batch, while the event loop receives the next."""
+        batch: list[Buffer] = []
+        batch_bytes = received = 0
+        content = request.content
+        try:
+            while received < length:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                batch.append(chunk)
+                batch_bytes += len(chunk)
+                received += len(chunk)
+                if batch_bytes >= BATCH_BYTES:
+                    if w.last is not None:
+                        await asyncio.wrap_future(w.last)
+                    w.submit(w.sink, batch)
+                    batch, batch_bytes = [], 0
+        except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as e:
+            raise _Truncated(f"connection lost after {received} of {length} bytes") from e
+        if received != length:
+            raise _Truncated(f"got {received} of {length} bytes")
+        if w.last is not None:
+            await asyncio.wrap_future(w.last)
+        await asyncio.wrap_future(w.submit(w.sink, batch))
+
+    @staticmethod
+    async def _receive_direct(fd: int, head: list[Buffer], length: int, w: _Writes) -> None:
+        """The rest of a large body read straight from the connection's socket by the worker
+        thread that writes it (see :func:`_take_over`): one reused buffer, no chunk objects,
+        no thread hop per batch. Steps of at most DIRECT_STEP_BYTES, so a lower priority or
+        a boost for the process's bulk threads reaches them, and a stalled client holds a
+        worker thread at most POLL_S at a time."""
+        loop = asyncio.get_running_loop()
+        received = sum(len(c) for c in head)
+        if head:
+            await asyncio.wrap_future(w.submit(w.sink, head))
+        buf = memoryview(bytearray(DIRECT_BUFFER_BYTES))
+        heard = loop.time()
+        while received < length:
+            want = min(DIRECT_STEP_BYTES, length - received)
+            n = await asyncio.wrap_future(w.submit(_pull, fd, buf, want, w.sink))
+            if n < 0:
+                raise _Truncated(f"connection lost after {received} of {length} bytes")
+            if n:
+                received += n
+                heard = loop.time()
+            elif loop.time() - heard > STALL_S:
+                raise _Truncated(
+                    f"no bytes for {STALL_S:g} s after {received} of {length} bytes"
+                )
 
     async def _handle_get(self, request: web.Request) -> web.StreamResponse:
         grant, refused = self._authorize(request, "GET")
@@ -851,7 +903,7 @@ class _Placer:
         self.fd = fd
         self.offset = offset
 
-    def __call__(self, chunks: list[bytes]) -> None:
+    def __call__(self, chunks: Sequence[Buffer]) -> None:
         for c in chunks:
             view = memoryview(c)
             while view:
@@ -860,7 +912,93 @@ class _Placer:
                 view = view[n:]
 
 
-def _store(fd: int, h: Any, chunks: list[bytes]) -> None:
+class _Writes:
+    """Where a body's bytes go: ``sink`` calls in worker threads, one at a time, each seen
+    by ``track``; none once ``live()`` says no (_Superseded)."""
+
+    def __init__(
+        self,
+        pool: concurrent.futures.Executor,
+        sink: Callable[[Sequence[Buffer]], None],
+        track: Callable[[_Fut], _Fut],
+        live: Callable[[], bool] | None,
+    ) -> None:
+        self.pool, self.sink, self.track, self.live = pool, sink, track, live
+        self.last: _Fut | None = None
+        """The latest call, in flight or done."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Fut:
+        if self.live is not None and not self.live():
+            raise _Superseded()
+        self.last = self.track(self.pool.submit(fn, *args))
+        return self.last
+
+
+def _take_over(request: web.Request) -> tuple[int, list[Buffer]] | None:
+    """Take a plain-HTTP request's body away from aiohttp's parser: the bytes it has
+    already buffered, and the socket's descriptor with the transport paused, so a worker
+    thread reads the rest straight into a reused buffer (aiohttp's path costs a fresh
+    256 KiB object and a copy per read: most of the server's CPU per byte beside the hash).
+    The payload is marked ended, and the answer closes the connection, whose parser is
+    left behind. None: not a connection this can take (TLS, no socket, a body already
+    being read)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return None
+    if transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        return None
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None  # aiohttp decodes such a body as it parses it
+    content, protocol = request.content, request.protocol
+    if content.exception() is not None or content.is_eof():
+        return None
+    # All synchronous, on the event loop, so no bytes arrive meanwhile. aiohttp may hold
+    # body bytes in three places: the payload's buffer (drained here); the parser's own
+    # buffer, when flow control paused it (aiohttp 3.14 and later: resuming parses those
+    # into the payload, perhaps pausing again, so drain and resume until it stays
+    # resumed); and the socket. Marking the payload ended may resume the transport:
+    # pausing it comes last.
+    head: list[Buffer] = []
+    while True:
+        buffered = content.read_nowait()
+        if buffered:
+            head.append(buffered)
+        elif getattr(protocol, "_reading_paused", False):
+            protocol.resume_reading()
+        else:
+            break
+    content.feed_eof()
+    transport.pause_reading()
+    return sock.fileno(), head
+
+
+def _pull(fd: int, buf: memoryview, want: int, sink: Callable[[Sequence[Buffer]], None]) -> int:
+    """Up to ``want`` more bytes of a body from the socket ``fd`` (non-blocking) into
+    ``sink``, through ``buf``: how many (0: none came within POLL_S; -1: the connection
+    ended or failed before any came)."""
+    got = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while got < want:
+        try:
+            n = os.readv(fd, [buf[: min(len(buf), want - got)]])
+        except BlockingIOError:
+            if got or not poller.poll(POLL_S * 1000):
+                return got
+            continue
+        except OSError:  # reset by the peer
+            return got or -1
+        if not n:
+            return got or -1
+        sink([buf[:n]])
+        got += n
+    return got
+
+
+def _store(fd: int, h: Any, chunks: Sequence[Buffer]) -> None:
     """Hash and write each chunk in turn: the write reads it while the hash left it in the
     CPU's cache."""
     for c in chunks:
