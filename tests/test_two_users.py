@@ -209,6 +209,21 @@ def test_python_used_for_the_second_user_is_not_the_venv() -> None:
     assert not PY.startswith(sys.prefix), "the second user cannot run the test venv"
 
 
+def uploaded_by_root(daemon: DaemonProc, src: Path) -> str:
+    """``src`` (a directory root made) uploaded through the daemon: the asset id."""
+    job = daemon.client().request("POST", "/v1/uploads",
+                                  {"path": str(src), "asset_type": "checkpoint"})
+    final = daemon.client().wait_job(job["job_id"], 60)
+    assert final["state"] == "done", final
+    return str(final["asset_id"])
+
+
+def dir_of_tester(path: Path, tester: pwd.struct_passwd) -> Path:
+    """A new directory the tester owns (0755)."""
+    path.mkdir()
+    return owned_by_tester(path, tester, 0o755)
+
+
 def test_downloads_belong_to_the_caller(
     daemon2: DaemonProc, world: Path, tester: pwd.struct_passwd
 ) -> None:
@@ -217,12 +232,8 @@ def test_downloads_belong_to_the_caller(
     (src / "w.bin").write_bytes(os.urandom(100_000))
     (src / "sub").mkdir()
     (src / "sub" / "cfg.json").write_text("{}")
-    job = daemon2.client().request("POST", "/v1/uploads",
-                                   {"path": str(src), "asset_type": "checkpoint"})
-    asset_id = daemon2.client().wait_job(job["job_id"], 60)["asset_id"]
-    home = world / "served" / "tester-home"
-    home.mkdir()
-    owned_by_tester(home, tester, 0o755)
+    asset_id = uploaded_by_root(daemon2, src)
+    home = dir_of_tester(world / "served" / "tester-home", tester)
     status, dl = as_tester(daemon2, world, "POST", "/v1/downloads",
                            {"asset_id": asset_id, "dest": str(home / "restored")})
     assert status == 200, dl
@@ -241,12 +252,8 @@ def test_missing_parents_are_made_as_the_caller_never_through_a_symlink(
     src = world / "served" / "nested-src"
     src.mkdir()
     (src / "w.bin").write_bytes(os.urandom(50_000))
-    job = daemon2.client().request("POST", "/v1/uploads",
-                                   {"path": str(src), "asset_type": "checkpoint"})
-    aid = daemon2.client().wait_job(job["job_id"], 60)["asset_id"]
-    home = world / "served" / "nest-home"
-    home.mkdir()
-    owned_by_tester(home, tester, 0o755)
+    aid = uploaded_by_root(daemon2, src)
+    home = dir_of_tester(world / "served" / "nest-home", tester)
 
     status, dl = as_tester(daemon2, world, "POST", "/v1/downloads",
                            {"asset_id": aid, "dest": str(home / "a" / "b" / "c")})
@@ -267,9 +274,7 @@ def test_missing_parents_are_made_as_the_caller_never_through_a_symlink(
     assert not (locked / "x").exists()
 
     # a symlink out of agent.roots, to a directory the tester could write: refused as such
-    outside = world / "nest-outside"
-    outside.mkdir()
-    owned_by_tester(outside, tester, 0o755)
+    outside = dir_of_tester(world / "nest-outside", tester)
     (home / "out").symlink_to(outside)
     status, err = as_tester(daemon2, world, "POST", "/v1/downloads",
                             {"asset_id": aid, "dest": str(home / "out" / "p" / "q")})
