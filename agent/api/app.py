@@ -283,6 +283,8 @@ def _bearer(request: web.Request) -> str | None:
     return token
 
 
+LATEST_WAIT_S = 20.0
+"""How long ``GET /v1/assets/latest`` waits for Chronicle's listing (retries included)."""
 TOKEN_CHECK_TTL_S = 300.0
 """How long a caller's token, once accepted by Chronicle, is taken without asking again."""
 TOKEN_CHECK_WAIT_S = 2.0
@@ -616,8 +618,15 @@ class Api:
         if allow_invalid not in ("true", "false"):
             raise UsageError("allow_invalid: true or false")
         run_id, asset_type = given["run_id"], given["asset_type"]
-        listing = await self.d.engine.chronicle.send(latest_call(run_id, asset_type),
-                                                     token=_bearer(request))
+        token = _bearer(request)
+        listing = None
+        with anyio.move_on_after(LATEST_WAIT_S):  # within a client's patience (30 s)
+            listing = await self.d.engine.chronicle.send(latest_call(run_id, asset_type),
+                                                         token=token)
+        if listing is None:
+            return error_response(503, "chronicle_unreachable",
+                                  f"Chronicle did not answer within {LATEST_WAIT_S:g} s "
+                                  f"(daemon's Chronicle: {self.d.chronicle_url}); try again")
         try:
             asset = require_latest(listing.assets, run_id, asset_type, allow_invalid == "true")
         except NoReadyAsset as e:
