@@ -20,10 +20,15 @@ import threading
 from agent.errors import UsageError
 from agent.fsid import Identity, Refused, call_as, thread_uid
 
-__all__ = ["Refused", "check_readable", "check_writable_dest", "open_source", "within_roots"]
+__all__ = ["Refused", "check_readable", "check_writable_dest", "make_dest_parents",
+           "open_source", "within_roots"]
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 """O_NONBLOCK: a FIFO named as a file must not hang a worker thread in open(2)."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+PARENT_MODE = 0o700
+"""Missing parents of a download destination are made private, like the destination
+itself (its staging directory is made 0700 and renamed onto it)."""
 
 
 def within_roots(real: str, roots: list[str], what: str) -> None:
@@ -99,13 +104,15 @@ def check_readable(path: str, caller: Identity, roots: list[str]) -> None:
 
 def check_writable_dest(dest: str, caller: Identity, roots: list[str]) -> None:
     """A download destination (in a worker thread): an absolute path that is absent or an
-    empty directory, whose parent the caller can create entries in, under ``roots``."""
+    empty directory, under ``roots``, whose parent the caller can create entries in; its
+    missing parents are created, as the caller (:func:`make_dest_parents`)."""
     def probe() -> None:
         if not os.path.isabs(dest):
             raise UsageError(f"destination must be an absolute path: {dest!r}")
+        make_dest_parents(dest, roots)
         parent = os.path.dirname(dest.rstrip("/")) or "/"
         try:
-            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(parent, _DIR_FLAGS)
         except FileNotFoundError:
             raise UsageError(f"destination's parent directory does not exist: {parent}") \
                 from None
@@ -123,6 +130,65 @@ def check_writable_dest(dest: str, caller: Identity, roots: list[str]) -> None:
         check_dest(dest)
 
     call_as(caller, probe)
+
+
+def make_dest_parents(dest: str, roots: list[str]) -> None:
+    """Create the missing parent directories of the download destination ``dest``, with
+    the calling thread's identity (the caller's: run it through :func:`agent.fsid.call_as`),
+    mode :data:`PARENT_MODE`. What exists is resolved by the kernel as the caller; the
+    deepest existing ancestor is opened and checked against ``roots`` as opened, before
+    anything is made. Each missing directory is then made relative to the descriptor of
+    the one above it and opened with O_NOFOLLOW: a symlink found or swapped in where a
+    directory is being made is refused, never followed, so nothing is created outside
+    that ancestor. Nothing to do when the parent exists."""
+    if not os.path.isabs(dest):
+        raise UsageError(f"destination must be an absolute path: {dest!r}")
+    parent = os.path.dirname(dest.rstrip("/")) or "/"
+    missing: list[str] = []
+    at = parent
+    while True:
+        try:
+            fd = os.open(at, _DIR_FLAGS)
+            break
+        except FileNotFoundError:
+            head, name = os.path.split(at)
+            if not name or head == at:
+                raise UsageError(f"cannot create the destination's parent {parent}") from None
+            if name in (".", ".."):
+                raise UsageError(f"cannot create the destination's parent {parent}: its "
+                                 f"missing part goes through {name!r}") from None
+            missing.append(name)
+            at = head
+        except NotADirectoryError:
+            raise UsageError(f"destination's parent is not a directory: {at}") from None
+        except PermissionError:
+            raise Refused(f"{at}: you (uid {thread_uid()}) cannot open it, so nothing is "
+                          "downloaded into it for you") from None
+    try:
+        if missing and roots:
+            within_roots(fd_path(fd), roots, "destination")
+        for name in reversed(missing):
+            try:
+                os.mkdir(name, PARENT_MODE, dir_fd=fd)
+            except FileExistsError:
+                pass  # made meanwhile (another download): opened below, never followed
+            except PermissionError:
+                raise Refused(f"{at}: you (uid {thread_uid()}) cannot create {name!r} there, "
+                              "so nothing is downloaded into it for you") from None
+            except OSError as e:
+                raise UsageError(f"cannot create {os.path.join(at, name)}: {e.strerror}"
+                                 ) from None
+            at = os.path.join(at, name)
+            try:
+                sub = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                raise UsageError(f"destination's parent {at} is not a directory made for "
+                                 f"it ({e.strerror}): a symlink or a file is in the way"
+                                 ) from None
+            os.close(fd)
+            fd = sub
+    finally:
+        os.close(fd)
 
 
 def _can_create_in(dir_fd: int, parent: str, caller: Identity) -> None:

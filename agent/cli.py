@@ -61,18 +61,36 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
                    help="log line format (default: log.format from the settings)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """``intermixed = True``: options may sit between positionals even where one of them
+    is optional (argparse's plain parsing hands a lone positional to the first)."""
+
+    intermixed = False
+    _inside = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if not self.intermixed or self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True  # parse_known_intermixed_args calls back in here
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Upload/download sidecar for Chronicle assets.",
         epilog="exit codes: 0 ok, 1 operation failed, 2 usage or configuration error, "
                "3 daemon not reachable",
     )
     _global_options(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
 
-    def command(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+    def command(name: str, help_: str) -> _Parser:
+        p: _Parser = sub.add_parser(name, help=help_, description=help_)
         _global_options(p)
         return p
 
@@ -109,11 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_upload_inline)
 
     p = command("download", "download an asset into an empty or new directory")
-    p.add_argument("asset_id", metavar="ASSET_ID")
-    p.add_argument("dest", metavar="DEST")
+    p.usage = (f"{PROG} download (ASSET_ID | --run RUN --type TYPE --latest) DEST "
+               "[--include GLOB]… [--exclude GLOB]… [--allow-invalid] [--json]")
+    p.epilog = ("Globs match a component's whole name (a relative path such as "
+                "shard/0001.bin) as Python's fnmatch does: * and ? match '/' too, [seq] one "
+                "character of the set; case-sensitive. Example, one rank's shards and the "
+                "checkpoint's metadata: --include '__3_*.distcp' --include .metadata. "
+                "A selection of no component is an error.")
+    p.intermixed = True  # ASSET_ID is optional: let DEST come after options as well
+    p.add_argument("asset_id", nargs="?", metavar="ASSET_ID",
+                   help="the asset (or choose it with --run, --type and --latest)")
+    p.add_argument("dest", metavar="DEST",
+                   help="a new or empty directory; missing parents are created")
+    p.add_argument("--run", metavar="RUN", help="with --latest: the run whose asset to take")
+    p.add_argument("--type", dest="asset_type", metavar="TYPE",
+                   help="with --latest: the asset type, e.g. checkpoint")
+    p.add_argument("--latest", action="store_true",
+                   help="the newest ready asset of --run and --type (by creation time; "
+                        "invalidated ones skipped unless --allow-invalid, deprecated ones "
+                        "taken with a warning)")
+    p.add_argument("--include", metavar="GLOB", action="append", default=[],
+                   help="only the components whose names match (repeatable; none: all)")
+    p.add_argument("--exclude", metavar="GLOB", action="append", default=[],
+                   help="none of the components whose names match (repeatable; applied "
+                        "after --include)")
     p.add_argument("--allow-invalid", action="store_true",
-                   help="download an invalidated asset anyway")
-    p.add_argument("--json", action="store_true", help="print the files as JSON")
+                   help="download (or, with --latest, choose) an invalidated asset anyway")
+    p.add_argument("--json", action="store_true",
+                   help="print {asset_id, dest, files} as JSON (and selected, with --latest)")
     p.set_defaults(handler=cmd_download)
 
     p = command("status", "the daemon's health: version, Chronicle, queue, rates")
@@ -483,23 +524,54 @@ def _job_exit(ctx: Ctx, job: dict[str, Any]) -> int:
     return EXIT_FAILED
 
 
+def _download_target(args: argparse.Namespace) -> dict[str, Any]:
+    """How ``download`` names the asset: ASSET_ID, or --run, --type and --latest."""
+    if args.latest:
+        if args.asset_id is not None:
+            raise UsageError(f"give ASSET_ID or --latest, not both (ASSET_ID "
+                             f"{args.asset_id!r} with --latest)")
+        missing = [flag for flag, value in (("--run", args.run), ("--type", args.asset_type))
+                   if not value]
+        if missing:
+            raise UsageError(f"--latest needs {' and '.join(missing)} (the run and the type "
+                             "whose newest ready asset to download)")
+        return {"run_id": args.run, "asset_type": args.asset_type, "latest": True}
+    if args.run is not None or args.asset_type is not None:
+        raise UsageError("--run and --type choose an asset only with --latest")
+    if args.asset_id is None:
+        raise UsageError("give ASSET_ID, or --run RUN --type TYPE --latest")
+    return {"asset_id": args.asset_id}
+
+
 def cmd_download(ctx: Ctx) -> int:
     args = ctx.args
+    target = _download_target(args)
     dest = Path(os.path.abspath(Path(args.dest).expanduser()))
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{args.dest} exists and is not an empty directory")
-    body = {"asset_id": args.asset_id, "dest": str(dest), "allow_invalid": args.allow_invalid}
+    body: dict[str, Any] = {**target, "dest": str(dest), "allow_invalid": args.allow_invalid}
+    _put_opt(body, include=args.include or None, exclude=args.exclude or None)
     client = ctx.client()
     final = _wait(ctx, client, client.request("POST", "/v1/downloads", body))
     if final.get("state") != "done":
         return _job_exit(ctx, final)
     result = final.get("result") or {}
-    files = list(result.get("files") or []) if isinstance(result, dict) else []
+    if not isinstance(result, dict):
+        result = {}
+    files = list(result.get("files") or [])
+    asset_id = str(result.get("asset_id") or final.get("asset_id") or args.asset_id)
+    selected = result.get("selected") or final.get("selected")
     if args.json:
-        ctx.print_json({"asset_id": args.asset_id, "dest": str(dest), "files": files})
-    else:
-        total = sum(int(f.get("size") or 0) for f in files)
-        ctx.print(f"{args.asset_id}: {len(files)} file(s), {format_bytes(total)} in {dest}")
+        out: dict[str, Any] = {"asset_id": asset_id, "dest": str(dest), "files": files}
+        if args.latest and selected:
+            out["selected"] = selected
+        ctx.print_json(out)
+        return EXIT_OK
+    if args.latest and isinstance(selected, dict):
+        ctx.print(f"latest ready {args.asset_type} of run {args.run}: {asset_id} "
+                  f"(created {selected.get('created_at')})")
+    total = sum(int(f.get("size") or 0) for f in files)
+    ctx.print(f"{asset_id}: {len(files)} file(s), {format_bytes(total)} in {dest}")
     return EXIT_OK
 
 

@@ -121,6 +121,10 @@ class DownloadSection(_Section):
     """A download that ran out of disk space goes back to the queue, its partial files
     kept, and tries again after this long (doubling each time, at most 10 min), until
     upload.job_max_attempts; then it fails with disk_full and `retry` resumes it."""
+    restore_dir: Path | None = None
+    """Where ``Run.restore()`` without a ``dest`` puts what it restores, as
+    ``<restore_dir>/<run id>/<asset id>`` (read by the training process, not the daemon;
+    default ``$XDG_CACHE_HOME/chronicle-agent/restore``, i.e. ``~/.cache/…``)."""
 
 
 SealKind = Literal["marker", "dcp_metadata", "rename_dir", "rename_file", "format", "quiescence"]

@@ -5,6 +5,8 @@
     AgentError
     ├── ConfigError              bad configuration (CLI exit 2)
     ├── UsageError               bad input from a caller: a missing path, a bad name (exit 2)
+    │   └── NothingSelected      --include/--exclude select no component of the asset
+    ├── NoReadyAsset             "the latest ready asset" of a run and type: there is none
     ├── DaemonUnreachable        no daemon on the socket (exit 3)
     ├── StateDiskFull            the daemon's state disk is full: intake stops
     ├── QuotaExceeded            a uid's live jobs or payload bytes are at [queue]'s quota
@@ -62,6 +64,19 @@ class ConfigError(AgentError):
 
 class UsageError(AgentError):
     code = "invalid_request"
+
+
+class NothingSelected(UsageError):
+    """A download's include/exclude patterns select none of the asset's components."""
+
+    code = "nothing_selected"
+
+
+class NoReadyAsset(AgentError):
+    """A run has no ready asset of the type asked for (yet): what ``download --latest``
+    fails with, and what ``Run.restore()`` answers with ``None``."""
+
+    code = "no_ready_asset"
 
 
 class DaemonUnreachable(AgentError):

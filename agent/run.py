@@ -20,22 +20,29 @@ uploads with its own token.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote, urlencode
 
-from agent.client import TERMINAL_STATES, SocketClient, caller_token, path_segment
-from agent.errors import JobFailed, UsageError
+from agent.client import TERMINAL_STATES, SocketClient, _from_toml, caller_token, path_segment
+from agent.errors import ApiError, DaemonUnreachable, JobFailed, UsageError
 
 log = logging.getLogger(__name__)
 
 RUN_ID_ENV = "METHODIC_RUN_ID"
 DEFAULT_HEARTBEAT_S = 20.0
+RESTORE_DIR_ENV = "CHRONICLE_AGENT_DOWNLOAD__RESTORE_DIR"
 
 
 class JobHandle:
@@ -127,8 +134,8 @@ class Run:
             rid = f"run_{secrets.token_hex(8)}"
             log.info("no run id given and %s is unset: using %s", RUN_ID_ENV, rid)
         self.run_id: str = rid
-        self.client = SocketClient(socket_path, timeout_s=timeout_s,
-                                   token=token if token is not None else caller_token())
+        self._token = token if token is not None else caller_token()
+        self.client = SocketClient(socket_path, timeout_s=timeout_s, token=self._token)
         self.info: dict[str, Any] = {}
         self._url_assets: dict[str, str] = {}
         self._name_assets: dict[str, set[str]] = {}
@@ -243,6 +250,101 @@ class Run:
     upload_file = upload_directory_async
     upload_path = upload_directory_async
 
+    def restore(
+        self,
+        asset_type: str = "checkpoint",
+        dest: str | Path | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        *,
+        allow_invalid: bool = False,
+        timeout_s: float | None = None,
+    ) -> Path | None:
+        """The local path of this run's latest ``ready`` asset of ``asset_type``
+        (downloaded, or from the daemon's node-local cache), or ``None`` when the run has
+        none yet: what a restarted job calls first. Blocks until the files are there.
+
+        "Latest" is the newest by ``created_at`` of the run's ready assets of that type;
+        an invalidated one is skipped unless ``allow_invalid``; a deprecated one is taken
+        and its reason logged as a warning (docs/downloads.md).
+
+        ``dest``: a new or empty directory (missing parents are created). ``None`` (the
+        default): ``<restore dir>/<run id>/<asset id>``, the restore dir being
+        ``download.restore_dir`` (``CHRONICLE_AGENT_DOWNLOAD__RESTORE_DIR``), else
+        ``$XDG_CACHE_HOME/chronicle-agent/restore`` (``~/.cache/chronicle-agent/restore``):
+        private to you, never a watched checkpoint directory (which would upload it again).
+        If that directory already holds the asset it is returned as it is, without a
+        download: a job restarted again on this node, or its other ranks, cost nothing.
+        Callers on one node that restore the same asset at once take turns (a lock file
+        beside it); the first downloads. Set the restore dir (or pass ``dest``) where a
+        checkpoint fits: home directories are often small.
+
+        ``include`` / ``exclude``: only the components these globs select (fnmatch on the
+        whole name, ``*`` matching ``/`` too, exclude after include; e.g. one rank's
+        shards and ``.metadata``); with ``dest=None`` such a restore gets its own
+        directory, ``<asset id>-<12 hex digits of the patterns>``.
+
+        Through the daemon when one answers on this Run's socket (the asset chosen with
+        ``GET /v1/assets/latest``, then downloaded by id); else in this process, straight
+        against Chronicle as ``Chronicle()`` finds it (configured URL and token, or the
+        local daemon's embedded server), as ``Chronicle().assets.download`` does. A failed
+        download raises :class:`~agent.errors.JobFailed` (through the daemon) or the
+        error itself."""
+        try:
+            asset_id = self._latest_through_daemon(asset_type, allow_invalid)
+            chronicle = None
+        except DaemonUnreachable as e:
+            log.info("no daemon (%s): restoring run %s in this process", e.message,
+                     self.run_id)
+            from agent.chronicle.sdk import Chronicle
+
+            chronicle = Chronicle(token=self._token)
+            asset = chronicle.assets.latest(self.run_id, asset_type, allow_invalid)
+            asset_id = None if asset is None else asset.asset_id
+        if asset_id is None:
+            return None
+        if dest is not None:
+            target = Path(os.path.abspath(Path(dest).expanduser()))
+            self._restore_into(chronicle, asset_id, target, include, exclude, allow_invalid,
+                               timeout_s)
+            return target
+        target = restore_path(self.run_id, asset_id, include, exclude)
+        with _restore_lock(target):
+            if target.is_dir() and any(target.iterdir()):
+                log.info("run %s: %s is already restored in %s", self.run_id, asset_id, target)
+                return target
+            self._restore_into(chronicle, asset_id, target, include, exclude, allow_invalid,
+                               timeout_s)
+        return target
+
+    def _latest_through_daemon(self, asset_type: str, allow_invalid: bool) -> str | None:
+        query = urlencode({"run_id": self.run_id, "asset_type": asset_type,
+                           "allow_invalid": str(allow_invalid).lower()})
+        try:
+            found = self.client.request("GET", f"/v1/assets/latest?{query}")
+        except ApiError as e:
+            if e.code == "no_ready_asset":
+                log.info("run %s: %s", self.run_id, e.message)
+                return None
+            raise
+        log.info("run %s: restoring %s %s (created %s)", self.run_id, asset_type,
+                 found["selected"]["asset_id"], found["selected"].get("created_at"))
+        return str(found["selected"]["asset_id"])
+
+    def _restore_into(self, chronicle: Any, asset_id: str, target: Path,
+                      include: list[str] | None, exclude: list[str] | None,
+                      allow_invalid: bool, timeout_s: float | None) -> None:
+        if chronicle is not None:  # no daemon: in this process
+            chronicle.assets.download(asset_id, target, allow_invalid=allow_invalid,
+                                      timeout_s=timeout_s, include=include, exclude=exclude)
+            return
+        body: dict[str, Any] = {"asset_id": asset_id, "dest": str(target),
+                                "allow_invalid": allow_invalid}
+        _put_opt(body, include=include or None, exclude=exclude or None)
+        final = self._job("POST", "/v1/downloads", body).wait(timeout_s)
+        for warning in final.get("warnings") or []:
+            log.warning("%s", warning)
+
     def job(self, job_id: str) -> JobHandle:
         """A handle on an existing job."""
         return JobHandle(self.client, self.client.get_job(job_id))
@@ -320,6 +422,46 @@ class Run:
                 self.heartbeat()
             except Exception as e:  # never disturb training over a missed heartbeat
                 log.debug("heartbeat for run %s failed: %s", self.run_id, e)
+
+
+def default_restore_dir() -> Path:
+    """Where :meth:`Run.restore` puts what it restores without a ``dest``:
+    ``$CHRONICLE_AGENT_DOWNLOAD__RESTORE_DIR`` > ``download.restore_dir`` (the TOML file) >
+    ``$XDG_CACHE_HOME/chronicle-agent/restore`` > ``~/.cache/chronicle-agent/restore``."""
+    configured = os.environ.get(RESTORE_DIR_ENV) or _from_toml("download", "restore_dir")
+    if configured:
+        return Path(os.path.abspath(Path(configured).expanduser()))
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.path.abspath(base)) / "chronicle-agent" / "restore"
+
+
+def restore_path(run_id: str, asset_id: str, include: list[str] | None = None,
+                 exclude: list[str] | None = None) -> Path:
+    """``<restore dir>/<run id>/<asset id>``, the asset id tagged with the patterns of a
+    filtered restore (each name quoted into one safe path segment)."""
+    name = _segment(asset_id)
+    if include or exclude:
+        patterns = json.dumps([sorted(set(include or ())), sorted(set(exclude or ()))])
+        name += "-" + hashlib.sha256(patterns.encode()).hexdigest()[:12]
+    return default_restore_dir() / _segment(run_id) / name
+
+
+def _segment(value: str) -> str:
+    quoted = quote(value, safe="")
+    return "%2E" + quoted[1:] if quoted.startswith(".") else quoted
+
+
+@contextmanager
+def _restore_lock(target: Path) -> Iterator[None]:
+    """One restore of ``target`` at a time on this node (the ranks of one job)."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}.lock",
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _existing(path: str | Path) -> Path:

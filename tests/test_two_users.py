@@ -209,6 +209,21 @@ def test_python_used_for_the_second_user_is_not_the_venv() -> None:
     assert not PY.startswith(sys.prefix), "the second user cannot run the test venv"
 
 
+def uploaded_by_root(daemon: DaemonProc, src: Path) -> str:
+    """``src`` (a directory root made) uploaded through the daemon: the asset id."""
+    job = daemon.client().request("POST", "/v1/uploads",
+                                  {"path": str(src), "asset_type": "checkpoint"})
+    final = daemon.client().wait_job(job["job_id"], 60)
+    assert final["state"] == "done", final
+    return str(final["asset_id"])
+
+
+def dir_of_tester(path: Path, tester: pwd.struct_passwd) -> Path:
+    """A new directory the tester owns (0755)."""
+    path.mkdir()
+    return owned_by_tester(path, tester, 0o755)
+
+
 def test_downloads_belong_to_the_caller(
     daemon2: DaemonProc, world: Path, tester: pwd.struct_passwd
 ) -> None:
@@ -217,12 +232,8 @@ def test_downloads_belong_to_the_caller(
     (src / "w.bin").write_bytes(os.urandom(100_000))
     (src / "sub").mkdir()
     (src / "sub" / "cfg.json").write_text("{}")
-    job = daemon2.client().request("POST", "/v1/uploads",
-                                   {"path": str(src), "asset_type": "checkpoint"})
-    asset_id = daemon2.client().wait_job(job["job_id"], 60)["asset_id"]
-    home = world / "served" / "tester-home"
-    home.mkdir()
-    owned_by_tester(home, tester, 0o755)
+    asset_id = uploaded_by_root(daemon2, src)
+    home = dir_of_tester(world / "served" / "tester-home", tester)
     status, dl = as_tester(daemon2, world, "POST", "/v1/downloads",
                            {"asset_id": asset_id, "dest": str(home / "restored")})
     assert status == 200, dl
@@ -231,6 +242,52 @@ def test_downloads_belong_to_the_caller(
     for p in [home / "restored", *(home / "restored").rglob("*")]:
         st = p.lstat()
         assert (st.st_uid, st.st_gid) == (tester.pw_uid, tester.pw_gid), p
+
+
+def test_missing_parents_are_made_as_the_caller_never_through_a_symlink(
+    daemon2: DaemonProc, world: Path, tester: pwd.struct_passwd
+) -> None:
+    """A destination whose parents do not exist: they are made as the caller (theirs, 0700),
+    never as root, never outside agent.roots, never through a symlink."""
+    src = world / "served" / "nested-src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(50_000))
+    aid = uploaded_by_root(daemon2, src)
+    home = dir_of_tester(world / "served" / "nest-home", tester)
+
+    status, dl = as_tester(daemon2, world, "POST", "/v1/downloads",
+                           {"asset_id": aid, "dest": str(home / "a" / "b" / "c")})
+    assert status == 200, dl
+    assert daemon2.client().wait_job(dl["job_id"], 60)["state"] == "done"
+    for p in (home / "a", home / "a" / "b", home / "a" / "b" / "c",
+              home / "a" / "b" / "c" / "w.bin"):
+        st = p.lstat()
+        assert (st.st_uid, st.st_gid) == (tester.pw_uid, tester.pw_gid), p
+    assert stat.S_IMODE((home / "a").stat().st_mode) == 0o700
+
+    # where the tester may not create anything: refused, nothing made (root could have)
+    locked = world / "served" / "nest-locked"
+    locked.mkdir(mode=0o755)
+    status, err = as_tester(daemon2, world, "POST", "/v1/downloads",
+                            {"asset_id": aid, "dest": str(locked / "x" / "y")})
+    assert status == 403 and "cannot create" in err["message"], err
+    assert not (locked / "x").exists()
+
+    # a symlink out of agent.roots, to a directory the tester could write: refused as such
+    outside = dir_of_tester(world / "nest-outside", tester)
+    (home / "out").symlink_to(outside)
+    status, err = as_tester(daemon2, world, "POST", "/v1/downloads",
+                            {"asset_id": aid, "dest": str(home / "out" / "p" / "q")})
+    assert status == 403 and "outside" in err["message"], err
+    assert list(outside.iterdir()) == []
+
+    # a dangling symlink where a missing parent is to be made: never followed
+    (home / "dangling").symlink_to(world / "served" / "nest-target")
+    status, err = as_tester(daemon2, world, "POST", "/v1/downloads",
+                            {"asset_id": aid, "dest": str(home / "dangling" / "q" / "r")})
+    assert status == 400 and "symlink" in err["message"], err
+    assert not (world / "served" / "nest-target").exists()
+    assert daemon2.client().list_jobs(state="queued") == []
 
 
 def test_runs_belong_to_the_uid_that_made_them(daemon2: DaemonProc, world: Path) -> None:

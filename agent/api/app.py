@@ -27,6 +27,7 @@ from agent.chronicle import contract
 from agent.errors import (
     AgentError,
     ChronicleError,
+    NoReadyAsset,
     QuotaExceeded,
     StateDiskFull,
     UsageError,
@@ -42,6 +43,7 @@ from agent.queue.store import (
     credential_id,
     job_state,
 )
+from agent.transfer.selection import check_patterns, latest_call, require_latest, selected_view
 from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
 
 if TYPE_CHECKING:
@@ -100,9 +102,33 @@ class ComponentReq(_Body):
 
 
 class DownloadReq(_Body):
-    asset_id: str = Field(min_length=1)
+    asset_id: str | None = Field(default=None, min_length=1)
+    """The asset; or, in its place, ``run_id`` and ``asset_type`` with ``latest``."""
+    run_id: str | None = Field(default=None, min_length=1)
+    asset_type: str | None = Field(default=None, min_length=1)
+    latest: bool = False
+    """The newest ready asset of ``run_id`` and ``asset_type`` (agent.transfer.selection),
+    chosen when the job first runs and kept in it."""
     dest: str
     allow_invalid: bool = False
+    include: list[str] | None = None
+    """Globs on component names (fnmatch; ``*`` matches ``/`` too): only what matches one."""
+    exclude: list[str] | None = None
+    """Globs on component names: none of what matches one (applied after ``include``)."""
+
+    def check_target(self) -> None:
+        """Exactly one way of naming the asset; UsageError saying what is wrong."""
+        if self.latest:
+            if self.asset_id is not None:
+                raise UsageError("asset_id and latest: true both choose the asset: give one")
+            missing = [k for k in ("run_id", "asset_type") if getattr(self, k) is None]
+            if missing:
+                raise UsageError(f"latest: true needs {' and '.join(missing)}")
+        elif self.asset_id is None:
+            raise UsageError("give asset_id, or run_id and asset_type with latest: true")
+        elif self.run_id is not None or self.asset_type is not None:
+            raise UsageError("run_id and asset_type choose an asset only with latest: true "
+                             "(drop them, or asset_id)")
 
 
 class RunReq(_Body):
@@ -244,6 +270,21 @@ async def _json(request: web.Request) -> Any:
         raise UsageError("malformed JSON body: nested too deeply") from None
 
 
+def _bearer(request: web.Request) -> str | None:
+    """The caller's own Chronicle token from ``Authorization: Bearer …`` (None: none sent)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 4096 or not token.isprintable():
+        raise UsageError("Authorization: expected 'Bearer <your Chronicle token>'",
+                         code="unauthenticated")
+    return token
+
+
+LATEST_WAIT_S = 20.0
+"""How long ``GET /v1/assets/latest`` waits for Chronicle's listing (retries included)."""
 TOKEN_CHECK_TTL_S = 300.0
 """How long a caller's token, once accepted by Chronicle, is taken without asking again."""
 TOKEN_CHECK_WAIT_S = 2.0
@@ -280,6 +321,7 @@ class Api:
         r.add_post("/v1/assets/{asset_id}/components", self.component)
         r.add_post("/v1/assets/{asset_id}/finalize", self.finalize)
         r.add_post("/v1/downloads", self.download)
+        r.add_get("/v1/assets/latest", self.latest)
         r.add_get("/v1/jobs", self.jobs)
         r.add_get("/v1/jobs/{job_id}", self.job)
         r.add_get("/v1/jobs/{job_id}/wait", self.wait)
@@ -320,15 +362,9 @@ class Api:
         """The caller's own Chronicle token (``Authorization: Bearer …``), checked with
         Chronicle once (then remembered for a while) and kept in the queue database; its
         name there, or None when the caller sent none (the daemon's own token is used)."""
-        header = request.headers.get("Authorization")
-        if header is None:
+        token = _bearer(request)
+        if token is None:
             return None
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > 4096 \
-                or not token.isprintable():
-            raise UsageError("Authorization: expected 'Bearer <your Chronicle token>'",
-                             code="unauthenticated")
         uid = peer_uid(request)
         key = credential_id(uid, token)
         known = self._checked.get(key)
@@ -554,11 +590,49 @@ class Api:
                                    rec.run_id, asset_key=rec.asset_key)
 
     async def download(self, request: web.Request) -> web.Response:
+        """Everything is checked before anything is made (the destination's missing
+        parents, as the caller, by check_writable_dest) or queued."""
         req = DownloadReq.model_validate(await _json(request))
+        req.check_target()
+        req.include = check_patterns(req.include, "include") or None
+        req.exclude = check_patterns(req.exclude, "exclude") or None
         caller = self._caller(request)
         await anyio.to_thread.run_sync(check_writable_dest, req.dest, caller, self._roots())
-        payload = req.model_dump() | {"gid": caller.gid}
+        payload = req.model_dump(exclude_none=True) | {"gid": caller.gid}
+        if not req.latest:
+            del payload["latest"]
         return await self._enqueue(request, JobKind.DOWNLOAD, payload, None)
+
+    async def latest(self, request: web.Request) -> web.Response:
+        """The asset a ``latest`` download of ``run_id`` and ``asset_type`` would take now
+        (404 ``no_ready_asset`` when there is none), looked up with the caller's token:
+        what ``Run.restore()`` asks first."""
+        q = request.query
+        given = {k: q.get(k) or "" for k in ("run_id", "asset_type")}
+        for key, value in given.items():
+            if not value:
+                raise UsageError(f"{key}: required")
+            if not value.isprintable() or len(value) > 256:
+                raise UsageError(f"{key}: must be printable text of at most 256 characters")
+        allow_invalid = (q.get("allow_invalid") or "false").lower()
+        if allow_invalid not in ("true", "false"):
+            raise UsageError("allow_invalid: true or false")
+        run_id, asset_type = given["run_id"], given["asset_type"]
+        token = _bearer(request)
+        listing = None
+        with anyio.move_on_after(LATEST_WAIT_S):  # within a client's patience (30 s)
+            listing = await self.d.engine.chronicle.send(latest_call(run_id, asset_type),
+                                                         token=token)
+        if listing is None:
+            return error_response(503, "chronicle_unreachable",
+                                  f"Chronicle did not answer within {LATEST_WAIT_S:g} s "
+                                  f"(daemon's Chronicle: {self.d.chronicle_url}); try again")
+        try:
+            asset = require_latest(listing.assets, run_id, asset_type, allow_invalid == "true")
+        except NoReadyAsset as e:
+            return error_response(404, e.code, e.message)
+        return web.json_response({"asset": asset.model_dump(exclude={"download_urls"}),
+                                  "selected": selected_view(asset)})
 
     # ---- jobs ----------------------------------------------------------------------------
 

@@ -95,8 +95,15 @@ def document() -> dict[str, Any]:
             ["asset_id"])},
         "/v1/assets/{asset_id}/finalize": {"post": _op(
             "finalize once every component is uploaded", None, 202, JOB, ["asset_id"])},
-        "/v1/downloads": {"post": _op("download an asset to a directory", a.DownloadReq, 202,
-                                      JOB)},
+        "/v1/downloads": {"post": _op(
+            "download an asset (asset_id, or run_id and asset_type with latest: true) into "
+            "a new or empty directory, its missing parents created; include/exclude globs "
+            "select components", a.DownloadReq, 202, JOB)},
+        "/v1/assets/latest": {"get": _op(
+            "the newest ready asset of a run and type, as a latest download would choose it "
+            "(404 no_ready_asset: none)", None, 200, {"type": "object", "properties": {
+                "asset": obj, "selected": obj}}, query=["run_id", "asset_type",
+                                                          "allow_invalid"])},
         "/v1/jobs": {"get": _op("the caller's jobs", None, 200, obj, query=["run_id", "state"])},
         "/v1/jobs/{job_id}": {"get": _op("a job", None, 200, JOB, ["job_id"])},
         "/v1/jobs/{job_id}/wait": {"get": _op("wait until a job is terminal", None, 200, JOB,

@@ -7,9 +7,10 @@ finds the local daemon's embedded server through its ``endpoint.json``.
 ``Chronicle(url=…, token=…)`` is explicit.
 
 ``chronicle.assets`` — create_inline, get (``include_presigned=True`` adds read URLs), list,
-download, deprecate, invalidate, delete, grant_access, revoke_access, list_access,
-share_with_scope, set_visibility, move; ``chronicle.me.scopes()``; ``chronicle.experiments``
-— create, get, add_variation, get_variation, add_output, retract.
+latest (the newest ready asset of a run and type), download, deprecate, invalidate, delete,
+grant_access, revoke_access, list_access, share_with_scope, set_visibility, move;
+``chronicle.me.scopes()``; ``chronicle.experiments`` — create, get, add_variation,
+get_variation, add_output, retract.
 
 Downloads: the ``GET …?include_presigned=true`` is made with the caller's credentials (it is
 what checks that the caller may read the asset, and it carries the validity flags); the
@@ -104,14 +105,31 @@ class Assets:
              asset_type: str | None = None) -> builtins.list[m.Asset]:
         return self._t.send(contract.list_assets(output_of, state, asset_type)).assets
 
+    def latest(self, run_id: str, asset_type: str,
+               allow_invalid: bool = False) -> m.Asset | None:
+        """The newest ``ready`` asset of run ``run_id`` and type ``asset_type`` (by
+        ``created_at``), None when there is none; invalidated ones are skipped unless
+        ``allow_invalid``, deprecated ones count (see :mod:`agent.transfer.selection`)."""
+        from agent.transfer.selection import latest_call, pick_latest
+
+        listing = self._t.send(latest_call(run_id, asset_type))
+        return pick_latest(listing.assets, run_id, asset_type, allow_invalid)
+
     def download(self, asset: str | m.Asset, dest: str | Path, allow_invalid: bool = False,
-                 timeout_s: float | None = None) -> dict[str, Any]:
+                 timeout_s: float | None = None, include: builtins.list[str] | None = None,
+                 exclude: builtins.list[str] | None = None) -> dict[str, Any]:
         """Download an asset (an id, or what ``get(…, include_presigned=True)`` returned)
-        into ``dest``, a new or empty directory; each component lands at its relative name,
-        verified. Returns ``{"asset_id", "dest", "files": [{"name", "size", "sha256"}],
-        "warnings", "job_id", "cached"}``. An invalidated asset raises
-        :class:`~agent.errors.AssetInvalid` unless ``allow_invalid``; a deprecated one is
-        downloaded and its reason is in ``warnings`` (and logged)."""
+        into ``dest``, a new or empty directory (its missing parents are created, 0700);
+        each component lands at its relative name, verified. ``include`` / ``exclude``:
+        only the components whose names these globs select (fnmatch on the whole name,
+        ``*`` matching ``/`` too; exclude after include; selecting none raises
+        :class:`~agent.errors.NothingSelected`). Returns ``{"asset_id", "dest", "files":
+        [{"name", "size", "sha256"}], "warnings", "job_id", "cached"}``. An invalidated
+        asset raises :class:`~agent.errors.AssetInvalid` unless ``allow_invalid``; a
+        deprecated one is downloaded and its reason is in ``warnings`` (and logged)."""
+        from agent.transfer.selection import check_patterns, filtered
+
+        inc, exc = check_patterns(include, "include"), check_patterns(exclude, "exclude")
         if isinstance(asset, str) or asset.download_urls is None:
             asset = self.get(asset if isinstance(asset, str) else asset.asset_id,
                              include_presigned=True)
@@ -120,20 +138,22 @@ class Assets:
             raise AssetInvalid(409, "asset_invalid",
                                f"asset {aid} is invalidated ({asset.invalidated.reason}); "
                                "pass allow_invalid=True to download it anyway")
+        wanted = filtered(asset, inc, exc)  # selecting nothing fails here, before any job
         target = str(Path(dest).expanduser().absolute())
         try:
-            out = self._through_daemon(aid, target, allow_invalid, timeout_s)
+            out = self._through_daemon(aid, target, allow_invalid, timeout_s, inc, exc)
         except DaemonUnreachable as e:
             log.info("no daemon (%s): downloading %s in this process", e.message, aid)
             out = None
         if out is None:
-            out = self._in_process(asset, target)
+            out = self._in_process(wanted, target)
         for w in out["warnings"]:
             log.warning("%s", w)
         return out
 
     def _through_daemon(self, asset_id: str, dest: str, allow_invalid: bool,
-                        timeout_s: float | None) -> dict[str, Any] | None:
+                        timeout_s: float | None, include: builtins.list[str],
+                        exclude: builtins.list[str]) -> dict[str, Any] | None:
         """Through the local daemon; None if that daemon talks to another Chronicle."""
         from agent.client import SocketClient
 
@@ -143,8 +163,13 @@ class Assets:
             log.info("the local daemon uses Chronicle %s, not %s: downloading %s in this "
                      "process", theirs or "(none)", self._t.base_url, asset_id)
             return None
-        job = client.request("POST", "/v1/downloads", {
-            "asset_id": asset_id, "dest": dest, "allow_invalid": allow_invalid})
+        body: dict[str, Any] = {"asset_id": asset_id, "dest": dest,
+                                "allow_invalid": allow_invalid}
+        if include:
+            body["include"] = include
+        if exclude:
+            body["exclude"] = exclude
+        job = client.request("POST", "/v1/downloads", body)
         final = client.wait_job(job["job_id"], timeout_s)
         if final["state"] != "done":
             raise JobFailed(final)
@@ -154,10 +179,13 @@ class Assets:
                 "cached": bool(result.get("cached"))}
 
     def _in_process(self, asset: m.Asset, dest: str) -> dict[str, Any]:
+        """``asset``: only the components to fetch."""
+        from agent.access import make_dest_parents
         from agent.transfer.direct import download_direct
         from agent.transfer.download import check_asset
 
         warnings = check_asset(asset, allow_invalid=True)  # refused above unless allowed
+        make_dest_parents(dest, [])  # this process is the caller: its own rights
         files = download_direct(
             asset, dest, lambda: self.get(asset.asset_id, include_presigned=True))
         return {"asset_id": asset.asset_id, "dest": dest, "files": files,

@@ -114,7 +114,8 @@ class Job:
             "created_at": _rfc3339(self.created_at),
             "updated_at": _rfc3339(self.updated_at),
         }
-        for key in ("asset_type", "path", "dest", "name", "checkpoint"):
+        for key in ("asset_type", "path", "dest", "name", "checkpoint", "latest", "selected",
+                    "include", "exclude"):
             if key in self.payload:
                 out[key] = self.payload[key]
         if self.result is not None:
@@ -629,6 +630,17 @@ class Queue:
             args.append(json.dumps(warnings))
         with self._txn() as db:
             db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ?", (*args, job_id))
+
+    def update_payload(self, job_id: str, values: dict[str, Any]) -> None:
+        """Merge ``values`` into a job's payload, durably: what a job decided once (the
+        asset a ``latest`` download chose) stays decided across a daemon restart."""
+        with self._txn(durable=True) as db:
+            row = db.execute("SELECT payload FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise StateConflict(f"no job {job_id}", code="not_found")
+            payload = json.loads(row[0]) | values
+            db.execute("UPDATE jobs SET payload = ?, updated_at = ? WHERE job_id = ?",
+                       (json.dumps(payload), time.time(), job_id))
 
     def cancel_requested(self, job_id: str) -> bool:
         rows = self._read("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,))

@@ -37,9 +37,12 @@ CHUNK_BYTES = 1 << 20
 _CODE = re.compile(rb"<Code>([^<]*)</Code>")
 
 
-def staging_dir(dest: str, asset_id: str) -> str:
+def staging_dir(dest: str, asset: m.Asset) -> str:
+    """Beside ``dest``, named after the asset and the components fetched (a download of
+    some of them, ``include``/``exclude``, never resumes into another selection's files)."""
     parent, base = os.path.split(dest.rstrip("/"))
-    tag = hashlib.sha256(asset_id.encode()).hexdigest()[:16]
+    names = "\0".join(sorted(c.name for c in asset.components))
+    tag = hashlib.sha256(f"{asset.asset_id}\0\0{names}".encode()).hexdigest()[:16]
     return os.path.join(parent, f".{base}.chronicle-partial-{tag}")
 
 
@@ -56,7 +59,7 @@ def download_direct(
     from agent.access import check_dest
 
     check_dest(dest)
-    staging = staging_dir(dest, asset.asset_id)
+    staging = staging_dir(dest, asset)
     os.makedirs(staging, mode=0o700, exist_ok=True)
     urls = dict(asset.download_urls or {})
     files = []

@@ -13,6 +13,11 @@
    filesystem, else copy), which is then renamed onto the destination at once. On any
    failure the destination holds no partial file.
 
+With ``include`` / ``exclude`` patterns (:mod:`agent.transfer.selection`) only the selected
+components are fetched, verified and placed. A selection that is not the whole asset
+bypasses the cache (straight into the staging directory): a cache entry always holds a
+whole asset, so a partial one is never taken for it.
+
 A full disk (ENOSPC) raises :class:`~agent.errors.DiskFull`: the worker puts the job back in
 the queue with a delay and the partial files stay for the next attempt.
 """
@@ -51,6 +56,7 @@ from agent.priority import hash_step, run_bulk
 from agent.transfer.cache import AssetCache, is_disk_full
 from agent.transfer.groups import one_error
 from agent.transfer.http import Watchdog, classify_storage_answer, redact
+from agent.transfer.selection import filtered
 from agent.transfer.upload import Engine, Progress, check_component_name
 
 log = logging.getLogger(__name__)
@@ -86,14 +92,17 @@ async def download_asset(
     token: str | None = None,
     cache: AssetCache | None = None,
     ident: Identity | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
 ) -> DownloadResult:
     """Everything at the destination (the check, the staging directory beside it, its
     files, the final rename) is done with ``ident``'s rights (agent.fsid): the files are
     the caller's from birth, and nothing the caller plants there can send the daemon's
-    writes anywhere the caller could not write itself."""
+    writes anywhere the caller could not write itself. ``include`` / ``exclude``: only the
+    components these patterns select (:mod:`agent.transfer.selection`)."""
     try:
         return await _download(engine, job_id, asset_id, dest, allow_invalid, progress, token,
-                               cache, ident)
+                               cache, ident, include, exclude)
     except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         # what the caller's own rights refuse, or what the caller put in the way
         uid = ident.uid if ident is not None else os.geteuid()
@@ -105,6 +114,7 @@ async def download_asset(
 async def _download(
     engine: Engine, job_id: str, asset_id: str, dest: str, allow_invalid: bool,
     progress: Progress, token: str | None, cache: AssetCache | None, ident: Identity | None,
+    include: list[str] | None = None, exclude: list[str] | None = None,
 ) -> DownloadResult:
     await run_as(ident, check_dest, dest)
     try:
@@ -115,13 +125,14 @@ async def _download(
             await cache.drop(asset_id)
         raise
     warnings = check_asset(asset, allow_invalid)
+    wanted = filtered(asset, include, exclude)  # the asset itself when that is all of it
     staging = staging_dir_for(dest, job_id)
     await run_as(ident, lambda: os.makedirs(staging, mode=0o700, exist_ok=True))
-    total = sum(c.size or 0 for c in asset.components)
+    total = sum(c.size or 0 for c in wanted.components)
     await engine.queue.do(engine.queue.s.set_progress, job_id, bytes_total=total)
-    fetcher = _Fetcher(engine, asset, token, progress)
+    fetcher = _Fetcher(engine, wanted, token, progress)
     cached = False
-    if cache is not None and cache.usable_for(asset):
+    if cache is not None and wanted is asset and cache.usable_for(asset):
         async with cache.use(asset, fetcher.fetch_all) as entry:
             cached = not entry.filled
             progress.add(-progress.bytes_done)  # from here: bytes in place at the destination

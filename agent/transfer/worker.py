@@ -19,6 +19,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
+from agent.access import make_dest_parents
 from agent.chronicle import contract
 from agent.errors import (
     AgentError,
@@ -33,6 +34,7 @@ from agent.queue.store import AssetRecord, Job, JobKind, JobState
 from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
 from agent.transfer.groups import primary_error
+from agent.transfer.selection import latest_call, require_latest, selected_view
 from agent.transfer.upload import AssetUpload, Engine, Progress, caller_token, scan_path
 
 log = logging.getLogger(__name__)
@@ -387,11 +389,15 @@ class Workers:
     async def _download(self, job: Job, progress: Progress) -> dict[str, Any] | None:
         p = job.payload
         ident = self.identity(job)
+        token = caller_token(job.cred_id, job.token, f"job {job.job_id}")
         try:
+            if p.get("latest") and not p.get("asset_id"):
+                p = await self._choose_latest(job, token)
+            await run_as(ident, make_dest_parents, p["dest"], self.roots)
             res = await download_asset(
                 self.e, job.job_id, p["asset_id"], p["dest"], bool(p.get("allow_invalid")),
-                progress, token=caller_token(job.cred_id, job.token, f"job {job.job_id}"),
-                cache=self.cache, ident=ident)
+                progress, token=token, cache=self.cache, ident=ident,
+                include=p.get("include"), exclude=p.get("exclude"))
         except (ChronicleError, AgentError) as e:
             # A retryable error or a full disk keeps the partial files for the next attempt;
             # anything else, or the last attempt, ends this download: nothing is left behind.
@@ -401,5 +407,24 @@ class Workers:
             raise
         if res.warnings:
             await self.q.do(self.q.s.set_progress, job.job_id, warnings=res.warnings)
-        return {"asset_id": p["asset_id"], "dest": p["dest"], "files": res.files,
-                "cached": res.cached}
+        out = {"asset_id": p["asset_id"], "dest": p["dest"], "files": res.files,
+               "cached": res.cached}
+        if "selected" in p:
+            out["selected"] = p["selected"]
+        return out
+
+    async def _choose_latest(self, job: Job, token: str | None) -> dict[str, Any]:
+        """A ``latest`` download's asset, chosen once (agent.transfer.selection) and kept
+        in the job's payload before a byte is fetched: a restart or a retry resumes the
+        same asset, even once a newer one is ready."""
+        p = job.payload
+        listing = await self.e.chronicle.send(latest_call(p["run_id"], p["asset_type"]),
+                                              token=token)
+        asset = require_latest(listing.assets, p["run_id"], p["asset_type"],
+                               bool(p.get("allow_invalid")))
+        chosen = {"asset_id": asset.asset_id, "selected": selected_view(asset)}
+        await self.q.do(self.q.s.update_payload, job.job_id, chosen)
+        log.info("job %s: the latest ready %s of run %s is %s (created %s)", job.job_id,
+                 p["asset_type"], p["run_id"], asset.asset_id, asset.created_at)
+        job.payload = p | chosen
+        return job.payload
