@@ -117,6 +117,11 @@ class DownloadSection(_Section):
     cache_max_bytes: int = Field(default=50 * 1024 * MiB, ge=0)
     """Cache size cap; least recently used entries are evicted past it. 0 = no cache.
     An asset larger than the cap bypasses the cache."""
+    cache_uploads: bool = True
+    """A watched checkpoint's snapshot, once its upload is finalized, is moved into the
+    cache (no copy) instead of being deleted, so a restore on this node reads it from
+    disk. A snapshot file hardlinked to the checkpoint's own keeps that file's space in use
+    until the cache evicts the entry (least recently used, within cache_max_bytes)."""
     disk_full_retry_s: float = Field(default=30.0, gt=0)
     """A download that ran out of disk space goes back to the queue, its partial files
     kept, and tries again after this long (doubling each time, at most 10 min), until

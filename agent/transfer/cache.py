@@ -176,6 +176,53 @@ class AssetCache:
             else:
                 del self._pins[aid]
 
+    async def adopt(self, asset_id: str, files: list[dict[str, Any]]) -> bool:
+        """Keep the files an upload just finalized as the asset's entry: each
+        ``{"name", "size", "sha256", "path"}`` is moved (renamed: no copy, so only from
+        the same filesystem, e.g. a watcher's snapshot) into the cache. False when it
+        cannot be (cache off or too small, an unsafe id, another filesystem, already
+        cached); then nothing was moved, or what was is removed with the fill."""
+        total = sum(int(f["size"]) for f in files)
+        if (self.max_bytes <= 0 or total > self.max_bytes or not files
+                or _SAFE_ID.fullmatch(asset_id) is None or asset_id in (".", "..")):
+            return False
+        await self.open()
+        lock = self._fill_lock(asset_id)
+        try:
+            async with lock:  # no fill of this asset meanwhile; an entry already: no
+                entry = await anyio.to_thread.run_sync(self._adopt, asset_id, files, total,
+                                                       self._busy() - {asset_id})
+        finally:
+            self._release_fill_lock(asset_id)
+        if entry is None:
+            return False
+        self._verified.add(asset_id)
+        log.info("cache: %s kept from its upload (%d file(s), %d bytes)", asset_id,
+                 len(files), total)
+        return True
+
+    def _adopt(self, aid: str, files: list[dict[str, Any]], total: int,
+               busy: set[str]) -> Entry | None:
+        with self._db_lock:
+            known = self._conn().execute("SELECT 1 FROM entries WHERE asset_id = ?",
+                                         (aid,)).fetchone()
+        if known:
+            return None
+        dev = os.stat(self.root).st_dev
+        if any(os.stat(f["path"]).st_dev != dev for f in files):
+            return None
+        fill_dir = self._begin_fill(aid, total, busy)
+        try:
+            for f in files:
+                dst = fill_dir / f["name"]
+                dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.rename(f["path"], dst)
+            return self._commit(aid, files)
+        except OSError as e:
+            log.warning("cache: %s could not be kept from its upload: %s", aid, e)
+            self._remove(aid)
+            return None
+
     async def drop(self, asset_id: str) -> None:
         """Forget an asset (Chronicle says it is gone); not while it is in use."""
         if self.max_bytes <= 0 or _SAFE_ID.fullmatch(asset_id) is None:
@@ -356,8 +403,9 @@ class AssetCache:
         files = []
         for f in fetched:
             p = fill_dir / f["name"]
-            os.chmod(p, 0o444)
             st = p.stat()
+            if st.st_nlink == 1:  # never the mode of a file linked elsewhere (a snapshot's)
+                os.chmod(p, 0o444)
             files.append(CachedFile(f["name"], int(f["size"]), str(f["sha256"]),
                                     st.st_mtime_ns, st.st_ino))
         final = self.root / "objects" / aid

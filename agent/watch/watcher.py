@@ -679,6 +679,8 @@ class Watcher:
                 self._recheck.add(row.path)
             else:
                 continue  # queued, running, or failed for another reason (kept for `retry`)
+            if new_state == "done":
+                await self._keep_in_cache(row.job_id, snap_dir)
             await anyio.to_thread.run_sync(self.staging.remove, snap_dir)
             await q.do(runstore.set_watched, q.s, row.ckpt_id, state=new_state)
             self.staged.pop(row.ckpt_id, None)
@@ -687,6 +689,31 @@ class Watcher:
                 self.decided[row.path].state = new_state
                 self.decided[row.path].snapshot = None
             log.info("snapshot of %s removed (job %s %s)", row.path, row.job_id, jstate)
+
+    async def _keep_in_cache(self, job_id: str | None, snap_dir: str) -> None:
+        """A finalized upload's snapshot becomes its asset's entry in the node-local cache
+        (``download.cache_uploads``): moved there, so a restore on this node fetches
+        nothing. Only files inside the snapshot are moved."""
+        cache = getattr(getattr(self.d, "workers", None), "cache", None)
+        if job_id is None or cache is None or not self.d.settings.download.cache_uploads:
+            return
+        q = self.d.queue
+        job = await q.do(q.s.get, job_id)
+        rec = None if job is None or job.asset_key is None else \
+            await q.do(q.s.asset, job.asset_key)
+        if job is None or job.asset_key is None or rec is None or rec.asset_id is None \
+                or rec.state != "finalized":
+            return
+        root = os.path.join(snap_dir, "")
+        files = [{"name": c.name, "size": c.size or 0, "sha256": c.sha256, "path": c.path}
+                 for c in await q.do(q.s.components, job.asset_key)]
+        if not all(f["sha256"] and f["path"] and str(f["path"]).startswith(root)
+                   for f in files):
+            return
+        try:
+            await cache.adopt(rec.asset_id, files)
+        except OSError as e:
+            log.warning("cache: snapshot of %s not kept: %s", rec.asset_id, e)
 
     async def _relabel(self, row: WatchedRow, expect: tuple[str, ...]) -> None:
         q = self.d.queue
