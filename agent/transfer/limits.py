@@ -26,12 +26,15 @@ class TokenBucket:
         if self.rate <= 0:
             return
         async with self._lock:
+            rate = self.rate  # read again: set_rate may have lifted the limit meanwhile
+            if rate <= 0:
+                return
             now = time.monotonic()
-            self._tokens = min(float(self.rate), self._tokens + (now - self._stamp) * self.rate)
+            self._tokens = min(float(rate), self._tokens + (now - self._stamp) * rate)
             self._stamp = now
             self._tokens -= n
             if self._tokens < 0:
-                await anyio.sleep(-self._tokens / self.rate)
+                await anyio.sleep(-self._tokens / rate)
 
 
 class Limits:
