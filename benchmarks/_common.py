@@ -58,24 +58,30 @@ class Server:
 
 
 class Daemon:
-    """A fresh ``chronicle-agent daemon`` in its own short temp dir, using ``server``."""
+    """A fresh ``chronicle-agent daemon`` in its own short temp dir, using ``server``; with
+    ``server=None``, its embedded local Chronicle (no URL configured, and none of this
+    environment's ``CHRONICLE_AGENT_*`` settings), as a new user runs it."""
 
-    def __init__(self, server: Server, extra_env: dict[str, str] | None = None,
-                 repo: Path = REPO) -> None:
+    def __init__(self, server: Server | None, extra_env: dict[str, str] | None = None,
+                 repo: Path = REPO, timeout_s: float = 5) -> None:
         """``repo``: the checkout whose ``agent`` package the daemon runs (another one to
-        compare two versions side by side)."""
+        compare two versions side by side). ``timeout_s``: its socket client's."""
         self.dir = Path(tempfile.mkdtemp(prefix="cab-", dir="/tmp"))
-        env = dict(os.environ, **(extra_env or {}), PYTHONPATH=str(repo),
+        env = dict(os.environ)
+        if server is None:
+            env = {k: v for k, v in env.items() if not k.startswith("CHRONICLE_AGENT_")}
+        else:
+            env.update(CHRONICLE_AGENT_CHRONICLE__URL=server.url,
+                       CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token)
+        env.update(extra_env or {}, PYTHONPATH=str(repo),
                    CHRONICLE_AGENT_AGENT__STATE_DIR=str(self.dir / "state"),
                    CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),
-                   CHRONICLE_AGENT_CHRONICLE__URL=server.url,
-                   CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token,
                    XDG_CONFIG_HOME=str(self.dir / "cfg"))
         with open(self.dir / "log", "wb") as log:
             # cwd: `python -m` puts it first on sys.path, before PYTHONPATH
             self.proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
                                          cwd=repo, stdout=subprocess.DEVNULL, stderr=log)
-        self.client = SocketClient(self.dir / "a.sock", timeout_s=5)
+        self.client = SocketClient(self.dir / "a.sock", timeout_s=timeout_s)
         for _ in range(400):
             try:
                 self.client.health()

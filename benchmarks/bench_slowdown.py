@@ -36,7 +36,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, Daemon, Server  # noqa: E402
+from _common import Daemon, Server  # noqa: E402
 
 from agent.client import SocketClient  # noqa: E402
 from agent.yielding import own_ticks  # noqa: E402
@@ -120,30 +119,6 @@ class Trainer:
     def close(self) -> None:
         self.conn.send(None)
         self.proc.join(10)
-
-
-class EmbeddedDaemon(Daemon):
-    """A daemon with its embedded local Chronicle (no URL configured), as a new user runs
-    it."""
-
-    def __init__(self, extra_env: dict[str, str]) -> None:  # noqa: D107
-        self.dir = Path(tempfile.mkdtemp(prefix="cab-", dir="/tmp"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_AGENT_")}
-        env.update(extra_env, PYTHONPATH=str(REPO),
-                   CHRONICLE_AGENT_AGENT__STATE_DIR=str(self.dir / "state"),
-                   CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),
-                   XDG_CONFIG_HOME=str(self.dir / "cfg"))
-        with open(self.dir / "log", "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "daemon"], env=env,
-                                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-        self.client = SocketClient(self.dir / "a.sock", timeout_s=30)
-        for _ in range(400):
-            try:
-                self.client.health()
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start: {(self.dir / 'log').read_text()[-2000:]}")
 
 
 def pause(pids: list[int], sig: signal.Signals) -> None:
@@ -241,8 +216,7 @@ def main() -> int:
                     for setting in args.settings.split(","):
                         server = Server(root) if server_mode == "separate" else None
                         env = dict(SETTINGS[setting])
-                        daemon: Daemon = (Daemon(server, env) if server
-                                          else EmbeddedDaemon(env))
+                        daemon = Daemon(server, env, timeout_s=30)
                         try:
                             m = measure(trainer, daemon, server, src, args.pairs, args.window)
                         finally:
@@ -258,7 +232,7 @@ def main() -> int:
                               f"{m['q1']:>8.3f}-{m['q3']:.3f}"
                               f"{m['daemon_cpu_per_gib']:>18.2f}{srv:>18}", flush=True)
                 if args.full_upload:
-                    daemon = EmbeddedDaemon({})
+                    daemon = Daemon(None, timeout_s=30)
                     try:
                         secs, steps = full_upload(trainer, daemon, src, args.window)
                     finally:
