@@ -71,6 +71,23 @@ def tree(root: Path) -> Path:
     return root
 
 
+def killed_mid_download(daemon: DaemonProc, proxy: FaultProxy, src: Path,
+                        dest: Path) -> tuple[str, str]:
+    """Upload ``src``, then download it into ``dest`` with the daemon's crash point
+    (``mid_download:N@2``, armed by a restart here) killing it midway: (asset id, job id).
+    The proxy's counters start at the download; nothing is at the destination."""
+    daemon.stop()
+    daemon.start()  # second start: the crash point is armed now
+    aid = upload(daemon, src)
+    proxy.reset_stats()
+    job_id = start_download(daemon, aid, dest)
+    assert daemon.proc is not None
+    daemon.proc.wait(60)  # it kills itself at the crash point
+    assert daemon.proc.returncode == -9, daemon.log_tail()
+    assert not dest.exists()  # never a partial file at the destination
+    return aid, job_id
+
+
 def no_partials(parent: Path) -> bool:
     return not [p for p in parent.iterdir() if ".chronicle-partial-" in p.name]
 
@@ -88,16 +105,8 @@ def test_kill_mid_download_resumes_with_range(tmp_path: Path, cache: bool) -> No
     if not cache:
         env["CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES"] = "0"
     with proxied_daemon(env) as (daemon, proxy):
-        daemon.stop()
-        daemon.start()  # second start: the crash point is armed now
-        aid = upload(daemon, src)
-        proxy.reset_stats()
         dest = tmp_path / "dest"
-        job_id = start_download(daemon, aid, dest)
-        assert daemon.proc is not None
-        daemon.proc.wait(60)  # it kills itself after 10 MiB of big.bin
-        assert daemon.proc.returncode == -9, daemon.log_tail()
-        assert not dest.exists()  # never a partial file at the destination
+        aid, job_id = killed_mid_download(daemon, proxy, src, dest)  # after 10 MiB of big.bin
         partial = (daemon.state_dir / "cache" / "fill" / aid) if cache else next(
             p for p in tmp_path.iterdir() if ".chronicle-partial-" in p.name)
         kept = (partial / "big.bin").stat().st_size
