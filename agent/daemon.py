@@ -191,6 +191,8 @@ class Daemon:
                 await self._serve()
             finally:
                 with anyio.CancelScope(shield=True):
+                    if hasattr(self, "engine"):
+                        self.engine.pool.close()
                     await storage.close()
                     await api_session.close()
         finally:

@@ -775,10 +775,9 @@ class Assets:
         if query_flag(ctx.request, "include_presigned"):
             urls: dict[str, str] = {}
             if asset.state == "ready":  # require_asset checked read access: URLs may go out
-                for c in asset.components:
-                    urls[c.name] = await self.core.storage.presign_get(
-                        c.object_key, self.cfg.url_expiry_s
-                    )
+                by_key = await self.core.storage.presign_gets(
+                    [c.object_key for c in asset.components], self.cfg.url_expiry_s)
+                urls = {c.name: by_key[c.object_key] for c in asset.components}
             body["download_urls"] = urls
             body["expires_at"] = self.core.expires_at()
         return Reply(200, body)

@@ -293,8 +293,11 @@ class DiskStorage:
     async def presign_put(self, key: str, expires_s: int) -> str:
         return self._url(Grant("PUT", key), expires_s)
 
-    async def presign_get(self, key: str, expires_s: int) -> str:
-        return self._url(Grant("GET", key), expires_s)
+    async def presign_gets(self, keys: Sequence[str], expires_s: int) -> dict[str, str]:
+        def sign() -> dict[str, str]:
+            return {k: self._url(Grant("GET", k), expires_s) for k in keys}
+
+        return sign() if len(keys) <= 64 else await self._run(sign)
 
     async def presign_parts(
         self, key: str, upload_id: str, part_numbers: Sequence[int], expires_s: int

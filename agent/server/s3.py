@@ -45,6 +45,7 @@ from aiohttp import web
 
 from agent.errors import ConfigError
 
+from .sigv4 import Presigner
 from .storage import ObjectInfo, PartInfo, StorageError, UploadGate
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class S3Storage:
         self.description = f"s3://{bucket}" + (f" at {endpoint_url}" if endpoint_url else "")
         self._pool = io_pool
         self._client: Any = None
+        self._signer: Presigner
 
     @classmethod
     def from_options(
@@ -155,6 +157,7 @@ class S3Storage:
 
     async def start(self, base_url: str) -> None:
         self._client = await self._run(self._make_client)
+        self._signer = await self._run(Presigner, self._client, self.bucket)
         try:
             await self._s3("head_bucket")
         except botocore.exceptions.ClientError as e:
@@ -180,33 +183,30 @@ class S3Storage:
 
     # ---- URLs --------------------------------------------------------------------------------
 
-    def _presign(self, op: str, expires_s: int, **params: Any) -> str:
-        return str(
-            self._client.generate_presigned_url(
-                op,
-                Params={"Bucket": self.bucket, **params},
-                ExpiresIn=min(expires_s, MAX_PRESIGN_S),
-            )
-        )
+    def _presign(self, method: str, key: str, expires_s: int,
+                 params: dict[str, str] | None = None) -> str:
+        return self._signer.url(method, key, min(expires_s, MAX_PRESIGN_S), params)
 
     async def presign_put(self, key: str, expires_s: int) -> str:
-        return await self._run(self._presign, "put_object", expires_s, Key=key)
+        return self._presign("PUT", key, expires_s)  # microseconds (agent.server.sigv4)
 
-    async def presign_get(self, key: str, expires_s: int) -> str:
-        return await self._run(self._presign, "get_object", expires_s, Key=key)
+    async def presign_gets(self, keys: Sequence[str], expires_s: int) -> dict[str, str]:
+        def sign() -> dict[str, str]:
+            return {k: self._presign("GET", k, expires_s) for k in keys}
+
+        return sign() if len(keys) <= 64 else await self._run(sign)
 
     async def presign_parts(
         self, key: str, upload_id: str, part_numbers: Sequence[int], expires_s: int
     ) -> dict[int, str]:
         def sign() -> dict[int, str]:
             return {
-                n: self._presign(
-                    "upload_part", expires_s, Key=key, UploadId=upload_id, PartNumber=n
-                )
+                n: self._presign("PUT", key, expires_s,
+                                 {"partNumber": str(n), "uploadId": upload_id})
                 for n in part_numbers
             }
 
-        return await self._run(sign)
+        return sign() if len(part_numbers) <= 64 else await self._run(sign)
 
     # ---- objects -------------------------------------------------------------------------------
 

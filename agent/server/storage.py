@@ -92,7 +92,9 @@ class Storage(Protocol):
 
     async def presign_put(self, key: str, expires_s: int) -> str: ...
 
-    async def presign_get(self, key: str, expires_s: int) -> str: ...
+    async def presign_gets(self, keys: Sequence[str], expires_s: int) -> dict[str, str]:
+        """GET URLs for many keys at once (an asset's components), by key."""
+        ...
 
     async def create_multipart(self, key: str, part_size: int) -> str:
         """Start a multipart upload of ``key`` whose parts are ``part_size`` bytes (all but

@@ -34,6 +34,7 @@ import shutil
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -53,6 +54,7 @@ from agent.errors import (
 )
 from agent.fsid import Identity, Refused, call_as, run_as
 from agent.priority import hash_step, run_bulk
+from agent.transfer import rawget
 from agent.transfer.cache import AssetCache, is_disk_full
 from agent.transfer.groups import one_error
 from agent.transfer.http import Watchdog, classify_storage_answer, redact
@@ -67,6 +69,8 @@ RANGE_READ_BUFFER_BYTES = 256 << 10
 once): a quarter, so their buffers together stay near one whole-file stream's."""
 WHOLE_BYTES = 1 << 20
 """A component of at most this many bytes is read whole and written in one thread call."""
+DIRECT_STEP_BYTES = 8 << 20
+"""Body bytes a worker thread reads (and writes) per call on the direct path."""
 READ_BUFFER_BYTES = 1 << 20
 """aiohttp's receive buffer for a download (it holds up to twice this per stream before it
 stops reading the socket): fewer wake-ups per GiB than its 64 KiB default, memory bounded.
@@ -200,6 +204,7 @@ class _Fetcher:
         node-local cache)."""
         files: list[dict[str, Any]] = []
         root = str(target_dir)
+        here = await run_as(ident, _files_under, root)  # what an earlier attempt left
 
         async def one(comp: m.Component) -> None:
             name = check_component_name(comp.name)
@@ -211,7 +216,7 @@ class _Fetcher:
             if (comp.size or 0) > self.e.settings.download.range_bytes:
                 sha = await _Ranged(*args).fetch()
             else:
-                sha = await _fetch(*args)
+                sha = await _fetch(*args, resume=name in here)
             files.append({"name": name, "size": comp.size or 0, "sha256": sha})
 
         with one_error():
@@ -230,37 +235,19 @@ async def _fetch(
     comp: m.Component,
     progress: Progress,
     ident: Identity | None,
+    resume: bool = True,
 ) -> str:
-    """Fetch one component into ``target``, resuming from what is there; verify it."""
+    """Fetch one component into ``target``, resuming from what is there (``resume``: an
+    earlier attempt left a file there); verify it."""
     size = comp.size or 0
     up = engine.settings.upload
     what = f"GET {name}"
 
-    def prepare() -> tuple[int, Any]:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        h = hashlib.sha256()
-        have = 0
-        try:
-            if not os.path.exists(target):
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            else:
-                have = os.path.getsize(target)
-                if have > size:
-                    os.truncate(target, 0)
-                    have = 0
-                with open(target, "rb") as f:
-                    while chunk := f.read(4 << 20):
-                        h.update(chunk)
-        except OSError as e:
-            if is_disk_full(e):
-                raise DiskFull(f"{what}: no space left on device creating {target}") from None
-            raise
-        if have < size:  # a disk already full: ask storage for nothing
-            _check_space(target, min(size - have, 1 << 20), what)
-        return have, h
-
     async def attempt() -> str:
-        have, h = await run_as(ident, prepare)
+        if not resume and 0 < size <= WHOLE_BYTES and rawget.takes(url_of()):
+            have, h = 0, hashlib.sha256()  # nothing to resume: one thread call does all
+        else:
+            have, h = await run_as(ident, _prepare_resume, target, size, what)
         if have:
             log.info("%s: resuming from byte %d of %d", what, have, size)
         progress.add(have)
@@ -294,6 +281,42 @@ async def _fetch(
     return sha
 
 
+def _prepare_resume(target: str, size: int, what: str) -> tuple[int, Any]:
+    """What an earlier attempt left in ``target``: its length and a hash of it (a file
+    longer than the component is emptied)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    h = hashlib.sha256()
+    have = 0
+    try:
+        if not os.path.exists(target):
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        else:
+            have = os.path.getsize(target)
+            if have > size:
+                os.truncate(target, 0)
+                have = 0
+            with open(target, "rb") as f:
+                while chunk := f.read(4 << 20):
+                    h.update(chunk)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(f"{what}: no space left on device creating {target}") from None
+        raise
+    if have < size:  # a disk already full: ask storage for nothing
+        _check_space(target, min(size - have, 1 << 20), what)
+    return have, h
+
+
+def _files_under(root: str) -> set[str]:
+    """The files under ``root`` by their '/'-separated relative names."""
+    found = set()
+    for top, _dirs, names in os.walk(root):
+        rel = os.path.relpath(top, root)
+        for n in names:
+            found.add(n if rel == "." else f"{rel.replace(os.sep, '/')}/{n}")
+    return found
+
+
 def _check_space(target: str, need: int, what: str) -> None:
     st = os.statvfs(os.path.dirname(target))
     if st.f_bavail * st.f_frsize < need:
@@ -301,7 +324,10 @@ def _check_space(target: str, need: int, what: str) -> None:
                        f"({st.f_bavail * st.f_frsize} bytes free)")
 
 
-def _write_at(fd: int, chunks: list[bytes], at: int, h: Any | None, target: str,
+Buffer = bytes | bytearray | memoryview
+
+
+def _write_at(fd: int, chunks: list[Buffer], at: int, h: Any | None, target: str,
               what: str) -> None:
     """Write ``chunks`` back to back at ``at`` (one ``pwritev``) and hash them. On a full
     disk the file is cut back to the end of what was written whole (the bytes before it are
@@ -337,7 +363,17 @@ async def _get_into(
     """Bytes ``have`` to ``end`` (default: the end) of a ``size``-byte object into
     ``target`` at their place, through ``write`` (``_write_at``, or a comparison); how
     many arrived."""
-    if not have and end is None and size <= WHOLE_BYTES and write is _write_at:
+    whole = not have and end is None and size <= WHOLE_BYTES and write is _write_at
+    if rawget.takes(url):
+        try:
+            if whole:
+                return await _get_whole_direct(engine, url, target, size, h, progress,
+                                               stall_s, what, ident)
+            return await _get_direct(engine, url, target, have, size, h, progress, stall_s,
+                                     what, ident, end, write)
+        except rawget.NotDirect as e:
+            log.debug("%s: %s; through aiohttp", what, e)
+    if whole:
         return await _get_whole(engine, url, target, size, h, progress, stall_s, what, ident)
     end = size if end is None else end
     ranged = have > 0 or end < size
@@ -390,6 +426,103 @@ async def _get_into(
     return got
 
 
+def _refused_head(get: rawget.RawGet, expected: int, ranged: bool, what: str) -> Exception:
+    """Why an answer whose head :class:`rawget.RawGet` did not accept is refused (its
+    error body, if any, already read)."""
+    if get.status in (200, 206):
+        get.close()
+        if ranged and get.status == 200:
+            return RetryableError(f"{what}: storage ignored Range", code="range_ignored")
+        return RetryableError(f"{what}: storage sent {get.length} bytes, not {expected}",
+                              code="too_long" if get.length > expected else "truncated")
+    return classify_storage_answer(get.status, get.read_error_body(), what)
+
+
+async def _advance(engine: Engine, get: rawget.RawGet, step: Callable[[], int],
+                   expected: int, ranged: bool, what: str) -> int:
+    """One worker-thread call of a direct GET: body bytes it placed; raises on an answer
+    that is not the one asked for."""
+    n = await run_bulk(step)
+    if get.status and not get.accepted:
+        raise await run_bulk(_refused_head, get, expected, ranged, what)
+    return n
+
+
+async def _get_direct(
+    engine: Engine, url: str, target: str, have: int, size: int, h: Any | None,
+    progress: Progress | _Counted, stall_s: float, what: str, ident: Identity | None,
+    end: int | None, write: Callable[..., None],
+) -> int:
+    """:func:`_get_into` over plain HTTP, read by worker threads from the socket
+    (:mod:`agent.transfer.rawget`)."""
+    end = size if end is None else end
+    ranged = have > 0 or end < size
+    get = rawget.RawGet(engine.pool, url, {"Range": f"bytes={have}-{end - 1}"} if ranged
+                        else None, expect_length=end - have)
+    log.debug("%s <- %s bytes %d-%d", what, redact(url), have, end - 1)
+    fd = await run_as(ident, os.open, target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def sink(view: memoryview, at: int) -> None:
+        write(fd, [view], have + at, h, target, what)
+
+    watchdog = Watchdog(stall_s)
+    got = 0
+    try:
+        async with asyncio.timeout(stall_s) as t:
+            watchdog.arm(t)
+            while not get.done:
+                n = await _advance(engine, get, partial(get.advance, sink, DIRECT_STEP_BYTES),
+                                   end - have, ranged, what)
+                if n:
+                    got += n
+                    watchdog.kick()
+                    progress.add(n)
+                    engine.metrics.received(n)
+                    engine.crash.progress("mid_download", progress.bytes_done)
+                    await watchdog.throttled(engine.limits, n)
+    except TimeoutError:
+        raise RetryableError(f"{what}: no progress for {stall_s:g}s", code="stalled") from None
+    finally:
+        get.close()
+        os.close(fd)
+    return got
+
+
+async def _get_whole_direct(
+    engine: Engine, url: str, target: str, size: int, h: Any, progress: Progress | _Counted,
+    stall_s: float, what: str, ident: Identity | None,
+) -> int:
+    """:func:`_get_whole` over plain HTTP: usually one worker-thread call for the request,
+    the answer, the file's write and its hash."""
+    get = rawget.RawGet(engine.pool, url, expect_length=size)
+    body = bytearray(size)
+
+    def sink(view: memoryview, at: int) -> None:
+        body[at:at + len(view)] = view
+
+    def step() -> int:
+        n = get.advance(sink, size)
+        if get.done:
+            call_as(ident, _write_new, target, body, h, what)
+        return n
+
+    try:
+        async with asyncio.timeout(stall_s) as t:
+            watchdog = Watchdog(stall_s)
+            watchdog.arm(t)
+            while not get.done:
+                if await _advance(engine, get, step, size, False, what):
+                    watchdog.kick()
+    except TimeoutError:
+        raise RetryableError(f"{what}: no progress for {stall_s:g}s", code="stalled") from None
+    finally:
+        get.close()
+    progress.add(size)
+    engine.metrics.received(size)
+    await engine.limits.throttle(size)
+    return size
+
+
 async def _get_whole(
     engine: Engine, url: str, target: str, size: int, h: Any, progress: Progress | _Counted,
     stall_s: float, what: str, ident: Identity | None,
@@ -424,9 +557,14 @@ async def _get_whole(
     return len(body)
 
 
-def _write_new(target: str, body: bytes, h: Any, what: str) -> None:
-    """The bytes of a small component, from the file's start (hashed too)."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _write_new(target: str, body: bytes | bytearray, h: Any, what: str) -> None:
+    """The whole bytes of a small component, its directory made if need be (hashed too)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        fd = os.open(target, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd = os.open(target, flags, 0o600)
     try:
         _write_at(fd, [body], 0, h, target, what)
     finally:
@@ -635,7 +773,7 @@ class _Diff:
         self.lock = threading.Lock()
 
 
-def _compare_at(fd: int, chunks: list[bytes], at: int, diff: _Diff, target: str,
+def _compare_at(fd: int, chunks: list[Buffer], at: int, diff: _Diff, target: str,
                 what: str) -> None:
     """Compare fetched bytes with the file's at ``at``; rewrite them where they differ."""
     pos = at

@@ -57,6 +57,7 @@ from agent.metrics import Metrics
 from agent.priority import run_bulk
 from agent.queue.aqueue import AsyncQueue
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
+from agent.transfer import rawget
 from agent.transfer.groups import one_error
 from agent.transfer.http import (
     Opener,
@@ -277,6 +278,8 @@ class Engine:
         # One component never takes every transfer slot: others' jobs keep a way in.
         self.parts_per_component = max(1, up.concurrency - up.concurrency // 4)
         self.small_buffers = BufferPool(up.chunk_bytes + 1)
+        self.pool = rawget.Pool(up.connect_timeout_s)
+        """Keep-alive connections of the direct (plain-HTTP) download path."""
 
     async def ensure_run(self, run_id: str | None, token: str | None = None) -> None:
         if run_id and run_id not in self._known_runs:
