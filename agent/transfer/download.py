@@ -43,6 +43,7 @@ import anyio.to_thread
 from agent.access import check_dest
 from agent.chronicle import contract
 from agent.chronicle import models as m
+from agent.config import DownloadSection
 from agent.errors import (
     AssetInvalid,
     DiskFull,
@@ -607,6 +608,7 @@ class _Ranged:
         self.done: set[int] = set()
         self.changed = anyio.Event()
         self.recording = anyio.Lock()  # one writer of the record at a time
+        self.streams = anyio.CapacityLimiter(range_streams(engine.settings.download))
 
     async def fetch(self) -> str:
         self.done = await run_as(self.ident, self._prepare)
@@ -679,7 +681,7 @@ class _Ranged:
 
         async def attempt() -> None:
             try:
-                async with self.e.limits.slots:
+                async with self.streams, self.e.limits.slots:
                     await _get_into(self.e, self.url_of(), self.target, a + placed.n,
                                     self.size, diff, placed,
                                     self.e.settings.upload.stall_timeout_s, label,
@@ -747,6 +749,13 @@ class _Ranged:
             raise VerificationError(f"{self.what}: SHA-256 does not match after a second "
                                     "fetch of every range", code="checksum_mismatch")
         return sha
+
+
+def range_streams(settings: DownloadSection) -> int:
+    """``download.range_streams``, its automatic value (0) resolved."""
+    if settings.range_streams:
+        return settings.range_streams
+    return min(4, max(1, len(os.sched_getaffinity(0)) // 2))
 
 
 class _Counted:

@@ -24,7 +24,7 @@ from agent.errors import PeerClosed, RetryableError
 
 POLL_S = 0.5
 """Longest a thread waits for the socket before it hands control back."""
-BUFFER_BYTES = 1024 * 1024
+BUFFER_BYTES = 256 * 1024
 """Each worker thread's receive buffer (reused for every GET it serves)."""
 HEAD_MAX_BYTES = 64 * 1024
 ERROR_BODY_MAX_BYTES = 64 * 1024
@@ -228,14 +228,14 @@ class RawGet:
         assert sock is not None
         while True:
             end = self.head.find(b"\r\n\r\n")
+            if end > HEAD_MAX_BYTES or (end < 0 and len(self.head) > HEAD_MAX_BYTES):
+                self.close()
+                raise PeerClosed(f"storage sent a response head over {HEAD_MAX_BYTES} bytes")
             if end >= 0:
                 self._parse(bytes(self.head[:end]))
                 self._early = bytes(self.head[end + 4:])
                 self.head = bytearray()
                 return True
-            if len(self.head) > HEAD_MAX_BYTES:
-                self.close()
-                raise PeerClosed(f"storage sent a response head over {HEAD_MAX_BYTES} bytes")
             try:
                 chunk = sock.recv(16384)
             except TimeoutError:

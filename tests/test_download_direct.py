@@ -1,0 +1,222 @@
+"""The direct GET path (agent.transfer.rawget): plain-HTTP bodies read by worker threads
+straight from the socket.
+
+Against a real aiohttp server on loopback: keep-alive connections are reused, one the server
+closed while idle is replaced without an error, a chunked answer is handed back untouched
+(``NotDirect``), an error answer stops at its head and its body says why, a body cut short
+names how far it got, a 206 carries exactly the range asked for, an oversized head is
+refused. Through a real daemon: a storage whose answers come chunked (a fault proxy that
+re-frames them) still downloads byte-exact, over aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from agent.errors import PeerClosed
+from agent.transfer import rawget
+from tests.helpers_e2e import MiB, assert_same_tree, proxied_daemon
+from tests.test_download import download, gets, upload
+
+BLOB = os.urandom(3 * MiB + 17)
+
+
+class Site:
+    """An aiohttp server in its own thread; remembers each request's client port."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        self.loop = asyncio.new_event_loop()
+        self.url = ""
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_get("/blob", self.blob)
+        app.router.add_get("/chunked", self.chunked)
+        app.router.add_get("/forbidden", self.forbidden)
+        app.router.add_get("/cut", self.cut)
+        app.router.add_get("/big-head", self.big_head)
+        self.runner = web.AppRunner(app, keepalive_timeout=0.3)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        ready.set()
+        self.loop.run_forever()
+
+    def _seen(self, request: web.Request) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.ports.append(peer[1] if peer else -1)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        self._seen(request)
+        rng = request.http_range
+        if rng.start is not None:
+            part = BLOB[rng]
+            return web.Response(status=206, body=part, headers={
+                "Content-Range": f"bytes {rng.start}-{rng.start + len(part) - 1}/{len(BLOB)}"})
+        return web.Response(body=BLOB)
+
+    async def chunked(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        await resp.write_eof()
+        return resp
+
+    async def forbidden(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=403, content_type="application/xml", body=(
+            b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"))
+
+    async def cut(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b"y" * 100)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def big_head(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"z", headers={f"X-Pad-{i}": "p" * 1000 for i in range(70)})
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    s = Site()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def pool() -> Iterator[rawget.Pool]:
+    p = rawget.Pool(5)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def fetch(pool: rawget.Pool, url: str, headers: dict[str, str] | None = None,
+          expect: int | None = None) -> tuple[rawget.RawGet, bytes]:
+    get = rawget.RawGet(pool, url, headers, expect_length=expect)
+    out = bytearray()
+
+    def sink(view: memoryview, at: int) -> None:
+        assert at == len(out)
+        out.extend(view)
+
+    deadline = time.monotonic() + 20
+    while not get.done and time.monotonic() < deadline:
+        get.advance(sink, 1 * MiB)
+        if get.status and not get.accepted:
+            break
+    return get, bytes(out)
+
+
+def test_keep_alive_is_reused_and_a_connection_closed_while_idle_is_replaced(
+        site: Site, pool: rawget.Pool) -> None:
+    for _ in range(2):
+        get, body = fetch(pool, f"{site.url}/blob", expect=len(BLOB))
+        assert get.done and body == BLOB
+    assert site.ports[0] == site.ports[1]  # one connection, kept alive
+    time.sleep(0.8)  # past the server's keep-alive timeout: it closed the connection
+    get, body = fetch(pool, f"{site.url}/blob", expect=len(BLOB))
+    assert body == BLOB and not get.reused
+    assert site.ports[2] != site.ports[1]
+
+
+def test_a_range_comes_as_exactly_those_bytes(site: Site, pool: rawget.Pool) -> None:
+    get, body = fetch(pool, f"{site.url}/blob", {"Range": "bytes=1000-2000999"},
+                      expect=2_000_000)
+    assert get.status == 206 and body == BLOB[1000:2001000]
+    get, body = fetch(pool, f"{site.url}/blob", {"Range": "bytes=0-9"}, expect=5)
+    assert get.status == 206 and not get.accepted and body == b""  # not what was asked
+    get.close()
+
+
+def test_a_chunked_answer_is_left_to_another_path(site: Site, pool: rawget.Pool) -> None:
+    called = []
+    get = rawget.RawGet(pool, f"{site.url}/chunked")
+    with pytest.raises(rawget.NotDirect, match="chunked"):
+        while not get.done:
+            get.advance(lambda v, at: called.append(at), MiB)
+    assert not called
+
+
+def test_an_error_answer_stops_at_its_head_and_says_why(site: Site, pool: rawget.Pool) -> None:
+    get, body = fetch(pool, f"{site.url}/forbidden", expect=10)
+    assert get.status == 403 and not get.accepted and body == b""
+    assert b"<Code>AccessDenied</Code>" in get.read_error_body()
+
+
+def test_a_body_cut_short_says_how_far_it_got(site: Site, pool: rawget.Pool) -> None:
+    with pytest.raises(PeerClosed, match="after 100 of 1000 bytes"):
+        fetch(pool, f"{site.url}/cut", expect=1000)
+
+
+def test_an_oversized_head_is_refused(site: Site, pool: rawget.Pool) -> None:
+    with pytest.raises(PeerClosed, match="head over"):
+        fetch(pool, f"{site.url}/big-head")
+
+
+def test_a_store_that_answers_chunked_still_downloads_byte_exact(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.bin").write_bytes(os.urandom(300_000))
+    (src / "mid.bin").write_bytes(os.urandom(2 * MiB + 5))
+    (src / "big.bin").write_bytes(os.urandom(5 * MiB + 3))  # ranged: over range_bytes
+    (src / "empty").write_bytes(b"")
+    env = {"CHRONICLE_AGENT_DOWNLOAD__RANGE_BYTES": str(4 * MiB),
+           "CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES": "0"}
+    with proxied_daemon(env) as (daemon, proxy):
+        aid = upload(daemon, src)
+        proxy.reset_stats()
+        proxy.set_rules([{"action": "chunk_response", "method": "GET", "times": -1}])
+        dest = tmp_path / "dest"
+        download(daemon, aid, dest)
+        assert_same_tree(src, dest)
+        faults = [e["fault"] for e in gets(proxy, aid)]
+        assert faults and set(faults) == {"chunk_response"}  # every GET came chunked
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_range_streams_bounds_the_ranges_of_one_component_in_flight(
+        tmp_path: Path, streams: int) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(6 * MiB + 1))  # 7 ranges of 1 MiB
+    env = {"CHRONICLE_AGENT_DOWNLOAD__RANGE_BYTES": str(1 * MiB),
+           "CHRONICLE_AGENT_DOWNLOAD__RANGE_STREAMS": str(streams),
+           "CHRONICLE_AGENT_DOWNLOAD__CACHE_MAX_BYTES": "0"}
+    with proxied_daemon(env) as (daemon, proxy):
+        aid = upload(daemon, src)
+        proxy.reset_stats()
+        proxy.set_rules([{"action": "delay", "method": "GET", "seconds": 0.4, "times": -1}])
+        dest = tmp_path / "dest"
+        download(daemon, aid, dest)
+        assert_same_tree(src, dest)
+        stats = proxy.stats()
+        assert len(gets(proxy, aid)) == 7
+        assert stats["max_inflight"] == streams  # each GET waits 0.4 s: they overlap
