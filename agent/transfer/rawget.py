@@ -3,9 +3,10 @@ buffer and hands to a sink (a write in place, a hash): no Python object per chun
 event-loop wakeup per chunk, one thread hop per several MiB.
 
 aiohttp's client makes every chunk a ``bytes`` object, wakes the event loop for it and
-needs a thread hop to write it: on a 2-core machine a 1 GiB GET cost 2.7-3.0 CPU-s that
-way, 0.7-0.9 this way (about what s5cmd spends), docs/tuning.md has the figures. HTTPS, a
-body sent chunked and anything unusual keep aiohttp's path (:class:`NotDirect`).
+needs a thread hop to write it: a verified 2 x 1 GiB download cost the daemon 3.56 CPU-s
+per GiB that way, 2.08 with this reader and the changes that came with it
+(benchmarks/README.md). HTTPS, a body sent chunked and anything unusual keep aiohttp's
+path (:class:`NotDirect`).
 
 A call to :meth:`RawGet.advance` returns after at most ``want`` body bytes or
 :data:`POLL_S` without any, so the async side keeps the stall watchdog, the bandwidth
