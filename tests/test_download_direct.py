@@ -1,17 +1,21 @@
-"""The direct GET path (agent.transfer.rawget): plain-HTTP bodies read by worker threads
+"""The direct GET path (agent.transfer.rawget): HTTP(S) bodies read by worker threads
 straight from the socket.
 
-Against a real aiohttp server on loopback: keep-alive connections are reused, one the server
-closed while idle is replaced without an error, a chunked answer is handed back untouched
-(``NotDirect``), an error answer stops at its head and its body says why, a body cut short
-names how far it got, a 206 carries exactly the range asked for, an oversized head is
-refused. Through a real daemon: a storage whose answers come chunked (a fault proxy that
-re-frames them) still downloads byte-exact, over aiohttp."""
+Against a real aiohttp server on loopback, over HTTP and over TLS (a self-signed
+certificate made by openssl; a pool that does not trust it refuses it): keep-alive
+connections are reused, one the server closed while idle is replaced without an error, a
+chunked answer is handed back untouched (``NotDirect``), an error answer stops at its head
+and its body says why, a body cut short names how far it got, a 206 carries exactly the
+range asked for, an oversized head is refused. Through a real daemon: a storage whose
+answers come chunked (a fault proxy that re-frames them) still downloads byte-exact, over
+aiohttp; ``download.range_streams`` bounds the ranges in flight (counted at the proxy)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +24,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent.errors import PeerClosed
+from agent.errors import PeerClosed, RetryableError
 from agent.transfer import rawget
 from tests.helpers_e2e import MiB, assert_same_tree, proxied_daemon
 from tests.test_download import download, gets, upload
@@ -31,7 +35,8 @@ BLOB = os.urandom(3 * MiB + 17)
 class Site:
     """An aiohttp server in its own thread; remembers each request's client port."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.ports: list[int] = []
         self.loop = asyncio.new_event_loop()
         self.url = ""
@@ -50,10 +55,10 @@ class Site:
         app.router.add_get("/big-head", self.big_head)
         self.runner = web.AppRunner(app, keepalive_timeout=0.3)
         self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.tls)
         self.loop.run_until_complete(site.start())
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
         ready.set()
         self.loop.run_forever()
 
@@ -100,9 +105,29 @@ class Site:
         self.loop.close()
 
 
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+@pytest.fixture(params=["http", "https"])
+def scheme(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def site() -> Iterator[Site]:
-    s = Site()
+def site(scheme: str, cert: tuple[Path, Path]) -> Iterator[Site]:
+    tls = None
+    if scheme == "https":
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(*cert)
+    s = Site(tls)
     try:
         yield s
     finally:
@@ -110,8 +135,8 @@ def site() -> Iterator[Site]:
 
 
 @pytest.fixture
-def pool() -> Iterator[rawget.Pool]:
-    p = rawget.Pool(5)
+def pool(cert: tuple[Path, Path]) -> Iterator[rawget.Pool]:
+    p = rawget.Pool(5, ssl.create_default_context(cafile=str(cert[0])))  # trusts the site
     try:
         yield p
     finally:
@@ -179,6 +204,18 @@ def test_a_body_cut_short_says_how_far_it_got(site: Site, pool: rawget.Pool) -> 
 def test_an_oversized_head_is_refused(site: Site, pool: rawget.Pool) -> None:
     with pytest.raises(PeerClosed, match="head over"):
         fetch(pool, f"{site.url}/big-head")
+
+
+@pytest.mark.parametrize("scheme", ["https"])
+def test_a_certificate_the_system_does_not_trust_is_refused(site: Site) -> None:
+    untrusting = rawget.Pool(5)  # the system's trust, as aiohttp's: not this self-signed one
+    try:
+        with pytest.raises(RetryableError, match="TLS certificate not trusted") as e:
+            fetch(untrusting, f"{site.url}/blob", expect=len(BLOB))
+        assert e.value.code == "tls_untrusted"
+        assert site.ports == []  # no request was sent
+    finally:
+        untrusting.close()
 
 
 def test_a_store_that_answers_chunked_still_downloads_byte_exact(tmp_path: Path) -> None:

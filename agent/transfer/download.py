@@ -454,7 +454,7 @@ async def _get_direct(
     progress: Progress | _Counted, stall_s: float, what: str, ident: Identity | None,
     end: int | None, write: Callable[..., None],
 ) -> int:
-    """:func:`_get_into` over plain HTTP, read by worker threads from the socket
+    """:func:`_get_into` over HTTP(S), read by worker threads from the socket
     (:mod:`agent.transfer.rawget`)."""
     end = size if end is None else end
     ranged = have > 0 or end < size
@@ -493,7 +493,7 @@ async def _get_whole_direct(
     engine: Engine, url: str, target: str, size: int, h: Any, progress: Progress | _Counted,
     stall_s: float, what: str, ident: Identity | None,
 ) -> int:
-    """:func:`_get_whole` over plain HTTP: usually one worker-thread call for the request,
+    """:func:`_get_whole` over HTTP(S): usually one worker-thread call for the request,
     the answer, the file's write and its hash."""
     get = rawget.RawGet(engine.pool, url, expect_length=size)
     body = bytearray(size)

@@ -1,12 +1,13 @@
-"""Plain-HTTP GETs whose body a worker thread reads straight from the socket into a reused
+"""HTTP(S) GETs whose body a worker thread reads straight from the socket into a reused
 buffer and hands to a sink (a write in place, a hash): no Python object per chunk, no
 event-loop wakeup per chunk, one thread hop per several MiB.
 
 aiohttp's client makes every chunk a ``bytes`` object, wakes the event loop for it and
 needs a thread hop to write it: a verified 2 x 1 GiB download cost the daemon 3.56 CPU-s
 per GiB that way, 2.08 with this reader and the changes that came with it
-(benchmarks/README.md). HTTPS, a body sent chunked and anything unusual keep aiohttp's
-path (:class:`NotDirect`).
+(benchmarks/README.md). HTTPS goes through the same reader on a TLS socket with the trust
+aiohttp uses (``ssl.create_default_context()``). A body sent chunked or without a length
+keeps aiohttp's path (:class:`NotDirect`).
 
 A call to :meth:`RawGet.advance` returns after at most ``want`` body bytes or
 :data:`POLL_S` without any, so the async side keeps the stall watchdog, the bandwidth
@@ -17,6 +18,7 @@ the server closed meanwhile is replaced once, before any byte of the answer."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -31,6 +33,8 @@ HEAD_MAX_BYTES = 64 * 1024
 ERROR_BODY_MAX_BYTES = 64 * 1024
 MAX_IDLE_PER_HOST = 64
 
+Key = tuple[str, str, int]
+"""Scheme, host, port."""
 Sink = Callable[[memoryview, int], None]
 """Called in the worker thread with body bytes and their offset from the body's start."""
 
@@ -45,8 +49,9 @@ def _buffer() -> memoryview:
 
 
 def takes(url: str) -> bool:
-    """Whether the direct reader serves this URL (plain HTTP)."""
-    return url[:7].lower() == "http://"
+    """Whether the direct reader serves this URL (HTTP or HTTPS)."""
+    head = url[:8].lower()
+    return head.startswith("http://") or head == "https://"
 
 
 class NotDirect(Exception):
@@ -54,33 +59,52 @@ class NotDirect(Exception):
 
 
 class Pool:
-    """Idle keep-alive connections, per host and port."""
+    """Idle keep-alive connections, per scheme, host and port. ``tls``: the context for
+    HTTPS (default: the system's trust, as aiohttp's)."""
 
-    def __init__(self, connect_timeout_s: float) -> None:
+    def __init__(self, connect_timeout_s: float, tls: ssl.SSLContext | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
-        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._tls = tls
+        self._idle: dict[Key, list[socket.socket]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def take(self, key: tuple[str, int]) -> tuple[socket.socket, bool]:
+    def take(self, key: Key) -> tuple[socket.socket, bool]:
         """A connection to ``key``, and whether it was used before."""
         with self._lock:
             idle = self._idle.get(key)
             if idle:
                 return idle.pop(), True
+        scheme, host, port = key
         try:
-            sock = socket.create_connection(key, timeout=self.connect_timeout_s)
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                try:
+                    sock = self._context().wrap_socket(sock, server_hostname=host)
+                except BaseException:
+                    sock.close()
+                    raise
+        except ssl.SSLCertVerificationError as e:
+            raise RetryableError(f"{host}:{port}: TLS certificate not trusted "
+                                 f"({e.verify_message})", code="tls_untrusted") from None
         except TimeoutError:
-            raise RetryableError(f"cannot connect to {key[0]}:{key[1]} "
+            raise RetryableError(f"cannot connect to {host}:{port} "
                                  f"within {self.connect_timeout_s:g}s",
                                  code="connect_failed") from None
         except OSError as e:
-            raise RetryableError(f"cannot connect to {key[0]}:{key[1]} ({e.strerror or e})",
+            raise RetryableError(f"cannot connect to {host}:{port} ({e.strerror or e})",
                                  code="connect_failed") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, False
 
-    def give(self, key: tuple[str, int], sock: socket.socket) -> None:
+    def _context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+                self._tls.set_alpn_protocols(["http/1.1"])
+            return self._tls
+
+    def give(self, key: Key, sock: socket.socket) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if not self._closed and len(idle) < MAX_IDLE_PER_HOST:
@@ -103,10 +127,11 @@ class RawGet:
     def __init__(self, pool: Pool, url: str, headers: dict[str, str] | None = None,
                  expect_length: int | None = None) -> None:
         u = urlsplit(url)
-        if u.scheme.lower() != "http" or not u.hostname:
-            raise NotDirect(f"not a plain-HTTP URL: {u.scheme}")
+        scheme = u.scheme.lower()
+        if scheme not in ("http", "https") or not u.hostname:
+            raise NotDirect(f"not an HTTP URL: {u.scheme}")
         self.pool = pool
-        self.key = (u.hostname, u.port or 80)
+        self.key: Key = (scheme, u.hostname, u.port or (443 if scheme == "https" else 80))
         target = (u.path or "/") + (f"?{u.query}" if u.query else "")
         lines = [f"GET {target} HTTP/1.1", f"Host: {u.netloc.rpartition('@')[2]}",
                  "Accept-Encoding: identity", "User-Agent: chronicle-agent"]

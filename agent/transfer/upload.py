@@ -279,7 +279,7 @@ class Engine:
         self.parts_per_component = max(1, up.concurrency - up.concurrency // 4)
         self.small_buffers = BufferPool(up.chunk_bytes + 1)
         self.pool = rawget.Pool(up.connect_timeout_s)
-        """Keep-alive connections of the direct (plain-HTTP) download path."""
+        """Keep-alive connections of the direct download path (agent.transfer.rawget)."""
 
     async def ensure_run(self, run_id: str | None, token: str | None = None) -> None:
         if run_id and run_id not in self._known_runs:
