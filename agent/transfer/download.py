@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -439,8 +439,27 @@ def _refused_head(get: rawget.RawGet, expected: int, ranged: bool, what: str) ->
     return classify_storage_answer(get.status, get.read_error_body(), what)
 
 
-async def _advance(engine: Engine, get: rawget.RawGet, step: Callable[[], int],
-                   expected: int, ranged: bool, what: str) -> int:
+@contextlib.asynccontextmanager
+async def _watched(stall_s: float, what: str) -> AsyncIterator[Watchdog]:
+    """A stall watchdog over the body: no progress for ``stall_s`` is a ``stalled`` retry."""
+    watchdog = Watchdog(stall_s)
+    try:
+        async with asyncio.timeout(stall_s) as t:
+            watchdog.arm(t)
+            yield watchdog
+    except TimeoutError:
+        raise RetryableError(f"{what}: no progress for {stall_s:g}s", code="stalled") from None
+
+
+async def _received_whole(engine: Engine, progress: Progress | _Counted, n: int) -> None:
+    """A whole small component is in place: count it, and pace by the bandwidth limit."""
+    progress.add(n)
+    engine.metrics.received(n)
+    await engine.limits.throttle(n)
+
+
+async def _advance(get: rawget.RawGet, step: Callable[[], int], expected: int,
+                   ranged: bool, what: str) -> int:
     """One worker-thread call of a direct GET: body bytes it placed; raises on an answer
     that is not the one asked for."""
     n = await run_bulk(step)
@@ -466,13 +485,11 @@ async def _get_direct(
     def sink(view: memoryview, at: int) -> None:
         write(fd, [view], have + at, h, target, what)
 
-    watchdog = Watchdog(stall_s)
     got = 0
     try:
-        async with asyncio.timeout(stall_s) as t:
-            watchdog.arm(t)
+        async with _watched(stall_s, what) as watchdog:
             while not get.done:
-                n = await _advance(engine, get, partial(get.advance, sink, DIRECT_STEP_BYTES),
+                n = await _advance(get, partial(get.advance, sink, DIRECT_STEP_BYTES),
                                    end - have, ranged, what)
                 if n:
                     got += n
@@ -481,8 +498,6 @@ async def _get_direct(
                     engine.metrics.received(n)
                     engine.crash.progress("mid_download", progress.bytes_done)
                     await watchdog.throttled(engine.limits, n)
-    except TimeoutError:
-        raise RetryableError(f"{what}: no progress for {stall_s:g}s", code="stalled") from None
     finally:
         get.close()
         os.close(fd)
@@ -508,19 +523,13 @@ async def _get_whole_direct(
         return n
 
     try:
-        async with asyncio.timeout(stall_s) as t:
-            watchdog = Watchdog(stall_s)
-            watchdog.arm(t)
+        async with _watched(stall_s, what) as watchdog:
             while not get.done:
-                if await _advance(engine, get, step, size, False, what):
+                if await _advance(get, step, size, False, what):
                     watchdog.kick()
-    except TimeoutError:
-        raise RetryableError(f"{what}: no progress for {stall_s:g}s", code="stalled") from None
     finally:
         get.close()
-    progress.add(size)
-    engine.metrics.received(size)
-    await engine.limits.throttle(size)
+    await _received_whole(engine, progress, size)
     return size
 
 
@@ -531,30 +540,25 @@ async def _get_whole(
     """A small component (at most WHOLE_BYTES) in one read, then written and hashed in one
     worker-thread call: two thread hops per file instead of five (1000 small files were
     mostly thread switches)."""
-    try:
-        async with asyncio.timeout(stall_s):
-            async with engine.session.get(url) as resp:
-                if resp.status != 200:
-                    raise classify_storage_answer(resp.status, await resp.read(), what)
-                if resp.content_length is not None and resp.content_length != size:
-                    raise RetryableError(f"{what}: storage sent {resp.content_length} bytes, "
-                                         f"not {size}", code="too_long")
-                chunks, n = [], 0
-                async for chunk in resp.content.iter_any():
-                    n += len(chunk)
-                    if n > size:
-                        raise RetryableError(f"{what}: storage sent more than {size} bytes",
-                                             code="too_long")
-                    chunks.append(chunk)
-                body = b"".join(chunks)
-    except TimeoutError:
-        raise RetryableError(f"{what}: no progress for {stall_s:g}s", code="stalled") from None
+    async with _watched(stall_s, what):
+        async with engine.session.get(url) as resp:
+            if resp.status != 200:
+                raise classify_storage_answer(resp.status, await resp.read(), what)
+            if resp.content_length is not None and resp.content_length != size:
+                raise RetryableError(f"{what}: storage sent {resp.content_length} bytes, "
+                                     f"not {size}", code="too_long")
+            chunks, n = [], 0
+            async for chunk in resp.content.iter_any():
+                n += len(chunk)
+                if n > size:
+                    raise RetryableError(f"{what}: storage sent more than {size} bytes",
+                                         code="too_long")
+                chunks.append(chunk)
+            body = b"".join(chunks)
     await run_bulk(call_as, ident, _write_new, target, body, h, what)
     if len(body) != size:
         raise RetryableError(f"{what}: got {len(body)} of {size} bytes", code="truncated")
-    progress.add(len(body))
-    engine.metrics.received(len(body))
-    await engine.limits.throttle(len(body))
+    await _received_whole(engine, progress, len(body))
     return len(body)
 
 
