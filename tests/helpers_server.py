@@ -135,7 +135,8 @@ class Api:
                     parts.append({"part_number": n, "etag": r.headers["ETag"]})
                 spec["parts"] = parts
             else:
-                r = await self.put_url(plan["upload_urls"][name], data)
+                r = await self.put_url(plan["upload_urls"][name], data,
+                                       plan.get("upload_headers", {}).get(name))
                 assert r.status == 200, r.body
             final[name] = spec
         return {"components": final}

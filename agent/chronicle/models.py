@@ -74,6 +74,8 @@ class UploadUrls(_Model):
     expires_at: str | None = None
     upload_urls: dict[str, str] = Field(default_factory=dict)
     multipart: dict[str, MultipartPlan] = Field(default_factory=dict)
+    upload_headers: dict[str, dict[str, str]] = Field(default_factory=dict)
+    """API 1.1 ``checksum_urls``: headers a single URL must be sent with, exactly."""
 
 
 class StoredPart(_Model):
@@ -137,9 +139,11 @@ class ComponentDecl(BaseModel):
     name: str
     size: int | None = None
     content_type: str | None = None
+    sha256: str | None = None
+    """Declared for a checksum-bound URL (API 1.1 ``checksum_urls``)."""
 
     def wire(self) -> dict[str, Any] | str:
-        if self.size is None and self.content_type is None:
+        if self.size is None and self.content_type is None and self.sha256 is None:
             return self.name
         return self.model_dump(exclude_none=True)
 

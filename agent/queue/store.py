@@ -772,6 +772,23 @@ class Queue:
                 (*cols.values(), asset_key, name),
             )
 
+    def mark_uploaded(self, items: list[tuple[str, str, str]]) -> None:
+        """Components whose bytes storage has, ``(asset_key, name, sha256)``: one
+        transaction for them all (see :class:`agent.queue.aqueue.Batched`)."""
+        with self._txn() as db:
+            db.executemany(
+                "UPDATE components SET sha256 = ?, uploaded = 1 WHERE asset_key = ? AND name = ?",
+                [(sha, key, name) for key, name, sha in items],
+            )
+
+    def set_digests(self, asset_key: str, digests: dict[str, str]) -> None:
+        """The SHA-256 of each named component's registered version, in one transaction."""
+        with self._txn() as db:
+            db.executemany(
+                "UPDATE components SET sha256 = ? WHERE asset_key = ? AND name = ?",
+                [(h, asset_key, n) for n, h in digests.items()],
+            )
+
     def set_url_hashes(self, asset_key: str, hashes: dict[str, str]) -> None:
         with self._txn() as db:
             db.executemany(

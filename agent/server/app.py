@@ -118,6 +118,11 @@ class Core:
             raise fail(401, "unauthorized", f"{why}: send Authorization: Bearer <token>")
         return principal
 
+    @property
+    def features(self) -> list[str]:
+        """The API 1.1 features this server offers (``GET /v1/health``)."""
+        return ["checksum_urls"] if self.config.checksum_urls else []
+
     def expires_at(self) -> str:
         at = datetime.now(UTC) + timedelta(seconds=self.config.url_expiry_s)
         return at.isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -299,6 +304,7 @@ async def _health(request: web.Request) -> web.Response:
             "url": core.public_url,
             "version": core.version,
             "storage": _public_storage(core.storage.description),
+            "features": core.features,
         }
     )
 

@@ -43,6 +43,7 @@ from .storage import (
     MIN_PART_BYTES,
     PartInfo,
     PartsRefused,
+    checksum_header,
     etag_value,
     part_count,
     plan_part_size,
@@ -161,6 +162,15 @@ class ComponentSpec:
     name: str
     size: int | None = None
     content_type: str | None = None
+    sha256: str | None = None
+
+
+def opt_sha256(raw: dict[str, Any], where: str) -> str | None:
+    """An optional ``sha256`` field: 64 hex digits, returned in lower case."""
+    sha = opt_str(raw, "sha256", where=where)
+    if sha is not None and not _SHA256.fullmatch(sha):
+        raise invalid(f"{where}sha256 must be 64 hex digits")
+    return sha.lower() if sha is not None else None
 
 
 def parse_components(value: Any, *, field: str = "components") -> list[ComponentSpec]:
@@ -179,9 +189,11 @@ def parse_components(value: Any, *, field: str = "components") -> list[Component
                 req_str(item, "name", where=f"{where}."),
                 opt_size(item, "size", where=f"{where}."),
                 opt_str(item, "content_type", where=f"{where}."),
+                opt_sha256(item, f"{where}."),
             )
         else:
-            raise invalid(f"{where} must be a name or a {{name, size, content_type}} object")
+            raise invalid(f"{where} must be a name or a {{name, size, content_type, sha256}} "
+                          "object")
         check_name(spec.name, where)
         if spec.name in seen:
             raise invalid(f"{where}: component {spec.name!r} is listed twice")
@@ -222,9 +234,7 @@ def parse_finalize(body: dict[str, Any]) -> dict[str, FinalizeSpec]:
             raw = {}
         if not isinstance(raw, dict):
             raise invalid(f"components[{name!r}] must be an object")
-        sha = opt_str(raw, "sha256", where=where)
-        if sha is not None and not _SHA256.fullmatch(sha):
-            raise invalid(f"{where}sha256 must be 64 hex digits")
+        sha = opt_sha256(raw, where)
         parts = None
         if raw.get("parts") is not None:
             if not isinstance(raw["parts"], list):
@@ -282,16 +292,19 @@ async def release_storage(core: Core, asset_id: str) -> None:
 
 
 async def _drop(core: Core, comps: list[ComponentRow]) -> None:
+    keys: list[str] = []
     for c in comps:
         try:
             if c.upload_id:
                 await core.storage.abort_multipart(c.object_key, c.upload_id)
-            for key in dict.fromkeys((c.object_key, upload_key(c.object_key))):
-                await core.storage.delete(key)
-            if c.object_key != final_key(c.object_key):  # a copy a failed finalize left
-                await core.storage.delete(final_key(c.object_key))
         except Exception as e:  # storage unreachable, I/O error: garbage, not an error
             log.warning("could not release %s: %s", c.object_key, e)
+        # the object, its upload key, and a copy a failed finalize left
+        keys += [c.object_key, upload_key(c.object_key), final_key(c.object_key)]
+    try:
+        await core.storage.delete_many(list(dict.fromkeys(keys)))
+    except Exception as e:
+        log.warning("could not release the objects of %d components: %s", len(comps), e)
 
 
 # ---- handlers --------------------------------------------------------------------------------
@@ -322,6 +335,7 @@ class Assets:
         """The upload URLs of ``comps`` in the contract's shape."""
         storage, expiry = self.core.storage, self.cfg.url_expiry_s
         upload_urls: dict[str, str] = {}
+        headers: dict[str, dict[str, str]] = {}
         multipart: dict[str, Any] = {}
         for c in comps:
             if c.upload_id and c.size is not None and c.part_size:
@@ -335,8 +349,21 @@ class Assets:
                     "parts": [{"part_number": n, "url": urls[n]} for n in numbers],
                 }
             else:
-                upload_urls[c.name] = await storage.presign_put(c.object_key, expiry)
-        return {"upload_urls": upload_urls, "multipart": multipart}
+                upload_urls[c.name] = await storage.presign_put(c.object_key, expiry,
+                                                                c.bound_sha256)
+                if c.bound_sha256:
+                    headers[c.name] = checksum_header(c.bound_sha256)
+        answer: dict[str, Any] = {"upload_urls": upload_urls, "multipart": multipart}
+        if headers:
+            answer["upload_headers"] = headers
+        return answer
+
+    def _bind(self, c: ComponentRow, sha256: str | None) -> ComponentRow:
+        """``c`` with its declared digest signed into its URL, when this server offers
+        checksum-bound URLs and ``c`` is one PUT (multipart parts keep today's path)."""
+        if sha256 and self.cfg.checksum_urls and not c.upload_id and c.size is not None:
+            return replace(c, bound_sha256=sha256)
+        return c
 
     async def _plan_many(self, wanted: list[tuple[ComponentRow, int]]) -> list[ComponentRow]:
         """Plan several components at once; if one fails, abort the uploads of the others."""
@@ -379,7 +406,7 @@ class Assets:
         sized = [(i, s.size) for i, s in enumerate(specs) if s.size is not None]
         planned = await self._plan_many([(comps[i], size) for i, size in sized])
         for (i, _), c in zip(sized, planned, strict=True):
-            comps[i] = c
+            comps[i] = self._bind(c, specs[i].sha256)
         try:
             asset = AssetRow(
                 asset_id=asset_id,
@@ -488,6 +515,15 @@ class Assets:
                 names = [c.name for c in asset.components]
             else:
                 names = list(dict.fromkeys([s.name for s in wanted] + list(parts_filter)))
+            unbound = []
+            for s in wanted or []:
+                c = by_name[s.name]
+                if c.bound_sha256 and ((s.sha256 and s.sha256 != c.bound_sha256) or
+                                       (s.size is not None and s.size != c.size)):
+                    # Declared again otherwise: URLs bound to the old digest may still write
+                    # the key, so the bytes are read back at finalize as in version 1.
+                    by_name[s.name] = replace(c, bound_sha256=None)
+                    unbound.append(s.name)
             sizes = {s.name: s.size for s in wanted or [] if s.size is not None}
             replan = [(by_name[n], size) for n, size in sizes.items() if size != by_name[n].size]
             kept = [by_name[n] for n in names if n not in {c.name for c, _ in replan}]
@@ -511,7 +547,9 @@ class Assets:
                         raise conflict(
                             f"asset {asset_id} is {current.state}", code="asset_not_pending"
                         )
-                    db.save_components(conn, asset_id, planned)
+                    replanned = {c.name for c in planned}
+                    db.save_components(conn, asset_id, planned + [
+                        by_name[n] for n in unbound if n not in replanned])
                     return Reply(200, body)
 
                 reply = await ctx.commit(txn)
@@ -606,8 +644,13 @@ class Assets:
                 raise conflict(f"asset {asset_id} is abandoned", code="asset_not_pending")
             if asset.state == "ready":
                 return Reply(200, self._same_as_ready(asset, specs).to_json())
+            bound = [c.object_key for c in asset.components
+                     if c.bound_sha256 and c.object_key == upload_key(c.object_key)]
+            stored = (await self.core.storage.sizes(f"{UPLOAD_PREFIX}/{asset_id}/", bound)
+                      if bound else {})
             results = await self.core.gather(
-                (self._verify(c, specs.get(c.name, FinalizeSpec())) for c in asset.components),
+                (self._verify(c, specs.get(c.name, FinalizeSpec()), stored)
+                 for c in asset.components),
             )
 
             def txn(conn: sqlite3.Connection) -> Reply:
@@ -632,11 +675,10 @@ class Assets:
 
     async def _drop_upload_keys(self, comps: list[ComponentRow]) -> None:
         """After finalize: the single-PUT objects, now copied to their final keys."""
-        for c in comps:
-            try:
-                await self.core.storage.delete(c.object_key)
-            except Exception as e:  # garbage that no URL serves, not an error
-                log.warning("could not drop the upload object of %s: %s", c.name, e)
+        try:
+            await self.core.storage.delete_many([c.object_key for c in comps])
+        except Exception as e:  # garbage that no URL serves, not an error
+            log.warning("could not drop the upload objects of %d components: %s", len(comps), e)
 
     @staticmethod
     def _same_as_ready(asset: AssetRow, specs: dict[str, FinalizeSpec]) -> AssetRow:
@@ -655,12 +697,16 @@ class Assets:
                 )
         return asset
 
-    async def _verify(self, c: ComponentRow, spec: FinalizeSpec) -> ComponentRow:
+    async def _verify(self, c: ComponentRow, spec: FinalizeSpec,
+                      stored_sizes: dict[str, int]) -> ComponentRow:
         """Check one component against storage (assembling a multipart upload); the row
-        to record. Raises components_missing / checksum_mismatch."""
+        to record. Raises components_missing / checksum_mismatch. ``stored_sizes``: the
+        sizes of the checksum-bound upload keys that storage holds (one listing)."""
         storage = self.core.storage
         declared = spec.size if spec.size is not None else c.size
         info = None
+        if c.bound_sha256 and c.object_key in stored_sizes:
+            return await self._verify_bound(c, spec, stored_sizes[c.object_key])
         if c.upload_id:
             stored = await storage.list_parts(c.object_key, c.upload_id)
             if stored is None:  # assembled by an earlier attempt, or aborted
@@ -712,6 +758,32 @@ class Assets:
             upload_id=None,
             uploaded=True,
         )
+
+    async def _verify_bound(self, c: ComponentRow, spec: FinalizeSpec,
+                            size: int) -> ComponentRow:
+        """A component whose URL bound its digest: the store refused any other bytes at
+        its key (every URL for that key binds the same digest: upload-urls never changes
+        it), so its existence and size are enough; nothing is read back. Its bytes are
+        still copied to the final key that no upload URL names, so that no PUT reaches
+        them once the asset is ready and none brings them back after a delete."""
+        assert c.bound_sha256 is not None
+        if c.size is not None and size != c.size:
+            raise _mismatch(f"component {c.name!r}: storage holds {size} bytes, declared "
+                            f"{c.size}")
+        if spec.size is not None and spec.size != size:
+            raise _mismatch(f"component {c.name!r}: storage holds {size} bytes, declared "
+                            f"{spec.size}")
+        if spec.sha256 and spec.sha256 != c.bound_sha256:
+            raise _mismatch(f"component {c.name!r}: registered with SHA-256 "
+                            f"{c.bound_sha256}, finalized with {spec.sha256}")
+        key = final_key(c.object_key)
+        info = await self.core.storage.copy(c.object_key, key, size)
+        if info is None:
+            raise _missing(f"component {c.name!r} is not in storage")
+        return replace(c, object_key=key, size=size, sha256=c.bound_sha256,
+                       sha256_verified=True,
+                       content_type=spec.content_type or c.content_type, upload_id=None,
+                       uploaded=True)
 
     @staticmethod
     def _choose_parts(

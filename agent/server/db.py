@@ -23,7 +23,7 @@ from agent.statedir import private_sqlite
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS components (
     upload_id       TEXT,               -- set while planned as multipart
     part_size       INTEGER,
     uploaded        INTEGER NOT NULL DEFAULT 0,
+    bound_sha256    TEXT,               -- declared at register and signed into its URL
     PRIMARY KEY (asset_id, name)
 );
 CREATE TABLE IF NOT EXISTS grants (
@@ -144,6 +145,9 @@ class ComponentRow:
     upload_id: str | None = None
     part_size: int | None = None
     uploaded: bool = False
+    bound_sha256: str | None = None
+    """The SHA-256 declared at register and signed into the upload URL (``checksum_urls``):
+    the store refuses other bytes at this key."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,7 +207,7 @@ _ASSET_COLS = (
 )
 _COMP_COLS = (
     "name, object_key, position, size, sha256, sha256_verified, content_type, upload_id, "
-    "part_size, uploaded"
+    "part_size, uploaded, bound_sha256"
 )
 
 
@@ -246,6 +250,11 @@ class Database:
         if version == 0:
             conn.executescript(
                 f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version == 1:  # version 2 adds components.bound_sha256
+            conn.executescript(
+                "BEGIN IMMEDIATE; ALTER TABLE components ADD COLUMN bound_sha256 TEXT; "
+                f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
         elif version != SCHEMA_VERSION:
             conn.close()
@@ -429,7 +438,7 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
         ),
     )
     conn.executemany(
-        f"INSERT INTO components (asset_id, {_COMP_COLS}) VALUES ({', '.join('?' * 11)})",
+        f"INSERT INTO components (asset_id, {_COMP_COLS}) VALUES ({', '.join('?' * 12)})",
         [
             (
                 asset.asset_id,
@@ -443,6 +452,7 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
                 c.upload_id,
                 c.part_size,
                 int(c.uploaded),
+                c.bound_sha256,
             )
             for c in asset.components
         ],
@@ -452,7 +462,8 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
 def save_components(conn: sqlite3.Connection, asset_id: str, comps: Iterable[ComponentRow]) -> None:
     conn.executemany(
         "UPDATE components SET object_key=?, size=?, sha256=?, sha256_verified=?, "
-        "content_type=?, upload_id=?, part_size=?, uploaded=? WHERE asset_id=? AND name=?",
+        "content_type=?, upload_id=?, part_size=?, uploaded=?, bound_sha256=? "
+        "WHERE asset_id=? AND name=?",
         [
             (
                 c.object_key,
@@ -463,6 +474,7 @@ def save_components(conn: sqlite3.Connection, asset_id: str, comps: Iterable[Com
                 c.upload_id,
                 c.part_size,
                 int(c.uploaded),
+                c.bound_sha256,
                 asset_id,
                 c.name,
             )

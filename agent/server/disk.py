@@ -60,12 +60,14 @@ from agent.priority import hash_step
 from .locks import KeyedLocks
 from .signing import Grant, Signer
 from .storage import (
+    CHECKSUM_HEADER,
     MAX_PARTS,
     ObjectInfo,
     PartInfo,
     PartsRefused,
     StorageError,
     UploadGate,
+    checksum_of,
     etag_value,
 )
 
@@ -290,8 +292,8 @@ class DiskStorage:
 
     # ---- URLs ----------------------------------------------------------------------------------
 
-    async def presign_put(self, key: str, expires_s: int) -> str:
-        return self._url(Grant("PUT", key), expires_s)
+    async def presign_put(self, key: str, expires_s: int, sha256: str | None = None) -> str:
+        return self._url(Grant("PUT", key, sha256=sha256 or ""), expires_s)
 
     async def presign_gets(self, keys: Sequence[str], expires_s: int) -> dict[str, str]:
         def sign() -> dict[str, str]:
@@ -346,6 +348,16 @@ class DiskStorage:
         found = await self._run(self._head, key)
         return found[0] if found else None
 
+    def _sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                found[key] = self._paths(key)[0].stat().st_size
+        return found
+
+    async def sizes(self, prefix: str, keys: Sequence[str]) -> dict[str, int]:
+        return await self._run(self._sizes, keys)  # local files: one thread hop, no listing
+
     def _rehash(self, key: str) -> str | None:
         data, _ = self._paths(key)
         h = hashlib.sha256()
@@ -397,7 +409,7 @@ class DiskStorage:
             tmp.unlink(missing_ok=True)
             raise
 
-    async def copy(self, src: str, dst: str) -> ObjectInfo | None:
+    async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo | None:
         async with self._locks.hold(src), self._locks.hold(dst):
             return await self._run(self._copy, src, dst)
 
@@ -408,6 +420,10 @@ class DiskStorage:
     async def delete(self, key: str) -> None:
         async with self._locks.hold(key):
             await self._run(self._delete, key)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            await self.delete(key)  # local unlinks: the per-key lock matters more than calls
 
     # ---- multipart ------------------------------------------------------------------------------
 
@@ -557,7 +573,15 @@ class DiskStorage:
         upload_id = q.get("uploadId", "")
         part = q.get("partNumber", "")
         number = int(part) if part.isascii() and part.isdigit() and len(part) <= 5 else 0
-        grant = Grant(method, request.match_info["key"], upload_id, number)
+        sha256 = ""
+        declared = request.headers.get(CHECKSUM_HEADER)
+        if declared is not None and method == "PUT" and not upload_id:
+            sha256 = checksum_of(declared) or ""
+            if not sha256:
+                grant = Grant(method, request.match_info["key"])
+                return grant, s3_error(400, "InvalidRequest", f"Value for {CHECKSUM_HEADER} "
+                                       "header is invalid.")
+        grant = Grant(method, request.match_info["key"], upload_id, number, sha256)
         if upload_id and not 1 <= number <= MAX_PARTS:
             return grant, s3_error(400, "InvalidArgument", "Part number must be 1-10000")
         if "Signature" not in q or "Expires" not in q:
@@ -656,6 +680,9 @@ class DiskStorage:
     ) -> web.Response | None:
         """Put a received single body in place, if the gate still lets this key be
         written; else the refusal."""
+        if grant.sha256 and digest != grant.sha256:  # a checksum-bound URL: other bytes
+            return s3_error(400, "BadDigest", f"The {CHECKSUM_HEADER} you specified did not "
+                            "match the calculated checksum.")
         async with self._gated(grant.key) as open_:
             if not open_:
                 return _closed(grant)

@@ -129,7 +129,8 @@ COMPONENTS = {
     "type": "array", "minItems": 1, "maxItems": MAX_COMPONENTS,
     "description": "each name at most once",
     "items": {"anyOf": [COMPONENT_NAME, _obj({"name": COMPONENT_NAME},
-                                             {"size": SIZE, "content_type": TEXT})]},
+                                             {"size": SIZE, "content_type": TEXT,
+                                              "sha256": _maybe(_whole(_SHA256))})]},
 }
 PART_NUMBER = {"type": "integer", "minimum": 1, "maximum": MAX_PARTS}
 FINALIZE_COMPONENT = _obj(optional={
@@ -160,7 +161,9 @@ class Op:
 
 
 HEALTH = _obj({"status": {"const": "ok"}, "url": {"type": "string"},
-               "version": {"type": "string"}, "storage": {"type": "string"}})
+               "version": {"type": "string"}, "storage": {"type": "string"},
+               "features": {"type": "array", "items": {"enum": ["checksum_urls"]},
+                            "description": "API 1.1 features this server offers"}})
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/v1/health"): Op("the server's health (no auth)", 200, HEALTH),

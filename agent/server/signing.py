@@ -1,9 +1,10 @@
 """HMAC-SHA256 signatures for the disk store's presigned URLs.
 
-A URL is bound to its method, object key, multipart upload id and part number, and expiry
-(unix seconds). The secret is per server, kept in its state dir (mode 0600) so that URLs
-survive a restart. Query parameters mirror S3's query-string authentication:
-``Expires``, ``Signature`` and, for a part, ``uploadId`` and ``partNumber``.
+A URL is bound to its method, object key, multipart upload id and part number, expiry
+(unix seconds) and, for a checksum-bound upload URL, the body's SHA-256. The secret is per
+server, kept in its state dir (mode 0600) so that URLs survive a restart. Query parameters
+mirror S3's query-string authentication: ``Expires``, ``Signature`` and, for a part,
+``uploadId`` and ``partNumber``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class Grant:
     key: str
     upload_id: str = ""
     part_number: int = 0
+    sha256: str = ""
+    """Hex SHA-256 the body must have (checksum-bound URL), sent by the client as the
+    ``x-amz-checksum-sha256`` header (base64), as S3 takes it."""
 
 
 class Signer:
@@ -52,9 +56,10 @@ class Signer:
         return cls(secret)
 
     def _mac(self, grant: Grant, expires: int) -> str:
-        msg = "\n".join(
-            [grant.method, grant.key, grant.upload_id, str(grant.part_number), str(expires)]
-        )
+        fields = [grant.method, grant.key, grant.upload_id, str(grant.part_number), str(expires)]
+        if grant.sha256:
+            fields.append(grant.sha256)
+        msg = "\n".join(fields)
         return hmac.new(self._secret, msg.encode(), hashlib.sha256).hexdigest()
 
     def query(self, grant: Grant, expires_s: int, *, now: float | None = None) -> dict[str, str]:

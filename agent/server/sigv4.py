@@ -44,9 +44,14 @@ class Presigner:
         self._lock = threading.Lock()
 
     def url(self, method: str, key: str, expires_s: int,
-            params: Mapping[str, str] | None = None, now: float | None = None) -> str:
+            params: Mapping[str, str] | None = None, now: float | None = None,
+            headers: Mapping[str, str] | None = None) -> str:
         """A presigned URL for ``method`` on ``key`` (``params``: the operation's own query
-        parameters, e.g. ``partNumber`` and ``uploadId``)."""
+        parameters, e.g. ``partNumber`` and ``uploadId``; ``headers``: headers signed into
+        it, which the client must then send with exactly these values, names in lower
+        case)."""
+        signed = {"host": self._host, **(headers or {})}
+        names = ";".join(sorted(signed))
         creds = self._credentials.get_frozen_credentials()
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         day = amz_date[:8]
@@ -56,14 +61,15 @@ class Presigner:
             "X-Amz-Credential": f"{creds.access_key}/{scope}",
             "X-Amz-Date": amz_date,
             "X-Amz-Expires": str(expires_s),
-            "X-Amz-SignedHeaders": "host",
+            "X-Amz-SignedHeaders": names,
             **(params or {}),
         }
         if creds.token:
             query["X-Amz-Security-Token"] = creds.token
         canonical_query = "&".join(f"{_q(k)}={_q(v)}" for k, v in sorted(query.items()))
         path = self._prefix + quote(key, safe="/~")
-        request = (f"{method}\n{path}\n{canonical_query}\nhost:{self._host}\n\nhost\n"
+        canonical_headers = "".join(f"{k}:{signed[k].strip()}\n" for k in sorted(signed))
+        request = (f"{method}\n{path}\n{canonical_query}\n{canonical_headers}\n{names}\n"
                    "UNSIGNED-PAYLOAD")
         to_sign = (f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
                    f"{hashlib.sha256(request.encode()).hexdigest()}")

@@ -13,6 +13,7 @@ configured.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -31,6 +32,7 @@ MiB = 1024 * 1024
 MIN_PART_BYTES = 5 * MiB
 """S3's minimum size of every part but the last."""
 MAX_PARTS = 10_000
+CHECKSUM_HEADER = "x-amz-checksum-sha256"
 MAX_OBJECT_BYTES = 5 * 1024**4
 """S3's limit for one object (5 TiB); also keeps a declared size within SQLite's INTEGER."""
 
@@ -50,6 +52,22 @@ class PartInfo:
 
     def to_json(self) -> dict[str, object]:
         return {"part_number": self.part_number, "etag": self.etag, "size": self.size}
+
+
+def checksum_header(sha256: str) -> dict[str, str]:
+    """The header a checksum-bound upload URL must be sent with: S3's
+    ``x-amz-checksum-sha256``, the digest in base64."""
+    return {CHECKSUM_HEADER: base64.b64encode(bytes.fromhex(sha256)).decode()}
+
+
+def checksum_of(value: str) -> str | None:
+    """The hex digest an ``x-amz-checksum-sha256`` header carries, or None if it is not
+    the base64 of 32 bytes."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 32 else None
 
 
 def etag_value(etag: str) -> str:
@@ -90,7 +108,11 @@ class Storage(Protocol):
         """Mount the handlers that serve presigned URLs, if the backend needs any; a PUT
         writes only while ``gate`` says the key is open."""
 
-    async def presign_put(self, key: str, expires_s: int) -> str: ...
+    async def presign_put(self, key: str, expires_s: int, sha256: str | None = None) -> str:
+        """A single-PUT URL; with ``sha256`` (hex) a checksum-bound one: the client must
+        send :func:`checksum_header` with it, and the store refuses other bytes
+        (``BadDigest``)."""
+        ...
 
     async def presign_gets(self, keys: Sequence[str], expires_s: int) -> dict[str, str]:
         """GET URLs for many keys at once (an asset's components), by key."""
@@ -122,6 +144,11 @@ class Storage(Protocol):
 
     async def head(self, key: str) -> ObjectInfo | None: ...
 
+    async def sizes(self, prefix: str, keys: Sequence[str]) -> dict[str, int]:
+        """The sizes of those of ``keys`` (all under ``prefix``) that exist: one listing
+        of ``prefix`` where the store is remote, rather than a HEAD per key."""
+        ...
+
     async def sha256(self, key: str, size: int) -> str | None:
         """The object's SHA-256 if this backend can establish it (perhaps by reading the
         object), else None: the caller then records the client's declared digest."""
@@ -129,13 +156,18 @@ class Storage(Protocol):
 
     async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo: ...
 
-    async def copy(self, src: str, dst: str) -> ObjectInfo | None:
+    async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo | None:
         """Copy ``src`` to ``dst`` inside the store (replacing ``dst``); None if ``src`` does
-        not exist. ``dst`` then no longer changes when ``src`` is written again."""
+        not exist. ``dst`` then no longer changes when ``src`` is written again. ``size``:
+        ``src``'s size when the caller knows it already (no HEAD after the copy)."""
         ...
 
     async def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove many objects (S3: one DeleteObjects per 1,000 keys, not one call each);
+        missing objects are not an error."""
 
 
 def open_storage(

@@ -158,10 +158,12 @@ async def _put(
     on_bytes: Callable[[int], None],
     what: str,
     content_type: str | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> str | None:
     """PUT a body of exactly ``length`` bytes, cut after ``stall_s`` without progress.
-    Returns the ETag as storage returned it; on failure the bytes counted are taken back."""
-    headers = {"Content-Length": str(length)}
+    Returns the ETag as storage returned it; on failure the bytes counted are taken back.
+    ``extra_headers``: those a checksum-bound URL was signed with."""
+    headers = {"Content-Length": str(length), **(extra_headers or {})}
     if content_type:
         headers["Content-Type"] = content_type
     watchdog = Watchdog(stall_s)
@@ -232,6 +234,7 @@ async def put_bytes(
     stall_s: float,
     on_bytes: Callable[[int], None],
     what: str,
+    headers: dict[str, str] | None = None,
 ) -> str | None:
     """PUT a small body already in memory (a file read whole in one thread hop)."""
 
@@ -241,7 +244,7 @@ async def put_bytes(
         return data
 
     return await _put(session, url, len(data), body, stall_s=stall_s, on_bytes=on_bytes,
-                      what=what)
+                      what=what, extra_headers=headers)
 
 
 async def hash_file(path: str, size: int, chunk_bytes: int,

@@ -55,7 +55,7 @@ from agent.errors import (
 from agent.fsid import Identity, Refused, call_as, thread_uid
 from agent.metrics import Metrics
 from agent.priority import run_bulk
-from agent.queue.aqueue import AsyncQueue
+from agent.queue.aqueue import AsyncQueue, Batched
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
 from agent.transfer import rawget
 from agent.transfer.groups import one_error
@@ -71,6 +71,10 @@ from agent.transfer.limits import Limits
 from agent.transfer.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+
+DIGEST_BATCH_BYTES = 8 << 20
+"""Small files hashed per worker-thread call before register (API 1.1 ``checksum_urls``)."""
 
 
 def url_use_by(expires_at: str | None, now: float | None = None) -> float:
@@ -231,6 +235,8 @@ class Plan:
     part_size: int | None = None
     url: str | None = None
     part_urls: dict[int, str] = field(default_factory=dict)
+    headers: dict[str, str] | None = None
+    """What a checksum-bound URL must be sent with (API 1.1 ``checksum_urls``)."""
 
 
 class BufferPool:
@@ -280,6 +286,24 @@ class Engine:
         self.small_buffers = BufferPool(up.chunk_bytes + 1)
         self.pool = rawget.Pool(up.connect_timeout_s)
         """Keep-alive connections of the direct download path (agent.transfer.rawget)."""
+        self._features: frozenset[str] | None = None
+        self.uploaded = Batched(queue, queue.s.mark_uploaded)
+        """Components recorded as uploaded, many to a transaction when they finish
+        together (a directory of small files)."""
+
+    async def features(self) -> frozenset[str]:
+        """The API 1.1 features Chronicle advertises in ``/v1/health`` (asked once; a
+        server without them is said once in the log, and version 1 is used with it)."""
+        if self._features is None:
+            health = await self.chronicle.send(contract.health())
+            raw = health.get("features") if isinstance(health, dict) else None
+            found = frozenset(f for f in raw if isinstance(f, str)) if isinstance(
+                raw, list) else frozenset()
+            if "checksum_urls" not in found:
+                log.info("Chronicle offers no checksum-bound upload URLs (API 1.1 "
+                         "checksum_urls): small files are verified by Chronicle after upload")
+            self._features = found
+        return self._features
 
     async def ensure_run(self, run_id: str | None, token: str | None = None) -> None:
         if run_id and run_id not in self._known_runs:
@@ -347,9 +371,11 @@ class AssetUpload:
         if self.asset.asset_id is not None:
             return False
         comps = await self.q.do(self.q.s.components, self.asset.asset_key)
-        decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type)
-                for c in comps]
         await self.e.ensure_run(self.asset.run_id, self.token)
+        if self.asset.state != "registering" and "checksum_urls" in await self.e.features():
+            await self._declare_digests(comps)
+        decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type,
+                                sha256=c.sha256) for c in comps]
         self.e.crash.hit("before_register")
         replay = self.asset.state == "registering"  # sent before, by a daemon that died
         if not replay:
@@ -378,6 +404,34 @@ class AssetUpload:
         self.e.crash.hit("after_register")
         return True
 
+    async def _declare_digests(self, comps: list[ComponentRecord]) -> None:
+        """The SHA-256 of each small component (one that is read whole anyway), recorded
+        before it is declared at register: its URL then binds it, the store refuses other
+        bytes and Chronicle reads nothing back. Files are read in batches of about 8 MiB per
+        worker-thread call; the digests are recorded in one transaction."""
+        small = [c for c in comps if c.sha256 is None and c.size is not None and c.path
+                 and c.size <= self.e.settings.upload.chunk_bytes]  # no path: caller PUTs
+        if not small:
+            return
+        digests: dict[str, str] = {}
+
+        def batch(todo: list[ComponentRecord]) -> None:
+            with self.e.small_buffers.take() as buf:
+                for c in todo:
+                    digests[c.name] = read_registered(c, buf, self.open_src)[1]
+
+        start = 0
+        while start < len(small):
+            end, total = start, 0
+            while end < len(small) and (end == start or total < DIGEST_BATCH_BYTES):
+                total += small[end].size or 0
+                end += 1
+            await run_bulk(batch, small[start:end])
+            start = end
+        await self.q.do(self.q.s.set_digests, self.asset.asset_key, digests)
+        for c in small:
+            c.sha256 = digests[c.name]
+
     async def _absorb(self, urls: m.UploadUrls) -> None:
         use_by = url_use_by(urls.expires_at)
         for url in urls.upload_urls.values():
@@ -387,7 +441,7 @@ class AssetUpload:
                 self.use_by[part.url] = use_by
         hashes: dict[str, str] = {}
         for name, url in urls.upload_urls.items():
-            self.plans[name] = Plan(url=url)
+            self.plans[name] = Plan(url=url, headers=urls.upload_headers.get(name))
             hashes[name] = url_hash(url)
         for name, mp in urls.multipart.items():
             plan = Plan(part_size=mp.part_size)
@@ -450,8 +504,7 @@ class AssetUpload:
             else:
                 sha = await self._put_multipart(comp, plan.part_size)
             await self._check_unchanged(comp)
-        await self.q.do(self.q.s.update_component, self.asset.asset_key, comp.name,
-                        sha256=sha, uploaded=1)
+        await self.e.uploaded.add((self.asset.asset_key, comp.name, sha))
         comp.uploaded, comp.sha256 = True, sha
         took = time.monotonic() - started
         if comp.size >= 1 << 20:
@@ -536,8 +589,14 @@ class AssetUpload:
         async def put(url: str) -> str:
             with self.e.small_buffers.take() as buf:
                 data, sha = await run_bulk(read_registered, comp, buf, self.open_src)
+                if comp.sha256 and sha != comp.sha256:  # same size, time and inode
+                    raise SourceChanged(
+                        f"{comp.path} changed after it was registered as component "
+                        f"{comp.name!r} (its SHA-256 differs from the one declared): not "
+                        "finalizing mixed bytes")
                 await put_bytes(self.e.session, url, data, limits=self.e.limits,
-                                stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what)
+                                stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what,
+                                headers=self.plans[comp.name].headers)
             return sha
 
         return await self._send_single(what, comp, put)

@@ -357,7 +357,7 @@ class Workers:
                 self.q.s.update_component, job.asset_key, comp.name, path=p["path"],
                 size=st.size, mtime_ns=st.mtime_ns, ino=st.ino, dev=st.dev,
                 content_type=p.get("content_type") or comp.content_type, uploaded=0,
-                part_size=None,
+                part_size=None, sha256=None,
             )
             await self.q.do(self.q.s.clear_parts, job.asset_key, comp.name)
             await self.q.do(self.q.s.set_progress, job.job_id, bytes_total=st.size)

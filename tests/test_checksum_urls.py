@@ -1,0 +1,207 @@
+"""Checksum-bound upload URLs (API 1.1 ``checksum_urls``): a small component registered with
+its SHA-256 gets a URL with the digest signed in. The store (SeaweedFS, or the server's own
+disk store) refuses other bytes with ``BadDigest``; finalize then checks existence and size
+with one listing per asset and reads nothing back; a late PUT cannot change a ready asset;
+the daemon declares digests when the server offers the feature and works without it."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faultproxy import FaultProxy
+from tests.helpers_daemon import start_daemon
+from tests.helpers_e2e import FAST_ENV, assert_same_tree, chronicle_for
+from tests.helpers_seaweed import Seaweed, use_seaweed_env
+from tests.helpers_server import Running, running_server, sha256
+
+MakeServer = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def make(tmp_path: Path, storage_backend: str) -> AsyncIterator[MakeServer]:
+    async with AsyncExitStack() as stack:
+        n = 0
+
+        async def make(**server: Any) -> Running:
+            nonlocal n
+            n += 1
+            return await stack.enter_async_context(
+                running_server(tmp_path / f"s{n}", storage=storage_backend, **server))
+
+        yield make
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(bytes.fromhex(sha256(data))).decode()
+
+
+async def test_a_bound_url_takes_only_the_declared_bytes(make: MakeServer) -> None:
+    s = await make()
+    assert (await s.api.get("/v1/health")).body["features"] == ["checksum_urls"]
+    data, other = os.urandom(70_000), os.urandom(70_000)
+    plan = await s.api.register([{"name": "w/a.bin", "size": len(data), "sha256": sha256(data)},
+                                 {"name": "b.txt", "size": 3}])
+    headers = plan["upload_headers"]
+    assert headers == {"w/a.bin": {"x-amz-checksum-sha256": _b64(data)}}  # b.txt: not bound
+    url = plan["upload_urls"]["w/a.bin"]
+
+    r = await s.api.put_url(url, other, headers["w/a.bin"])  # same size, other bytes
+    assert r.status == 400 and "BadDigest" in r.body, r.body
+    r = await s.api.put_url(url, data)  # the signed header left out
+    assert r.status == 403, r.body
+    r = await s.api.put_url(url, data, {"x-amz-checksum-sha256": _b64(other)})  # swapped
+    assert r.status in (400, 403), r.body
+    assert (await s.api.put_url(url, data, headers["w/a.bin"])).status == 200
+    assert (await s.api.put_url(plan["upload_urls"]["b.txt"], b"abc")).status == 200
+
+    done = await s.api.finalize(plan["asset_id"], {"components": {
+        "b.txt": {"size": 3, "sha256": sha256(b"abc")}}})  # a.bin: nothing declared again
+    assert done.status == 200, done.body
+    comps = {c["name"]: c for c in done.body["components"]}
+    assert comps["w/a.bin"]["sha256"] == sha256(data) and comps["w/a.bin"]["size"] == len(data)
+
+    # a late PUT through the old URL: other bytes are refused, the same bytes change nothing
+    r = await s.api.put_url(url, other, headers["w/a.bin"])
+    assert r.status in (400, 403, 409), r.body  # BadDigest (S3), UploadClosed (disk)
+    await s.api.put_url(url, data, headers["w/a.bin"])
+    got = await s.api.get(f"/v1/assets/{plan['asset_id']}", params={"include_presigned": "1"})
+    status, body, _ = await s.api.get_url(got.body["download_urls"]["w/a.bin"])
+    assert status == 200 and body == data
+
+
+async def test_finalize_refuses_a_missing_or_contradicted_bound_component(
+    make: MakeServer,
+) -> None:
+    s = await make()
+    data = os.urandom(1000)
+    plan = await s.api.register([{"name": "a", "size": len(data), "sha256": sha256(data)}])
+    r = await s.api.finalize(plan["asset_id"], {})
+    assert r.status == 409 and r.code == "components_missing", r.body
+    await s.api.put_url(plan["upload_urls"]["a"], data, plan["upload_headers"]["a"])
+    r = await s.api.finalize(plan["asset_id"], {"components": {
+        "a": {"size": len(data), "sha256": sha256(b"something else")}}})
+    assert r.status == 422 and r.code == "checksum_mismatch", r.body
+    assert (await s.api.finalize(plan["asset_id"], {})).status == 200
+
+
+async def test_declared_again_with_another_digest_the_component_is_read_back(
+    make: MakeServer,
+) -> None:
+    """upload-urls with another size or digest cannot re-bind (URLs bound to the old digest
+    may still write): the component loses its binding and is verified as in version 1."""
+    s = await make()
+    old, new = os.urandom(500), os.urandom(600)
+    plan = await s.api.register([{"name": "a", "size": len(old), "sha256": sha256(old)}])
+    r = await s.api.post(f"/v1/assets/{plan['asset_id']}/upload-urls", {
+        "components": [{"name": "a", "size": len(new), "sha256": sha256(new)}]})
+    assert r.status == 200, r.body
+    assert "a" not in r.body.get("upload_headers", {})
+    assert (await s.api.put_url(r.body["upload_urls"]["a"], new)).status == 200
+    r = await s.api.finalize(plan["asset_id"], {"components": {
+        "a": {"size": len(new), "sha256": sha256(old)}}})
+    assert r.status == 422 and r.code == "checksum_mismatch", r.body  # the bytes were read
+    r = await s.api.finalize(plan["asset_id"], {"components": {
+        "a": {"size": len(new), "sha256": sha256(new)}}})
+    assert r.status == 200, r.body
+
+
+async def test_without_the_feature_urls_are_version_1(make: MakeServer) -> None:
+    s = await make(checksum_urls=False)
+    assert (await s.api.get("/v1/health")).body["features"] == []
+    data = os.urandom(1000)
+    plan = await s.api.register([{"name": "a", "size": len(data), "sha256": sha256(data)}])
+    assert "upload_headers" not in plan
+    assert (await s.api.put_url(plan["upload_urls"]["a"], os.urandom(1000))).status == 200
+    r = await s.api.finalize(plan["asset_id"], {"components": {
+        "a": {"size": len(data), "sha256": sha256(data)}}})
+    assert r.status == 422 and r.code == "checksum_mismatch", r.body  # read back
+
+
+async def test_s3_finalize_lists_once_and_reads_nothing_back(
+    seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Per asset of bound components the server sends SeaweedFS one listing, one copy per
+    component and one DeleteObjects for the upload keys: no HEAD, no GET of an object."""
+    use_seaweed_env(seaweed, monkeypatch)
+    files = {f"f{i}.bin": os.urandom(4096 + i) for i in range(30)}
+    async with FaultProxy(seaweed.endpoint) as proxy, running_server(
+            tmp_path / "s", storage=f"s3://{seaweed.bucket}?endpoint={proxy.url}") as s:
+        plan = await s.api.register([{"name": n, "size": len(d), "sha256": sha256(d)}
+                                     for n, d in files.items()])
+        for n, d in files.items():
+            r = await s.api.put_url(plan["upload_urls"][n], d, plan["upload_headers"][n])
+            assert r.status == 200, r.body
+        proxy.reset_stats()
+        r = await s.api.finalize(plan["asset_id"], {})
+        assert r.status == 200, r.body
+        methods = [e["method"] for e in proxy.stats()["log"]]
+        got = await s.api.get(f"/v1/assets/{plan['asset_id']}", params={"include_presigned": "1"})
+        for n, d in files.items():
+            status, body, _ = await s.api.get_url(got.body["download_urls"][n])
+            assert status == 200 and body == d
+    assert methods.count("GET") == 1  # the listing (ListObjectsV2 is a GET on the bucket)
+    assert "HEAD" not in methods
+    assert methods.count("PUT") == len(files)  # CopyObject
+    assert methods.count("POST") == 1  # DeleteObjects: the upload keys, after
+    assert len(methods) == len(files) + 2, methods
+
+
+# ---- the daemon --------------------------------------------------------------------------
+
+
+def _small_tree(root: Path, n: int = 12) -> Path:
+    for i in range(n):
+        p = root / f"d{i % 3}" / f"f{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(os.urandom(1000 + i))
+    return root
+
+
+@pytest.mark.parametrize("feature", [True, False], ids=["bound", "version-1"])
+def test_the_daemon_uploads_with_and_without_the_feature(tmp_path: Path, feature: bool) -> None:
+    src = _small_tree(tmp_path / "src")
+    env = dict(FAST_ENV, CHRONICLE_AGENT_SERVER__CHECKSUM_URLS=str(feature).lower())
+    with start_daemon(env) as daemon:
+        client = daemon.client()
+        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
+        done = client.wait_job(job["job_id"], 60)
+        assert done["state"] == "done", (done, daemon.log_tail())
+        dest = tmp_path / "dl"
+        chronicle_for(daemon).assets.download(done["asset_id"], dest)
+        assert_same_tree(src, dest)
+        said = "offers no checksum-bound upload URLs" in daemon.log_text()
+        assert said is not feature
+
+
+def test_a_file_rewritten_after_register_fails_as_source_changed(tmp_path: Path) -> None:
+    """The daemon dies after register (its digests declared); the file is rewritten in
+    place with the same size and modification time; after the restart the upload finds
+    the bytes are not the declared ones and fails once with source_changed (no loop)."""
+    src = _small_tree(tmp_path / "src")
+    victim = src / "d1" / "f4.bin"
+    env = dict(FAST_ENV, CHRONICLE_AGENT_DEBUG__CRASH_POINT="after_register@1")
+    with start_daemon(env) as daemon:
+        client = daemon.client()
+        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
+        assert daemon.proc is not None
+        daemon.proc.wait(60)
+        assert daemon.proc.returncode == -9, daemon.log_tail()
+        st = victim.stat()
+        with open(victim, "r+b") as f:
+            f.write(os.urandom(st.st_size))
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert victim.stat().st_mtime_ns == st.st_mtime_ns
+        daemon.start()
+        final = daemon.client().wait_job(job["job_id"], 60)
+        assert final["state"] == "failed", (final, daemon.log_tail())
+        assert final["error"]["code"] == "source_changed"
+        assert "f4.bin" in final["error"]["message"]
+        assert "SHA-256 differs" in final["error"]["message"]
+        assert final["attempts"] <= 2, final
