@@ -481,10 +481,18 @@ class AssetUpload:
         missing = [c.name for c in todo if c.name not in self.plans]
         if missing:
             await self.refresh(missing)
+        pending = iter(todo)
+
+        async def take_turns() -> None:
+            for comp in pending:  # one shared iterator: each component is taken once
+                await self.upload_component(comp)
+
+        # A few more tasks than transfer slots, not one per component: 10,000 files used to
+        # be 10,000 waiting tasks (about 100 MiB of peak RSS, and CPU to schedule them).
         with one_error():
             async with anyio.create_task_group() as tg:
-                for comp in todo:
-                    tg.start_soon(self.upload_component, comp)
+                for _ in range(min(len(todo), 2 * self.e.settings.upload.concurrency)):
+                    tg.start_soon(take_turns)
 
     async def upload_component(self, comp: ComponentRecord) -> None:
         if comp.uploaded:
