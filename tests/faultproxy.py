@@ -39,6 +39,8 @@ Actions and their parameters:
 - ``truncate_response``: ``after_bytes``, ``reset`` (false). Send the upstream's head
   (original Content-Length) and N body bytes, then close (FIN, or RST with ``reset``).
 - ``corrupt_response``: ``offset`` K. XOR 0x01 into byte K of this response's body.
+- ``corrupt_request``: ``offset`` K. XOR 0x01 into byte K of the request's body on its way
+  upstream (bytes damaged in flight: a checksum-bound PUT is then refused with BadDigest).
 - ``chunk_response``: send the answer's body chunked (``Transfer-Encoding: chunked``)
   instead of with its Content-Length.
 - ``delay``: ``seconds``. Wait, then forward normally.
@@ -132,6 +134,7 @@ _ACTION_KEYS: dict[str, set[str]] = {
     "stall_response": {"after_bytes", "seconds", "then_close"},
     "truncate_response": {"after_bytes", "reset"},
     "corrupt_response": {"offset"},
+    "corrupt_request": {"offset"},
     "chunk_response": set(),
     "delay": {"seconds"},
 }
@@ -766,7 +769,9 @@ class Proxy:
                     cwriter.close()
                     uwriter.close()
                     raise _Closed
-            await self._copy(body, uwriter, None, direction="up")
+            flip_at = rule.offset if rule is not None and rule.action == "corrupt_request" \
+                else None
+            await self._copy(body, uwriter, None, direction="up", flip_at=flip_at)
         except _WriteFailed:
             return  # the upstream stopped reading; let its answer through
 

@@ -17,7 +17,13 @@ import pytest
 
 from tests.faultproxy import FaultProxy
 from tests.helpers_daemon import start_daemon
-from tests.helpers_e2e import FAST_ENV, assert_same_tree, chronicle_for
+from tests.helpers_e2e import (
+    FAST_ENV,
+    assert_same_tree,
+    chronicle_for,
+    proxied_daemon,
+    socket_get_text,
+)
 from tests.helpers_seaweed import Seaweed, use_seaweed_env
 from tests.helpers_server import Running, running_server, sha256
 
@@ -205,3 +211,45 @@ def test_a_file_rewritten_after_register_fails_as_source_changed(tmp_path: Path)
         assert "f4.bin" in final["error"]["message"]
         assert "SHA-256 differs" in final["error"]["message"]
         assert final["attempts"] <= 2, final
+
+
+@pytest.mark.parametrize("store", ["disk", "s3"])
+def test_bytes_damaged_in_flight_are_refused_and_sent_again(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest,
+) -> None:
+    """A proxy flips one byte of one PUT: the store refuses it (BadDigest), the daemon sends
+    the file again and the asset is byte-exact; the retry is counted in /metrics."""
+    seaweed = request.getfixturevalue("seaweed") if store == "s3" else None
+    src = _small_tree(tmp_path / "src")
+    with proxied_daemon(seaweed=seaweed) as (daemon, proxy):
+        proxy.set_rules([{"action": "corrupt_request", "method": "PUT",
+                          "path_regex": r"f4\.bin", "offset": 100, "times": 1}])
+        client = daemon.client()
+        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
+        done = client.wait_job(job["job_id"], 60)
+        assert done["state"] == "done", (done, daemon.log_tail())
+        refused = [e for e in proxy.stats()["log"] if e.get("fault") == "corrupt_request"]
+        assert len(refused) == 1 and refused[0]["status"] == 400, proxy.stats()["log"]
+        metrics = socket_get_text(daemon.socket_path, "/metrics")
+        assert 'retries_total{cause="bad_digest"}' in metrics
+        dest = tmp_path / "dl"
+        chronicle_for(daemon).assets.download(done["asset_id"], dest)
+        assert_same_tree(src, dest)
+
+
+def test_bytes_damaged_every_time_fail_the_job_without_looping(tmp_path: Path) -> None:
+    src = _small_tree(tmp_path / "src")
+    env = {"CHRONICLE_AGENT_UPLOAD__MAX_ATTEMPTS": "3",
+           "CHRONICLE_AGENT_UPLOAD__JOB_MAX_ATTEMPTS": "1"}
+    with proxied_daemon(env) as (daemon, proxy):
+        proxy.set_rules([{"action": "corrupt_request", "method": "PUT",
+                          "path_regex": r"f4\.bin", "offset": 0, "times": -1}])
+        client = daemon.client()
+        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
+        final = client.wait_job(job["job_id"], 60)
+        assert final["state"] == "failed", (final, daemon.log_tail())
+        assert final["error"]["code"] == "bad_digest", final
+        puts = [e for e in proxy.stats()["log"] if e["method"] == "PUT" and
+                "f4.bin" in e["path"]]
+        assert len(puts) == 3, puts  # upload.max_attempts, then it stops
+        assert "WARNING" in daemon.log_text()

@@ -371,6 +371,22 @@ async def test_corrupt_response_flips_one_bit(
     assert [i for i in range(len(part)) if part[i] != expected[i]] == [offset]
 
 
+async def test_corrupt_request_flips_one_bit_on_its_way_up(
+    proxy: FaultProxy, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(3 * MiB)
+    offset = 2 * MiB + 7
+    await put_rules(proxy, {"action": "corrupt_request", "method": "PUT", "offset": offset,
+                            "times": 1})
+    async with session.put(f"{proxy.url}/b/k", data=io.BytesIO(data)) as resp:
+        assert resp.status == 200
+    got = upstream.objects["/b/k"]
+    assert [i for i in range(len(data)) if got[i] != data[i]] == [offset]
+    async with session.put(f"{proxy.url}/b/k", data=io.BytesIO(data)) as resp:  # once only
+        assert resp.status == 200
+    assert upstream.objects["/b/k"] == data
+
+
 async def test_delay(proxy: FaultProxy, upstream: Upstream, session: aiohttp.ClientSession) -> None:
     await put_rules(proxy, {"action": "delay", "seconds": 0.3})
     started = time.monotonic()
