@@ -36,8 +36,10 @@ Actions and their parameters:
 - ``stall_request``: ``after_bytes``, ``seconds``, ``then_close`` (false). Stop reading the
   client's body after N bytes for S seconds, then go on (or close both sides).
 - ``stall_response``: ``after_bytes``, ``seconds``, ``then_close``. Same for the response body.
-- ``truncate_response``: ``after_bytes``, ``reset`` (false). Send the upstream's head
-  (original Content-Length) and N body bytes, then close (FIN, or RST with ``reset``).
+- ``truncate_response``: ``after_bytes``, ``reset`` (false), ``drop_head`` (false). Send the
+  upstream's head (original Content-Length) and N body bytes, then close (FIN, or RST with
+  ``reset``). With ``drop_head`` the client gets nothing of the answer, only a RST: the
+  upstream did the work, the client cannot know (a lost answer).
 - ``corrupt_response``: ``offset`` K. XOR 0x01 into byte K of this response's body.
 - ``corrupt_request``: ``offset`` K. XOR 0x01 into byte K of the request's body on its way
   upstream (bytes damaged in flight: a checksum-bound PUT is then refused with BadDigest).
@@ -132,7 +134,7 @@ _ACTION_KEYS: dict[str, set[str]] = {
     "status": {"code", "preset", "body", "content_type", "headers", "early"},
     "stall_request": {"after_bytes", "seconds", "then_close"},
     "stall_response": {"after_bytes", "seconds", "then_close"},
-    "truncate_response": {"after_bytes", "reset"},
+    "truncate_response": {"after_bytes", "reset", "drop_head"},
     "corrupt_response": {"offset"},
     "corrupt_request": {"offset"},
     "chunk_response": set(),
@@ -146,6 +148,7 @@ _PARAM_TYPES: dict[str, type | tuple[type, ...]] = {
     "then_close": bool,
     "reset": bool,
     "early": bool,
+    "drop_head": bool,
     "preset": str,
     "body": str,
     "content_type": str,
@@ -172,6 +175,7 @@ class Rule:
     then_close: bool = False
     reset: bool = False
     early: bool = False
+    drop_head: bool = False
     code: int = 500
     body: bytes = b""
     content_type: str | None = None
@@ -271,7 +275,8 @@ def parse_rule(spec: object) -> Rule:
     _check_params(action, spec)
     rule = Rule(action=action, spec=dict(spec))
     _parse_match(rule, spec)
-    for key in ("after_bytes", "offset", "forward", "then_close", "reset", "early"):
+    for key in ("after_bytes", "offset", "forward", "then_close", "reset", "early",
+                "drop_head"):
         if key in spec:
             setattr(rule, key, spec[key])
     if "seconds" in spec:
@@ -799,6 +804,10 @@ class Proxy:
         if rule is not None and action == "chunk_response":
             await self._rechunk(raw, body, cwriter)
             return head.keep_alive() and resp.keep_alive() and body.kind != "close"
+        if rule is not None and action == "truncate_response" and rule.drop_head:
+            await self._copy(body, None, None)  # the upstream's whole answer, discarded
+            _rst(cwriter)  # the client never hears it: as if the answer were lost
+            raise _Closed
         cwriter.write(raw)
         if rule is not None and action == "truncate_response":
             await self._copy(body, cwriter, rule.after_bytes, direction="down")

@@ -48,14 +48,21 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(bytes.fromhex(sha256(data))).decode()
 
 
-async def test_a_bound_url_takes_only_the_declared_bytes(make: MakeServer) -> None:
+async def test_a_bound_url_takes_only_the_declared_bytes(
+    make: MakeServer, storage_backend: str,
+) -> None:
     s = await make()
     assert (await s.api.get("/v1/health")).body["features"] == ["checksum_urls"]
     data, other = os.urandom(70_000), os.urandom(70_000)
     plan = await s.api.register([{"name": "w/a.bin", "size": len(data), "sha256": sha256(data)},
                                  {"name": "b.txt", "size": 3}])
     headers = plan["upload_headers"]
-    assert headers == {"w/a.bin": {"x-amz-checksum-sha256": _b64(data)}}  # b.txt: not bound
+    assert list(headers) == ["w/a.bin"]  # b.txt: declared without a digest, not bound
+    assert headers["w/a.bin"]["x-amz-checksum-sha256"] == _b64(data)
+    if storage_backend.startswith("s3://"):  # SeaweedFS honours create-only PUTs
+        assert headers["w/a.bin"]["if-none-match"] == "*"
+    else:  # the disk store's own gate shuts upload URLs at finalize
+        assert "if-none-match" not in headers["w/a.bin"]
     url = plan["upload_urls"]["w/a.bin"]
 
     r = await s.api.put_url(url, other, headers["w/a.bin"])  # same size, other bytes
@@ -75,8 +82,9 @@ async def test_a_bound_url_takes_only_the_declared_bytes(make: MakeServer) -> No
 
     # a late PUT through the old URL: other bytes are refused, the same bytes change nothing
     r = await s.api.put_url(url, other, headers["w/a.bin"])
-    assert r.status in (400, 403, 409), r.body  # BadDigest (S3), UploadClosed (disk)
-    await s.api.put_url(url, data, headers["w/a.bin"])
+    assert r.status in (400, 403, 409, 412), r.body  # BadDigest or taken (S3), closed (disk)
+    r = await s.api.put_url(url, data, headers["w/a.bin"])
+    assert r.status in (409, 412), r.body  # the key is taken (S3), UploadClosed (disk)
     got = await s.api.get(f"/v1/assets/{plan['asset_id']}", params={"include_presigned": "1"})
     status, body, _ = await s.api.get_url(got.body["download_urls"]["w/a.bin"])
     assert status == 200 and body == data
@@ -133,8 +141,8 @@ async def test_without_the_feature_urls_are_version_1(make: MakeServer) -> None:
 async def test_s3_finalize_lists_once_and_reads_nothing_back(
     seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Per asset of bound components the server sends SeaweedFS one listing, one copy per
-    component and one DeleteObjects for the upload keys: no HEAD, no GET of an object."""
+    """Per asset of bound components the server sends SeaweedFS one listing and nothing
+    else: no HEAD, no GET of an object, no copy (create-only URLs: the bytes stay)."""
     use_seaweed_env(seaweed, monkeypatch)
     files = {f"f{i}.bin": os.urandom(4096 + i) for i in range(30)}
     async with FaultProxy(seaweed.endpoint) as proxy, running_server(
@@ -152,11 +160,30 @@ async def test_s3_finalize_lists_once_and_reads_nothing_back(
         for n, d in files.items():
             status, body, _ = await s.api.get_url(got.body["download_urls"][n])
             assert status == 200 and body == d
-    assert methods.count("GET") == 1  # the listing (ListObjectsV2 is a GET on the bucket)
-    assert "HEAD" not in methods
-    assert methods.count("PUT") == len(files)  # CopyObject
-    assert methods.count("POST") == 1  # DeleteObjects: the upload keys, after
-    assert len(methods) == len(files) + 2, methods
+    assert methods == ["GET"]  # the listing (ListObjectsV2 is a GET on the bucket)
+
+
+async def test_s3_a_deleted_assets_bytes_do_not_come_back(
+    seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The asset is deleted while its upload URL is still valid: a late PUT of the same
+    bytes through it is refused (the key holds a tombstone) and an old GET URL never serves
+    the bytes again."""
+    use_seaweed_env(seaweed, monkeypatch)
+    data = os.urandom(5000)
+    async with running_server(tmp_path / "s", storage=seaweed.storage_url(seaweed.bucket)) as s:
+        plan = await s.api.register([{"name": "a", "size": len(data), "sha256": sha256(data)}])
+        url, headers = plan["upload_urls"]["a"], plan["upload_headers"]["a"]
+        assert (await s.api.put_url(url, data, headers)).status == 200
+        assert (await s.api.finalize(plan["asset_id"], {})).status == 200
+        got = await s.api.get(f"/v1/assets/{plan['asset_id']}", params={"include_presigned": "1"})
+        get_url = got.body["download_urls"]["a"]
+        assert (await s.api.get_url(get_url))[1] == data
+        assert (await s.api.put_url(url, data, headers)).status == 412  # ready: key taken
+        assert (await s.api.call("DELETE", f"/v1/assets/{plan['asset_id']}")).status == 204
+        assert (await s.api.put_url(url, data, headers)).status == 412  # deleted: still taken
+        status, body, _ = await s.api.get_url(get_url)
+        assert body != data and len(body) < len(data), (status, body[:100])
 
 
 # ---- the daemon --------------------------------------------------------------------------
@@ -253,3 +280,25 @@ def test_bytes_damaged_every_time_fail_the_job_without_looping(tmp_path: Path) -
                 "f4.bin" in e["path"]]
         assert len(puts) == 3, puts  # upload.max_attempts, then it stops
         assert "WARNING" in daemon.log_text()
+
+
+def test_a_put_whose_answer_was_lost_is_not_sent_twice_in_vain(
+    tmp_path: Path, seaweed: Seaweed,
+) -> None:
+    """SeaweedFS takes a PUT but its answer is cut: the daemon sends it again, the store
+    answers 412 (the key is taken, by these bytes: every URL for it binds their digest) and
+    the daemon counts the file as sent."""
+    src = _small_tree(tmp_path / "src")
+    with proxied_daemon(seaweed=seaweed) as (daemon, proxy):
+        proxy.set_rules([{"action": "truncate_response", "method": "PUT",
+                          "path_regex": r"f4\.bin", "drop_head": True, "times": 1}])
+        client = daemon.client()
+        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
+        done = client.wait_job(job["job_id"], 60)
+        assert done["state"] == "done", (done, daemon.log_tail())
+        puts = [e["status"] for e in proxy.stats()["log"]
+                if e["method"] == "PUT" and "f4.bin" in e["path"]]
+        assert puts == [200, 412], proxy.stats()["log"]
+        dest = tmp_path / "dl"
+        chronicle_for(daemon).assets.download(done["asset_id"], dest)
+        assert_same_tree(src, dest)

@@ -387,6 +387,17 @@ async def test_corrupt_request_flips_one_bit_on_its_way_up(
     assert upstream.objects["/b/k"] == data
 
 
+async def test_truncate_response_drop_head_loses_the_answer_only(
+    proxy: FaultProxy, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    await put_rules(proxy, {"action": "truncate_response", "method": "PUT", "drop_head": True,
+                            "times": 1})
+    with pytest.raises(aiohttp.ClientError):
+        async with session.put(f"{proxy.url}/b/lost", data=b"abc") as resp:
+            await resp.read()
+    assert upstream.objects["/b/lost"] == b"abc"  # the upstream did the work
+
+
 async def test_delay(proxy: FaultProxy, upstream: Upstream, session: aiohttp.ClientSession) -> None:
     await put_rules(proxy, {"action": "delay", "seconds": 0.3})
     started = time.monotonic()

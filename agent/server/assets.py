@@ -43,7 +43,6 @@ from .storage import (
     MIN_PART_BYTES,
     PartInfo,
     PartsRefused,
-    checksum_header,
     etag_value,
     part_count,
     plan_part_size,
@@ -292,7 +291,19 @@ async def release_storage(core: Core, asset_id: str) -> None:
 
 
 async def _drop(core: Core, comps: list[ComponentRow]) -> None:
+    """Release the bytes of ``comps`` (an asset deleted or abandoned). A ready component
+    that stayed at its create-only upload key gets an empty tombstone instead of a delete:
+    the key stays taken, so no unexpired upload URL can bring the bytes back behind an old
+    GET URL. (Tombstones are empty objects; nothing removes them yet once every upload URL
+    has expired: a storage sweep is still to come.)"""
     keys: list[str] = []
+    tombstones = [c.object_key for c in comps if c.uploaded and c.bound_sha256
+                  and core.storage.create_only_puts and c.object_key == upload_key(c.object_key)]
+    for key in tombstones:
+        try:
+            await core.storage.put_object(key, b"", "application/octet-stream")
+        except Exception as e:
+            log.warning("could not replace %s by a tombstone: %s", key, e)
     for c in comps:
         try:
             if c.upload_id:
@@ -302,7 +313,7 @@ async def _drop(core: Core, comps: list[ComponentRow]) -> None:
         # the object, its upload key, and a copy a failed finalize left
         keys += [c.object_key, upload_key(c.object_key), final_key(c.object_key)]
     try:
-        await core.storage.delete_many(list(dict.fromkeys(keys)))
+        await core.storage.delete_many([k for k in dict.fromkeys(keys) if k not in tombstones])
     except Exception as e:
         log.warning("could not release the objects of %d components: %s", len(comps), e)
 
@@ -352,7 +363,7 @@ class Assets:
                 upload_urls[c.name] = await storage.presign_put(c.object_key, expiry,
                                                                 c.bound_sha256)
                 if c.bound_sha256:
-                    headers[c.name] = checksum_header(c.bound_sha256)
+                    headers[c.name] = storage.upload_headers(c.bound_sha256)
         answer: dict[str, Any] = {"upload_urls": upload_urls, "multipart": multipart}
         if headers:
             answer["upload_headers"] = headers
@@ -665,11 +676,8 @@ class Assets:
                 return Reply(200, done.to_json())
 
             reply = await ctx.commit(txn)
-            promoted = [
-                c
-                for c in asset.components
-                if not c.upload_id and c.object_key != final_key(c.object_key)
-            ]
+            promoted = [old for old, new in zip(asset.components, results, strict=True)
+                        if not old.upload_id and old.object_key != new.object_key]
             await self._drop_upload_keys(promoted)
             return reply
 
@@ -763,10 +771,12 @@ class Assets:
                             size: int) -> ComponentRow:
         """A component whose URL bound its digest: the store refused any other bytes at
         its key (every URL for that key binds the same digest: upload-urls never changes
-        it), so its existence and size are enough; nothing is read back. Its bytes are
-        still copied to the final key that no upload URL names, so that no PUT reaches
-        them once the asset is ready and none brings them back after a delete."""
-        assert c.bound_sha256 is not None
+        it), so its existence and size are enough; nothing is read back. Where the store
+        honours create-only PUTs the bytes stay where they are: no URL can replace them
+        (a delete leaves a tombstone, see :func:`_drop`). Elsewhere they are copied to the
+        final key that no upload URL names, so that no PUT reaches them once the asset is
+        ready and none brings them back after a delete."""
+        assert c.bound_sha256 is not None  # and the listing found it at c.object_key
         if c.size is not None and size != c.size:
             raise _mismatch(f"component {c.name!r}: storage holds {size} bytes, declared "
                             f"{c.size}")
@@ -776,10 +786,11 @@ class Assets:
         if spec.sha256 and spec.sha256 != c.bound_sha256:
             raise _mismatch(f"component {c.name!r}: registered with SHA-256 "
                             f"{c.bound_sha256}, finalized with {spec.sha256}")
-        key = final_key(c.object_key)
-        info = await self.core.storage.copy(c.object_key, key, size)
-        if info is None:
-            raise _missing(f"component {c.name!r} is not in storage")
+        key = c.object_key
+        if not self.core.storage.create_only_puts:  # else no URL can replace it: it stays
+            key = final_key(c.object_key)
+            if await self.core.storage.copy(c.object_key, key, size) is None:
+                raise _missing(f"component {c.name!r} is not in storage")
         return replace(c, object_key=key, size=size, sha256=c.bound_sha256,
                        sha256_verified=True,
                        content_type=spec.content_type or c.content_type, upload_id=None,

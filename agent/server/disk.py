@@ -67,6 +67,7 @@ from .storage import (
     PartsRefused,
     StorageError,
     UploadGate,
+    checksum_header,
     checksum_of,
     etag_value,
 )
@@ -229,6 +230,7 @@ class DiskStorage:
     ) -> None:
         self.root = root
         self.description = f"file://{root}"
+        self.create_only_puts = False  # its gate refuses any PUT once an asset is not pending
         self._signer = signer
         self._pool = io_pool
         self._base = ""
@@ -291,6 +293,9 @@ class DiskStorage:
         app.router.add_get(STORAGE_PREFIX + "{key:.+}", self._handle_get)
 
     # ---- URLs ----------------------------------------------------------------------------------
+
+    def upload_headers(self, sha256: str) -> dict[str, str]:
+        return checksum_header(sha256)
 
     async def presign_put(self, key: str, expires_s: int, sha256: str | None = None) -> str:
         return self._url(Grant("PUT", key, sha256=sha256 or ""), expires_s)

@@ -18,9 +18,12 @@ hashes it when it is at most ``verify_sha256_max_bytes`` (default 64 MiB, the de
 multipart threshold, i.e. every single-PUT component). Larger components keep the client's
 declared digest, recorded as unverified; their parts' ETags and sizes are checked.
 
-A presigned PUT URL cannot be revoked, so a ready component never lives at a key one names:
-a single-PUT object is copied (CopyObject) to its final key at finalize, a multipart upload
-is created at the final key (see :mod:`agent.server.assets`). Per-object calls of finalize go
+A presigned PUT URL cannot be revoked, so a ready component never lives at a key one can
+write: a checksum-bound URL is also signed with ``If-None-Match: *`` when the store honours
+it (probed at start), so it can only create its key and the component stays there (a
+delete leaves an empty tombstone); any other single-PUT object is copied (CopyObject) to its
+final key at finalize; a multipart upload is created at the final key (see
+:mod:`agent.server.assets`). Per-object calls of finalize go
 as presigned requests over one aiohttp session (CopyObject: a few hundredths of a
 millisecond of CPU to sign, where a botocore call costs about a millisecond); the upload keys
 are then deleted with DeleteObjects, 1,000 to a call.
@@ -36,8 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
+import secrets
 import ssl
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -90,6 +95,7 @@ class S3Storage:
         self._client: Any = None
         self._signer: Presigner
         self._http: aiohttp.ClientSession | None = None
+        self.create_only_puts = False
 
     @classmethod
     def from_options(
@@ -183,6 +189,7 @@ class S3Storage:
                 if "BucketAlreadyOwnedByYou" not in str(created):
                     raise
             log.info("created bucket %s", self.description)
+        self.create_only_puts = await self._probe_create_only()
 
     async def close(self) -> None:
         if self._http is not None:
@@ -203,10 +210,41 @@ class S3Storage:
         return self._signer.url(method, key, min(expires_s, MAX_PRESIGN_S), params,
                                 headers=headers)
 
+    def upload_headers(self, sha256: str) -> dict[str, str]:
+        headers = checksum_header(sha256)
+        if self.create_only_puts:
+            headers["if-none-match"] = "*"
+        return headers
+
     async def presign_put(self, key: str, expires_s: int, sha256: str | None = None) -> str:
         # microseconds (agent.server.sigv4); the digest signed in: S3 then checks the body
         return self._presign("PUT", key, expires_s,
-                             headers=checksum_header(sha256) if sha256 else None)
+                             headers=self.upload_headers(sha256) if sha256 else None)
+
+    async def _probe_create_only(self) -> bool:
+        """Whether the store refuses a second PUT signed with ``If-None-Match: *`` (S3 since
+        2024, SeaweedFS 4.x); a store that ignores the header keeps the copy at finalize."""
+        key = f"probe/create-only-{secrets.token_hex(8)}"
+        headers = {"if-none-match": "*"}
+        url = self._presign("PUT", key, 60, headers=headers)
+        assert self._http is not None
+        codes = []
+        try:
+            for _ in range(2):
+                async with self._http.put(url, data=b"probe", headers=headers,
+                                          skip_auto_headers=("Content-Type",)) as r:
+                    await r.read()
+                    codes.append(r.status)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("%s: could not probe conditional PUTs: %s", self.description, e)
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await self.delete(key)
+        if codes != [200, 412]:
+            log.info("%s does not refuse a second If-None-Match PUT (%s): small components "
+                     "are copied to their final keys at finalize", self.description, codes)
+        return codes == [200, 412]
 
     async def presign_gets(self, keys: Sequence[str], expires_s: int) -> dict[str, str]:
         def sign() -> dict[str, str]:

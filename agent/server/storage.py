@@ -97,6 +97,15 @@ class PartsRefused(StorageError):
 class Storage(Protocol):
     description: str
     """For logs and health: ``file:///…`` or ``s3://bucket`` (never credentials)."""
+    create_only_puts: bool
+    """A checksum-bound PUT URL also carries ``If-None-Match: *`` and the store honours it:
+    such a URL can create its key, never replace it. A bound component then stays at its
+    upload key when ready (no copy): a late PUT finds the key taken (412), and a deleted
+    one is replaced by an empty tombstone that keeps it taken."""
+
+    def upload_headers(self, sha256: str) -> dict[str, str]:
+        """The headers a PUT URL bound to ``sha256`` is signed with and must be sent with."""
+        ...
 
     async def start(self, base_url: str) -> None:
         """Prepare (create directories, the bucket); ``base_url`` is where this server is
@@ -110,7 +119,7 @@ class Storage(Protocol):
 
     async def presign_put(self, key: str, expires_s: int, sha256: str | None = None) -> str:
         """A single-PUT URL; with ``sha256`` (hex) a checksum-bound one: the client must
-        send :func:`checksum_header` with it, and the store refuses other bytes
+        send :meth:`upload_headers` with it, and the store refuses other bytes
         (``BadDigest``)."""
         ...
 

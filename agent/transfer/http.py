@@ -164,6 +164,7 @@ async def _put(
     Returns the ETag as storage returned it; on failure the bytes counted are taken back.
     ``extra_headers``: those a checksum-bound URL was signed with."""
     headers = {"Content-Length": str(length), **(extra_headers or {})}
+    create_only = any(k.lower() == "if-none-match" for k in extra_headers or {})
     if content_type:
         headers["Content-Type"] = content_type
     watchdog = Watchdog(stall_s)
@@ -182,6 +183,11 @@ async def _put(
                 url, data=body, headers=headers, skip_auto_headers=("Content-Type",)
             ) as resp:
                 watchdog.kick()
+                if resp.status == 412 and create_only:
+                    # If-None-Match: * and the key is taken: by these very bytes (every URL
+                    # for it binds this digest), sent by an attempt whose answer was lost
+                    await resp.read()
+                    return None
                 if resp.status >= 300:
                     raise classify_storage_answer(resp.status, await resp.read(), what)
                 await resp.read()
