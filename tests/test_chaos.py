@@ -76,9 +76,9 @@ def test_random_kills_and_faults_on_real_s3(seaweed: Seaweed, tmp_path: Path) ->
             "CHRONICLE_AGENT_UPLOAD__STALL_TIMEOUT_S": "3",
         })
         with start_daemon(env) as daemon:
-            # Faults on the agent's storage PUTs only (presigned: the signature is in the
-            # query), set once the server has made its bucket; the server's own calls (its
-            # bucket, the copies a finalize makes) sign with headers.
+            # Faults on presigned PUTs (the signature in the query), set once the server has
+            # made its bucket: the agent's, and the server's own CopyObject at finalize
+            # (which it retries as botocore would).
             agent = "X-Amz-Signature="
             proxy.set_rules([
                 {"action": "reset_request", "method": "PUT", "after_bytes": 256 * 1024,

@@ -163,3 +163,32 @@ print("ok")
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+async def test_finalize_copies_are_retried_like_botocores_calls(
+    s3_env: Seaweed, tmp_path: Path
+) -> None:
+    """The server's own CopyObject at finalize is a presigned request over aiohttp: SlowDown
+    and a reset are retried (as botocore's standard mode retries its calls), not turned
+    into a failed finalize."""
+    from tests.faultproxy import FaultProxy
+
+    data = os.urandom(3000)
+    async with FaultProxy(s3_env.endpoint) as proxy, running_server(
+            tmp_path / "s", storage=f"s3://{s3_env.bucket}?endpoint={proxy.url}",
+            checksum_urls=False) as s:
+        plan = await s.api.register([{"name": "a.bin", "size": len(data)}])
+        assert (await s.api.put_url(plan["upload_urls"]["a.bin"], data)).status == 200
+        proxy.set_rules([
+            {"action": "status", "code": "s3_slowdown", "method": "PUT",
+             "path_regex": "/ready/", "times": 1},
+            {"action": "reset_request", "method": "PUT", "path_regex": "/ready/", "times": 1},
+        ])
+        r = await s.api.finalize(plan["asset_id"], {"components": {
+            "a.bin": {"size": len(data), "sha256": sha256(data)}}})
+        assert r.status == 200, r.body
+        copies = [e for e in proxy.stats()["log"]
+                  if e["method"] == "PUT" and "/ready/" in e["path"]]
+        assert [e["fault"] for e in copies] == ["status", "reset_request", None], copies
+        got = await s.api.get(f"/v1/assets/{plan['asset_id']}", params={"include_presigned": "1"})
+        assert (await s.api.get_url(got.body["download_urls"]["a.bin"]))[1] == data

@@ -42,6 +42,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import random
 import secrets
 import ssl
 from collections.abc import Callable, Sequence
@@ -68,6 +69,10 @@ MAX_PRESIGN_S = 7 * 24 * 3600
 """SigV4 presigned URLs live at most 7 days."""
 _OPTIONS = ("endpoint", "region", "addressing_style", "verify_sha256_max_bytes")
 _MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchBucket")
+
+
+SIGNED_ATTEMPTS = 5
+"""Attempts of one presigned request of the server's own (as botocore's standard mode)."""
 
 
 def _code(e: botocore.exceptions.ClientError) -> str:
@@ -225,18 +230,14 @@ class S3Storage:
         """Whether the store refuses a second PUT signed with ``If-None-Match: *`` (S3 since
         2024, SeaweedFS 4.x); a store that ignores the header keeps the copy at finalize."""
         key = f"probe/create-only-{secrets.token_hex(8)}"
-        headers = {"if-none-match": "*"}
-        url = self._presign("PUT", key, 60, headers=headers)
-        assert self._http is not None
         codes = []
         try:
             for _ in range(2):
-                async with self._http.put(url, data=b"probe", headers=headers,
-                                          skip_auto_headers=("Content-Type",)) as r:
-                    await r.read()
-                    codes.append(r.status)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            log.warning("%s: could not probe conditional PUTs: %s", self.description, e)
+                status, _ = await self._signed("PUT", key, {"if-none-match": "*"},
+                                               "probing conditional PUTs", b"probe")
+                codes.append(status)
+        except StorageError as e:
+            log.warning("%s; small components are copied to their final keys at finalize", e)
             return False
         finally:
             with contextlib.suppress(Exception):
@@ -317,22 +318,43 @@ class S3Storage:
         """Server-side CopyObject (single-PUT components: at most 5 GiB, S3's copy limit).
         The upload URL names ``src`` only, so once finalized the bytes at ``dst`` are out of
         its reach."""
-        source = f"{self.bucket}/{quote(src, safe='/~')}"
-        headers = {"x-amz-copy-source": source}
-        url = self._presign("PUT", dst, 600, headers=headers)
-        assert self._http is not None
-        try:
-            async with self._http.put(url, data=b"", headers=headers,
-                                      skip_auto_headers=("Content-Type",)) as r:
-                body = await r.read()
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise StorageError(f"{self.description}: copying {src!r}: {e}") from e
-        if r.status == 404 or b"<Code>NoSuchKey</Code>" in body:
+        headers = {"x-amz-copy-source": f"{self.bucket}/{quote(src, safe='/~')}"}
+        status, body = await self._signed("PUT", dst, headers, f"copying {src!r}")
+        if status == 404 or b"<Code>NoSuchKey</Code>" in body:
             return None  # src is not there
-        if r.status != 200 or b"<Error>" in body:  # S3 may answer 200 with an error body
-            raise StorageError(f"{self.description}: copying {src!r}: HTTP {r.status} "
+        if status != 200 or b"<Error>" in body:  # S3 may answer 200 with an error body
+            raise StorageError(f"{self.description}: copying {src!r}: HTTP {status} "
                                f"{body[:300].decode(errors='replace')}")
         return ObjectInfo(size) if size is not None else await self.head(dst)
+
+    async def _signed(self, method: str, key: str, headers: dict[str, str], what: str,
+                      data: bytes = b"") -> tuple[int, bytes]:
+        """One request of the server's own, presigned and sent over aiohttp, retried as
+        botocore's standard mode would: up to 5 attempts with jittered backoff after a
+        connection error, a 5xx, SlowDown or RequestTimeout (signed afresh each time)."""
+        assert self._http is not None
+        delay = 0.1
+        for attempt in range(1, SIGNED_ATTEMPTS + 1):
+            url = self._presign(method, key, 600, headers=headers)
+            try:
+                async with self._http.request(method, url, data=data, headers=headers,
+                                              skip_auto_headers=("Content-Type",)) as r:
+                    status, body = r.status, await r.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                why = str(e) or type(e).__name__
+            else:
+                transient = status >= 500 or any(
+                    f"<Code>{c}</Code>".encode() in body
+                    for c in ("SlowDown", "RequestTimeout", "InternalError"))
+                if not transient:
+                    return status, body
+                why = f"HTTP {status}"
+            if attempt == SIGNED_ATTEMPTS:
+                raise StorageError(f"{self.description}: {what}: {why} "
+                                   f"({SIGNED_ATTEMPTS} attempts)")
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(2 * delay, 2.0)
+        raise AssertionError("unreachable")
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         for at in range(0, len(keys), 1000):
