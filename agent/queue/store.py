@@ -781,20 +781,21 @@ class Queue:
                 [(sha, key, name) for key, name, sha in items],
             )
 
-    def set_digests(self, asset_key: str, digests: dict[str, str]) -> None:
-        """The SHA-256 of each named component's registered version, in one transaction."""
+    def _set_each(self, asset_key: str, column: str, values: dict[str, str]) -> None:
+        """One column of many components (by name), in one transaction."""
+        assert column in ("sha256", "url_hash"), column
         with self._txn() as db:
             db.executemany(
-                "UPDATE components SET sha256 = ? WHERE asset_key = ? AND name = ?",
-                [(h, asset_key, n) for n, h in digests.items()],
+                f"UPDATE components SET {column} = ? WHERE asset_key = ? AND name = ?",
+                [(v, asset_key, n) for n, v in values.items()],
             )
 
+    def set_digests(self, asset_key: str, digests: dict[str, str]) -> None:
+        """The SHA-256 of each named component's registered version."""
+        self._set_each(asset_key, "sha256", digests)
+
     def set_url_hashes(self, asset_key: str, hashes: dict[str, str]) -> None:
-        with self._txn() as db:
-            db.executemany(
-                "UPDATE components SET url_hash = ? WHERE asset_key = ? AND name = ?",
-                [(h, asset_key, n) for n, h in hashes.items()],
-            )
+        self._set_each(asset_key, "url_hash", hashes)
 
     def parts(self, asset_key: str, name: str) -> list[PartRecord]:
         rows = self._read(

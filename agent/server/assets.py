@@ -297,8 +297,8 @@ async def _drop(core: Core, comps: list[ComponentRow]) -> None:
     GET URL. (Tombstones are empty objects; nothing removes them yet once every upload URL
     has expired: a storage sweep is still to come.)"""
     keys: list[str] = []
-    tombstones = [c.object_key for c in comps if c.uploaded and c.bound_sha256
-                  and core.storage.create_only_puts and c.object_key == upload_key(c.object_key)]
+    tombstones = {c.object_key for c in comps if c.uploaded and c.bound_sha256
+                  and core.storage.create_only_puts and c.object_key == upload_key(c.object_key)}
     for key in tombstones:
         try:
             await core.storage.put_object(key, b"", "application/octet-stream")
