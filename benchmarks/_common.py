@@ -57,15 +57,23 @@ class Server:
         self.proc.wait(30)
 
 
+NO_HOLD_BACK = {"CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0"}
+"""For a daemon measured beside its own store and server on this machine: their CPU is not
+training's (agent.busy_cpu_fraction), so the daemon must not hold back for it."""
+
+
 class Daemon:
     """A fresh ``chronicle-agent daemon`` in its own short temp dir, using ``server``; with
     ``server=None``, its embedded local Chronicle (no URL configured, and none of this
     environment's ``CHRONICLE_AGENT_*`` settings), as a new user runs it."""
 
     def __init__(self, server: Server | None, extra_env: dict[str, str] | None = None,
-                 repo: Path = REPO, timeout_s: float = 5) -> None:
+                 repo: Path = REPO, timeout_s: float = 5, hold_back: bool = False) -> None:
         """``repo``: the checkout whose ``agent`` package the daemon runs (another one to
-        compare two versions side by side). ``timeout_s``: its socket client's."""
+        compare two versions side by side). ``timeout_s``: its socket client's.
+        ``hold_back``: keep ``agent.busy_cpu_fraction`` (off by default here: the server
+        and the store run on this machine, their CPU would read as training's and the
+        daemon would cap its transfers at ``agent.busy_bytes_per_s``)."""
         self.dir = Path(tempfile.mkdtemp(prefix="cab-", dir="/tmp"))
         env = dict(os.environ)
         if server is None:
@@ -73,6 +81,8 @@ class Daemon:
         else:
             env.update(CHRONICLE_AGENT_CHRONICLE__URL=server.url,
                        CHRONICLE_AGENT_CHRONICLE__TOKEN=server.token)
+        if not hold_back:
+            env.update(NO_HOLD_BACK)
         env.update(extra_env or {}, PYTHONPATH=str(repo),
                    CHRONICLE_AGENT_AGENT__STATE_DIR=str(self.dir / "state"),
                    CHRONICLE_AGENT_SOCKET=str(self.dir / "a.sock"),

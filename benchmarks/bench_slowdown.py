@@ -216,7 +216,7 @@ def main() -> int:
                     for setting in args.settings.split(","):
                         server = Server(root) if server_mode == "separate" else None
                         env = dict(SETTINGS[setting])
-                        daemon = Daemon(server, env, timeout_s=30)
+                        daemon = Daemon(server, env, timeout_s=30, hold_back=True)
                         try:
                             m = measure(trainer, daemon, server, src, args.pairs, args.window)
                         finally:
@@ -232,7 +232,7 @@ def main() -> int:
                               f"{m['q1']:>8.3f}-{m['q3']:.3f}"
                               f"{m['daemon_cpu_per_gib']:>18.2f}{srv:>18}", flush=True)
                 if args.full_upload:
-                    daemon = Daemon(None, timeout_s=30)
+                    daemon = Daemon(None, timeout_s=30, hold_back=True)
                     try:
                         secs, steps = full_upload(trainer, daemon, src, args.window)
                     finally:

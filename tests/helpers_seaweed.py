@@ -146,6 +146,7 @@ def start_seaweed(root: Path) -> Iterator[Seaweed]:
     master, volume, filer, s3 = free_ports(4)
     cmd = [
         weed,
+        f"-logdir={root}",  # glog's files, else they pile up in the temp dir
         "server",
         f"-dir={root / 'data'}",
         "-ip=127.0.0.1",
