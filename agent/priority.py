@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import logging
@@ -125,21 +126,30 @@ class BulkThreads:
                     initializer=_enter_policy, initargs=(name,))
             return pool
 
-    async def run(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False
-                  ) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False,
+                  stop: threading.Event | None = None) -> T:
         """``fn(*args)`` in a bulk thread; like ``anyio.to_thread.run_sync``, a cancelled
-        caller waits for the thread's call to end unless ``abandon_on_cancel``."""
+        caller waits for the thread's call to end unless ``abandon_on_cancel``. ``stop``:
+        set when the caller is cancelled, for a call that watches it to end early."""
         pool = self.executor()
         call = functools.partial(fn, *args)
         with self._lock:
             self.inflight += 1
         try:
-            if pool is None:
+            if pool is None and stop is None:
                 return await anyio.to_thread.run_sync(call,
                                                       abandon_on_cancel=abandon_on_cancel)
-            fut = asyncio.get_running_loop().run_in_executor(pool, call)
+            fut = asyncio.get_running_loop().run_in_executor(pool or self._normal(), call)
             if abandon_on_cancel:
                 return await fut
+            if stop is not None:
+                try:
+                    return await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    stop.set()
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await fut
+                    raise
             with anyio.CancelScope(shield=True):
                 result = await fut
             return result
@@ -147,15 +157,18 @@ class BulkThreads:
             with self._lock:
                 self.inflight -= 1
 
+    def _normal(self) -> concurrent.futures.ThreadPoolExecutor:
+        """A pool of ordinary threads (for calls that need a future of their own)."""
+        with self._lock:
+            pool = self._pools.get("normal")
+            if pool is None:
+                pool = self._pools["normal"] = concurrent.futures.ThreadPoolExecutor(
+                    BULK_THREADS, thread_name_prefix="bulk-normal")
+            return pool
+
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """For code that runs on a plain executor (the local server's storage)."""
-        pool = self.executor()
-        if pool is None:
-            with self._lock:
-                pool = self._pools.get("normal")
-                if pool is None:
-                    pool = self._pools["normal"] = concurrent.futures.ThreadPoolExecutor(
-                        BULK_THREADS, thread_name_prefix="bulk-normal")
+        pool = self.executor() or self._normal()
         with self._lock:
             self.inflight += 1
         fut = pool.submit(fn, *args)
@@ -178,8 +191,9 @@ BULK = BulkThreads()
 share them)."""
 
 
-async def run_bulk(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
-    return await BULK.run(fn, *args, abandon_on_cancel=abandon_on_cancel)
+async def run_bulk(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False,
+                   stop: threading.Event | None = None) -> T:
+    return await BULK.run(fn, *args, abandon_on_cancel=abandon_on_cancel, stop=stop)
 
 
 class BulkExecutor(concurrent.futures.Executor):

@@ -1,5 +1,5 @@
-"""The direct GET path (agent.transfer.rawget): HTTP(S) bodies read by worker threads
-straight from the socket.
+"""The direct GET and small-PUT paths (agent.transfer.rawget): HTTP(S) bodies read by worker
+threads straight from the socket, small bodies sent and answered in one thread call.
 
 Against a real aiohttp server on loopback, over HTTP and over TLS (a self-signed
 certificate made by openssl; a pool that does not trust it refuses it): keep-alive
@@ -8,7 +8,11 @@ chunked answer is handed back untouched (``NotDirect``), an error answer stops a
 and its body says why, a body cut short names how far it got, a 206 carries exactly the
 range asked for, an oversized head is refused. Through a real daemon: a storage whose
 answers come chunked (a fault proxy that re-frames them) still downloads byte-exact, over
-aiohttp; ``download.range_streams`` bounds the ranges in flight (counted at the proxy)."""
+aiohttp; ``download.range_streams`` bounds the ranges in flight (counted at the proxy).
+PUTs: the exact body arrives, on a kept-alive connection that is replaced once the server
+closed it; an error answer comes with its body; a server that does not answer is a stall
+after ``stall_s``; a set ``stop`` ends the wait; an answer sent chunked still gives its
+status. (Through the daemon, every small-file upload test takes this path.)"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent.errors import PeerClosed, RetryableError
+from agent.errors import PeerClosed, RetryableError, Stalled
 from agent.transfer import rawget
 from tests.helpers_e2e import MiB, assert_same_tree, proxied_daemon
 from tests.test_download import download, gets, upload
@@ -38,6 +42,7 @@ class Site:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.tls = tls
         self.ports: list[int] = []
+        self.bodies: list[bytes] = []
         self.loop = asyncio.new_event_loop()
         self.url = ""
         ready = threading.Event()
@@ -53,6 +58,10 @@ class Site:
         app.router.add_get("/forbidden", self.forbidden)
         app.router.add_get("/cut", self.cut)
         app.router.add_get("/big-head", self.big_head)
+        app.router.add_put("/put", self.put)
+        app.router.add_put("/put-expired", self.forbidden)
+        app.router.add_put("/put-silent", self.silent)
+        app.router.add_put("/put-chunked", self.chunked)
         self.runner = web.AppRunner(app, keepalive_timeout=0.3)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.tls)
@@ -94,6 +103,17 @@ class Site:
         assert request.transport is not None
         request.transport.close()
         return resp
+
+    async def put(self, request: web.Request) -> web.StreamResponse:
+        self._seen(request)
+        body = await request.read()
+        self.bodies.append(body)
+        return web.Response(headers={"ETag": '"e1"', "X-Got": request.headers.get("X-Test", "")})
+
+    async def silent(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(3)  # longer than the stall, short enough for the teardown
+        return web.Response()
 
     async def big_head(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=b"z", headers={f"X-Pad-{i}": "p" * 1000 for i in range(70)})
@@ -257,3 +277,44 @@ def test_range_streams_bounds_the_ranges_of_one_component_in_flight(
         stats = proxy.stats()
         assert len(gets(proxy, aid)) == 7
         assert stats["max_inflight"] == streams  # each GET waits 0.4 s: they overlap
+
+
+def test_a_put_sends_the_exact_body_on_a_kept_alive_connection(
+        site: Site, pool: rawget.Pool) -> None:
+    body = memoryview(os.urandom(300_000))
+    for _ in range(2):
+        status, headers, _ = rawget.RawPut(pool, f"{site.url}/put", body,
+                                           {"X-Test": "bound"}).run()
+        assert status == 200 and headers["etag"] == '"e1"' and headers["x-got"] == "bound"
+    assert site.bodies == [bytes(body)] * 2
+    assert site.ports[0] == site.ports[1]  # one connection, kept alive
+    time.sleep(0.8)  # past the server's keep-alive timeout: it closed the connection
+    put = rawget.RawPut(pool, f"{site.url}/put", body[:10])
+    assert put.run()[0] == 200 and not put.reused
+    assert site.bodies[2] == bytes(body[:10]) and site.ports[2] != site.ports[1]
+
+
+def test_a_refused_put_comes_with_the_answer_s_body(site: Site, pool: rawget.Pool) -> None:
+    status, _, body = rawget.RawPut(pool, f"{site.url}/put-expired", memoryview(b"x" * 1000)
+                                    ).run()
+    assert status == 403 and b"Request has expired" in body
+
+
+def test_a_put_nobody_answers_is_a_stall_and_a_stop_ends_it_sooner(
+        site: Site, pool: rawget.Pool) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(Stalled, match="no progress for 1s waiting for the answer"):
+        rawget.RawPut(pool, f"{site.url}/put-silent", memoryview(b"x"), stall_s=1).run()
+    assert 1 <= time.monotonic() - t0 < 1 + 2 * rawget.POLL_S
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(rawget.Cancelled):
+        rawget.RawPut(pool, f"{site.url}/put-silent", memoryview(b"x"), stall_s=60,
+                      stop=stop).run()
+    assert time.monotonic() - t0 < 0.2 + 2 * rawget.POLL_S
+
+
+def test_a_put_answered_chunked_still_gives_its_status(site: Site, pool: rawget.Pool) -> None:
+    put = rawget.RawPut(pool, f"{site.url}/put-chunked", memoryview(b"abc"))
+    assert put.run()[0] == 200 and put.sock is None  # not reused: its body was not read

@@ -67,6 +67,13 @@ def classify_storage_answer(status: int, body: bytes, what: str) -> TransferErro
     return StorageRefused(f"{what}: {detail}", status=status, code=_snake(code) or f"http_{status}")
 
 
+def create_only(headers: dict[str, str] | None) -> bool:
+    """Whether a PUT with these headers is create-only (``If-None-Match: *``): a 412 then
+    says the key is taken, by the very bytes its URL binds (sent by an attempt whose answer
+    was lost)."""
+    return any(k.lower() == "if-none-match" for k in headers or {})
+
+
 def _snake(code: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", code).lower()
 
@@ -158,13 +165,10 @@ async def _put(
     on_bytes: Callable[[int], None],
     what: str,
     content_type: str | None = None,
-    extra_headers: dict[str, str] | None = None,
 ) -> str | None:
     """PUT a body of exactly ``length`` bytes, cut after ``stall_s`` without progress.
-    Returns the ETag as storage returned it; on failure the bytes counted are taken back.
-    ``extra_headers``: those a checksum-bound URL was signed with."""
-    headers = {"Content-Length": str(length), **(extra_headers or {})}
-    create_only = any(k.lower() == "if-none-match" for k in extra_headers or {})
+    Returns the ETag as storage returned it; on failure the bytes counted are taken back."""
+    headers = {"Content-Length": str(length)}
     if content_type:
         headers["Content-Type"] = content_type
     watchdog = Watchdog(stall_s)
@@ -183,11 +187,6 @@ async def _put(
                 url, data=body, headers=headers, skip_auto_headers=("Content-Type",)
             ) as resp:
                 watchdog.kick()
-                if resp.status == 412 and create_only:
-                    # If-None-Match: * and the key is taken: by these very bytes (every URL
-                    # for it binds this digest), sent by an attempt whose answer was lost
-                    await resp.read()
-                    return None
                 if resp.status >= 300:
                     raise classify_storage_answer(resp.status, await resp.read(), what)
                 await resp.read()
@@ -229,28 +228,6 @@ async def put_file(
     etag = await _put(session, url, length, body, stall_s=stall_s, on_bytes=on_bytes,
                       what=what, content_type=content_type)
     return etag, hasher.hexdigest()
-
-
-async def put_bytes(
-    session: aiohttp.ClientSession,
-    url: str,
-    data: bytes | memoryview,
-    *,
-    limits: Limits,
-    stall_s: float,
-    on_bytes: Callable[[int], None],
-    what: str,
-    headers: dict[str, str] | None = None,
-) -> str | None:
-    """PUT a small body already in memory (a file read whole in one thread hop)."""
-
-    async def body(count: Callable[[int], None], watchdog: Watchdog) -> Any:
-        await watchdog.throttled(limits, len(data))
-        count(len(data))
-        return data
-
-    return await _put(session, url, len(data), body, stall_s=stall_s, on_bytes=on_bytes,
-                      what=what, extra_headers=headers)
 
 
 async def hash_file(path: str, size: int, chunk_bytes: int,

@@ -20,10 +20,11 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from agent.errors import PeerClosed, RetryableError
+from agent.errors import PeerClosed, RetryableError, Stalled
 
 POLL_S = 0.5
 """Longest a thread waits for the socket before it hands control back."""
@@ -124,6 +125,8 @@ class Pool:
 class RawGet:
     """One GET of ``url``, advanced by worker-thread calls (never two at once)."""
 
+    method = "GET"
+
     def __init__(self, pool: Pool, url: str, headers: dict[str, str] | None = None,
                  expect_length: int | None = None) -> None:
         u = urlsplit(url)
@@ -133,7 +136,7 @@ class RawGet:
         self.pool = pool
         self.key: Key = (scheme, u.hostname, u.port or (443 if scheme == "https" else 80))
         target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        lines = [f"GET {target} HTTP/1.1", f"Host: {u.netloc.rpartition('@')[2]}",
+        lines = [f"{self.method} {target} HTTP/1.1", f"Host: {u.netloc.rpartition('@')[2]}",
                  "Accept-Encoding: identity", "User-Agent: chronicle-agent"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -233,12 +236,15 @@ class RawGet:
         self.sock, self.reused = self.pool.take(self.key)
         self.sock.settimeout(POLL_S)
         try:
-            self.sock.sendall(self.request)
+            self._transmit(self.sock)
         except OSError:
             if not self.reused:
                 self.close()
                 raise
             self._fresh()
+
+    def _transmit(self, sock: socket.socket) -> None:
+        sock.sendall(self.request)
 
     def _fresh(self) -> socket.socket:
         """A reused connection that the server had closed: once more on a new one."""
@@ -246,7 +252,7 @@ class RawGet:
         sock, _ = self.pool.take(self.key)
         self.sock, self.reused = sock, False
         sock.settimeout(POLL_S)
-        sock.sendall(self.request)
+        self._transmit(sock)
         return sock
 
     def _read_head(self) -> bool:
@@ -309,3 +315,83 @@ class RawGet:
             self.sock = None
         else:
             self.close()
+
+
+class RawPut(RawGet):
+    """One PUT of a body held in memory (a small file read whole), sent and answered in one
+    worker-thread call (:meth:`run`) on a pooled keep-alive connection: no aiohttp request
+    object, no event-loop wake-up and no second thread hop per file. Used for the small
+    components of an upload (agent.transfer.upload), where aiohttp's request path was a
+    quarter of the daemon's CPU per file (docs/tuning.md)."""
+
+    method = "PUT"
+
+    def __init__(self, pool: Pool, url: str, body: memoryview,
+                 headers: dict[str, str] | None = None, stall_s: float = 30.0,
+                 stop: threading.Event | None = None) -> None:
+        super().__init__(pool, url, {"Content-Length": str(len(body)), **(headers or {})})
+        self.body = body
+        self.stall_s = stall_s
+        self.stop = stop
+        self._last = 0.0
+        """When bytes last moved (time.monotonic())."""
+
+    def run(self) -> tuple[int, dict[str, str], bytes]:
+        """Send the request and read the answer: its status, headers and (for an error,
+        bounded) body. Raises :class:`agent.errors.Stalled` after ``stall_s`` without a
+        byte moving either way, :class:`agent.errors.PeerClosed` on a broken connection,
+        ``Cancelled`` once ``stop`` is set."""
+        self._last = time.monotonic()
+        try:
+            try:
+                self._send()
+            except OSError as e:  # the answer may be in already (refused early)
+                if self.sock is None:
+                    raise PeerClosed(f"connection error while sending ({e.strerror or e})"
+                                     ) from None
+            while not self.status:
+                if not self._read_head():
+                    self._quiet("waiting for the answer")
+            if not 200 <= self.status < 300:
+                return self.status, self.headers, self.read_error_body()
+            while not self.done:
+                if not self._body(_discard, self.length - self.received):
+                    self._quiet("reading the answer")
+            return self.status, self.headers, b""
+        except NotDirect:  # chunked or unsized answer: its status is enough; not reused
+            self.close()
+            if not self.status:
+                raise
+            return self.status, self.headers, b""
+        except BaseException:
+            self.close()
+            raise
+
+    def _quiet(self, doing: str) -> None:
+        """A poll without any byte: give up once stalled or stopped."""
+        if self.stop is not None and self.stop.is_set():
+            raise Cancelled()
+        if time.monotonic() - self._last >= self.stall_s:
+            raise Stalled(f"no progress for {self.stall_s:g}s {doing} (stalled)")
+
+    def _transmit(self, sock: socket.socket) -> None:
+        """The head and the body, a ``send`` at a time: a slow uplink is not a stall as
+        long as bytes move."""
+        for data in (memoryview(self.request), self.body):
+            sent = 0
+            while sent < len(data):
+                try:
+                    n = sock.send(data[sent:])
+                except TimeoutError:
+                    self._quiet("sending")
+                    continue
+                sent += n
+                self._last = time.monotonic()
+
+
+class Cancelled(Exception):
+    """A direct request given up because its caller was cancelled."""
+
+
+def _discard(_view: memoryview, _at: int) -> None:
+    pass

@@ -21,11 +21,14 @@ was registered is never finalized: the job fails with ``source_changed``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import math
 import os
 import posixpath
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -61,8 +64,9 @@ from agent.transfer import rawget
 from agent.transfer.groups import one_error
 from agent.transfer.http import (
     Opener,
+    classify_storage_answer,
+    create_only,
     hash_file,
-    put_bytes,
     put_file,
     put_file_sendfile,
     redact,
@@ -141,12 +145,11 @@ def changed_message(comp: ComponentRecord, st: Stat | None) -> str | None:
     return None
 
 
-def read_registered(comp: ComponentRecord, buf: bytearray,
-                    opener: Opener) -> tuple[memoryview, str]:
-    """Read a small component whole into ``buf`` (in a thread), hashed, and make sure the
-    bytes are the registered version's: the open file's size, mtime and inode before and
-    after the read must match what was registered. ``buf`` holds at least one byte more
-    than the registered size, so that a file that grew shows."""
+def read_registered(comp: ComponentRecord, buf: bytearray, opener: Opener) -> memoryview:
+    """Read a small component whole into ``buf`` (in a thread) and make sure the bytes are
+    the registered version's: the open file's size, mtime and inode before and after the
+    read must match what was registered. ``buf`` holds at least one byte more than the
+    registered size, so that a file that grew shows."""
     assert comp.path is not None
     try:
         fd = opener(comp.path)
@@ -167,9 +170,30 @@ def read_registered(comp: ComponentRecord, buf: bytearray,
         if len(data) != comp.size:
             raise SourceChanged(f"{comp.path} changed while it was read ({len(data)} bytes, "
                                 f"registered {comp.size}): not finalizing mixed bytes")
-        return data, hashlib.sha256(data).hexdigest()
+        return data
     finally:
         os.close(fd)
+
+
+def check_declared(comp: ComponentRecord, sha: str) -> str:
+    """``sha`` (of the bytes just read), if it is the digest declared at register."""
+    if comp.sha256 and sha != comp.sha256:  # same size, time and inode
+        raise SourceChanged(
+            f"{comp.path} changed after it was registered as component {comp.name!r} (its "
+            "SHA-256 differs from the one declared): not finalizing mixed bytes")
+    return sha
+
+
+def bound_digest(headers: dict[str, str] | None) -> str | None:
+    """The SHA-256 (hex) that a checksum-bound URL's headers make the store check, if any."""
+    for k, v in (headers or {}).items():
+        if k.lower() == "x-amz-checksum-sha256":
+            try:
+                raw = base64.b64decode(v, validate=True)
+            except (binascii.Error, ValueError):
+                return None
+            return raw.hex() if len(raw) == 32 else None
+    return None
 
 
 def scan_path(path: str, roots: list[str] | None = None) -> list[dict[str, Any]]:
@@ -418,7 +442,8 @@ class AssetUpload:
         def batch(todo: list[ComponentRecord]) -> None:
             with self.e.small_buffers.take() as buf:
                 for c in todo:
-                    digests[c.name] = read_registered(c, buf, self.open_src)[1]
+                    data = read_registered(c, buf, self.open_src)
+                    digests[c.name] = hashlib.sha256(data).hexdigest()
 
         start = 0
         while start < len(small):
@@ -584,27 +609,49 @@ class AssetUpload:
         return sha
 
     async def _put_small(self, comp: ComponentRecord) -> str:
-        """A file of at most one chunk: opened, checked, read, hashed and checked again in
-        one thread hop; the bytes sent are exactly the registered version's. Read only once
-        a transfer slot is held (and again on a retry), into one of a few reused buffers, so
-        that a directory of thousands of small files holds at most ``upload.concurrency``
-        of them in memory whatever the uplink's speed (before, every file read ahead of a
-        free slot stayed in memory: 922 MiB for 1000 × 1 MiB; benchmarks/bench_memory.py)."""
+        """A file of at most one chunk: opened, checked, read, (hashed,) sent and answered
+        in one worker-thread call, on a kept-alive connection (:class:`rawget.RawPut`); the
+        bytes sent are exactly the registered version's. Where the URL binds the declared
+        digest the store checks the bytes and they are not hashed again here; a
+        ``BadDigest`` then re-reads the file to tell a changed source (``source_changed``)
+        from bytes damaged on the way (retried). Read only once a transfer slot is held (and
+        again on a retry), into one of a few reused buffers, so that a directory of
+        thousands of small files holds at most ``upload.concurrency`` of them in memory
+        whatever the uplink's speed (benchmarks/bench_memory.py)."""
         assert comp.path is not None and comp.size is not None
         what = f"PUT {comp.name} of {self.asset_id}"
-        up = self.e.settings.upload
+        stall_s = self.e.settings.upload.stall_timeout_s
+        size = comp.size
+
+        def read_put(buf: bytearray, url: str, headers: dict[str, str] | None, bound: bool,
+                     stop: threading.Event) -> tuple[str, int, bytes]:
+            data = read_registered(comp, buf, self.open_src)
+            sha = comp.sha256 if bound and comp.sha256 else check_declared(
+                comp, hashlib.sha256(data).hexdigest())
+            status, _, body = rawget.RawPut(self.e.pool, url, data, headers, stall_s,
+                                            stop).run()
+            return sha, status, body
+
+        def rehash(buf: bytearray) -> str:
+            return check_declared(comp, hashlib.sha256(
+                read_registered(comp, buf, self.open_src)).hexdigest())
 
         async def put(url: str) -> str:
+            headers = self.plans[comp.name].headers
+            bound = comp.sha256 is not None and bound_digest(headers) == comp.sha256
+            await self.e.limits.throttle(size)
+            stop = threading.Event()
             with self.e.small_buffers.take() as buf:
-                data, sha = await run_bulk(read_registered, comp, buf, self.open_src)
-                if comp.sha256 and sha != comp.sha256:  # same size, time and inode
-                    raise SourceChanged(
-                        f"{comp.path} changed after it was registered as component "
-                        f"{comp.name!r} (its SHA-256 differs from the one declared): not "
-                        "finalizing mixed bytes")
-                await put_bytes(self.e.session, url, data, limits=self.e.limits,
-                                stall_s=up.stall_timeout_s, on_bytes=self._counted, what=what,
-                                headers=self.plans[comp.name].headers)
+                sha, status, body = await run_bulk(read_put, buf, url, headers, bound, stop,
+                                                   stop=stop)
+                if status == 412 and create_only(headers):
+                    pass  # the key is taken by these very bytes: an answer lost before
+                elif status >= 300:
+                    err = classify_storage_answer(status, body, what)
+                    if err.code == "bad_digest" and bound:
+                        await run_bulk(rehash, buf)  # source_changed if it is the file
+                    raise err
+            self._counted(size)
             return sha
 
         return await self._send_single(what, comp, put)
