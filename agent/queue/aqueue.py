@@ -83,9 +83,9 @@ class Batched(Generic[X]):
         self.calls = 0
         """Calls made (for tests and tuning: items per call = items / calls)."""
 
-    async def add(self, item: X) -> None:
+    async def add(self, *items: X) -> None:
         batch = self._open
-        batch.items.append(item)
+        batch.items.extend(items)
         async with self._lock:  # FIFO: whoever finds its batch not yet written writes it
             if not batch.done.is_set():
                 self._open = _Batch()

@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 
 DIGEST_BATCH_BYTES = 8 << 20
 """Small files hashed per worker-thread call before register (API 1.1 ``checksum_urls``)."""
+SMALL_RUN_FILES = 32
+"""Small files PUT one after another in one worker-thread call (and at most
+``upload.chunk_bytes`` of them)."""
 
 
 def url_use_by(expires_at: str | None, now: float | None = None) -> float:
@@ -506,11 +509,14 @@ class AssetUpload:
         missing = [c.name for c in todo if c.name not in self.plans]
         if missing:
             await self.refresh(missing)
-        pending = iter(todo)
+        pending = iter(self._turns(todo))
 
         async def take_turns() -> None:
-            for comp in pending:  # one shared iterator: each component is taken once
-                await self.upload_component(comp)
+            for turn in pending:  # one shared iterator: each component is taken once
+                if isinstance(turn, list):
+                    await self._put_smalls(turn)
+                else:
+                    await self.upload_component(turn)
 
         # A few more tasks than transfer slots, not one per component: 10,000 files used to
         # be 10,000 waiting tasks (about 100 MiB of peak RSS, and CPU to schedule them).
@@ -519,7 +525,32 @@ class AssetUpload:
                 for _ in range(min(len(todo), 2 * self.e.settings.upload.concurrency)):
                     tg.start_soon(take_turns)
 
-    async def upload_component(self, comp: ComponentRecord) -> None:
+    def _turns(self, todo: list[ComponentRecord]) -> Iterator[ComponentRecord |
+                                                               list[ComponentRecord]]:
+        """The components in turns: runs of small files (a single URL each) together, at
+        most :data:`SMALL_RUN_FILES` of them and ``upload.chunk_bytes`` in all, each run
+        sent in one worker-thread call (:meth:`_put_smalls`); every other component alone."""
+        cap = self.e.settings.upload.chunk_bytes
+        run: list[ComponentRecord] = []
+        size = 0
+        for c in todo:
+            plan = self.plans.get(c.name)
+            if (plan is None or plan.part_size is not None or plan.url is None
+                    or c.size is None or c.size > cap or not c.path):
+                yield c
+                continue
+            if run and (len(run) >= SMALL_RUN_FILES or size + c.size > cap):
+                yield run
+                run, size = [], 0
+            run.append(c)
+            size += c.size
+        if run:
+            yield run
+
+    async def upload_component(self, comp: ComponentRecord,
+                               prior: Exception | None = None) -> None:
+        """``prior``: how a first attempt at this (small) component failed (in a run of
+        them, :meth:`_put_smalls`): it counts as the first of the retry policy's."""
         if comp.uploaded:
             return
         assert comp.path is not None and comp.size is not None
@@ -529,7 +560,7 @@ class AssetUpload:
             await self.refresh([comp.name])
             plan = self.plans[comp.name]
         if plan.part_size is None and comp.size <= self.e.settings.upload.chunk_bytes:
-            sha = await self._put_small(comp)  # checks the source itself, around its read
+            sha = await self._put_small(comp, prior)  # checks the source around its read
         else:
             await self._check_unchanged(comp)
             if plan.part_size is None:
@@ -558,11 +589,24 @@ class AssetUpload:
     async def _send(
         self, what: str, comp: ComponentRecord, url_of: Callable[[], str],
         expired: Callable[[str], Awaitable[None]], put: Callable[[str], Any],
+        prior: Exception | None = None,
     ) -> Any:
         """One request with retries: a slot from the global limit per attempt, fresh URLs
         after an expired-URL 403, and no retry at all once the source file has changed
-        (a vanished file looks like a broken connection from inside the HTTP client)."""
+        (a vanished file looks like a broken connection from inside the HTTP client).
+        ``prior``: the failure of an attempt made elsewhere, taken as the first one."""
+        first = [prior]
+
         async def attempt() -> Any:
+            if first[0] is not None:
+                err, first[0] = first[0], None
+                if isinstance(err, UrlExpired):  # as below: fresh URLs, not an attempt
+                    log.info("%s: %s; asking for fresh URLs", what, err.message)
+                    self.e.metrics.retry("url_expired")
+                    self.use_by[url_of()] = 0.0
+                else:
+                    await self._check_unchanged(comp)
+                    raise err
             async with self.e.limits.slots:
                 for _ in range(4):
                     url = url_of()
@@ -591,7 +635,8 @@ class AssetUpload:
         self.e.metrics.sent(n)
 
     async def _send_single(
-        self, what: str, comp: ComponentRecord, put: Callable[[str], Awaitable[str | None]]
+        self, what: str, comp: ComponentRecord, put: Callable[[str], Awaitable[str | None]],
+        prior: Exception | None = None,
     ) -> str:
         """A component's one PUT, to its single URL (refreshed when it expires)."""
 
@@ -605,32 +650,88 @@ class AssetUpload:
                 if self.plans[comp.name].url == stale:  # not refreshed by someone else
                     await self.refresh([comp.name])
 
-        sha: str = await self._send(what, comp, url_of, expired, put)
+        sha: str = await self._send(what, comp, url_of, expired, put, prior)
         return sha
 
-    async def _put_small(self, comp: ComponentRecord) -> str:
-        """A file of at most one chunk: opened, checked, read, (hashed,) sent and answered
-        in one worker-thread call, on a kept-alive connection (:class:`rawget.RawPut`); the
-        bytes sent are exactly the registered version's. Where the URL binds the declared
-        digest the store checks the bytes and they are not hashed again here; a
-        ``BadDigest`` then re-reads the file to tell a changed source (``source_changed``)
-        from bytes damaged on the way (retried). Read only once a transfer slot is held (and
-        again on a retry), into one of a few reused buffers, so that a directory of
-        thousands of small files holds at most ``upload.concurrency`` of them in memory
-        whatever the uplink's speed (benchmarks/bench_memory.py)."""
+    def _read_put(self, comp: ComponentRecord, buf: bytearray, url: str,
+                  headers: dict[str, str] | None, stop: threading.Event
+                  ) -> tuple[str, int, bytes]:
+        """In a worker thread: read a small component (checked against its registered
+        version), hash it unless its URL binds the declared digest (the store checks those
+        bytes), PUT it on a kept-alive connection; its SHA-256 and storage's answer."""
+        data = read_registered(comp, buf, self.open_src)
+        sha = comp.sha256 if comp.sha256 and bound_digest(headers) == comp.sha256 else \
+            check_declared(comp, hashlib.sha256(data).hexdigest())
+        status, _, body = rawget.RawPut(self.e.pool, url, data, headers,
+                                        self.e.settings.upload.stall_timeout_s, stop).run()
+        return sha, status, body
+
+    def _answer_error(self, comp: ComponentRecord, status: int, body: bytes,
+                      headers: dict[str, str] | None) -> TransferError | None:
+        """None if storage took the bytes, else why not."""
+        if status < 300 or (status == 412 and create_only(headers)):
+            return None  # 412: the key is taken by these very bytes, an answer lost before
+        return classify_storage_answer(status, body, f"PUT {comp.name} of {self.asset_id}")
+
+    async def _put_smalls(self, run: list[ComponentRecord]) -> None:
+        """A run of small components in one worker-thread call under one transfer slot,
+        one PUT after another: the event loop's work is per run, not per file. A component
+        whose PUT fails, or whose URL is about to expire, goes the one-at-a-time way
+        (:meth:`upload_component`: retries, fresh URLs, the source re-checked)."""
+        now = time.time()
+        ready = [c for c in run if now < self.use_by.get(self.plans[c.name].url or "", math.inf)]
+        again: list[tuple[ComponentRecord, Exception | None]] = [
+            (c, None) for c in run if c not in ready]
+        stop = threading.Event()
+
+        def put_all(buf: bytearray) -> list[tuple[ComponentRecord, str | None, Exception | None]]:
+            out: list[tuple[ComponentRecord, str | None, Exception | None]] = []
+            for c in ready:
+                if stop.is_set():
+                    break
+                plan = self.plans[c.name]
+                assert plan.url is not None
+                try:
+                    sha, status, body = self._read_put(c, buf, plan.url, plan.headers, stop)
+                except rawget.Cancelled:
+                    break
+                except Exception as e:  # noqa: BLE001 - handed to the one-at-a-time way
+                    out.append((c, None, e))
+                    continue
+                err = self._answer_error(c, status, body, plan.headers)
+                out.append((c, None if err else sha, err))
+            return out
+
+        if ready:
+            await self.e.limits.throttle(sum(c.size or 0 for c in ready))
+            async with self.e.limits.slots:
+                with self.e.small_buffers.take() as buf:
+                    results = await run_bulk(put_all, buf, stop=stop)
+            sent = [(c, sha) for c, sha, _ in results if sha is not None]
+            if sent:
+                self._counted(sum(c.size or 0 for c, _ in sent))
+                await self.e.uploaded.add(*((self.asset.asset_key, c.name, sha)
+                                            for c, sha in sent))
+                for c, sha in sent:
+                    c.uploaded, c.sha256 = True, sha
+                    self.e.component_done()
+            again += [(c, err) for c, _, err in results if err is not None]
+        for c, err in again:  # (a cancelled call raised above: nothing is left out)
+            await self.upload_component(c, err)
+
+    async def _put_small(self, comp: ComponentRecord, prior: Exception | None = None) -> str:
+        """A file of at most one chunk, on its own: opened, checked, read, (hashed,) sent and
+        answered in one worker-thread call, on a kept-alive connection
+        (:class:`rawget.RawPut`); the bytes sent are exactly the registered version's. Where
+        the URL binds the declared digest the store checks the bytes and they are not hashed
+        again here; a ``BadDigest`` then re-reads the file to tell a changed source
+        (``source_changed``) from bytes damaged on the way (retried). Read only once a
+        transfer slot is held (and again on a retry), into one of a few reused buffers, so
+        that a directory of thousands of small files holds at most ``upload.concurrency`` of
+        them in memory whatever the uplink's speed (benchmarks/bench_memory.py)."""
         assert comp.path is not None and comp.size is not None
         what = f"PUT {comp.name} of {self.asset_id}"
-        stall_s = self.e.settings.upload.stall_timeout_s
         size = comp.size
-
-        def read_put(buf: bytearray, url: str, headers: dict[str, str] | None, bound: bool,
-                     stop: threading.Event) -> tuple[str, int, bytes]:
-            data = read_registered(comp, buf, self.open_src)
-            sha = comp.sha256 if bound and comp.sha256 else check_declared(
-                comp, hashlib.sha256(data).hexdigest())
-            status, _, body = rawget.RawPut(self.e.pool, url, data, headers, stall_s,
-                                            stop).run()
-            return sha, status, body
 
         def rehash(buf: bytearray) -> str:
             return check_declared(comp, hashlib.sha256(
@@ -638,23 +739,20 @@ class AssetUpload:
 
         async def put(url: str) -> str:
             headers = self.plans[comp.name].headers
-            bound = comp.sha256 is not None and bound_digest(headers) == comp.sha256
             await self.e.limits.throttle(size)
             stop = threading.Event()
             with self.e.small_buffers.take() as buf:
-                sha, status, body = await run_bulk(read_put, buf, url, headers, bound, stop,
-                                                   stop=stop)
-                if status == 412 and create_only(headers):
-                    pass  # the key is taken by these very bytes: an answer lost before
-                elif status >= 300:
-                    err = classify_storage_answer(status, body, what)
-                    if err.code == "bad_digest" and bound:
+                sha, status, body = await run_bulk(self._read_put, comp, buf, url, headers,
+                                                   stop, stop=stop)
+                err = self._answer_error(comp, status, body, headers)
+                if err is not None:
+                    if err.code == "bad_digest" and bound_digest(headers):
                         await run_bulk(rehash, buf)  # source_changed if it is the file
                     raise err
             self._counted(size)
             return sha
 
-        return await self._send_single(what, comp, put)
+        return await self._send_single(what, comp, put, prior)
 
     async def _put_single(self, comp: ComponentRecord) -> str:
         assert comp.path is not None and comp.size is not None
