@@ -63,6 +63,36 @@ async def test_list_parts_pages_past_1000(s3_env: Seaweed, tmp_path: Path) -> No
         pool.shutdown()
 
 
+async def test_sizes_lists_pages_past_1000_and_odd_names(s3_env: Seaweed,
+                                                         tmp_path: Path) -> None:
+    """Finalize's one listing per asset (checksum-bound components), read without botocore:
+    every page, names as stored, nothing outside the prefix, absent keys absent."""
+    from agent.server.signing import Signer
+
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+    storage = open_storage(s3_env.storage_url(s3_env.bucket), tmp_path, Signer(b"k" * 32), pool)
+    await storage.start("http://unused")
+    try:
+        keys = [f"lst/a/k{i:04d}" for i in range(1003)] + ["lst/a/sp ace+plus/ü & <x>.bin"]
+        sem = asyncio.Semaphore(16)
+        async with aiohttp.ClientSession() as session:
+
+            async def put(key: str, size: int) -> None:
+                url = await storage.presign_put(key, 600)
+                async with sem, session.put(url, data=b"x" * size,
+                                            skip_auto_headers=("Content-Type",)) as r:
+                    assert r.status == 200, await r.text()
+
+            await asyncio.gather(*(put(k, i % 7) for i, k in enumerate(keys)),
+                                 put("lst/b/k0001", 3), put("lst/a", 5))
+        wanted = [*keys, "lst/b/k0001", "lst/a/missing"]
+        found = await storage.sizes("lst/a/", wanted)
+        assert found == {k: i % 7 for i, k in enumerate(keys)}
+    finally:
+        await storage.close()
+        pool.shutdown()
+
+
 async def test_the_bucket_is_created_and_reused(s3_env: Seaweed, tmp_path: Path) -> None:
     url = s3_env.storage_url("t-created-here")
     async with running_server(tmp_path / "a", storage=url) as s:

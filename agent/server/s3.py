@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
+from xml.etree import ElementTree
 
 import aiohttp
 import botocore.config
@@ -300,18 +301,30 @@ class S3Storage:
         return ObjectInfo(len(data), digest)
 
     async def sizes(self, prefix: str, keys: Sequence[str]) -> dict[str, int]:
+        """ListObjectsV2, a page of 1000 keys per request, read with ElementTree: botocore's
+        parser spent about 0.1 CPU-s per 1000 keys on their timestamps alone."""
         wanted, found = set(keys), {}
         token: str | None = None
         while True:
-            params: dict[str, Any] = {"Prefix": prefix, "MaxKeys": 1000}
+            params = {"list-type": "2", "prefix": prefix, "max-keys": "1000"}
             if token:
-                params["ContinuationToken"] = token
-            r = await self._s3("list_objects_v2", **params)
-            for o in r.get("Contents", []):
-                if o["Key"] in wanted:
-                    found[o["Key"]] = int(o["Size"])
-            token = r.get("NextContinuationToken")
-            if not r.get("IsTruncated") or not token:
+                params["continuation-token"] = token
+            status, body = await self._signed("GET", "", {}, f"listing {prefix!r}",
+                                              params=params)
+            try:
+                root = ElementTree.fromstring(body)
+            except ElementTree.ParseError:
+                root = None
+            if status != 200 or root is None or not root.tag.endswith("ListBucketResult"):
+                raise StorageError(f"{self.description}: listing {prefix!r}: HTTP {status} "
+                                   f"{body[:300].decode(errors='replace')}")
+            ns = root.tag[:-len("ListBucketResult")]  # "{http://s3...}" or ""
+            for o in root.iter(f"{ns}Contents"):
+                key = o.findtext(f"{ns}Key")
+                if key in wanted:
+                    found[key] = int(o.findtext(f"{ns}Size") or 0)
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if root.findtext(f"{ns}IsTruncated") != "true" or not token:
                 return found
 
     async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo | None:
@@ -328,14 +341,15 @@ class S3Storage:
         return ObjectInfo(size) if size is not None else await self.head(dst)
 
     async def _signed(self, method: str, key: str, headers: dict[str, str], what: str,
-                      data: bytes = b"") -> tuple[int, bytes]:
+                      data: bytes = b"", params: dict[str, str] | None = None
+                      ) -> tuple[int, bytes]:
         """One request of the server's own, presigned and sent over aiohttp, retried as
         botocore's standard mode would: up to 5 attempts with jittered backoff after a
         connection error, a 5xx, SlowDown or RequestTimeout (signed afresh each time)."""
         assert self._http is not None
         delay = 0.1
         for attempt in range(1, SIGNED_ATTEMPTS + 1):
-            url = self._presign(method, key, 600, headers=headers)
+            url = self._presign(method, key, 600, params, headers=headers)
             try:
                 async with self._http.request(method, url, data=data, headers=headers,
                                               skip_auto_headers=("Content-Type",)) as r:
