@@ -1,7 +1,8 @@
 """The daemon's carrier for the Chronicle contract: aiohttp, with retries.
 
-Only calls that are safe to repeat are retried: reads, and mutating calls that carry an
-``Idempotency-Key`` (the server replays the first result). Chronicle's own 5xx and
+Only calls that are safe to repeat are retried: reads, mutating calls that carry an
+``Idempotency-Key`` (the server replays the first result), and those that change nothing
+when repeated (``Call.repeatable``). Chronicle's own 5xx and
 connection errors are retryable; its 4xx answers become :class:`ChronicleError`.
 """
 
@@ -37,7 +38,7 @@ class AsyncChronicle:
 
     async def send(self, call: Call[T], *, token: str | None = None) -> T:
         """Send one call; ``token`` overrides the daemon's own (a caller's credentials)."""
-        if call.mutating and call.idempotency_key is None:
+        if call.mutating and call.idempotency_key is None and not call.repeatable:
             return await self._once(call, token)
         return await self.retry.run(lambda: self._once(call, token), f"{call.method} {call.path}")
 

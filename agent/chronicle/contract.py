@@ -30,6 +30,9 @@ class Call(Generic[T]):
     query: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     ok: tuple[int, ...] = (200, 201)
+    repeatable: bool = False
+    """A mutating call that is harmless to repeat without an Idempotency-Key (the same
+    declaration twice changes nothing): retried like a read."""
 
     @property
     def mutating(self) -> bool:
@@ -167,12 +170,17 @@ def register(
     output_of: str | None = None,
     visibility: str | None = None,
     idempotency_key: str | None = None,
+    key: str | None = None,
 ) -> Call[m.UploadUrls]:
+    """``key`` (API 1.1 ``asset_keys``, with ``output_of``): join the pending asset that
+    has it, or create it."""
     body: dict[str, Any] = {"asset_type": asset_type, "components": _components(components)}
     if output_of:
         body["output_of"] = output_of
     if visibility:
         body["visibility"] = visibility
+    if key is not None:
+        body["key"] = key
     return Call(
         "POST", "/v1/assets", m.UploadUrls.model_validate, body, idempotency_key=idempotency_key
     )
@@ -189,6 +197,14 @@ def upload_urls(
     return Call(
         "POST", f"/v1/assets/{_p(asset_id)}/upload-urls", m.UploadUrls.model_validate, body
     )
+
+
+def add_components(
+    asset_id: str, components: Iterable[str | m.ComponentDecl | Mapping[str, Any]],
+) -> Call[m.UploadUrls]:
+    """API 1.1 ``asset_keys``: declare more components of a pending asset; their URLs."""
+    return Call("POST", f"/v1/assets/{_p(asset_id)}/components", m.UploadUrls.model_validate,
+                {"components": _components(components)}, repeatable=True)
 
 
 def list_uploads(asset_id: str) -> Call[m.Uploads]:

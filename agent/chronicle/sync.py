@@ -26,7 +26,7 @@ class SyncChronicle:
         return f"SyncChronicle({self.base_url!r})"
 
     def send(self, call: Call[T]) -> T:
-        retry_ok = not call.mutating or call.idempotency_key is not None
+        retry_ok = not call.mutating or call.idempotency_key is not None or call.repeatable
         n = 0
         while True:
             n += 1

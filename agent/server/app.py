@@ -121,7 +121,7 @@ class Core:
     @property
     def features(self) -> list[str]:
         """The API 1.1 features this server offers (``GET /v1/health``)."""
-        return ["checksum_urls"] if self.config.checksum_urls else []
+        return (["checksum_urls"] if self.config.checksum_urls else []) + ["asset_keys"]
 
     def expires_at(self) -> str:
         at = datetime.now(UTC) + timedelta(seconds=self.config.url_expiry_s)

@@ -16,9 +16,10 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from . import db
@@ -205,6 +206,21 @@ def parse_components(value: Any, *, field: str = "components") -> list[Component
             f"{both[0]!r} is also a component (a name cannot be both a file and a directory)"
         )
     return specs
+
+
+MAX_ASSET_KEY = 256
+
+
+def parse_asset_key(body: dict[str, Any], output_of: str | None) -> str | None:
+    """API 1.1 ``asset_keys``: at most 256 printable characters, with ``output_of``."""
+    key = opt_str(body, "key")
+    if key is None:
+        return None
+    if not key or len(key) > MAX_ASSET_KEY or not key.isprintable():
+        raise invalid(f"key must be 1 to {MAX_ASSET_KEY} printable characters")
+    if not output_of:
+        raise invalid("key needs output_of: uploaders join an asset by run, type and key")
+    return key
 
 
 def parse_asset_type(body: dict[str, Any]) -> str:
@@ -414,10 +430,27 @@ class Assets:
     async def register(self, ctx: Ctx) -> Reply:
         asset_type = parse_asset_type(ctx.body)
         output_of = opt_str(ctx.body, "output_of") or None  # "" is no run
+        key = parse_asset_key(ctx.body, output_of)
         visibility, organization_id = _placement(ctx)
         specs = parse_components(ctx.body.get("components"))
         if output_of:
             await self.core.db.read(require_run_for_output, ctx.principal, output_of)
+        if key is None:
+            return await self._create(ctx, asset_type, output_of, visibility, organization_id,
+                                      specs, None)
+        assert output_of is not None
+        # API 1.1 asset_keys: the first call creates the asset, later ones join it
+        async with self.core.asset_locks.hold(f"key\0{output_of}\0{asset_type}\0{key}"):
+            found = await self.core.db.read(db.find_keyed, output_of, asset_type, key)
+            if found is None:
+                return await self._create(ctx, asset_type, output_of, visibility,
+                                          organization_id, specs, key)
+            async with self.core.asset_locks.hold(found):
+                return await self._join(ctx, found, specs)
+
+    async def _create(self, ctx: Ctx, asset_type: str, output_of: str | None, visibility: str,
+                      organization_id: str | None, specs: list[ComponentSpec],
+                      key: str | None) -> Reply:
         asset_id = new_id("ast")
         comps = [
             ComponentRow(s.name, f"assets/{asset_id}/{s.name}", i, content_type=s.content_type)
@@ -438,6 +471,7 @@ class Assets:
                 output_of=output_of,
                 organization_id=organization_id,
                 content_type=opt_str(ctx.body, "content_type"),
+                asset_key=key,
                 components=comps,
             )
             body = {
@@ -452,6 +486,78 @@ class Assets:
                     require_run_for_output(conn, ctx.principal, output_of)
                 db.insert_asset(conn, asset)
                 return Reply(201, body)
+
+            return await ctx.commit(txn)
+        except BaseException:
+            if not ctx.committed:
+                await self._abort_quietly(planned)
+            raise
+
+    async def add_components(self, ctx: Ctx) -> Reply:
+        """``POST /v1/assets/{id}/components`` (API 1.1 ``asset_keys``)."""
+        asset_id = ctx.arg("asset_id")
+        specs = parse_components(ctx.body.get("components"))
+        async with self.core.asset_locks.hold(asset_id):
+            return await self._join(ctx, asset_id, specs)
+
+    async def _join(self, ctx: Ctx, asset_id: str, specs: list[ComponentSpec]) -> Reply:
+        """Add ``specs`` to the pending asset (its lock held): 200 with the URLs of those
+        components only. One already declared with another size or digest is a 409
+        ``conflict``; declared the same way again, it is harmless (its URLs come again)."""
+        asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "write")
+        if asset.state != "pending":
+            raise conflict(f"asset {asset_id} is {asset.state}", code="asset_not_pending")
+        by_name = {c.name: c for c in asset.components}
+        new: list[ComponentSpec] = []
+        for s in specs:
+            c = by_name.get(s.name)
+            if c is None:
+                new.append(s)
+            elif (s.size is not None and c.size is not None and s.size != c.size) or (
+                    s.sha256 and c.bound_sha256 and s.sha256 != c.bound_sha256):
+                raise conflict(f"asset {asset_id} already has component {s.name!r} with "
+                               "another size or digest")
+        if len(by_name) + len(new) > MAX_COMPONENTS:
+            raise invalid(f"components: at most {MAX_COMPONENTS} components per asset")
+        both = clash([*by_name, *(s.name for s in new)])
+        if both:
+            raise invalid(f"components: component {both[1]!r} needs {both[0]!r} to be a "
+                          f"directory, but {both[0]!r} is also a component")
+        start = max((c.position for c in asset.components), default=-1) + 1
+        added = [ComponentRow(s.name, f"assets/{asset_id}/{s.name}", start + i,
+                              content_type=s.content_type) for i, s in enumerate(new)]
+        sized = [(i, s.size) for i, s in enumerate(new) if s.size is not None]
+        planned = await self._plan_many([(added[i], size) for i, size in sized])
+        for (i, _), c in zip(sized, planned, strict=True):
+            added[i] = self._bind(c, new[i].sha256)
+        by_name.update({c.name: c for c in added})
+        return await self._commit_urls(ctx, asset_id, [by_name[s.name] for s in specs],
+                                       partial(db.insert_components, asset_id=asset_id,
+                                               comps=added), planned)
+
+    async def _commit_urls(
+        self, ctx: Ctx, asset_id: str, comps: list[ComponentRow],
+        save: Callable[[sqlite3.Connection], None], planned: list[ComponentRow],
+        parts: dict[str, list[int]] | None = None,
+    ) -> Reply:
+        """200 with the URLs of ``comps``, once ``save`` has recorded the change in the
+        transaction that finds the asset still pending; the multipart uploads just created
+        for ``planned`` are aborted if it does not commit."""
+        try:
+            body = {
+                "asset_id": asset_id,
+                "state": "pending",
+                "expires_at": self.core.expires_at(),
+                **(await self._urls(comps, parts)),
+            }
+
+            def txn(conn: sqlite3.Connection) -> Reply:
+                current = require_asset(conn, ctx.principal, asset_id, "write")
+                if current.state != "pending":
+                    raise conflict(f"asset {asset_id} is {current.state}",
+                                   code="asset_not_pending")
+                save(conn)
+                return Reply(200, body)
 
             return await ctx.commit(txn)
         except BaseException:
@@ -550,33 +656,19 @@ class Assets:
             replan += [(c, c.size) for c in await self._lost_uploads(kept) if c.size is not None]
             planned = await self._plan_many(replan)
             replaced = [old for old, _ in replan]
+            by_name.update({c.name: c for c in planned})
+            selected = [by_name[n] for n in names]
             try:
-                by_name.update({c.name: c for c in planned})
-                selected = [by_name[n] for n in names]
                 self._check_parts_filter(selected, parts_filter)
-                body = {
-                    "asset_id": asset_id,
-                    "state": "pending",
-                    "expires_at": self.core.expires_at(),
-                    **(await self._urls(selected, parts_filter)),
-                }
-
-                def txn(conn: sqlite3.Connection) -> Reply:
-                    current = require_asset(conn, ctx.principal, asset_id, "write")
-                    if current.state != "pending":
-                        raise conflict(
-                            f"asset {asset_id} is {current.state}", code="asset_not_pending"
-                        )
-                    replanned = {c.name for c in planned}
-                    db.save_components(conn, asset_id, planned + [
-                        by_name[n] for n in unbound if n not in replanned])
-                    return Reply(200, body)
-
-                reply = await ctx.commit(txn)
             except BaseException:
-                if not ctx.committed:
-                    await self._abort_quietly(planned)
+                await self._abort_quietly(planned)
                 raise
+            replanned = {c.name for c in planned}
+            changed = planned + [by_name[n] for n in unbound if n not in replanned]
+            reply = await self._commit_urls(
+                ctx, asset_id, selected,
+                partial(db.save_components, asset_id=asset_id, comps=changed), planned,
+                parts_filter)
             await self._abort_quietly(replaced)  # the old plans: their parts are now garbage
             return reply
 
@@ -953,6 +1045,7 @@ def routes(core: Core) -> list[tuple[str, str, Handler, bool]]:
         ("GET", "/v1/assets/{asset_id}", a.get, False),
         ("DELETE", "/v1/assets/{asset_id}", a.delete, True),
         ("POST", "/v1/assets/{asset_id}/upload-urls", a.upload_urls, True),
+        ("POST", "/v1/assets/{asset_id}/components", a.add_components, True),
         ("GET", "/v1/assets/{asset_id}/uploads", a.uploads, False),
         ("POST", "/v1/assets/{asset_id}/finalize", a.finalize, True),
         ("POST", "/v1/assets/{asset_id}/abandon", a.abandon, True),

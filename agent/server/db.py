@@ -23,7 +23,7 @@ from agent.statedir import private_sqlite
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -48,9 +48,12 @@ CREATE TABLE IF NOT EXISTS assets (
     invalidated_at      TEXT,
     abandoned_reason    TEXT,
     created_at          TEXT NOT NULL,
-    finalized_at        TEXT
+    finalized_at        TEXT,
+    asset_key           TEXT            -- API 1.1 asset_keys: uploaders join by it
 );
 CREATE INDEX IF NOT EXISTS assets_by_run ON assets(output_of, state);
+CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON assets(output_of, asset_type, asset_key)
+    WHERE asset_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS components (
     asset_id        TEXT NOT NULL REFERENCES assets(asset_id) ON DELETE CASCADE,
     position        INTEGER NOT NULL,
@@ -176,6 +179,8 @@ class AssetRow:
     invalidated_at: str | None = None
     abandoned_reason: str | None = None
     finalized_at: str | None = None
+    asset_key: str | None = None
+    """API 1.1 ``asset_keys``: the key further uploaders join this asset by."""
     components: list[ComponentRow] = field(default_factory=list)
     grants: list[tuple[str, str]] = field(default_factory=list)
 
@@ -197,13 +202,14 @@ class AssetRow:
             "components": [c.to_json() for c in self.components],
             "created_at": self.created_at,
             "finalized_at": self.finalized_at,
+            **({"key": self.asset_key} if self.asset_key is not None else {}),
         }
 
 
 _ASSET_COLS = (
     "asset_id, asset_type, state, created_by, visibility, created_at, output_of, "
     "organization_id, content_type, deprecated_reason, deprecated_at, invalidated_reason, "
-    "invalidated_at, abandoned_reason, finalized_at"
+    "invalidated_at, abandoned_reason, finalized_at, asset_key"
 )
 _COMP_COLS = (
     "name, object_key, position, size, sha256, sha256_verified, content_type, upload_id, "
@@ -251,10 +257,13 @@ class Database:
             conn.executescript(
                 f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
-        elif version == 1:  # version 2 adds components.bound_sha256
+        elif version in (1, 2):  # 2 adds components.bound_sha256, 3 assets.asset_key
+            steps = ["ALTER TABLE components ADD COLUMN bound_sha256 TEXT;"] if version == 1 else []
+            steps += ["ALTER TABLE assets ADD COLUMN asset_key TEXT;",
+                      "CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON "
+                      "assets(output_of, asset_type, asset_key) WHERE asset_key IS NOT NULL;"]
             conn.executescript(
-                "BEGIN IMMEDIATE; ALTER TABLE components ADD COLUMN bound_sha256 TEXT; "
-                f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                f"BEGIN IMMEDIATE; {' '.join(steps)} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
         elif version != SCHEMA_VERSION:
             conn.close()
@@ -418,7 +427,7 @@ def list_assets(
 
 def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
     conn.execute(
-        f"INSERT INTO assets ({_ASSET_COLS}) VALUES ({', '.join('?' * 15)})",
+        f"INSERT INTO assets ({_ASSET_COLS}) VALUES ({', '.join('?' * 16)})",
         (
             asset.asset_id,
             asset.asset_type,
@@ -435,13 +444,19 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
             asset.invalidated_at,
             asset.abandoned_reason,
             asset.finalized_at,
+            asset.asset_key,
         ),
     )
+    insert_components(conn, asset.asset_id, asset.components)
+
+
+def insert_components(conn: sqlite3.Connection, asset_id: str,
+                      comps: Iterable[ComponentRow]) -> None:
     conn.executemany(
         f"INSERT INTO components (asset_id, {_COMP_COLS}) VALUES ({', '.join('?' * 12)})",
         [
             (
-                asset.asset_id,
+                asset_id,
                 c.name,
                 c.object_key,
                 c.position,
@@ -454,9 +469,17 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
                 int(c.uploaded),
                 c.bound_sha256,
             )
-            for c in asset.components
+            for c in comps
         ],
     )
+
+
+def find_keyed(conn: sqlite3.Connection, output_of: str, asset_type: str,
+               key: str) -> str | None:
+    """The asset that uploaders of (``output_of``, ``asset_type``, ``key``) join."""
+    row = conn.execute("SELECT asset_id FROM assets WHERE output_of=? AND asset_type=? AND "
+                       "asset_key=?", (output_of, asset_type, key)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def save_components(conn: sqlite3.Connection, asset_id: str, comps: Iterable[ComponentRow]) -> None:

@@ -162,7 +162,7 @@ class Op:
 
 HEALTH = _obj({"status": {"const": "ok"}, "url": {"type": "string"},
                "version": {"type": "string"}, "storage": {"type": "string"},
-               "features": {"type": "array", "items": {"enum": ["checksum_urls"]},
+               "features": {"type": "array", "items": {"enum": ["checksum_urls", "asset_keys"]},
                             "description": "API 1.1 features this server offers"}})
 
 OPERATIONS: dict[tuple[str, str], Op] = {
@@ -191,9 +191,13 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "link an output asset", 200, m.Variation, _obj({"asset_id": NAME})),
     # assets
     ("POST", "/v1/assets"): Op(
-        "register an asset: its upload URLs (presigned flow)", 201, m.UploadUrls,
+        "register an asset: its upload URLs (presigned flow); with a key (API 1.1 "
+        "asset_keys, needs output_of) a later call for the same run, type and key joins the "
+        "pending asset (200, URLs of its components only)", 201, m.UploadUrls,
         _obj({"asset_type": ASSET_TYPE, "components": COMPONENTS},
-             {"output_of": TEXT, "content_type": TEXT, **PLACEMENT})),
+             {"output_of": TEXT, "content_type": TEXT,
+              "key": {"type": "string", "minLength": 1, "maxLength": 256,
+                      "pattern": NO_CONTROL}, **PLACEMENT})),
     ("GET", "/v1/assets"): Op(
         "the assets the caller may read", 200, m.AssetList,
         query=(_query("output_of", {"type": "string"}), _query("state", _enum(STATES)),
@@ -215,6 +219,10 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         _obj(optional={"components": _maybe(COMPONENTS),
                        "parts": _maybe({"type": "object", "additionalProperties": {
                            "type": "array", "items": PART_NUMBER}})})),
+    ("POST", "/v1/assets/{asset_id}/components"): Op(
+        "add components to a pending asset (API 1.1 asset_keys): URLs of these components; "
+        "one declared before with another size or digest is a 409 conflict", 200,
+        m.UploadUrls, _obj({"components": COMPONENTS})),
     ("GET", "/v1/assets/{asset_id}/uploads"): Op("what storage holds of an asset", 200,
                                                  m.Uploads),
     ("POST", "/v1/assets/{asset_id}/finalize"): Op(
