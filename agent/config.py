@@ -239,6 +239,11 @@ class ServerSection(_Section):
     """Offer checksum-bound upload URLs (API 1.1 ``checksum_urls``): a single-PUT component
     registered with its SHA-256 gets a URL with the digest signed in, so the store refuses
     other bytes and finalize reads nothing back. Off: the version-1 behaviour."""
+    asset_keys: bool = True
+    """Offer assets built by several uploaders (API 1.1 ``asset_keys``): a register with a
+    ``key`` joins the pending asset that has it, and ``POST /v1/assets/{id}/components`` adds
+    components (the daemon uses it to declare a directory's small files while the first
+    ones upload). Off: neither is offered."""
     inline_max_bytes: int = Field(default=8 * MiB, ge=1)
     max_connections: int = Field(default=256, ge=1)
     """Concurrent connections to the server's TCP port; more are closed at once (at most
@@ -263,7 +268,8 @@ class LogSection(_Section):
 class DebugSection(_Section):
     crash_point: str = ""
     """Makes the daemon SIGKILL itself at a named step, for crash-recovery tests:
-    before_register, after_register_sent, after_register, after_part:N, before_finalize,
+    before_register, after_register_sent, after_register, after_part:N, after_component:N,
+    after_declare:N, before_finalize,
     after_finalize_sent, after_finalize. Empty = never."""
     block_loop: str = Field(default="", pattern=r"^$|^[a-z_]+(:[0-9]+)?:[0-9]+(\.[0-9]+)?$")
     """Debug only, never in production: "<point>:<seconds>" blocks the daemon's event loop

@@ -4,7 +4,9 @@ windows of crash recovery for real (``debug.crash_point`` / CHRONICLE_AGENT_DEBU
 Names: ``before_register``; ``after_register_sent`` (Chronicle answered, the answer is not
 stored yet); ``after_register``; ``after_part_sent:N`` (the N-th part acknowledged by storage
 in this process, its ETag not stored yet); ``after_part:N`` (… and its ETag stored);
-``after_component:N`` (the N-th component fully uploaded); ``before_finalize``;
+``after_component:N`` (the N-th component fully uploaded); ``after_declare:N`` (the N-th
+batch of small components declared after register, API 1.1, its URLs in memory only);
+``before_finalize``;
 ``after_finalize_sent`` (Chronicle finalized, nothing stored); ``after_finalize`` (stored,
 job not yet marked done); ``mid_download:N`` (after N bytes of a download). A point may be
 followed by ``@K`` to fire only on the K-th start of the daemon with this state dir (counted in

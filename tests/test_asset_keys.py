@@ -160,6 +160,18 @@ async def test_without_write_access_nothing_is_added(tmp_path: Path) -> None:
         assert [c["name"] for c in got["components"]] == ["a"]
 
 
+async def test_a_server_without_the_feature_says_so(tmp_path: Path) -> None:
+    async with running_server(tmp_path, asset_keys=False) as s:
+        assert "asset_keys" not in (await s.api.get("/v1/health")).body["features"]
+        run = await new_run(s)
+        r = await s.api.post("/v1/assets", {"asset_type": "t", "output_of": run, "key": "k",
+                                            "components": ["a"]})
+        assert r.status == 400 and "asset_keys" in r.body["error"]["message"], r.body
+        aid = (await s.api.register(["a"]))["asset_id"]
+        r = await s.api.post(f"/v1/assets/{aid}/components", {"components": ["b"]})
+        assert r.status == 404 and "asset_keys" in r.body["error"]["message"], r.body
+
+
 @pytest.mark.parametrize("version", [1, 2])
 async def test_an_older_database_is_migrated(tmp_path: Path, version: int) -> None:
     async with running_server(tmp_path) as s:

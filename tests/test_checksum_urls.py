@@ -213,6 +213,33 @@ def test_the_daemon_uploads_with_and_without_the_feature(tmp_path: Path, feature
         assert said is not feature
 
 
+@pytest.mark.parametrize("later", [True, False], ids=["declared-later", "all-at-register"])
+def test_small_files_are_declared_while_the_first_ones_upload(tmp_path: Path,
+                                                              later: bool) -> None:
+    """With API 1.1 asset_keys, register declares the first 64 small files and the rest
+    are declared in growing batches (256, 1024, ...) while those upload; without it, all at
+    register. Either way every component is bound and nothing is read back."""
+    src = tmp_path / "src"
+    for i in range(400):
+        (src / f"d{i % 3}" / f"f{i:03d}.bin").parent.mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i:03d}.bin").write_bytes(os.urandom(500 + i))
+    env = dict(FAST_ENV, CHRONICLE_AGENT_SERVER__ASSET_KEYS=str(later).lower())
+    with start_daemon(env) as daemon:
+        client = daemon.client()
+        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
+        done = client.wait_job(job["job_id"], 60)
+        assert done["state"] == "done", (done, daemon.log_tail())
+        said = "registered (64 components; 336 more declared while these upload)"
+        assert (said in daemon.log_text()) is later, daemon.log_tail()
+        assert ("registered (400 components)" in daemon.log_text()) is not later
+        chron = chronicle_for(daemon)
+        got = chron.assets.get(done["asset_id"])
+        assert len(got.components) == 400 and all(c.sha256 for c in got.components)
+        dest = tmp_path / "dl"
+        chron.assets.download(done["asset_id"], dest)
+        assert_same_tree(src, dest)
+
+
 def test_a_file_rewritten_after_register_fails_as_source_changed(tmp_path: Path) -> None:
     """The daemon dies after register (its digests declared); the file is rewritten in
     place with the same size and modification time; after the restart the upload finds

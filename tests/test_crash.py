@@ -43,10 +43,37 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """More small files than register declares when the rest is declared later (API 1.1
+    asset_keys: 64 at register, then batches of 256 and more while those upload)."""
+    root = tmp_path_factory.mktemp("crash-many") / "ckpt"
+    write_random(root / "model.bin", 6 * MiB)  # 2 parts
+    for i in range(400):
+        (root / "tok" / f"{i:03d}.json").parent.mkdir(parents=True, exist_ok=True)
+        (root / "tok" / f"{i:03d}.json").write_bytes(os.urandom(1000 + i))
+    return root
+
+
+PIPELINED_POINTS = ["after_register_sent", "after_register", "after_declare:1",
+                    "after_component:150", "after_declare:2", "before_finalize"]
+
+
+@pytest.mark.parametrize("point", PIPELINED_POINTS)
+def test_kill_while_small_files_are_declared_then_restart_completes_once(
+    many: Path, tmp_path: Path, point: str
+) -> None:
+    run_kill_and_restart(many, tmp_path, point)
+
+
 @pytest.mark.parametrize("point", POINTS)
 def test_kill_at_each_step_then_restart_completes_once(
     src: Path, tmp_path: Path, point: str
 ) -> None:
+    run_kill_and_restart(src, tmp_path, point)
+
+
+def run_kill_and_restart(src: Path, tmp_path: Path, point: str) -> None:
     env = dict(FAST_ENV, CHRONICLE_AGENT_DEBUG__CRASH_POINT=f"{point}@1",
                CHRONICLE_AGENT_UPLOAD__CONCURRENCY="2")
     with start_daemon(env) as daemon:

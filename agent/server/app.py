@@ -121,7 +121,8 @@ class Core:
     @property
     def features(self) -> list[str]:
         """The API 1.1 features this server offers (``GET /v1/health``)."""
-        return (["checksum_urls"] if self.config.checksum_urls else []) + ["asset_keys"]
+        return [f for f, on in (("checksum_urls", self.config.checksum_urls),
+                                ("asset_keys", self.config.asset_keys)) if on]
 
     def expires_at(self) -> str:
         at = datetime.now(UTC) + timedelta(seconds=self.config.url_expiry_s)

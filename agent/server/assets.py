@@ -431,6 +431,9 @@ class Assets:
         asset_type = parse_asset_type(ctx.body)
         output_of = opt_str(ctx.body, "output_of") or None  # "" is no run
         key = parse_asset_key(ctx.body, output_of)
+        if key is not None and not self.cfg.asset_keys:
+            raise invalid("key: this server does not offer assets built by several uploaders "
+                          "(API 1.1 asset_keys; server.asset_keys is off)")
         visibility, organization_id = _placement(ctx)
         specs = parse_components(ctx.body.get("components"))
         if output_of:
@@ -495,6 +498,9 @@ class Assets:
 
     async def add_components(self, ctx: Ctx) -> Reply:
         """``POST /v1/assets/{id}/components`` (API 1.1 ``asset_keys``)."""
+        if not self.cfg.asset_keys:
+            raise fail(404, "not_found", "this server does not offer adding components (API "
+                       "1.1 asset_keys; server.asset_keys is off)")
         asset_id = ctx.arg("asset_id")
         specs = parse_components(ctx.body.get("components"))
         async with self.core.asset_locks.hold(asset_id):

@@ -79,6 +79,10 @@ log = logging.getLogger(__name__)
 
 DIGEST_BATCH_BYTES = 8 << 20
 """Small files hashed per worker-thread call before register (API 1.1 ``checksum_urls``)."""
+FIRST_DECLARED = 64
+"""Small files declared at register when the rest can be declared later (API 1.1
+``asset_keys``); the later batches grow fourfold each, up to :data:`MAX_DECLARED`."""
+MAX_DECLARED = 4096
 SMALL_RUN_FILES = 32
 """Small files PUT one after another in one worker-thread call (and at most
 ``upload.chunk_bytes`` of them)."""
@@ -399,12 +403,15 @@ class AssetUpload:
             return False
         comps = await self.q.do(self.q.s.components, self.asset.asset_key)
         await self.e.ensure_run(self.asset.run_id, self.token)
-        if self.asset.state != "registering" and "checksum_urls" in await self.e.features():
-            await self._declare_digests(comps)
-        decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type,
-                                sha256=c.sha256) for c in comps]
-        self.e.crash.hit("before_register")
         replay = self.asset.state == "registering"  # sent before, by a daemon that died
+        features = await self.e.features()
+        later = self._declared_later(comps, features, replay)
+        first = [c for c in comps if c.name not in later]
+        if not replay and "checksum_urls" in features:
+            await self._declare_digests(first)
+        decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type,
+                                sha256=c.sha256) for c in first]
+        self.e.crash.hit("before_register")
         if not replay:
             await self.q.do(self.q.s.set_asset, self.asset.asset_key, state="registering")
             self.asset.state = "registering"
@@ -424,20 +431,58 @@ class AssetUpload:
             # Chronicle replays its first answer to a repeated key: those URLs may have
             # expired or point at an address that has changed since. Ask for fresh ones.
             urls = await self.e.chronicle.send(
-                contract.upload_urls(urls.asset_id, [c.name for c in comps]), token=self.token
+                contract.upload_urls(urls.asset_id, [c.name for c in first]), token=self.token
             )
         await self._absorb(urls)
-        log.info("asset %s registered (%d components)", urls.asset_id, len(comps))
+        log.info("asset %s registered (%d components%s)", urls.asset_id, len(first),
+                 f"; {len(later)} more declared while these upload" if later else "")
         self.e.crash.hit("after_register")
         return True
+
+    def _pipelined(self, features: frozenset[str]) -> bool:
+        """Whether small components can be declared while others upload (API 1.1: their
+        digests bound into their URLs, and declared after register)."""
+        return {"checksum_urls", "asset_keys"} <= features
+
+    def _small(self, c: ComponentRecord) -> bool:
+        """Read whole, hashed before it is declared (a path: the daemon reads it)."""
+        return bool(c.path) and c.size is not None and \
+            c.size <= self.e.settings.upload.chunk_bytes
+
+    def _declared_later(self, comps: list[ComponentRecord], features: frozenset[str],
+                        replay: bool) -> set[str]:
+        """The small components left out of register, declared in growing batches while
+        the first ones upload (:meth:`upload_all`): register waits for the first
+        :data:`FIRST_DECLARED` files to be hashed, not for all of them. A replayed register
+        leaves out the same ones: those not hashed yet (a register that was not pipelined
+        either hashed them all, or none when the server offered no bound URLs)."""
+        if not self._pipelined(features):
+            return set()
+        small = [c for c in comps if self._small(c)]
+        if replay:
+            if not any(c.sha256 for c in small):
+                return set()
+            return {c.name for c in small if c.sha256 is None}
+        return {c.name for c in small[FIRST_DECLARED:]}
+
+    async def _declare_more(self, comps: list[ComponentRecord]) -> None:
+        """Declare small components of the registered asset (API 1.1 ``asset_keys``:
+        ``POST /v1/assets/{id}/components``), digests first; declaring one again the same
+        way is harmless, so a resumed upload declares whatever it has no URL for."""
+        await self._declare_digests(comps)
+        decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type,
+                                sha256=c.sha256) for c in comps]
+        urls = await self.e.chronicle.send(contract.add_components(self.asset_id, decl),
+                                           token=self.token)
+        await self._absorb(urls)
+        self.e.crash.hit("after_declare")
 
     async def _declare_digests(self, comps: list[ComponentRecord]) -> None:
         """The SHA-256 of each small component (one that is read whole anyway), recorded
         before it is declared at register: its URL then binds it, the store refuses other
         bytes and Chronicle reads nothing back. Files are read in batches of about 8 MiB per
         worker-thread call; the digests are recorded in one transaction."""
-        small = [c for c in comps if c.sha256 is None and c.size is not None and c.path
-                 and c.size <= self.e.settings.upload.chunk_bytes]  # no path: caller PUTs
+        small = [c for c in comps if c.sha256 is None and self._small(c)]
         if not small:
             return
         digests: dict[str, str] = {}
@@ -506,13 +551,32 @@ class AssetUpload:
         todo = [c for c in comps if not c.uploaded]
         if not todo:
             return
-        missing = [c.name for c in todo if c.name not in self.plans]
+        missing = [c for c in todo if c.name not in self.plans]
+        undeclared: list[ComponentRecord] = []
+        if missing and self._pipelined(await self.e.features()):
+            undeclared = [c for c in missing if self._small(c)]
+            missing = [c for c in missing if not self._small(c)]
         if missing:
-            await self.refresh(missing)
-        pending = iter(self._turns(todo))
+            await self.refresh([c.name for c in missing])
+        turns_in, turns = anyio.create_memory_object_stream[
+            ComponentRecord | list[ComponentRecord]](math.inf)
+
+        async def produce() -> None:
+            """Turns of what has URLs; then, batch after batch, the small components still
+            to declare, hashed and declared while the turns before them upload."""
+            async with turns_in:
+                for turn in self._turns([c for c in todo if c.name in self.plans]):
+                    turns_in.send_nowait(turn)
+                start, size = 0, 4 * FIRST_DECLARED
+                while start < len(undeclared):
+                    batch = undeclared[start:start + size]
+                    await self._declare_more(batch)
+                    for turn in self._turns(batch):
+                        turns_in.send_nowait(turn)
+                    start, size = start + len(batch), min(4 * size, MAX_DECLARED)
 
         async def take_turns() -> None:
-            for turn in pending:  # one shared iterator: each component is taken once
+            async for turn in turns:  # one shared stream: each component is taken once
                 if isinstance(turn, list):
                     await self._put_smalls(turn)
                 else:
@@ -520,8 +584,9 @@ class AssetUpload:
 
         # A few more tasks than transfer slots, not one per component: 10,000 files used to
         # be 10,000 waiting tasks (about 100 MiB of peak RSS, and CPU to schedule them).
-        with one_error():
+        with one_error(), turns:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
                 for _ in range(min(len(todo), 2 * self.e.settings.upload.concurrency)):
                     tg.start_soon(take_turns)
 
