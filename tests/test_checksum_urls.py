@@ -189,12 +189,20 @@ async def test_s3_a_deleted_assets_bytes_do_not_come_back(
 # ---- the daemon --------------------------------------------------------------------------
 
 
-def _small_tree(root: Path, n: int = 12) -> Path:
+def _small_tree(root: Path, n: int = 12, size: int = 1000) -> Path:
     for i in range(n):
         p = root / f"d{i % 3}" / f"f{i}.bin"
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(os.urandom(1000 + i))
+        p.write_bytes(os.urandom(size + i))
     return root
+
+
+def _upload_done(daemon: Any, src: Path) -> dict[str, Any]:
+    client = daemon.client()
+    job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
+    done: dict[str, Any] = client.wait_job(job["job_id"], 60)
+    assert done["state"] == "done", (done, daemon.log_tail())
+    return done
 
 
 @pytest.mark.parametrize("feature", [True, False], ids=["bound", "version-1"])
@@ -202,10 +210,7 @@ def test_the_daemon_uploads_with_and_without_the_feature(tmp_path: Path, feature
     src = _small_tree(tmp_path / "src")
     env = dict(FAST_ENV, CHRONICLE_AGENT_SERVER__CHECKSUM_URLS=str(feature).lower())
     with start_daemon(env) as daemon:
-        client = daemon.client()
-        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
-        done = client.wait_job(job["job_id"], 60)
-        assert done["state"] == "done", (done, daemon.log_tail())
+        done = _upload_done(daemon, src)
         dest = tmp_path / "dl"
         chronicle_for(daemon).assets.download(done["asset_id"], dest)
         assert_same_tree(src, dest)
@@ -219,16 +224,10 @@ def test_small_files_are_declared_while_the_first_ones_upload(tmp_path: Path,
     """With API 1.1 asset_keys, register declares the first 64 small files and the rest
     are declared in growing batches (256, 1024, ...) while those upload; without it, all at
     register. Either way every component is bound and nothing is read back."""
-    src = tmp_path / "src"
-    for i in range(400):
-        (src / f"d{i % 3}" / f"f{i:03d}.bin").parent.mkdir(parents=True, exist_ok=True)
-        (src / f"d{i % 3}" / f"f{i:03d}.bin").write_bytes(os.urandom(500 + i))
+    src = _small_tree(tmp_path / "src", 400, 500)
     env = dict(FAST_ENV, CHRONICLE_AGENT_SERVER__ASSET_KEYS=str(later).lower())
     with start_daemon(env) as daemon:
-        client = daemon.client()
-        job = client.request("POST", "/v1/uploads", {"path": str(src), "asset_type": "ckpt"})
-        done = client.wait_job(job["job_id"], 60)
-        assert done["state"] == "done", (done, daemon.log_tail())
+        done = _upload_done(daemon, src)
         said = "registered (64 components; 336 more declared while these upload)"
         assert (said in daemon.log_text()) is later, daemon.log_tail()
         assert ("registered (400 components)" in daemon.log_text()) is not later

@@ -33,26 +33,24 @@ POINTS = [
 ]
 
 
+def checkpoint(root: Path, big: int, small: int, size: int) -> Path:
+    write_random(root / "model.bin", big)
+    (root / "small").mkdir(parents=True)
+    for i in range(small):
+        (root / "small" / f"{i:03d}.bin").write_bytes(os.urandom(size + i))
+    return root
+
+
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("crash") / "ckpt"
-    write_random(root / "model.bin", 23 * MiB)  # 5 parts
-    for i in range(5):
-        (root / "opt" / f"shard{i}.pt").parent.mkdir(parents=True, exist_ok=True)
-        (root / "opt" / f"shard{i}.pt").write_bytes(os.urandom(20_000 + i))
-    return root
+    return checkpoint(tmp_path_factory.mktemp("crash") / "ckpt", 23 * MiB, 5, 20_000)  # 5 parts
 
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """More small files than register declares when the rest is declared later (API 1.1
     asset_keys: 64 at register, then batches of 256 and more while those upload)."""
-    root = tmp_path_factory.mktemp("crash-many") / "ckpt"
-    write_random(root / "model.bin", 6 * MiB)  # 2 parts
-    for i in range(400):
-        (root / "tok" / f"{i:03d}.json").parent.mkdir(parents=True, exist_ok=True)
-        (root / "tok" / f"{i:03d}.json").write_bytes(os.urandom(1000 + i))
-    return root
+    return checkpoint(tmp_path_factory.mktemp("crash-many") / "ckpt", 6 * MiB, 400, 1000)
 
 
 PIPELINED_POINTS = ["after_register_sent", "after_register", "after_declare:1",

@@ -744,9 +744,13 @@ class AssetUpload:
         whose PUT fails, or whose URL is about to expire, goes the one-at-a-time way
         (:meth:`upload_component`: retries, fresh URLs, the source re-checked)."""
         now = time.time()
-        ready = [c for c in run if now < self.use_by.get(self.plans[c.name].url or "", math.inf)]
-        again: list[tuple[ComponentRecord, Exception | None]] = [
-            (c, None) for c in run if c not in ready]
+        ready: list[ComponentRecord] = []
+        again: list[tuple[ComponentRecord, Exception | None]] = []
+        for c in run:
+            if now < self.use_by.get(self.plans[c.name].url or "", math.inf):
+                ready.append(c)
+            else:
+                again.append((c, None))
         stop = threading.Event()
 
         def put_all(buf: bytearray) -> list[tuple[ComponentRecord, str | None, Exception | None]]:
@@ -941,17 +945,18 @@ class AssetUpload:
                 + ", ".join(missing[:10]) + (" …" if len(missing) > 10 else ""),
                 code="components_missing",
             )
-        body: dict[str, m.FinalizeComponent] = {}
+        body: dict[str, dict[str, Any]] = {}
         for c in comps:
             assert c.size is not None and c.sha256 is not None
-            parts = None
+            spec: dict[str, Any] = {"size": c.size, "sha256": c.sha256}
+            if c.content_type is not None:
+                spec["content_type"] = c.content_type
             if c.part_size is not None:
-                parts = [{"part_number": p.part_number, "etag": p.etag}
-                         for p in await self.q.do(self.q.s.parts, self.asset.asset_key, c.name)
-                         if p.part_size == c.part_size]
-            body[c.name] = m.FinalizeComponent(
-                size=c.size, sha256=c.sha256, content_type=c.content_type, parts=parts
-            )
+                spec["parts"] = [
+                    {"part_number": p.part_number, "etag": p.etag}
+                    for p in await self.q.do(self.q.s.parts, self.asset.asset_key, c.name)
+                    if p.part_size == c.part_size]
+            body[c.name] = spec
         self.e.crash.hit("before_finalize")
         asset = await self.e.chronicle.send(
             contract.finalize(self.asset_id, body,
