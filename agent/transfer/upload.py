@@ -594,8 +594,12 @@ class AssetUpload:
                                                                list[ComponentRecord]]:
         """The components in turns: runs of small files (a single URL each) together, at
         most :data:`SMALL_RUN_FILES` of them and ``upload.chunk_bytes`` in all, each run
-        sent in one worker-thread call (:meth:`_put_smalls`); every other component alone."""
+        sent in one worker-thread call (:meth:`_put_smalls`); every other component alone.
+        A few files make shorter runs, so that they still fill every transfer slot (the
+        first 64 declared: runs of 4 with the default 8 slots)."""
         cap = self.e.settings.upload.chunk_bytes
+        per_run = max(1, min(SMALL_RUN_FILES,
+                             len(todo) // (2 * self.e.settings.upload.concurrency)))
         run: list[ComponentRecord] = []
         size = 0
         for c in todo:
@@ -604,7 +608,7 @@ class AssetUpload:
                     or c.size is None or c.size > cap or not c.path):
                 yield c
                 continue
-            if run and (len(run) >= SMALL_RUN_FILES or size + c.size > cap):
+            if run and (len(run) >= per_run or size + c.size > cap):
                 yield run
                 run, size = [], 0
             run.append(c)
