@@ -705,23 +705,21 @@ def _error_cell(job: dict[str, Any]) -> str:
 
 
 def format_jobs_table(jobs: list[dict[str, Any]]) -> str:
-    header = ("JOB", "KIND", "STATE", "PROGRESS", "ASSET", "ERROR")
-    rows = [
-        tuple(visible(cell) for cell in (  # one line per job, whatever the names hold
-            str(j.get("job_id")),
-            str(j.get("kind")),
-            str(j.get("state")),
-            _progress_cell(j),
-            str(j.get("asset_id") or "-"),
-            _error_cell(j),
-        ))
-        for j in jobs
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    return format_table(("JOB", "KIND", "STATE", "PROGRESS", "ASSET", "ERROR"), [
+        (str(j.get("job_id")), str(j.get("kind")), str(j.get("state")), _progress_cell(j),
+         str(j.get("asset_id") or "-"), _error_cell(j))
+        for j in jobs])
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Columns padded to their widest cell, the last one left ragged; one line per row,
+    whatever the cells hold (control characters made visible)."""
+    cells = [tuple(visible(c) for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header) - 1)]
     lines = []
-    for row in [header, *rows]:
-        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    for row in [header, *cells]:
+        padded = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*padded, row[-1]]).rstrip())
     return "\n".join(lines)
 
 

@@ -64,6 +64,20 @@ def add_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None
     p.add_argument("--org", required=True, metavar="ORG")
     p.add_argument("--visibility", choices=VISIBILITIES)
 
+    p = sub.add_parser("search", help="find assets you may read by words of their type, "
+                       "component names, validity reasons or text (API 1.1)",
+                       description="find assets you may read by words of their type, "
+                       "component names, validity reasons or inline text; every word must "
+                       "match, the last one also as a prefix; best match first (API 1.1)")
+    _global_options(p)
+    p.add_argument("query", metavar="QUERY", nargs="+")
+    p.add_argument("--type", metavar="T", help="only assets of this type")
+    p.add_argument("--run", metavar="R", help="only outputs of this run")
+    p.add_argument("--state", choices=("pending", "ready", "abandoned"))
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N (20)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.set_defaults(handler=cmd_search)
+
     p = command("me", "who you are on Chronicle, and your teams and organizations")
     p.add_argument("--json", action="store_true", help="print the scopes object as JSON")
     p.set_defaults(handler=cmd_me)
@@ -203,4 +217,29 @@ def cmd_me(ctx: Ctx) -> int:
         ctx.print(f"  {s.kind:<13} {s.id}  {s.name or ''}".rstrip())
     if not scopes.scopes:
         ctx.print("  (no teams or organizations)")
+    return 0
+
+
+def cmd_search(ctx: Ctx) -> int:
+    from agent.cli import format_table
+    from agent.errors import UsageError
+
+    if not 1 <= ctx.args.limit <= 1000:
+        raise UsageError(f"--limit must be from 1 to 1000, got {ctx.args.limit}")
+    hits = _chronicle(ctx).assets.search(
+        " ".join(ctx.args.query), asset_type=ctx.args.type, state=ctx.args.state,
+        output_of=ctx.args.run, limit=ctx.args.limit)
+    if ctx.args.json:
+        ctx.print_json({"assets": [{**asset_json(h), "snippet": h.snippet, "text": h.text}
+                                   for h in hits]})
+        return 0
+    if not hits:
+        ctx.warn("no asset you may read matches")
+        return 0
+    ctx.print(format_table(("ASSET", "TYPE", "STATE", "FLAGS", "CREATED", "TEXT"), [
+        (h.asset_id, h.asset_type, h.state,
+         ",".join(f for f, on in (("deprecated", h.deprecated), ("invalidated", h.invalidated))
+                  if on) or "-",
+         (h.created_at or "-")[:19], h.text or h.snippet)
+        for h in hits]))
     return 0

@@ -244,6 +244,10 @@ class ServerSection(_Section):
     ``key`` joins the pending asset that has it, and ``POST /v1/assets/{id}/components`` adds
     components (the daemon uses it to declare a directory's small files while the first
     ones upload). Off: neither is offered."""
+    search: bool = True
+    """Offer ``GET /v1/assets/search`` (API 1.1 ``search``): full-text search (SQLite FTS5)
+    over asset types, component names, validity reasons and inline assets' text, limited to
+    what the caller may read."""
     inline_max_bytes: int = Field(default=8 * MiB, ge=1)
     max_connections: int = Field(default=256, ge=1)
     """Concurrent connections to the server's TCP port; more are closed at once (at most

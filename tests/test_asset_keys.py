@@ -4,8 +4,8 @@ it is pending (200, the same asset id, URLs for its own components only);
 ``POST /v1/assets/{id}/components`` adds components; a name declared again the same way is
 harmless, with another size or digest a 409 ``conflict``; finalize covers every declared
 component; a ready asset takes no more (409 ``asset_not_pending``); uploaders racing on one
-key build one asset; a caller without write access adds nothing; databases of schema 1 and
-2 are migrated."""
+key build one asset; a caller without write access adds nothing; databases of schemas 1 to
+3 are migrated (and their assets indexed for search)."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ async def test_a_server_without_the_feature_says_so(tmp_path: Path) -> None:
         assert r.status == 404 and "asset_keys" in r.body["error"]["message"], r.body
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 async def test_an_older_database_is_migrated(tmp_path: Path, version: int) -> None:
     async with running_server(tmp_path) as s:
         run = await new_run(s)
@@ -180,17 +180,23 @@ async def test_an_older_database_is_migrated(tmp_path: Path, version: int) -> No
         aid = plan["asset_id"]
     db = next(tmp_path.rglob("server.db"))
     with sqlite3.connect(db) as conn:  # back to the older schema, as that server left it
-        conn.execute("DROP INDEX assets_by_key")
-        conn.execute("ALTER TABLE assets DROP COLUMN asset_key")
+        conn.execute("DROP TABLE asset_search")
+        conn.execute("DROP TABLE search_docs")
+        if version < 3:
+            conn.execute("DROP INDEX assets_by_key")
+            conn.execute("ALTER TABLE assets DROP COLUMN asset_key")
         if version == 1:
             conn.execute("ALTER TABLE components DROP COLUMN bound_sha256")
         conn.execute(f"PRAGMA user_version={version}")
-    assert "asset_key" in SCHEMA and SCHEMA_VERSION == 3
+    assert "asset_key" in SCHEMA and SCHEMA_VERSION == 4
     async with running_server(tmp_path) as s:
         got = (await s.api.get(f"/v1/assets/{aid}")).body
         assert got["state"] == "pending" and "key" not in got
+        found = await s.api.get("/v1/assets/search", params={"q": "checkpoint"})
+        assert [a["asset_id"] for a in found.body["assets"]] == [aid]  # indexed when migrated
         again = await keyed(s.api, run, "k", [decl("b", b"b")])
         assert (await keyed(s.api, run, "k", [decl("c", b"c")], status=200))["asset_id"] == \
             again["asset_id"]
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("SELECT count(*) FROM search_docs").fetchone()[0] == 2

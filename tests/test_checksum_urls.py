@@ -52,7 +52,7 @@ async def test_a_bound_url_takes_only_the_declared_bytes(
     make: MakeServer, storage_backend: str,
 ) -> None:
     s = await make()
-    assert (await s.api.get("/v1/health")).body["features"] == ["checksum_urls", "asset_keys"]
+    assert "checksum_urls" in (await s.api.get("/v1/health")).body["features"]
     data, other = os.urandom(70_000), os.urandom(70_000)
     plan = await s.api.register([{"name": "w/a.bin", "size": len(data), "sha256": sha256(data)},
                                  {"name": "b.txt", "size": 3}])
@@ -128,7 +128,7 @@ async def test_declared_again_with_another_digest_the_component_is_read_back(
 
 async def test_without_the_feature_urls_are_version_1(make: MakeServer) -> None:
     s = await make(checksum_urls=False)
-    assert (await s.api.get("/v1/health")).body["features"] == ["asset_keys"]
+    assert "checksum_urls" not in (await s.api.get("/v1/health")).body["features"]
     data = os.urandom(1000)
     plan = await s.api.register([{"name": "a", "size": len(data), "sha256": sha256(data)}])
     assert "upload_headers" not in plan

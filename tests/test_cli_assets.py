@@ -165,3 +165,44 @@ def test_the_daemons_embedded_server_is_found_unconfigured(
     daemon_env.kill()  # endpoint.json is left behind by a killed daemon
     code, _, err = run(capsys, "me")
     assert code == 3 and "does not answer" in err
+
+
+def test_search_prints_a_table_or_json_of_what_you_may_read(
+    srv: Standalone, as_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = srv.client("user_alice").assets
+    mine = alice.create_inline(asset_type="report", content="# Zebrafish ablation\n\nresults",
+                               content_type="text/markdown").asset_id
+    alice.invalidate(mine, reason="wrong split")
+    shown = alice.create_inline(asset_type="note", content="zebrafish \x1b[31mred\x1b[0m",
+                                visibility="public").asset_id
+    code, out, _ = run(capsys, "assets", "search", "zebrafish")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["ASSET", "TYPE", "STATE", "FLAGS", "CREATED",
+                                              "TEXT"]
+    row = next(ln for ln in lines if ln.startswith(mine))
+    assert "report" in row and "invalidated" in row and row.endswith("# Zebrafish ablation")
+    assert "\x1b" not in out and any(ln.startswith(shown) for ln in lines)
+    code, out, _ = run(capsys, "assets", "search", "zebra", "--type", "report", "--json")
+    hits = json.loads(out)["assets"]
+    assert code == 0 and [h["asset_id"] for h in hits] == [mine]
+    assert hits[0]["invalidated"]["reason"] == "wrong split" and "[Zebrafish]" in hits[0][
+        "snippet"]
+    as_user("user_bob")  # may read only the public one
+    code, out, err = run(capsys, "assets", "search", "zebrafish", "--json")
+    assert [h["asset_id"] for h in json.loads(out)["assets"]] == [shown]
+    code, out, err = run(capsys, "assets", "search", "ablation")
+    assert code == 0 and out == "" and "no asset you may read matches" in err
+
+
+def test_search_against_a_server_without_it_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with standalone_server(tmp_path / "s", PRINCIPALS, search=False) as s:
+        monkeypatch.setenv("CHRONICLE_AGENT_CHRONICLE__URL", s.url)
+        monkeypatch.setenv("CHRONICLE_AGENT_CHRONICLE__TOKEN", s.tokens["user_alice"])
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+        code, out, err = run(capsys, "assets", "search", "anything")
+        assert code == 1 and "does not offer search" in err, (out, err)
+        with pytest.raises(Exception, match="does not offer search"):
+            s.client("user_alice").assets.search("anything")

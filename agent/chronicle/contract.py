@@ -259,6 +259,17 @@ def list_assets(
     return Call("GET", "/v1/assets", m.AssetList.model_validate, query=query)
 
 
+def search_assets(
+    q: str, *, asset_type: str | None = None, state: str | None = None,
+    output_of: str | None = None, limit: int = 50, cursor: str | None = None,
+) -> Call[m.SearchPage]:
+    """API 1.1 ``search``: the assets the caller may read that match ``q``, best first."""
+    query = {k: v for k, v in {"q": q, "asset_type": asset_type, "state": state,
+                               "output_of": output_of, "limit": str(limit),
+                               "cursor": cursor}.items() if v}
+    return Call("GET", "/v1/assets/search", m.SearchPage.model_validate, query=query)
+
+
 # ---- assets: management --------------------------------------------------------------------
 
 

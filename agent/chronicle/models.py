@@ -52,6 +52,20 @@ class AssetList(_Model):
     assets: list[Asset]
 
 
+class SearchHit(Asset):
+    """An asset found by search (API 1.1), with where it matched."""
+
+    snippet: str = ""
+    """The matching words in context, each in [brackets]."""
+    text: str = ""
+    """The first line of an inline asset's text ("" for the others)."""
+
+
+class SearchPage(_Model):
+    assets: list[SearchHit]
+    next_cursor: str | None = None
+
+
 class Run(_Model):
     run_id: str
     name: str | None = None

@@ -31,7 +31,13 @@ from agent.chronicle import contract
 from agent.chronicle import models as m
 from agent.chronicle.sync import SyncChronicle
 from agent.config import Settings, load_settings, local_login
-from agent.errors import AssetInvalid, DaemonUnreachable, JobFailed, RetryableError
+from agent.errors import (
+    AgentError,
+    AssetInvalid,
+    DaemonUnreachable,
+    JobFailed,
+    RetryableError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,6 +97,7 @@ class Assets:
     def __init__(self, t: SyncChronicle, socket_path: Path | None) -> None:
         self._t = t
         self._socket_path = socket_path
+        self._feature_set: frozenset[str] | None = None
 
     def create_inline(self, asset_type: str, content: Any, content_type: str | None = None,
                       output_of: str | None = None, visibility: str | None = None) -> m.Asset:
@@ -104,6 +111,35 @@ class Assets:
     def list(self, output_of: str | None = None, state: str | None = None,
              asset_type: str | None = None) -> builtins.list[m.Asset]:
         return self._t.send(contract.list_assets(output_of, state, asset_type)).assets
+
+    def search(self, q: str, asset_type: str | None = None, state: str | None = None,
+               output_of: str | None = None, limit: int = 50) -> builtins.list[m.SearchHit]:
+        """Full-text search (API 1.1): up to ``limit`` assets you may read that match every
+        word of ``q`` (the last one as a prefix), best match first, each with its
+        ``snippet`` and the first line of its ``text``. Raises :class:`AgentError` against
+        a Chronicle that does not offer search (code ``not_supported``)."""
+        if "search" not in self._features():
+            raise AgentError("this Chronicle does not offer search (API 1.1 'search' is not "
+                             "in its /v1/health features)", code="not_supported")
+        hits: builtins.list[m.SearchHit] = []
+        cursor: str | None = None
+        while len(hits) < limit:
+            page = self._t.send(contract.search_assets(
+                q, asset_type=asset_type, state=state, output_of=output_of,
+                limit=min(200, limit - len(hits)), cursor=cursor))
+            hits += page.assets
+            cursor = page.next_cursor
+            if cursor is None or not page.assets:
+                break
+        return hits[:limit]
+
+    def _features(self) -> frozenset[str]:
+        if self._feature_set is None:
+            health = self._t.send(contract.health())
+            raw = health.get("features") if isinstance(health, dict) else None
+            self._feature_set = frozenset(
+                f for f in raw if isinstance(f, str)) if isinstance(raw, list) else frozenset()
+        return self._feature_set
 
     def latest(self, run_id: str, asset_type: str,
                allow_invalid: bool = False) -> m.Asset | None:

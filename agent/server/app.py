@@ -122,6 +122,7 @@ class Core:
     def features(self) -> list[str]:
         """The API 1.1 features this server offers (``GET /v1/health``)."""
         return [f for f, on in (("checksum_urls", self.config.checksum_urls),
+                                ("search", self.config.search),
                                 ("asset_keys", self.config.asset_keys)) if on]
 
     def expires_at(self) -> str:

@@ -209,6 +209,36 @@ def parse_components(value: Any, *, field: str = "components") -> list[Component
 
 
 MAX_ASSET_KEY = 256
+MAX_QUERY = 1000
+
+
+def searchable_text(content: Any) -> str:
+    """What search finds an inline asset by: its text, or a JSON value's strings and numbers
+    (keys left out), one per line."""
+    if isinstance(content, str):
+        return content
+    out: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str | int | float) and not isinstance(v, bool):
+            out.append(str(v))
+
+    walk(content)
+    return "\n".join(out)
+
+
+def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise invalid(f"{name} must be a whole number from {low} to {high}, got {value[:40]!r}")
+    return int(value)
 
 
 def parse_asset_key(body: dict[str, Any], output_of: str | None) -> str | None:
@@ -619,7 +649,7 @@ class Assets:
         def txn(conn: sqlite3.Connection) -> Reply:
             if output_of:
                 require_run_for_output(conn, ctx.principal, output_of)
-            db.insert_asset(conn, asset)
+            db.insert_asset(conn, asset, text=searchable_text(content))
             return Reply(201, asset.to_json())
 
         try:
@@ -1000,6 +1030,44 @@ class Assets:
         visible = [a.to_json() for a in found if can(ctx.principal, a, "read")]
         return Reply(200, {"assets": visible})
 
+    async def search(self, ctx: Ctx) -> Reply:
+        """``GET /v1/assets/search`` (API 1.1 ``search``): the assets the caller may read
+        that match ``q``, best first, a page at a time."""
+        if not self.cfg.search:
+            raise fail(404, "not_found", "this server does not offer search (API 1.1; "
+                       "server.search is off)")
+        q = ctx.request.query
+        text = (q.get("q") or "").strip()
+        if not text:
+            raise invalid("q is required: the words to search for")
+        if len(text) > MAX_QUERY:
+            raise invalid(f"q is {len(text)} characters long, the limit is {MAX_QUERY}")
+        state = one_of(q.get("state") or None, STATES, "state")
+        limit = _int_param(q.get("limit"), "limit", 50, 1, 200)
+        offset = _int_param(q.get("cursor"), "cursor", 0, 0, 10**9)
+        principal = ctx.principal
+
+        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], bool]:
+            hits = db.search_assets(
+                conn, principal.id, principal.identities(), [s.id for s in principal.scopes],
+                text, asset_type=q.get("asset_type") or None, state=state,
+                output_of=q.get("output_of") or None, limit=limit + 1, offset=offset)
+            out = []
+            for asset_id, snippet in hits[:limit]:
+                asset = db.get_asset(conn, asset_id)
+                if asset is None or not can(principal, asset, "read"):
+                    log.error("search: the query's access rule let %s see %s, which "
+                              "allows() refuses: left out", principal.id, asset_id)
+                    continue
+                body = db.search_text(conn, asset_id)
+                first = next((ln.strip() for ln in body.splitlines() if ln.strip()), "")
+                out.append({**asset.to_json(), "snippet": snippet, "text": first[:200]})
+            return out, len(hits) > limit
+
+        found, more = await self.core.db.read(read)
+        return Reply(200, {"assets": found,
+                           "next_cursor": str(offset + limit) if more else None})
+
     # -- validity, delete --
 
     async def deprecate(self, ctx: Ctx) -> Reply:
@@ -1048,6 +1116,7 @@ def routes(core: Core) -> list[tuple[str, str, Handler, bool]]:
         ("POST", "/v1/assets", a.register, True),
         ("GET", "/v1/assets", a.list, False),
         ("POST", "/v1/assets/inline", a.inline, True),
+        ("GET", "/v1/assets/search", a.search, False),
         ("GET", "/v1/assets/{asset_id}", a.get, False),
         ("DELETE", "/v1/assets/{asset_id}", a.delete, True),
         ("POST", "/v1/assets/{asset_id}/upload-urls", a.upload_urls, True),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,16 @@ from agent.statedir import private_sqlite
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+SEARCH_SCHEMA = """
+-- API 1.1 search: one FTS5 document per asset, its rowid kept in search_docs
+CREATE VIRTUAL TABLE IF NOT EXISTS asset_search USING fts5(
+    asset_type, names, reasons, body, tokenize = 'unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS search_docs (
+    asset_id TEXT PRIMARY KEY,
+    doc      INTEGER NOT NULL UNIQUE
+);
+"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -54,6 +64,7 @@ CREATE TABLE IF NOT EXISTS assets (
 CREATE INDEX IF NOT EXISTS assets_by_run ON assets(output_of, state);
 CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON assets(output_of, asset_type, asset_key)
     WHERE asset_key IS NOT NULL;
+""" + SEARCH_SCHEMA + """
 CREATE TABLE IF NOT EXISTS components (
     asset_id        TEXT NOT NULL REFERENCES assets(asset_id) ON DELETE CASCADE,
     position        INTEGER NOT NULL,
@@ -257,14 +268,22 @@ class Database:
             conn.executescript(
                 f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
-        elif version in (1, 2):  # 2 adds components.bound_sha256, 3 assets.asset_key
+        elif version in (1, 2, 3):
+            # 2 adds components.bound_sha256, 3 assets.asset_key, 4 the search index
             steps = ["ALTER TABLE components ADD COLUMN bound_sha256 TEXT;"] if version == 1 else []
-            steps += ["ALTER TABLE assets ADD COLUMN asset_key TEXT;",
-                      "CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON "
-                      "assets(output_of, asset_type, asset_key) WHERE asset_key IS NOT NULL;"]
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {' '.join(steps)} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
-            )
+            if version < 3:
+                steps += ["ALTER TABLE assets ADD COLUMN asset_key TEXT;",
+                          "CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON "
+                          "assets(output_of, asset_type, asset_key) WHERE asset_key IS NOT NULL;"]
+            conn.executescript(f"BEGIN IMMEDIATE; {' '.join(steps)} {SEARCH_SCHEMA}")
+            try:
+                for (asset_id,) in conn.execute("SELECT asset_id FROM assets").fetchall():
+                    index_asset(conn, asset_id)  # an inline asset's text: see reindex_bodies
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         elif version != SCHEMA_VERSION:
             conn.close()
             raise RuntimeError(
@@ -387,6 +406,8 @@ def end_run(conn: sqlite3.Connection, run_id: str, status: str, reason: str) -> 
         "UPDATE assets SET state='abandoned', abandoned_reason=? WHERE asset_id=?",
         [(reason, i) for i in ids],
     )
+    for i in ids:
+        index_asset(conn, i)
     return ids
 
 
@@ -425,7 +446,8 @@ def list_assets(
     return [a for a in (get_asset(conn, i) for i in ids) if a is not None]
 
 
-def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
+def insert_asset(conn: sqlite3.Connection, asset: AssetRow, text: str = "") -> None:
+    """``text``: what search finds an inline asset by (its content as text)."""
     conn.execute(
         f"INSERT INTO assets ({_ASSET_COLS}) VALUES ({', '.join('?' * 16)})",
         (
@@ -447,11 +469,11 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow) -> None:
             asset.asset_key,
         ),
     )
-    insert_components(conn, asset.asset_id, asset.components)
+    insert_components(conn, asset.asset_id, asset.components, text=text)
 
 
 def insert_components(conn: sqlite3.Connection, asset_id: str,
-                      comps: Iterable[ComponentRow]) -> None:
+                      comps: Iterable[ComponentRow], text: str | None = None) -> None:
     conn.executemany(
         f"INSERT INTO components (asset_id, {_COMP_COLS}) VALUES ({', '.join('?' * 12)})",
         [
@@ -472,6 +494,7 @@ def insert_components(conn: sqlite3.Connection, asset_id: str,
             for c in comps
         ],
     )
+    index_asset(conn, asset_id, text)
 
 
 def find_keyed(conn: sqlite3.Connection, output_of: str, asset_type: str,
@@ -519,6 +542,7 @@ def set_state(
             "UPDATE assets SET state=?, abandoned_reason=? WHERE asset_id=?",
             (state, reason, asset_id),
         )
+        index_asset(conn, asset_id)
 
 
 def set_flag(conn: sqlite3.Connection, asset_id: str, flag: str, reason: str) -> None:
@@ -528,6 +552,7 @@ def set_flag(conn: sqlite3.Connection, asset_id: str, flag: str, reason: str) ->
         f"UPDATE assets SET {flag}_reason=?, {flag}_at=? WHERE asset_id=?",
         (reason, utcnow(), asset_id),
     )
+    index_asset(conn, asset_id)
 
 
 def set_placement(
@@ -540,7 +565,85 @@ def set_placement(
 
 
 def delete_asset(conn: sqlite3.Connection, asset_id: str) -> None:
+    """The row, its components and grants, and its search document, in the caller's
+    transaction: a deleted asset is never found again."""
     conn.execute("DELETE FROM assets WHERE asset_id=?", (asset_id,))
+    index_asset(conn, asset_id)
+
+
+# ---- search (API 1.1) --------------------------------------------------------------------------
+
+
+def index_asset(conn: sqlite3.Connection, asset_id: str, text: str | None = None) -> None:
+    """Write the asset's search document from its row: its type, component names and
+    validity reasons, and ``text`` (an inline asset's content; None keeps what the document
+    has). An asset that is gone loses its document."""
+    row = conn.execute("SELECT asset_type, deprecated_reason, invalidated_reason, "
+                       "abandoned_reason FROM assets WHERE asset_id=?", (asset_id,)).fetchone()
+    found = conn.execute("SELECT doc FROM search_docs WHERE asset_id=?", (asset_id,)).fetchone()
+    if row is None:
+        if found is not None:
+            conn.execute("DELETE FROM asset_search WHERE rowid=?", (found[0],))
+            conn.execute("DELETE FROM search_docs WHERE asset_id=?", (asset_id,))
+        return
+    names = " ".join(r[0] for r in conn.execute(
+        "SELECT name FROM components WHERE asset_id=? ORDER BY position", (asset_id,)))
+    reasons = " ".join(r for r in tuple(row)[1:] if r)
+    if found is None:
+        cur = conn.execute("INSERT INTO asset_search (asset_type, names, reasons, body) "
+                           "VALUES (?, ?, ?, ?)", (row[0], names, reasons, text or ""))
+        conn.execute("INSERT INTO search_docs (asset_id, doc) VALUES (?, ?)",
+                     (asset_id, cur.lastrowid))
+    else:
+        conn.execute("UPDATE asset_search SET asset_type=?, names=?, reasons=?, "
+                     "body=COALESCE(?, body) WHERE rowid=?",
+                     (row[0], names, reasons, text, found[0]))
+
+
+def fts_query(q: str) -> str:
+    """The caller's words as an FTS5 query: each one quoted (no operator or column filter
+    reaches FTS5 from outside), all of them required, the last one also as a prefix."""
+    words = [w for w in re.split(r"\s+", q.strip()) if w]
+    quoted = ['"' + w.replace('"', '""') + '"' for w in words]
+    if quoted:
+        quoted[-1] += "*"
+    return " ".join(quoted)
+
+
+def search_assets(
+    conn: sqlite3.Connection, principal_id: str, identities: Iterable[str],
+    scopes: Iterable[str], q: str, *, asset_type: str | None = None,
+    state: str | None = None, output_of: str | None = None, limit: int = 50, offset: int = 0,
+) -> list[tuple[str, str]]:
+    """(asset id, snippet) of the assets ``principal_id`` may read that match ``q``, best
+    match first. Access is decided in the same query, from the rows as they are now
+    (agent.server.auth.allows, in SQL): created by the caller, a grant of any action to one
+    of its ``identities``, or a visibility that lets it read (``public``; ``organization`` /
+    ``team`` and one of its ``scopes``)."""
+    ids, scope_ids = sorted(set(identities)), sorted(set(scopes))
+    where = ["asset_search MATCH ?",
+             "(a.created_by = ? OR a.visibility = 'public'"
+             f" OR (a.visibility IN ('organization', 'team') AND a.organization_id IN "
+             f"({', '.join('?' * len(scope_ids)) or 'NULL'}))"
+             f" OR EXISTS (SELECT 1 FROM grants g WHERE g.asset_id = a.asset_id AND "
+             f"g.principal_id IN ({', '.join('?' * len(ids)) or 'NULL'})))"]
+    args: list[Any] = [fts_query(q), principal_id, *scope_ids, *ids]
+    for col, value in (("asset_type", asset_type), ("state", state), ("output_of", output_of)):
+        if value is not None:
+            where.append(f"a.{col} = ?")
+            args.append(value)
+    sql = ("SELECT a.asset_id, snippet(asset_search, -1, '[', ']', '…', 12) "
+           "FROM asset_search JOIN search_docs d ON d.doc = asset_search.rowid "
+           "JOIN assets a ON a.asset_id = d.asset_id "
+           f"WHERE {' AND '.join(where)} "
+           "ORDER BY bm25(asset_search, 2.0, 3.0, 2.0, 1.0), a.asset_id LIMIT ? OFFSET ?")
+    return [(r[0], r[1]) for r in conn.execute(sql, [*args, limit, offset])]
+
+
+def search_text(conn: sqlite3.Connection, asset_id: str) -> str:
+    row = conn.execute("SELECT body FROM asset_search JOIN search_docs d ON d.doc = "
+                       "asset_search.rowid WHERE d.asset_id=?", (asset_id,)).fetchone()
+    return str(row[0]) if row and row[0] else ""
 
 
 def is_linked(conn: sqlite3.Connection, asset_id: str) -> bool:

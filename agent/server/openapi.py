@@ -162,7 +162,8 @@ class Op:
 
 HEALTH = _obj({"status": {"const": "ok"}, "url": {"type": "string"},
                "version": {"type": "string"}, "storage": {"type": "string"},
-               "features": {"type": "array", "items": {"enum": ["checksum_urls", "asset_keys"]},
+               "features": {"type": "array",
+                            "items": {"enum": ["checksum_urls", "search", "asset_keys"]},
                             "description": "API 1.1 features this server offers"}})
 
 OPERATIONS: dict[tuple[str, str], Op] = {
@@ -209,6 +210,16 @@ OPERATIONS: dict[tuple[str, str], Op] = {
               "content": {"not": {"type": "null"},
                           "description": "a string (text/plain) or any other JSON value"}},
              {"content_type": TEXT, "output_of": TEXT, **PLACEMENT})),
+    ("GET", "/v1/assets/search"): Op(
+        "full-text search (API 1.1): the assets the caller may read matching q, best first; "
+        "each with its snippet and the first line of its text", 200,
+        _obj({"assets": {"type": "array", "items": {"type": "object"}},
+              "next_cursor": _maybe({"type": "string"})}),
+        query=(_query("q", {"type": "string", "minLength": 1, "maxLength": 1000}, True),
+               _query("asset_type", {"type": "string"}), _query("state", _enum(STATES)),
+               _query("output_of", {"type": "string"}),
+               _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}),
+               _query("cursor", {"type": "string"}))),
     ("GET", "/v1/assets/{asset_id}"): Op(
         "an asset, with download URLs if asked", 200, m.Asset,
         query=(_query("include_presigned", {"type": "boolean"}),)),
