@@ -173,11 +173,17 @@ async def test_a_server_without_the_feature_says_so(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
-async def test_an_older_database_is_migrated(tmp_path: Path, version: int) -> None:
-    async with running_server(tmp_path) as s:
+async def test_an_older_database_is_migrated(tmp_path: Path, version: int,
+                                             storage_backend: str) -> None:
+    async with running_server(tmp_path, storage=storage_backend) as s:
         run = await new_run(s)
         plan = await s.api.register([decl("a", b"abc")], output_of=run)
         aid = plan["asset_id"]
+        notes = []
+        for content in ("# Notes\n\nthe warmup helped", {"verdict": "overfitting", "n": 3}):
+            r = await s.api.post("/v1/assets/inline", {"asset_type": "report",
+                                                       "content": content})
+            notes.append(r.body["asset_id"])
     db = next(tmp_path.rglob("server.db"))
     with sqlite3.connect(db) as conn:  # back to the older schema, as that server left it
         conn.execute("DROP TABLE asset_search")
@@ -189,14 +195,17 @@ async def test_an_older_database_is_migrated(tmp_path: Path, version: int) -> No
             conn.execute("ALTER TABLE components DROP COLUMN bound_sha256")
         conn.execute(f"PRAGMA user_version={version}")
     assert "asset_key" in SCHEMA and SCHEMA_VERSION == 4
-    async with running_server(tmp_path) as s:
+    async with running_server(tmp_path, storage=storage_backend) as s:
         got = (await s.api.get(f"/v1/assets/{aid}")).body
         assert got["state"] == "pending" and "key" not in got
         found = await s.api.get("/v1/assets/search", params={"q": "checkpoint"})
         assert [a["asset_id"] for a in found.body["assets"]] == [aid]  # indexed when migrated
+        for word, note in (("warmup", notes[0]), ("overfitting", notes[1])):
+            found = await s.api.get("/v1/assets/search", params={"q": word})
+            assert [a["asset_id"] for a in found.body["assets"]] == [note]  # read at start
         again = await keyed(s.api, run, "k", [decl("b", b"b")])
         assert (await keyed(s.api, run, "k", [decl("c", b"c")], status=200))["asset_id"] == \
             again["asset_id"]
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
-        assert conn.execute("SELECT count(*) FROM search_docs").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM search_docs").fetchone()[0] == 4

@@ -11,6 +11,7 @@ is serialized by a per-asset lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -231,6 +232,31 @@ def searchable_text(content: Any) -> str:
 
     walk(content)
     return "\n".join(out)
+
+
+async def index_inline_texts(core: Core) -> int:
+    """Give search the text of inline assets indexed without it (a database migrated to
+    schema 4: their content is in storage); how many. One unreadable is indexed empty, with
+    a WARNING, not tried again."""
+    todo = await core.db.read(db.unread_texts)
+    for asset_id, key, content_type in todo:
+        try:
+            data = await core.storage.read_small(key, core.config.inline_max_bytes)
+        except Exception as e:
+            log.warning("search: cannot read the text of inline asset %s (%s); it is found "
+                        "by its type and flags only", asset_id, e)
+            data = None
+        text = ""
+        if data is not None:
+            raw = data.decode("utf-8", "replace")
+            text = raw
+            if (content_type or "").startswith("application/json"):
+                with contextlib.suppress(ValueError):
+                    text = searchable_text(json.loads(raw))
+        await core.db.write(db.index_asset, asset_id, text)
+    if todo:
+        log.info("search: indexed the text of %d inline asset(s)", len(todo))
+    return len(todo)
 
 
 def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:

@@ -278,7 +278,14 @@ class Database:
             conn.executescript(f"BEGIN IMMEDIATE; {' '.join(steps)} {SEARCH_SCHEMA}")
             try:
                 for (asset_id,) in conn.execute("SELECT asset_id FROM assets").fetchall():
-                    index_asset(conn, asset_id)  # an inline asset's text: see reindex_bodies
+                    index_asset(conn, asset_id)
+                # an inline asset's text is in storage: NULL until read at start
+                # (agent.server.assets.index_inline_texts)
+                conn.execute(
+                    "UPDATE asset_search SET body = NULL WHERE rowid IN (SELECT d.doc FROM "
+                    "search_docs d JOIN components c ON c.asset_id = d.asset_id WHERE "
+                    "c.name = 'content' AND c.object_key = 'assets/' || d.asset_id || "
+                    "'/content')")
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
@@ -638,6 +645,15 @@ def search_assets(
            f"WHERE {' AND '.join(where)} "
            "ORDER BY bm25(asset_search, 2.0, 3.0, 2.0, 1.0), a.asset_id LIMIT ? OFFSET ?")
     return [(r[0], r[1]) for r in conn.execute(sql, [*args, limit, offset])]
+
+
+def unread_texts(conn: sqlite3.Connection) -> list[tuple[str, str, str | None]]:
+    """Inline assets indexed without their text (by a migration): (asset id, the key of
+    its content, its content type)."""
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        "SELECT d.asset_id, c.object_key, c.content_type FROM asset_search s JOIN search_docs "
+        "d ON d.doc = s.rowid JOIN components c ON c.asset_id = d.asset_id AND c.name = "
+        "'content' WHERE s.body IS NULL")]
 
 
 def search_text(conn: sqlite3.Connection, asset_id: str) -> str:

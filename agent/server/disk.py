@@ -390,6 +390,17 @@ class DiskStorage:
             f.write(data)
         return self._install(tmp, key, hashlib.sha256(data).hexdigest(), content_type)
 
+    def _read_small(self, key: str, max_bytes: int) -> bytes | None:
+        try:
+            with open(self._paths(key)[0], "rb") as f:
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            return None
+        return None if len(data) > max_bytes else data
+
+    async def read_small(self, key: str, max_bytes: int) -> bytes | None:
+        return await self._run(self._read_small, key, max_bytes)
+
     async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo:
         async with self._locks.hold(key):
             return await self._run(self._write_new, key, data, content_type)

@@ -30,6 +30,7 @@ from agent.priority import BulkExecutor
 from agent.statedir import prepare_state_dir
 
 from .app import Core, make_app
+from .assets import index_inline_texts
 from .auth import TokenStore, ensure_tokens_file, local_principal_id
 from .db import Database
 from .guard import ConnectionGuard, ServerLogger
@@ -227,6 +228,7 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         await storage.start(public_url)
         cleanup.push_async_callback(storage.close)
         core = Core(cfg, database, storage, tokens, version, public_url)
+        await index_inline_texts(core)
         runner, guard = _make_runner(core)
         await runner.setup()
         cleanup.push_async_callback(runner.cleanup)

@@ -285,6 +285,22 @@ class S3Storage:
             body.close()
         return h.hexdigest()
 
+    def _read_small(self, key: str, max_bytes: int) -> bytes | None:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _MISSING:
+                return None
+            raise StorageError(f"{self.description}: reading {key!r}: {_code(e)}") from e
+        try:
+            data = body.read(max_bytes + 1)
+        finally:
+            body.close()
+        return None if len(data) > max_bytes else bytes(data)
+
+    async def read_small(self, key: str, max_bytes: int) -> bytes | None:
+        return await self._run(self._read_small, key, max_bytes)
+
     async def sha256(self, key: str, size: int) -> str | None:
         if size > self.verify_sha256_max_bytes:
             return None  # the client's declared digest is recorded, unverified

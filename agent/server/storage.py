@@ -165,6 +165,11 @@ class Storage(Protocol):
 
     async def put_object(self, key: str, data: bytes, content_type: str) -> ObjectInfo: ...
 
+    async def read_small(self, key: str, max_bytes: int) -> bytes | None:
+        """The object's bytes if it holds at most ``max_bytes`` (an inline asset's content),
+        else None; None too when it is not there."""
+        ...
+
     async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo | None:
         """Copy ``src`` to ``dst`` inside the store (replacing ``dst``); None if ``src`` does
         not exist. ``dst`` then no longer changes when ``src`` is written again. ``size``:
