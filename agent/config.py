@@ -235,6 +235,12 @@ class ServerSection(_Section):
     part_size_bytes: int = Field(default=32 * MiB, ge=5 * MiB)
     tokens_file: Path | None = None
     url_expiry_s: int = Field(default=3600, ge=1)
+    pending_ttl_s: int = Field(default=7 * 86400, ge=1)
+    """A pending asset with no upload activity (URLs asked for, components added, its
+    uploads listed, a PUT to the disk store) for this long is abandoned with reason
+    ``expired`` and its storage released (API 1.1)."""
+    sweep_interval_s: float = Field(default=300.0, gt=0)
+    """How often the server looks for pending assets past ``pending_ttl_s``."""
     checksum_urls: bool = True
     """Offer checksum-bound upload URLs (API 1.1 ``checksum_urls``): a single-PUT component
     registered with its SHA-256 gets a URL with the digest signed in, so the store refuses

@@ -5,7 +5,7 @@ it is pending (200, the same asset id, URLs for its own components only);
 harmless, with another size or digest a 409 ``conflict``; finalize covers every declared
 component; a ready asset takes no more (409 ``asset_not_pending``); uploaders racing on one
 key build one asset; a caller without write access adds nothing; databases of schemas 1 to
-3 are migrated (and their assets indexed for search)."""
+4 are migrated (their assets indexed for search, inline texts read from storage)."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ async def test_a_server_without_the_feature_says_so(tmp_path: Path) -> None:
         assert r.status == 404 and "asset_keys" in r.body["error"]["message"], r.body
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 async def test_an_older_database_is_migrated(tmp_path: Path, version: int,
                                              storage_backend: str) -> None:
     async with running_server(tmp_path, storage=storage_backend) as s:
@@ -186,15 +186,18 @@ async def test_an_older_database_is_migrated(tmp_path: Path, version: int,
             notes.append(r.body["asset_id"])
     db = next(tmp_path.rglob("server.db"))
     with sqlite3.connect(db) as conn:  # back to the older schema, as that server left it
-        conn.execute("DROP TABLE asset_search")
-        conn.execute("DROP TABLE search_docs")
+        conn.execute("DROP INDEX assets_pending")
+        conn.execute("ALTER TABLE assets DROP COLUMN active_at")
+        if version < 4:
+            conn.execute("DROP TABLE asset_search")
+            conn.execute("DROP TABLE search_docs")
         if version < 3:
             conn.execute("DROP INDEX assets_by_key")
             conn.execute("ALTER TABLE assets DROP COLUMN asset_key")
         if version == 1:
             conn.execute("ALTER TABLE components DROP COLUMN bound_sha256")
         conn.execute(f"PRAGMA user_version={version}")
-    assert "asset_key" in SCHEMA and SCHEMA_VERSION == 4
+    assert "asset_key" in SCHEMA and SCHEMA_VERSION == 5
     async with running_server(tmp_path, storage=storage_backend) as s:
         got = (await s.api.get(f"/v1/assets/{aid}")).body
         assert got["state"] == "pending" and "key" not in got
@@ -207,5 +210,5 @@ async def test_an_older_database_is_migrated(tmp_path: Path, version: int,
         assert (await keyed(s.api, run, "k", [decl("c", b"c")], status=200))["asset_id"] == \
             again["asset_id"]
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
         assert conn.execute("SELECT count(*) FROM search_docs").fetchone()[0] == 4

@@ -46,6 +46,8 @@ class Asset(_Model):
     finalized_at: str | None = None
     download_urls: dict[str, str] | None = None
     warnings: list[Any] | None = None
+    abandoned_reason: str | None = None
+    """Why an ``abandoned`` asset was abandoned (a run's end, a cancel, ``expired``)."""
 
 
 class AssetList(_Model):

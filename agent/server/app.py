@@ -102,6 +102,8 @@ class Core:
     public_url: str = ""
     asset_locks: KeyedLocks = field(default_factory=KeyedLocks)
     idem_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    touched: dict[str, float] = field(default_factory=dict)
+    """Asset id → when a PUT last recorded upload activity (time.monotonic())."""
     bodies: BodyBudget = field(init=False)
 
     def __post_init__(self) -> None:

@@ -17,9 +17,11 @@ import json
 import logging
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -98,11 +100,16 @@ async def upload_gate(core: Core, key: str) -> AsyncIterator[bool]:
         return
     async with core.asset_locks.hold(asset_id):
         asset = await core.db.read(db.get_asset, asset_id)
-        yield (
-            asset is not None
-            and asset.state == "pending"
-            and any(c.object_key == key for c in asset.components)
-        )
+        ok = (asset is not None and asset.state == "pending"
+              and any(c.object_key == key for c in asset.components))
+        if ok:
+            last = core.touched.get(asset_id, 0.0)
+            if time.monotonic() - last > TOUCH_EVERY_S:
+                if len(core.touched) > 100_000:
+                    core.touched.clear()
+                core.touched[asset_id] = time.monotonic()
+                await touch(core, asset_id)
+        yield ok
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -362,6 +369,54 @@ async def release_storage(core: Core, asset_id: str) -> None:
         await _drop(core, comps)
 
 
+TOUCH_EVERY_S = 60.0
+"""A PUT records upload activity at most this often per asset (a DB write per PUT of a
+directory of small files would cost more than the PUT)."""
+
+
+async def touch(core: Core, asset_id: str) -> None:
+    """Upload activity on ``asset_id``: what ``server.pending_ttl_s`` counts from."""
+    await core.db.write(db.touch, asset_id)
+
+
+async def expire_idle(core: Core) -> list[str]:
+    """Abandon (reason ``expired``) every pending asset without upload activity for
+    ``server.pending_ttl_s``, then release its storage; the asset ids. Each one is looked at
+    again under its lock, so an upload that came back meanwhile keeps its asset."""
+    ttl = core.config.pending_ttl_s
+    before = (datetime.now(UTC) - timedelta(seconds=ttl)).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+    done = []
+    for asset_id in await core.db.read(db.idle_pending, before):
+        async with core.asset_locks.hold(asset_id):
+            def txn(conn: sqlite3.Connection, asset_id: str = asset_id) -> bool:
+                if asset_id not in db.idle_pending(conn, before):
+                    return False
+                db.set_state(conn, asset_id, "abandoned", reason="expired")
+                return True
+
+            if not await core.db.write(txn):
+                continue
+        await release_storage(core, asset_id)
+        done.append(asset_id)
+    if done:
+        log.warning("abandoned %d pending asset(s) with no upload activity for %ds "
+                    "(server.pending_ttl_s), reason expired: %s", len(done), ttl,
+                    ", ".join(done[:10]) + (" …" if len(done) > 10 else ""))
+    return done
+
+
+async def sweep_forever(core: Core) -> None:
+    """The server's periodic housekeeping (``server.sweep_interval_s``): pending assets past
+    their TTL. A failure is logged and the next round tries again."""
+    while True:
+        await asyncio.sleep(core.config.sweep_interval_s)
+        try:
+            await expire_idle(core)
+        except Exception:
+            log.exception("sweep failed; trying again in %gs", core.config.sweep_interval_s)
+
+
 async def _drop(core: Core, comps: list[ComponentRow]) -> None:
     """Release the bytes of ``comps`` (an asset deleted or abandoned). A ready component
     that stayed at its create-only upload key gets an empty tombstone instead of a delete:
@@ -619,6 +674,7 @@ class Assets:
                     raise conflict(f"asset {asset_id} is {current.state}",
                                    code="asset_not_pending")
                 save(conn)
+                db.touch(conn, asset_id)
                 return Reply(200, body)
 
             return await ctx.commit(txn)
@@ -776,6 +832,8 @@ class Assets:
         asset_id = ctx.arg("asset_id")
         asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "read")
         storage = self.core.storage
+        if asset.state == "pending":
+            await touch(self.core, asset_id)  # an uploader reconciling: alive
 
         async def one(c: ComponentRow) -> dict[str, Any]:
             out: dict[str, Any] = {"uploaded": False, "size": None, "parts": []}

@@ -24,7 +24,7 @@ from agent.statedir import private_sqlite
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SEARCH_SCHEMA = """
 -- API 1.1 search: one FTS5 document per asset, its rowid kept in search_docs
 CREATE VIRTUAL TABLE IF NOT EXISTS asset_search USING fts5(
@@ -59,8 +59,10 @@ CREATE TABLE IF NOT EXISTS assets (
     abandoned_reason    TEXT,
     created_at          TEXT NOT NULL,
     finalized_at        TEXT,
-    asset_key           TEXT            -- API 1.1 asset_keys: uploaders join by it
+    asset_key           TEXT,           -- API 1.1 asset_keys: uploaders join by it
+    active_at           TEXT            -- a pending asset's last upload activity
 );
+CREATE INDEX IF NOT EXISTS assets_pending ON assets(state, active_at);
 CREATE INDEX IF NOT EXISTS assets_by_run ON assets(output_of, state);
 CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON assets(output_of, asset_type, asset_key)
     WHERE asset_key IS NOT NULL;
@@ -214,6 +216,8 @@ class AssetRow:
             "created_at": self.created_at,
             "finalized_at": self.finalized_at,
             **({"key": self.asset_key} if self.asset_key is not None else {}),
+            **({"abandoned_reason": self.abandoned_reason or ""}
+               if self.state == "abandoned" else {}),
         }
 
 
@@ -236,6 +240,39 @@ def _component(row: sqlite3.Row) -> ComponentRow:
     c = ComponentRow(*tuple(row))
     c.sha256_verified, c.uploaded = bool(c.sha256_verified), bool(c.uploaded)
     return c
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """From ``version`` to :data:`SCHEMA_VERSION` in one transaction: 2 adds
+    ``components.bound_sha256``, 3 ``assets.asset_key``, 4 the search index (every asset
+    indexed; an inline asset's text is in storage, read at start by
+    :func:`agent.server.assets.index_inline_texts`), 5 ``assets.active_at``."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if version < 2:
+            conn.execute("ALTER TABLE components ADD COLUMN bound_sha256 TEXT")
+        if version < 3:
+            conn.execute("ALTER TABLE assets ADD COLUMN asset_key TEXT")
+            conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON "
+                         "assets(output_of, asset_type, asset_key) WHERE asset_key IS NOT NULL")
+        if version < 5:
+            conn.execute("ALTER TABLE assets ADD COLUMN active_at TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS assets_pending ON assets(state, active_at)")
+        if version < 4:
+            for statement in SEARCH_SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            for (asset_id,) in conn.execute("SELECT asset_id FROM assets").fetchall():
+                index_asset(conn, asset_id)
+            conn.execute(
+                "UPDATE asset_search SET body = NULL WHERE rowid IN (SELECT d.doc FROM "
+                "search_docs d JOIN components c ON c.asset_id = d.asset_id WHERE "
+                "c.name = 'content' AND c.object_key = 'assets/' || d.asset_id || '/content')")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 # ---- the database thread ------------------------------------------------------------------------
@@ -268,29 +305,8 @@ class Database:
             conn.executescript(
                 f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
-        elif version in (1, 2, 3):
-            # 2 adds components.bound_sha256, 3 assets.asset_key, 4 the search index
-            steps = ["ALTER TABLE components ADD COLUMN bound_sha256 TEXT;"] if version == 1 else []
-            if version < 3:
-                steps += ["ALTER TABLE assets ADD COLUMN asset_key TEXT;",
-                          "CREATE UNIQUE INDEX IF NOT EXISTS assets_by_key ON "
-                          "assets(output_of, asset_type, asset_key) WHERE asset_key IS NOT NULL;"]
-            conn.executescript(f"BEGIN IMMEDIATE; {' '.join(steps)} {SEARCH_SCHEMA}")
-            try:
-                for (asset_id,) in conn.execute("SELECT asset_id FROM assets").fetchall():
-                    index_asset(conn, asset_id)
-                # an inline asset's text is in storage: NULL until read at start
-                # (agent.server.assets.index_inline_texts)
-                conn.execute(
-                    "UPDATE asset_search SET body = NULL WHERE rowid IN (SELECT d.doc FROM "
-                    "search_docs d JOIN components c ON c.asset_id = d.asset_id WHERE "
-                    "c.name = 'content' AND c.object_key = 'assets/' || d.asset_id || "
-                    "'/content')")
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        elif 1 <= version < SCHEMA_VERSION:
+            _migrate(conn, version)
         elif version != SCHEMA_VERSION:
             conn.close()
             raise RuntimeError(
@@ -569,6 +585,26 @@ def set_placement(
         "UPDATE assets SET visibility=?, organization_id=? WHERE asset_id=?",
         (visibility, organization_id, asset_id),
     )
+
+
+def touch(conn: sqlite3.Connection, asset_id: str, at: str | None = None) -> None:
+    """Upload activity on a pending asset (URLs asked for, components added, its uploads
+    listed, a PUT arriving): what ``server.pending_ttl_s`` counts from."""
+    conn.execute("UPDATE assets SET active_at=? WHERE asset_id=? AND state='pending'",
+                  (at or utcnow(), asset_id))
+
+
+def idle_pending(conn: sqlite3.Connection, before: str) -> list[str]:
+    """Pending assets with no upload activity since ``before`` (nor created since)."""
+    return [r[0] for r in conn.execute(
+        "SELECT asset_id FROM assets WHERE state='pending' AND "
+        "COALESCE(active_at, created_at) < ? ORDER BY created_at", (before,))]
+
+
+def active_at(conn: sqlite3.Connection, asset_id: str) -> str | None:
+    row = conn.execute("SELECT COALESCE(active_at, created_at) FROM assets WHERE asset_id=?",
+                       (asset_id,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def delete_asset(conn: sqlite3.Connection, asset_id: str) -> None:

@@ -30,7 +30,7 @@ from agent.priority import BulkExecutor
 from agent.statedir import prepare_state_dir
 
 from .app import Core, make_app
-from .assets import index_inline_texts
+from .assets import expire_idle, index_inline_texts, sweep_forever
 from .auth import TokenStore, ensure_tokens_file, local_principal_id
 from .db import Database
 from .guard import ConnectionGuard, ServerLogger
@@ -134,6 +134,7 @@ class LocalServer:
     _guard: ConnectionGuard = field(repr=False)
     _core: Core = field(repr=False)
     _pool: concurrent.futures.Executor = field(repr=False)
+    _sweeper: asyncio.Task[None] = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -145,6 +146,9 @@ class LocalServer:
             return
         self._stopped = True
         loop = asyncio.get_running_loop()
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
         try:
             self._listener.close()
             await self._runner.cleanup()
@@ -229,6 +233,7 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         cleanup.push_async_callback(storage.close)
         core = Core(cfg, database, storage, tokens, version, public_url)
         await index_inline_texts(core)
+        await expire_idle(core)  # a server that was down: before any uploader touches them
         runner, guard = _make_runner(core)
         await runner.setup()
         cleanup.push_async_callback(runner.cleanup)
@@ -245,6 +250,7 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         raise
     cleanup.pop_all()
     log.info("local Chronicle listening on %s (storage %s)", url, storage.description)
+    sweeper = asyncio.create_task(sweep_forever(core), name="chronicle-sweep")
     return LocalServer(
         url=url,
         tokens_file=tokens_file,
@@ -256,6 +262,7 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         _guard=guard,
         _core=core,
         _pool=pool,
+        _sweeper=sweeper,
     )
 
 

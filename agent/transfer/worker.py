@@ -28,6 +28,7 @@ from agent.errors import (
     RetryableError,
     SourceChanged,
     StateDiskFull,
+    StorageRefused,
 )
 from agent.fsid import Identity, run_as
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
@@ -300,9 +301,13 @@ class Workers:
         up = AssetUpload(self.e, await self._asset_for(job), progress, reader=ident)
         if up.asset.state != "finalized":
             try:
-                await up.ensure_registered()
-                await up.upload_all()
-                await up.finalize()
+                try:
+                    await up.ensure_registered()
+                    await up.upload_all()
+                    await up.finalize()
+                except (ChronicleError, StorageRefused) as e:
+                    await self._abandoned_remotely(job, up, e)
+                    raise
             except SourceChanged as e:
                 # Never finalize mixed bytes: give up this asset, and let a retry start over
                 # from a fresh scan of what is on disk then.
@@ -313,6 +318,29 @@ class Workers:
                     f"{job.job_id}` uploads the files as they are then"
                 ) from None
         return None
+
+    async def _abandoned_remotely(self, job: Job, up: AssetUpload, err: Exception) -> None:
+        """After a refusal that an abandoned asset explains (409 ``asset_not_pending``, the
+        disk store's ``upload_closed``): if Chronicle abandoned the asset (its run ended, or
+        it sat idle past the server's pending TTL, reason ``expired``), record that, so a
+        retry scans and registers anew, and fail with that reason. Anything else: return."""
+        code = getattr(err, "code", "")
+        if up.asset.asset_id is None or code not in ("asset_not_pending", "upload_closed"):
+            return
+        try:
+            asset = await self.e.chronicle.send(contract.get_asset(up.asset.asset_id),
+                                                token=up.token)
+        except ChronicleError:
+            return
+        if asset.state != "abandoned":
+            return
+        await self.q.do(self.q.s.set_asset, up.asset.asset_key, state="abandoned")
+        reason = asset.abandoned_reason or "no reason given"
+        raise ChronicleError(
+            409, "asset_abandoned",
+            f"Chronicle abandoned asset {asset.asset_id} before it was finalized (reason: "
+            f"{reason}); `chronicle-agent retry {job.job_id}` uploads the files anew as a "
+            "new asset") from err
 
     async def _inline(self, job: Job) -> dict[str, Any] | None:
         p = job.payload
