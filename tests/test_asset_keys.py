@@ -172,7 +172,7 @@ async def test_a_server_without_the_feature_says_so(tmp_path: Path) -> None:
         assert r.status == 404 and "asset_keys" in r.body["error"]["message"], r.body
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 3, 4])  # each step of 2 is in 1's
 async def test_an_older_database_is_migrated(tmp_path: Path, version: int,
                                              storage_backend: str) -> None:
     async with running_server(tmp_path, storage=storage_backend) as s:
