@@ -99,9 +99,7 @@ async def upload_gate(core: Core, key: str) -> AsyncIterator[bool]:
         yield False
         return
     async with core.asset_locks.hold(asset_id):
-        asset = await core.db.read(db.get_asset, asset_id)
-        ok = (asset is not None and asset.state == "pending"
-              and any(c.object_key == key for c in asset.components))
+        ok = await core.db.read(db.planned_key, asset_id, key) == "pending"
         if ok:
             last = core.touched.get(asset_id, 0.0)
             if time.monotonic() - last > TOUCH_EVERY_S:

@@ -312,6 +312,8 @@ class Database:
             raise RuntimeError(
                 f"{self.path}: schema version {version}, this server knows {SCHEMA_VERSION}"
             )
+        # every presigned PUT to the disk store looks its key up (planned_key)
+        conn.execute("CREATE INDEX IF NOT EXISTS components_by_key ON components(object_key)")
         self._conn = conn
 
     async def close(self) -> None:
@@ -585,6 +587,15 @@ def set_placement(
         "UPDATE assets SET visibility=?, organization_id=? WHERE asset_id=?",
         (visibility, organization_id, asset_id),
     )
+
+
+def planned_key(conn: sqlite3.Connection, asset_id: str, key: str) -> str | None:
+    """The state of ``asset_id`` if one of its components is planned at ``key``, else None
+    (one indexed lookup: the disk store asks it for every PUT)."""
+    row = conn.execute("SELECT a.state FROM components c JOIN assets a ON a.asset_id = "
+                       "c.asset_id WHERE c.object_key = ? AND c.asset_id = ?",
+                       (key, asset_id)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def touch(conn: sqlite3.Connection, asset_id: str, at: str | None = None) -> None:
