@@ -8,6 +8,7 @@ detail needs a change here, not in the daemon.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
@@ -110,6 +111,32 @@ def _components(components: Iterable[str | m.ComponentDecl | Mapping[str, Any]])
 
 def health() -> Call[dict[str, Any]]:
     return Call("GET", "/v1/health", _raw)
+
+
+def features_of(health: Any) -> frozenset[str]:
+    """The API 1.1 features a ``/v1/health`` answer advertises (none if it lists none)."""
+    raw = health.get("features") if isinstance(health, dict) else None
+    return frozenset(f for f in raw if isinstance(f, str)) if isinstance(raw, list) \
+        else frozenset()
+
+
+CHECKSUM_HEADER = "x-amz-checksum-sha256"
+"""API 1.1 ``checksum_urls``: the header a checksum-bound upload URL is sent with."""
+
+
+def checksum_header(sha256: str) -> dict[str, str]:
+    """That header for a hex SHA-256: the digest in base64."""
+    return {CHECKSUM_HEADER: base64.b64encode(bytes.fromhex(sha256)).decode()}
+
+
+def checksum_of(value: str) -> str | None:
+    """The hex digest an ``x-amz-checksum-sha256`` header carries, or None if it is not
+    the base64 of 32 bytes."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 32 else None
 
 
 # ---- runs ----------------------------------------------------------------------------------

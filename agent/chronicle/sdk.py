@@ -135,10 +135,7 @@ class Assets:
 
     def _features(self) -> frozenset[str]:
         if self._feature_set is None:
-            health = self._t.send(contract.health())
-            raw = health.get("features") if isinstance(health, dict) else None
-            self._feature_set = frozenset(
-                f for f in raw if isinstance(f, str)) if isinstance(raw, list) else frozenset()
+            self._feature_set = contract.features_of(self._t.send(contract.health()))
         return self._feature_set
 
     def latest(self, run_id: str, asset_type: str,

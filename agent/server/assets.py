@@ -388,7 +388,7 @@ async def expire_idle(core: Core) -> list[str]:
     for asset_id in await core.db.read(db.idle_pending, before):
         async with core.asset_locks.hold(asset_id):
             def txn(conn: sqlite3.Connection, asset_id: str = asset_id) -> bool:
-                if asset_id not in db.idle_pending(conn, before):
+                if not db.idle_pending(conn, before, asset_id):
                     return False
                 db.set_state(conn, asset_id, "abandoned", reason="expired")
                 return True
@@ -564,46 +564,27 @@ class Assets:
                       organization_id: str | None, specs: list[ComponentSpec],
                       key: str | None) -> Reply:
         asset_id = new_id("ast")
-        comps = [
-            ComponentRow(s.name, f"assets/{asset_id}/{s.name}", i, content_type=s.content_type)
-            for i, s in enumerate(specs)
-        ]
-        sized = [(i, s.size) for i, s in enumerate(specs) if s.size is not None]
-        planned = await self._plan_many([(comps[i], size) for i, size in sized])
-        for (i, _), c in zip(sized, planned, strict=True):
-            comps[i] = self._bind(c, specs[i].sha256)
-        try:
-            asset = AssetRow(
-                asset_id=asset_id,
-                asset_type=asset_type,
-                state="pending",
-                created_by=ctx.principal.id,
-                visibility=visibility,
-                created_at=utcnow(),
-                output_of=output_of,
-                organization_id=organization_id,
-                content_type=opt_str(ctx.body, "content_type"),
-                asset_key=key,
-                components=comps,
-            )
-            body = {
-                "asset_id": asset_id,
-                "state": "pending",
-                "expires_at": self.core.expires_at(),
-                **(await self._urls(comps)),
-            }
+        comps, planned = await self._new_rows(asset_id, specs, 0)
+        asset = AssetRow(
+            asset_id=asset_id,
+            asset_type=asset_type,
+            state="pending",
+            created_by=ctx.principal.id,
+            visibility=visibility,
+            created_at=utcnow(),
+            output_of=output_of,
+            organization_id=organization_id,
+            content_type=opt_str(ctx.body, "content_type"),
+            asset_key=key,
+            components=comps,
+        )
 
-            def txn(conn: sqlite3.Connection) -> Reply:
-                if output_of:
-                    require_run_for_output(conn, ctx.principal, output_of)
-                db.insert_asset(conn, asset)
-                return Reply(201, body)
+        def insert(conn: sqlite3.Connection) -> None:
+            if output_of:
+                require_run_for_output(conn, ctx.principal, output_of)
+            db.insert_asset(conn, asset)
 
-            return await ctx.commit(txn)
-        except BaseException:
-            if not ctx.committed:
-                await self._abort_quietly(planned)
-            raise
+        return await self._commit_urls(ctx, asset_id, comps, insert, planned, status=201)
 
     async def add_components(self, ctx: Ctx) -> Reply:
         """``POST /v1/assets/{id}/components`` (API 1.1 ``asset_keys``)."""
@@ -639,25 +620,34 @@ class Assets:
             raise invalid(f"components: component {both[1]!r} needs {both[0]!r} to be a "
                           f"directory, but {both[0]!r} is also a component")
         start = max((c.position for c in asset.components), default=-1) + 1
-        added = [ComponentRow(s.name, f"assets/{asset_id}/{s.name}", start + i,
-                              content_type=s.content_type) for i, s in enumerate(new)]
-        sized = [(i, s.size) for i, s in enumerate(new) if s.size is not None]
-        planned = await self._plan_many([(added[i], size) for i, size in sized])
-        for (i, _), c in zip(sized, planned, strict=True):
-            added[i] = self._bind(c, new[i].sha256)
+        added, planned = await self._new_rows(asset_id, new, start)
         by_name.update({c.name: c for c in added})
-        return await self._commit_urls(ctx, asset_id, [by_name[s.name] for s in specs],
-                                       partial(db.insert_components, asset_id=asset_id,
-                                               comps=added), planned)
+        return await self._commit_urls(
+            ctx, asset_id, [by_name[s.name] for s in specs],
+            self._while_pending(ctx, asset_id, partial(db.insert_components, asset_id=asset_id,
+                                                       comps=added)), planned)
+
+    async def _new_rows(self, asset_id: str, specs: list[ComponentSpec], start: int
+                        ) -> tuple[list[ComponentRow], list[ComponentRow]]:
+        """Rows for newly declared components (positions from ``start``), those with a size
+        planned (a multipart upload created above the threshold) and bound to their declared
+        digest; and the planned ones (to abort if the rows are not committed)."""
+        rows = [ComponentRow(s.name, f"assets/{asset_id}/{s.name}", start + i,
+                             content_type=s.content_type) for i, s in enumerate(specs)]
+        sized = [(i, s.size) for i, s in enumerate(specs) if s.size is not None]
+        planned = await self._plan_many([(rows[i], size) for i, size in sized])
+        for (i, _), c in zip(sized, planned, strict=True):
+            rows[i] = self._bind(c, specs[i].sha256)
+        return rows, planned
 
     async def _commit_urls(
         self, ctx: Ctx, asset_id: str, comps: list[ComponentRow],
         save: Callable[[sqlite3.Connection], None], planned: list[ComponentRow],
-        parts: dict[str, list[int]] | None = None,
+        parts: dict[str, list[int]] | None = None, status: int = 200,
     ) -> Reply:
-        """200 with the URLs of ``comps``, once ``save`` has recorded the change in the
-        transaction that finds the asset still pending; the multipart uploads just created
-        for ``planned`` are aborted if it does not commit."""
+        """``status`` with the URLs of ``comps``, once ``save`` has recorded the change (or
+        refused it) in one transaction; the multipart uploads just created for ``planned``
+        are aborted if it does not commit."""
         try:
             body = {
                 "asset_id": asset_id,
@@ -667,19 +657,28 @@ class Assets:
             }
 
             def txn(conn: sqlite3.Connection) -> Reply:
-                current = require_asset(conn, ctx.principal, asset_id, "write")
-                if current.state != "pending":
-                    raise conflict(f"asset {asset_id} is {current.state}",
-                                   code="asset_not_pending")
                 save(conn)
-                db.touch(conn, asset_id)
-                return Reply(200, body)
+                return Reply(status, body)
 
             return await ctx.commit(txn)
         except BaseException:
             if not ctx.committed:
                 await self._abort_quietly(planned)
             raise
+
+    @staticmethod
+    def _while_pending(ctx: Ctx, asset_id: str, save: Callable[[sqlite3.Connection], None]
+                       ) -> Callable[[sqlite3.Connection], None]:
+        """``save``, if the caller may still write the asset and it is pending; it counts
+        as upload activity (``server.pending_ttl_s``)."""
+        def run(conn: sqlite3.Connection) -> None:
+            current = require_asset(conn, ctx.principal, asset_id, "write")
+            if current.state != "pending":
+                raise conflict(f"asset {asset_id} is {current.state}", code="asset_not_pending")
+            save(conn)
+            db.touch(conn, asset_id)
+
+        return run
 
     async def inline(self, ctx: Ctx) -> Reply:
         asset_type = parse_asset_type(ctx.body)
@@ -783,8 +782,9 @@ class Assets:
             changed = planned + [by_name[n] for n in unbound if n not in replanned]
             reply = await self._commit_urls(
                 ctx, asset_id, selected,
-                partial(db.save_components, asset_id=asset_id, comps=changed), planned,
-                parts_filter)
+                self._while_pending(ctx, asset_id, partial(db.save_components,
+                                                           asset_id=asset_id, comps=changed)),
+                planned, parts_filter)
             await self._abort_quietly(replaced)  # the old plans: their parts are now garbage
             return reply
 

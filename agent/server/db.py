@@ -605,17 +605,15 @@ def touch(conn: sqlite3.Connection, asset_id: str, at: str | None = None) -> Non
                   (at or utcnow(), asset_id))
 
 
-def idle_pending(conn: sqlite3.Connection, before: str) -> list[str]:
-    """Pending assets with no upload activity since ``before`` (nor created since)."""
+def idle_pending(conn: sqlite3.Connection, before: str,
+                 asset_id: str | None = None) -> list[str]:
+    """Pending assets with no upload activity since ``before`` (nor created since); with
+    ``asset_id``, that one if it is."""
+    one = " AND asset_id = ?" if asset_id is not None else ""
     return [r[0] for r in conn.execute(
         "SELECT asset_id FROM assets WHERE state='pending' AND "
-        "COALESCE(active_at, created_at) < ? ORDER BY created_at", (before,))]
-
-
-def active_at(conn: sqlite3.Connection, asset_id: str) -> str | None:
-    row = conn.execute("SELECT COALESCE(active_at, created_at) FROM assets WHERE asset_id=?",
-                       (asset_id,)).fetchone()
-    return None if row is None else str(row[0])
+        f"COALESCE(active_at, created_at) < ?{one} ORDER BY created_at",
+        (before, asset_id) if asset_id is not None else (before,))]
 
 
 def delete_asset(conn: sqlite3.Connection, asset_id: str) -> None:

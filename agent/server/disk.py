@@ -55,20 +55,18 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from agent.chronicle.contract import CHECKSUM_HEADER, checksum_header, checksum_of
 from agent.priority import hash_step
 
 from .locks import KeyedLocks
 from .signing import Grant, Signer
 from .storage import (
-    CHECKSUM_HEADER,
     MAX_PARTS,
     ObjectInfo,
     PartInfo,
     PartsRefused,
     StorageError,
     UploadGate,
-    checksum_header,
-    checksum_of,
     etag_value,
 )
 

@@ -57,10 +57,11 @@ import botocore.exceptions
 import botocore.session
 from aiohttp import web
 
+from agent.chronicle.contract import checksum_header
 from agent.errors import ConfigError
 
 from .sigv4 import Presigner
-from .storage import ObjectInfo, PartInfo, StorageError, UploadGate, checksum_header
+from .storage import ObjectInfo, PartInfo, StorageError, UploadGate
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ configured.
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -32,7 +31,6 @@ MiB = 1024 * 1024
 MIN_PART_BYTES = 5 * MiB
 """S3's minimum size of every part but the last."""
 MAX_PARTS = 10_000
-CHECKSUM_HEADER = "x-amz-checksum-sha256"
 MAX_OBJECT_BYTES = 5 * 1024**4
 """S3's limit for one object (5 TiB); also keeps a declared size within SQLite's INTEGER."""
 
@@ -52,22 +50,6 @@ class PartInfo:
 
     def to_json(self) -> dict[str, object]:
         return {"part_number": self.part_number, "etag": self.etag, "size": self.size}
-
-
-def checksum_header(sha256: str) -> dict[str, str]:
-    """The header a checksum-bound upload URL must be sent with: S3's
-    ``x-amz-checksum-sha256``, the digest in base64."""
-    return {CHECKSUM_HEADER: base64.b64encode(bytes.fromhex(sha256)).decode()}
-
-
-def checksum_of(value: str) -> str | None:
-    """The hex digest an ``x-amz-checksum-sha256`` header carries, or None if it is not
-    the base64 of 32 bytes."""
-    try:
-        raw = base64.b64decode(value.strip(), validate=True)
-    except ValueError:
-        return None
-    return raw.hex() if len(raw) == 32 else None
 
 
 def etag_value(etag: str) -> str:

@@ -21,8 +21,6 @@ was registered is never finalized: the job fails with ``source_changed``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 import math
@@ -194,13 +192,14 @@ def check_declared(comp: ComponentRecord, sha: str) -> str:
 def bound_digest(headers: dict[str, str] | None) -> str | None:
     """The SHA-256 (hex) that a checksum-bound URL's headers make the store check, if any."""
     for k, v in (headers or {}).items():
-        if k.lower() == "x-amz-checksum-sha256":
-            try:
-                raw = base64.b64decode(v, validate=True)
-            except (binascii.Error, ValueError):
-                return None
-            return raw.hex() if len(raw) == 32 else None
+        if k.lower() == contract.CHECKSUM_HEADER:
+            return contract.checksum_of(v)
     return None
+
+
+def registered_sha256(comp: ComponentRecord, buf: bytearray, opener: Opener) -> str:
+    """The SHA-256 of a small component's registered version (:func:`read_registered`)."""
+    return hashlib.sha256(read_registered(comp, buf, opener)).hexdigest()
 
 
 def scan_path(path: str, roots: list[str] | None = None) -> list[dict[str, Any]]:
@@ -316,7 +315,8 @@ class Engine:
         self.parts_per_component = max(1, up.concurrency - up.concurrency // 4)
         self.small_buffers = BufferPool(up.chunk_bytes + 1)
         self.pool = rawget.Pool(up.connect_timeout_s)
-        """Keep-alive connections of the direct download path (agent.transfer.rawget)."""
+        """Keep-alive connections of the direct paths (agent.transfer.rawget): downloads'
+        GETs and small files' PUTs."""
         self._features: frozenset[str] | None = None
         self.uploaded = Batched(queue, queue.s.mark_uploaded)
         """Components recorded as uploaded, many to a transaction when they finish
@@ -326,10 +326,7 @@ class Engine:
         """The API 1.1 features Chronicle advertises in ``/v1/health`` (asked once; a
         server without them is said once in the log, and version 1 is used with it)."""
         if self._features is None:
-            health = await self.chronicle.send(contract.health())
-            raw = health.get("features") if isinstance(health, dict) else None
-            found = frozenset(f for f in raw if isinstance(f, str)) if isinstance(
-                raw, list) else frozenset()
+            found = contract.features_of(await self.chronicle.send(contract.health()))
             if "checksum_urls" not in found:
                 log.info("Chronicle offers no checksum-bound upload URLs (API 1.1 "
                          "checksum_urls): small files are verified by Chronicle after upload")
@@ -490,8 +487,7 @@ class AssetUpload:
         def batch(todo: list[ComponentRecord]) -> None:
             with self.e.small_buffers.take() as buf:
                 for c in todo:
-                    data = read_registered(c, buf, self.open_src)
-                    digests[c.name] = hashlib.sha256(data).hexdigest()
+                    digests[c.name] = registered_sha256(c, buf, self.open_src)
 
         start = 0
         while start < len(small):
@@ -604,10 +600,11 @@ class AssetUpload:
         size = 0
         for c in todo:
             plan = self.plans.get(c.name)
-            if (plan is None or plan.part_size is not None or plan.url is None
-                    or c.size is None or c.size > cap or not c.path):
+            if plan is None or plan.part_size is not None or plan.url is None or \
+                    not self._small(c):
                 yield c
                 continue
+            assert c.size is not None  # (small)
             if run and (len(run) >= per_run or size + c.size > cap):
                 yield run
                 run, size = [], 0
@@ -807,8 +804,7 @@ class AssetUpload:
         size = comp.size
 
         def rehash(buf: bytearray) -> str:
-            return check_declared(comp, hashlib.sha256(
-                read_registered(comp, buf, self.open_src)).hexdigest())
+            return check_declared(comp, registered_sha256(comp, buf, self.open_src))
 
         async def put(url: str) -> str:
             headers = self.plans[comp.name].headers
