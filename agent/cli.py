@@ -107,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-url", metavar="URL",
                    help="base URL put into presigned disk-store URLs")
     p.set_defaults(handler=cmd_server)
+    server_sub = p.add_subparsers(dest="server_command", metavar="SUBCOMMAND")
+    gc = server_sub.add_parser(
+        "gc", help="one storage sweep: remove what failures left in the local server's storage",
+        description="One garbage-collection sweep of the local server's storage (the one "
+                    "the server runs every server.gc_interval_s): bytes and multipart uploads "
+                    "of abandoned and deleted assets, objects with no asset row, uploads no "
+                    "pending component names. Prints what it removes. Safe beside a running "
+                    "server; nothing written within server.gc_grace_s is touched.")
+    _global_options(gc)
+    gc.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
+    gc.add_argument("--json", action="store_true", help="print the report as JSON")
+    gc.add_argument("--grace", type=float, metavar="S",
+                    help="overrides server.gc_grace_s for this sweep")
+    gc.add_argument("--storage", metavar="URL", help="overrides server.storage")
+    gc.add_argument("--state-dir", metavar="DIR", help="overrides server.state_dir")
+    gc.set_defaults(handler=cmd_server_gc)
 
     p = command("upload", "upload a file or a directory as one asset, through the daemon")
     p.add_argument("path", metavar="PATH")
@@ -354,7 +370,8 @@ class JsonFormatter(logging.Formatter):
 def _logging(ctx: Ctx) -> Iterator[None]:
     """Install one stderr handler on the root logger for the duration of the command."""
     args = ctx.args
-    long_running = args.command in ("daemon", "server")
+    long_running = args.command in ("daemon", "server") and not getattr(
+        args, "server_command", None)
     fmt = getattr(args, "log_format", None)
     if getattr(args, "verbose", False):
         level = logging.DEBUG
@@ -417,6 +434,49 @@ def cmd_server(ctx: Ctx) -> int:
     from agent.server import serve_forever  # type: ignore[attr-defined, unused-ignore]
 
     return int(serve_forever(settings))
+
+
+def cmd_server_gc(ctx: Ctx) -> int:
+    import asyncio
+
+    from agent.progress import format_bytes
+    from agent.server.gc import SweepBusy, sweep_state_dir
+
+    args = ctx.args
+    if args.grace is not None and args.grace < 0:
+        raise UsageError(f"--grace must be 0 or more seconds, got {args.grace:g}")
+    server = {k: v for k, v in (("storage", args.storage), ("state_dir", args.state_dir))
+              if v is not None}
+    settings = ctx.settings({"server": server} if server else None)
+    try:
+        report = asyncio.run(sweep_state_dir(settings, dry_run=args.dry_run,
+                                             grace_s=args.grace))
+    except SweepBusy as e:
+        return _fail(ctx, f"{e}; try again when it ends", EXIT_FAILED)
+    if args.json:
+        ctx.print_json(report.to_json())
+        return EXIT_FAILED if report.errors else EXIT_OK
+    if report.removed:
+        ctx.print(format_table(("WHAT", "SIZE", "AGE", "KEY", "REASON"), [
+            (r.item.kind, format_bytes(r.item.size), _age(r.age_s), r.item.key or r.item.ref,
+             r.reason) for r in report.removed]))
+    verb = "would remove" if report.dry_run else "removed"
+    objects = sum(1 for r in report.removed if r.item.kind == "object")
+    ctx.print(f"{verb} {objects} object(s), {format_bytes(report.bytes_removed)}, and "
+              f"{len(report.removed) - objects} multipart upload(s); looked at "
+              f"{report.objects_seen} object(s) and {report.uploads_seen} upload(s) in "
+              f"{report.seconds:.1f}s; {report.too_recent} left for now (written within "
+              f"{report.grace_s:g}s)")
+    for error in report.errors:
+        ctx.warn(f"{PROG}: error: {error}")
+    return EXIT_FAILED if report.errors else EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 # ---- transfers ----------------------------------------------------------------------------

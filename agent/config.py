@@ -241,6 +241,15 @@ class ServerSection(_Section):
     ``expired`` and its storage released (API 1.1)."""
     sweep_interval_s: float = Field(default=300.0, gt=0)
     """How often the server looks for pending assets past ``pending_ttl_s``."""
+    gc_interval_s: float = Field(default=3600.0, ge=0)
+    """How often the storage sweep looks for what failures left in storage (bytes of
+    abandoned and deleted assets, objects with no asset row, multipart uploads no pending
+    component names) and removes it; the first sweep runs this long after start. 0 = never
+    (``chronicle-agent server gc`` still works)."""
+    gc_grace_s: float = Field(default=3600.0, ge=0)
+    """The storage sweep removes nothing written less than this long ago (a registration in
+    flight writes before its row exists); an empty object that may be a deleted component's
+    tombstone stays ``url_expiry_s`` longer."""
     checksum_urls: bool = True
     """Offer checksum-bound upload URLs (API 1.1 ``checksum_urls``): a single-PUT component
     registered with its SHA-256 gets a URL with the digest signed in, so the store refuses
@@ -280,7 +289,9 @@ class DebugSection(_Section):
     """Makes the daemon SIGKILL itself at a named step, for crash-recovery tests:
     before_register, after_register_sent, after_register, after_part:N, after_component:N,
     after_declare:N, before_finalize,
-    after_finalize_sent, after_finalize. Empty = never."""
+    after_finalize_sent, after_finalize; in the local server: after_asset_deleted (the row
+    gone, its bytes not yet), before_release (an asset abandoned, its storage not yet
+    released), gc_removed:N (the N-th batch of the storage sweep removed). Empty = never."""
     block_loop: str = Field(default="", pattern=r"^$|^[a-z_]+(:[0-9]+)?:[0-9]+(\.[0-9]+)?$")
     """Debug only, never in production: "<point>:<seconds>" blocks the daemon's event loop
     (time.sleep on its thread) for that long, once, at a crash point's step, to test what a

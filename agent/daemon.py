@@ -31,7 +31,7 @@ from aiohttp import web
 
 from agent.chronicle.aio import AsyncChronicle
 from agent.config import Settings
-from agent.crashpoints import from_settings
+from agent.crashpoints import CrashPoints, from_settings
 from agent.errors import AgentError, ConfigError
 from agent.metrics import Metrics, watch_loop_lag
 from agent.priority import BULK, lower_priority, set_cpus
@@ -99,13 +99,13 @@ class Daemon:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    async def _chronicle(self) -> tuple[str, str | None]:
+    async def _chronicle(self, crash: CrashPoints) -> tuple[str, str | None]:
         url = self.settings.chronicle.url
         if url:
             return url.rstrip("/"), self.settings.token()
         from agent.server import start_server
 
-        self._server = await start_server(self.settings, embedded=True)
+        self._server = await start_server(self.settings, embedded=True, crash=crash)
         token = self._server.local_token
         log.info("embedded Chronicle at %s", self._server.url)
         return str(self._server.url), token
@@ -161,7 +161,7 @@ class Daemon:
             log.info("resuming %d job(s) left running by the previous daemon", requeued)
         up = self.settings.upload
         try:
-            self.chronicle_url, token = await self._chronicle()
+            self.chronicle_url, token = await self._chronicle(crash)
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
             storage = aiohttp.ClientSession(
                 connector=connector,

@@ -10,8 +10,10 @@ Everything lives in one short temp dir (AF_UNIX paths are limited to 107 bytes):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socketserver
@@ -188,7 +190,39 @@ class DaemonProc:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        try:
+            self.stop()
+            if exc_type is None:  # a failing test's own error comes first
+                self.assert_no_secrets_logged()
+        finally:
+            self.close()
+
+    def secrets_known(self) -> list[str]:
+        """Tokens this daemon could have seen: the embedded server's tokens file (every
+        principal a test added), the token in its environment."""
+        found = [self.env.get("CHRONICLE_AGENT_CHRONICLE__TOKEN", "")]
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            found += json.loads((self.state_dir / "server" / "tokens.json").read_text())["tokens"]
+        return [t for t in found if len(t) >= 8]
+
+    def assert_no_secrets_logged(self) -> None:
+        """The daemon's whole log (at debug level, the default here) holds no token and no
+        part of a presigned URL's signature, whatever path the test took."""
+        log = self.log_text()
+        for pattern in SECRET_PATTERNS:
+            m = re.search(pattern, log)
+            assert m is None, f"the daemon logged a secret ({pattern}): {m[0][:60]!r}"
+        for token in self.secrets_known():
+            assert token not in log, "the daemon logged a Chronicle token"
+
+
+SECRET_PATTERNS = (
+    r"(?i)Signature=[0-9a-z%]{8,}",  # the disk store's and S3's query-string signatures
+    r"(?i)X-Amz-Credential=[0-9a-z%]",
+    r"(?i)Authorization: *Bearer +[^\s*<]{8,}",
+)
+"""What a presigned URL's or a request's credentials look like in a log line; redacted
+forms (``Signature=<redacted>``, a token's first characters) do not match."""
 
 
 def start_daemon(
@@ -215,6 +249,8 @@ def start_daemon(
             # nor do they hold back for the other processes of a test (a storage server,
             # a writer, a second daemon): test_yield.py turns it on where it is the point
             "CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0",
+            # every line it can write, for the check of its log at the end (__exit__)
+            "CHRONICLE_AGENT_LOG__LEVEL": "debug",
         }
     )
     env.update(extra_env or {})

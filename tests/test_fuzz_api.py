@@ -223,7 +223,8 @@ def test_local_server_routes_never_answer_5xx(fuzz_daemon: DaemonProc) -> None:
 # ---- the local server's OpenAPI document, and fuzzing generated from it ----------------------
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-UNAUTHENTICATED = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/storage/{key}"),
+UNAUTHENTICATED = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/metrics"),
+                   ("GET", "/storage/{key}"),
                    ("PUT", "/storage/{key}")}
 RAW_SEGMENTS = st.sampled_from(["%ff", "%ED%A0%80", "%00", "%2F", "..", "%20", "a" * 3000])
 """Path segments as sent, not quoted again: invalid UTF-8, a lone surrogate, NUL, a slash."""

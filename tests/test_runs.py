@@ -117,7 +117,7 @@ def test_dead_run_abandons_unfinalized_presigned_assets(tmp_path: Path, token: s
     """… also when the run and its assets were made with the caller's own token (private
     assets the daemon's principal may not even read): the daemon abandons them with it."""
     src = tmp_path / "blob.bin"
-    src.write_bytes(os.urandom(3 * MiB))
+    src.write_bytes(os.urandom(6 * MiB))  # b's upload: 3 s at the limit, outlasting a's abandon
     writer = script(tmp_path, "pres.py", PRESIGNED_WRITER)
     env = {"CHRONICLE_AGENT_UPLOAD__BANDWIDTH_LIMIT_BYTES_PER_S": str(2 * MiB)}
     with watch_daemon(extra_env=env) as d:
@@ -133,8 +133,14 @@ def test_dead_run_abandons_unfinalized_presigned_assets(tmp_path: Path, token: s
         chron = chronicle_for(d, caller)
         if caller is not None:
             assert chron.assets.get(a_id).created_by == "user_alice"
-        wait_until(lambda: chron.assets.get(a_id).state == "abandoned", 5, "a abandoned")
+        a = wait_until(lambda: (x := chron.assets.get(a_id)).state == "abandoned" and x,
+                       5, "a abandoned")
         assert time.monotonic() - exited < 2.0
+        # the daemon's doing, not the server's at the run's end: b still uploads, the run
+        # has not ended
+        assert run_status(chron, "run_pres") == "running"
+        assert chron.assets.get(b_id).state == "pending"
+        assert a.abandoned_reason == "run run_pres ended (crashed) without finalizing it", a
         wait_until(lambda: chron.assets.get(b_id).state == "ready", 30, "b ready")
         wait_until(lambda: run_status(chron, "run_pres") == "crashed", 10, "run crashed")
 

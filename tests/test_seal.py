@@ -53,6 +53,7 @@ def test_dcp_metadata_and_quiescence_fallback(tmp_path: Path) -> None:
     ck = tmp_path / "dcp"
     old = time.time() - 100
     touch(ck / "__0_0.distcp", mtime=old)
+    os.utime(ck, (old, old))  # old and stable: only the missing .metadata holds it back
     r = rule(quiescence_s=1.0)
     # quiescence never seals a DCP checkpoint whose .metadata is still to come
     assert decide(r, scan(str(ck)), stable=50) is None

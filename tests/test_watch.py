@@ -18,6 +18,7 @@ from tests.helpers_e2e import chronicle_for, socket_get_text
 from tests.helpers_watch import (
     by_checkpoint,
     download,
+    jobs as jobs_of,
     run_script,
     script,
     second_daemon,
@@ -113,6 +114,44 @@ def test_torch_save_and_distributed_checkpoint(tmp_path: Path) -> None:
             assert got == tree(src)
         dcp_files = tree(out / "dcp" / "step-2")
         assert ".metadata" in dcp_files and any(n.endswith(".distcp") for n in dcp_files)
+
+
+def test_a_dcp_checkpoint_waits_for_its_late_metadata(tmp_path: Path) -> None:
+    """Rank 0 writes ``.metadata`` after the other ranks' shards, here seconds later: the
+    shards sit old and unchanged for many quiescence periods, and the rule allows
+    quiescence, yet nothing is sealed until ``.metadata`` arrives (a DCP checkpoint without
+    it cannot be loaded); then it is sealed by it and uploaded whole."""
+    out, full = tmp_path / "out" / "dcp", tmp_path / "full"
+    out.mkdir(parents=True)
+    writer = script(tmp_path, "dcp_writer.py", """
+        import sys
+        import torch
+        import torch.distributed.checkpoint as dcp
+        g = torch.Generator().manual_seed(3)
+        dcp.save({"model": {"w": torch.randn(256, 256, generator=g)}, "step": torch.tensor(3)},
+                 checkpoint_id=sys.argv[1])
+    """)
+    r = run_script(writer, str(full))
+    assert r.returncode == 0, r.stderr
+    rules = [{"path": f"{out}/step-*", "seal": ["dcp_metadata", "quiescence"],
+              "quiescence_s": 0.3, "run_id": "run_dcp"}]
+    with watch_daemon(rules) as d:
+        step = out / "step-3"
+        step.mkdir()
+        for f in full.iterdir():  # every rank's shards, not rank 0's .metadata
+            if f.name != ".metadata":
+                shutil.copy2(f, step / f.name)
+        old = time.time() - 60
+        for f in [step, *step.iterdir()]:
+            os.utime(f, (old, old))
+        time.sleep(3)  # ten quiescence periods and many watcher checks
+        assert not [j for j in jobs_of(d) if "checkpoint" in j], jobs_of(d)
+        assert "sealed" not in d.log_text()
+        shutil.copy2(full / ".metadata", step / ".metadata")
+        js = wait_jobs_terminal(d, 1)
+        assert [j["state"] for j in js] == ["done"], js
+        assert "sealed (dcp_metadata)" in d.log_text()
+        assert tree(download(d, js[0]["asset_id"], tmp_path / "dl")) == tree(full)
 
 
 LASTPT_WRITER = """

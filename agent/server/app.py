@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from agent.config import ServerSection
+from agent.crashpoints import CrashPoints
 
 from . import auth, db
 from .auth import Principal, Protected, TokenStore
@@ -104,6 +105,10 @@ class Core:
     idem_locks: KeyedLocks = field(default_factory=KeyedLocks)
     touched: dict[str, float] = field(default_factory=dict)
     """Asset id → when a PUT last recorded upload activity (time.monotonic())."""
+    server_id: str = ""
+    """This server's name among those using one store (:meth:`Storage.claim`)."""
+    crash: CrashPoints = field(default_factory=lambda: CrashPoints(""))
+    """``debug.crash_point``'s server steps (tests of what a killed server leaves)."""
     bodies: BodyBudget = field(init=False)
 
     def __post_init__(self) -> None:
@@ -313,6 +318,32 @@ async def _health(request: web.Request) -> web.Response:
     )
 
 
+METRICS = (
+    ("gc_sweeps", "counter", "Storage sweeps run (its own and chronicle-agent server gc)."),
+    ("gc_objects_removed", "counter", "Objects the storage sweep removed."),
+    ("gc_bytes_removed", "counter", "Bytes of the objects the storage sweep removed."),
+    ("gc_uploads_aborted", "counter", "Multipart uploads the storage sweep aborted."),
+    ("gc_errors", "counter", "Storage sweep steps that failed (retried by the next sweep)."),
+    ("gc_last_sweep_timestamp_seconds", "gauge", "When the last storage sweep ended."),
+    ("release_failures", "counter",
+     "Releases of an abandoned or deleted asset's storage that failed (left to the sweep)."),
+    ("assets_expired", "counter", "Pending assets abandoned for inactivity (pending_ttl_s)."),
+)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus text: the server's housekeeping totals (no asset counts: no token asked)."""
+    core: Core = request.app[CORE]
+    values = await core.db.read(db.counters)
+    lines = []
+    for name, kind, help_ in METRICS:
+        full = f"chronicle_server_{name}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {full} {help_}", f"# TYPE {full} {kind}",
+                  f"{full} {values.get(name, 0)}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
+                        charset="utf-8", headers={"Cache-Control": "no-store"})
+
+
 def _public_storage(description: str) -> str:
     """What health says about storage: an S3 store's bucket and endpoint, but never the
     disk store's directory (``file://``)."""
@@ -340,6 +371,7 @@ def make_app(core: Core) -> web.Application:
     app[CORE] = core
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/openapi.json", _openapi)  # no auth, like the health check
+    app.router.add_get("/metrics", _metrics)  # housekeeping totals only: no auth either
     for module in (runs, assets, sharing):
         for method, path, handler, mutating in module.routes(core):
             app.router.add_route(method, path, endpoint(core, handler, mutating=mutating))

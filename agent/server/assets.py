@@ -81,7 +81,7 @@ def final_key(object_key: str) -> str:
     return f"{FINAL_PREFIX}/{object_key.split('/', 1)[1]}"
 
 
-def _asset_of_key(key: str) -> str | None:
+def asset_of_key(key: str) -> str | None:
     prefix, _, rest = key.partition("/")
     asset_id, _, name = rest.partition("/")
     if prefix not in (UPLOAD_PREFIX, FINAL_PREFIX) or not asset_id or not name:
@@ -94,7 +94,7 @@ async def upload_gate(core: Core, key: str) -> AsyncIterator[bool]:
     """Whether a presigned PUT may write ``key``: only while its asset is pending and one of
     its components is planned at that key. Holds the asset's lock meanwhile (finalize,
     abandon and delete take it too)."""
-    asset_id = _asset_of_key(key)
+    asset_id = asset_of_key(key)
     if asset_id is None:
         yield False
         return
@@ -358,7 +358,8 @@ def _mismatch(message: str) -> Exception:
 
 async def release_storage(core: Core, asset_id: str) -> None:
     """Abort an abandoned or deleted asset's multipart uploads and drop its bytes. Failures
-    are logged: they leave garbage, never a wrong answer."""
+    are logged: they leave garbage (for the storage sweep), never a wrong answer."""
+    core.crash.hit("before_release")
     async with core.asset_locks.hold(asset_id):
         asset = await core.db.read(db.get_asset, asset_id)
         if asset is not None and asset.state != "abandoned":
@@ -398,49 +399,47 @@ async def expire_idle(core: Core) -> list[str]:
         await release_storage(core, asset_id)
         done.append(asset_id)
     if done:
+        await core.db.write(db.add_counters, {"assets_expired": len(done)})
         log.warning("abandoned %d pending asset(s) with no upload activity for %ds "
                     "(server.pending_ttl_s), reason expired: %s", len(done), ttl,
                     ", ".join(done[:10]) + (" …" if len(done) > 10 else ""))
     return done
 
 
-async def sweep_forever(core: Core) -> None:
-    """The server's periodic housekeeping (``server.sweep_interval_s``): pending assets past
-    their TTL. A failure is logged and the next round tries again."""
-    while True:
-        await asyncio.sleep(core.config.sweep_interval_s)
-        try:
-            await expire_idle(core)
-        except Exception:
-            log.exception("sweep failed; trying again in %gs", core.config.sweep_interval_s)
-
-
 async def _drop(core: Core, comps: list[ComponentRow]) -> None:
     """Release the bytes of ``comps`` (an asset deleted or abandoned). A ready component
     that stayed at its create-only upload key gets an empty tombstone instead of a delete:
     the key stays taken, so no unexpired upload URL can bring the bytes back behind an old
-    GET URL. (Tombstones are empty objects; nothing removes them yet once every upload URL
-    has expired: a storage sweep is still to come.)"""
+    GET URL. (Tombstones are empty objects; the storage sweep removes them once every upload
+    URL that could write them has expired, see :mod:`agent.server.gc`.)"""
     keys: list[str] = []
+    failed = 0
     tombstones = {c.object_key for c in comps if c.uploaded and c.bound_sha256
                   and core.storage.create_only_puts and c.object_key == upload_key(c.object_key)}
     for key in tombstones:
         try:
             await core.storage.put_object(key, b"", "application/octet-stream")
         except Exception as e:
+            failed += 1
             log.warning("could not replace %s by a tombstone: %s", key, e)
     for c in comps:
         try:
             if c.upload_id:
                 await core.storage.abort_multipart(c.object_key, c.upload_id)
         except Exception as e:  # storage unreachable, I/O error: garbage, not an error
-            log.warning("could not release %s: %s", c.object_key, e)
+            failed += 1
+            log.warning("could not release %s (the storage sweep will): %s", c.object_key, e)
         # the object, its upload key, and a copy a failed finalize left
         keys += [c.object_key, upload_key(c.object_key), final_key(c.object_key)]
     try:
         await core.storage.delete_many([k for k in dict.fromkeys(keys) if k not in tombstones])
     except Exception as e:
-        log.warning("could not release the objects of %d components: %s", len(comps), e)
+        failed += 1
+        log.warning("could not release the objects of %d components (the storage sweep "
+                    "will): %s", len(comps), e)
+    if failed:
+        with contextlib.suppress(Exception):
+            await core.db.write(db.add_counters, {"release_failures": failed})
 
 
 # ---- handlers --------------------------------------------------------------------------------
@@ -564,6 +563,16 @@ class Assets:
                       organization_id: str | None, specs: list[ComponentSpec],
                       key: str | None) -> Reply:
         asset_id = new_id("ast")
+        # its lock from the first byte in storage until the row is written: the storage
+        # sweep, looking at its keys meanwhile, waits and then finds the row
+        async with self.core.asset_locks.hold(asset_id):
+            return await self._create_held(ctx, asset_id, asset_type, output_of, visibility,
+                                           organization_id, specs, key)
+
+    async def _create_held(self, ctx: Ctx, asset_id: str, asset_type: str,
+                           output_of: str | None, visibility: str,
+                           organization_id: str | None, specs: list[ComponentSpec],
+                           key: str | None) -> Reply:
         comps, planned = await self._new_rows(asset_id, specs, 0)
         asset = AssetRow(
             asset_id=asset_id,
@@ -705,38 +714,40 @@ class Assets:
         if output_of:
             await self.core.db.read(require_run_for_output, ctx.principal, output_of)
         asset_id = new_id("ast")
-        key = f"assets/{asset_id}/content"
-        info = await self.core.storage.put_object(key, data, content_type)
-        sha = info.sha256 or hashlib.sha256(data).hexdigest()
-        now = utcnow()
-        asset = AssetRow(
-            asset_id=asset_id,
-            asset_type=asset_type,
-            state="ready",
-            created_by=ctx.principal.id,
-            visibility=visibility,
-            created_at=now,
-            output_of=output_of,
-            organization_id=organization_id,
-            content_type=content_type,
-            finalized_at=now,
-            components=[
-                ComponentRow("content", key, 0, info.size, sha, True, content_type, uploaded=True)
-            ],
-        )
+        async with self.core.asset_locks.hold(asset_id):  # see _create
+            key = f"assets/{asset_id}/content"
+            info = await self.core.storage.put_object(key, data, content_type)
+            sha = info.sha256 or hashlib.sha256(data).hexdigest()
+            now = utcnow()
+            asset = AssetRow(
+                asset_id=asset_id,
+                asset_type=asset_type,
+                state="ready",
+                created_by=ctx.principal.id,
+                visibility=visibility,
+                created_at=now,
+                output_of=output_of,
+                organization_id=organization_id,
+                content_type=content_type,
+                finalized_at=now,
+                components=[
+                    ComponentRow("content", key, 0, info.size, sha, True, content_type,
+                                 uploaded=True)
+                ],
+            )
 
-        def txn(conn: sqlite3.Connection) -> Reply:
-            if output_of:
-                require_run_for_output(conn, ctx.principal, output_of)
-            db.insert_asset(conn, asset, text=searchable_text(content))
-            return Reply(201, asset.to_json())
+            def txn(conn: sqlite3.Connection) -> Reply:
+                if output_of:
+                    require_run_for_output(conn, ctx.principal, output_of)
+                db.insert_asset(conn, asset, text=searchable_text(content))
+                return Reply(201, asset.to_json())
 
-        try:
-            return await ctx.commit(txn)
-        except BaseException:
-            if not ctx.committed:
-                await _drop(self.core, asset.components)
-            raise
+            try:
+                return await ctx.commit(txn)
+            except BaseException:
+                if not ctx.committed:
+                    await _drop(self.core, asset.components)
+                raise
 
     # -- upload URLs and what storage holds --
 
@@ -1188,6 +1199,7 @@ class Assets:
 
         async with self.core.asset_locks.hold(asset_id):
             reply = await ctx.commit(txn)
+            self.core.crash.hit("after_asset_deleted")
             await _drop(self.core, gone)
         return reply
 

@@ -119,7 +119,13 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at   TEXT NOT NULL,
     PRIMARY KEY (principal_id, key)
 );
+""" + """
+CREATE TABLE IF NOT EXISTS counters (   -- totals /metrics shows (the storage sweep's)
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
+COUNTERS = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS counters"):]
 
 
 def utcnow() -> str:
@@ -314,6 +320,7 @@ class Database:
             )
         # every presigned PUT to the disk store looks its key up (planned_key)
         conn.execute("CREATE INDEX IF NOT EXISTS components_by_key ON components(object_key)")
+        conn.execute(COUNTERS)
         self._conn = conn
 
     async def close(self) -> None:
@@ -614,6 +621,61 @@ def idle_pending(conn: sqlite3.Connection, before: str,
         "SELECT asset_id FROM assets WHERE state='pending' AND "
         f"COALESCE(active_at, created_at) < ?{one} ORDER BY created_at",
         (before, asset_id) if asset_id is not None else (before,))]
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What the storage sweep needs to know of one asset."""
+
+    state: str
+    object_keys: frozenset[str]
+    upload_ids: frozenset[str]
+
+
+def holdings(conn: sqlite3.Connection, asset_ids: Iterable[str],
+             keys: Iterable[str]) -> dict[str, Holding]:
+    """The state of those of ``asset_ids`` that have a row, and which of ``keys`` are their
+    components' object keys (with the multipart upload ids planned there): indexed lookups
+    of these keys only, however many components the assets have."""
+    states: dict[str, str] = {}
+    ids = list(asset_ids)
+    for at in range(0, len(ids), 500):
+        chunk = ids[at:at + 500]
+        states.update(conn.execute(
+            f"SELECT asset_id, state FROM assets WHERE asset_id IN ({','.join('?' * len(chunk))})",
+            chunk).fetchall())
+    found: dict[str, tuple[set[str], set[str]]] = {i: (set(), set()) for i in states}
+    wanted = list(keys)
+    for at in range(0, len(wanted), 500):
+        chunk = wanted[at:at + 500]
+        for asset_id, key, upload_id in conn.execute(
+                "SELECT asset_id, object_key, upload_id FROM components WHERE object_key IN "
+                f"({','.join('?' * len(chunk))})", chunk):
+            if asset_id in found:
+                found[asset_id][0].add(key)
+                if upload_id is not None:
+                    found[asset_id][1].add(upload_id)
+    return {i: Holding(states[i], frozenset(k), frozenset(u)) for i, (k, u) in found.items()}
+
+
+def component_keys(conn: sqlite3.Connection) -> list[str]:
+    """Every component's object key (to name files the disk store lost the record of)."""
+    return [r[0] for r in conn.execute("SELECT object_key FROM components")]
+
+
+def add_counters(conn: sqlite3.Connection, counts: dict[str, int],
+                 gauges: dict[str, int] | None = None) -> None:
+    """Add ``counts`` to the totals /metrics shows; set ``gauges``."""
+    conn.executemany(
+        "INSERT INTO counters(name, value) VALUES (?, ?) "
+        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+        [(k, v) for k, v in counts.items() if v])
+    conn.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
+                     list((gauges or {}).items()))
+
+
+def counters(conn: sqlite3.Connection) -> dict[str, int]:
+    return {str(k): int(v) for k, v in conn.execute("SELECT name, value FROM counters")}
 
 
 def delete_asset(conn: sqlite3.Connection, asset_id: str) -> None:

@@ -45,7 +45,7 @@ import secrets
 import select
 import shutil
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,10 +62,13 @@ from .locks import KeyedLocks
 from .signing import Grant, Signer
 from .storage import (
     MAX_PARTS,
+    OWNERS_PREFIX,
+    SWEPT_PREFIXES,
     ObjectInfo,
     PartInfo,
     PartsRefused,
     StorageError,
+    Stored,
     UploadGate,
     etag_value,
 )
@@ -272,9 +275,10 @@ class DiskStorage:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, base_url: str) -> None:
+    async def start(self, base_url: str, *, serving: bool = True) -> None:
         self._base = base_url.rstrip("/")
-        await self._run(self._prepare)
+        if serving:
+            await self._run(self._prepare)
 
     def _prepare(self) -> None:
         for d in (self._objects, self._multipart, self._tmp):
@@ -438,6 +442,110 @@ class DiskStorage:
     async def delete_many(self, keys: Sequence[str]) -> None:
         for key in keys:
             await self.delete(key)  # local unlinks: the per-key lock matters more than calls
+
+    # ---- the storage sweep's view ------------------------------------------------------------
+
+    async def inventory(self) -> AsyncIterator[list[Stored]]:
+        def ours(items: list[Stored]) -> list[Stored]:
+            return [i for i in items if i.key is None or i.key.startswith(SWEPT_PREFIXES)]
+
+        for d in await self._run(_subdirs, self._objects):
+            yield ours(await self._run(self._objects_in, d))
+        yield await self._run(self._leftover_bodies)
+        yield ours(await self._run(self._upload_dirs))
+
+    @staticmethod
+    def _objects_in(d: Path) -> list[Stored]:
+        """The objects of one ``objects/<xx>`` directory, named by their records; a file
+        whose record is missing or describes an older file (a crash between the two) has
+        no key, a record without its file is listed with size 0."""
+        found: dict[str, Stored] = {}
+        records: dict[str, Path] = {}
+        with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
+            for entry in it:
+                if entry.name.endswith(".meta"):
+                    records[entry.name[:-5]] = Path(entry.path)
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    found[entry.name] = Stored("object", None, entry.name, st.st_size,
+                                               st.st_mtime)
+        for name, path in records.items():
+            try:
+                record = json.loads(path.read_text())
+                key = record["key"]
+                st = path.stat()
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: the object stays nameless
+            data = found.get(name)
+            if data is None:
+                found[name] = Stored("object", str(key), name, 0, st.st_mtime)
+            elif record.get("ino") == os.stat(d / name).st_ino and record.get("size") == data.size:
+                found[name] = Stored("object", str(key), name, data.size, data.modified)
+        return list(found.values())
+
+    def _leftover_bodies(self) -> list[Stored]:
+        """``tmp/``: bodies being received, or cut short by a crash (no key)."""
+        found = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._tmp) as it:
+            for entry in it:
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    found.append(Stored("object", None, f"tmp/{entry.name}", st.st_size,
+                                        st.st_mtime))
+        return found
+
+    def _upload_dirs(self) -> list[Stored]:
+        """Multipart uploads: ``multipart/<id>``, its key from ``KEY`` (none when its
+        creation was cut short); modified = the latest part written."""
+        found = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._multipart) as it:
+            for entry in it:
+                if not _UPLOAD_ID.fullmatch(entry.name):
+                    continue
+                d = Path(entry.path)
+                try:
+                    key: str | None = (d / "KEY").read_text()
+                except OSError:
+                    key = None
+                times, size = [], 0
+                for name in (".", PARTIAL):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(d / name)
+                        times.append(st.st_mtime)
+                        size = st.st_size if name == PARTIAL else size
+                if times:
+                    found.append(Stored("upload", key, entry.name, size, max(times)))
+        return found
+
+    async def remove(self, items: Sequence[Stored]) -> None:
+        files: list[Path] = []
+        for item in items:
+            if item.kind == "upload":
+                async with self._locks.hold(f"upload:{item.ref}"):
+                    d = self._upload_dir(item.ref)
+                    if d is not None:
+                        await self._run(shutil.rmtree, d, True)
+            elif item.ref.startswith("tmp/"):
+                files.append(self._tmp / item.ref[4:])
+            elif re.fullmatch(r"[0-9a-f]{64}", item.ref):
+                # no lock per key: the sweep holds the asset's lock, and only a PUT its
+                # upload gate let through (same lock) writes a key
+                data = self._objects / item.ref[:2] / item.ref
+                files += [data, data.with_name(f"{item.ref}.meta")]
+        await self._run(_unlink, *files)
+
+    def ref_of(self, key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    async def claim(self, owner: str) -> list[str]:
+        def mark() -> list[str]:
+            d = self.root / OWNERS_PREFIX.rstrip("/")
+            d.mkdir(mode=0o700, exist_ok=True)
+            (d / owner).touch()
+            return sorted(p.name for p in d.iterdir() if p.name != owner)
+
+        return await self._run(mark)
 
     # ---- multipart ------------------------------------------------------------------------------
 
@@ -927,6 +1035,17 @@ class DiskStorage:
         if info.sha256:
             headers["ETag"] = _etag(info.sha256)
         return web.FileResponse(data, chunk_size=1024 * 1024, headers=headers)
+
+
+def _subdirs(root: Path) -> list[Path]:
+    with contextlib.suppress(FileNotFoundError), os.scandir(root) as it:
+        return sorted(Path(e.path) for e in it if e.is_dir(follow_symlinks=False))
+    return []
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 def _close_opened(cf: concurrent.futures.Future[int]) -> None:

@@ -298,6 +298,15 @@ def _storage_op(method: str) -> dict[str, Any]:
     return op
 
 
+METRICS_OP = {
+    "summary": "housekeeping totals in Prometheus text format: storage sweeps and what they "
+               "removed, failed releases, expired assets (no auth; no asset counts)",
+    "security": [],
+    "responses": {"200": _reply("Prometheus text exposition", {"type": "string"},
+                                "text/plain")},
+}
+
+
 def _model_schemas() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The answers' ``$ref`` by model name, and the schemas they point at."""
     models = sorted({o.answer for o in OPERATIONS.values() if isinstance(o.answer, type)},
@@ -335,6 +344,8 @@ def document(router: web.UrlDispatcher, version: str) -> dict[str, Any]:
         method, path = route.method, resource.canonical
         if path == STORAGE_KEY and method in ("PUT", "GET"):
             paths.setdefault(path, {})[method.lower()] = _storage_op(method)
+        elif (method, path) == ("GET", "/metrics"):
+            paths[path] = {"get": METRICS_OP}
         elif (method, path) in OPERATIONS:
             paths.setdefault(path, {})[method.lower()] = _render(
                 method, path, OPERATIONS[method, path], refs)

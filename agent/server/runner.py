@@ -25,14 +25,16 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.config import Settings
+from agent.crashpoints import CrashPoints, from_settings
 from agent.errors import ConfigError
 from agent.priority import BulkExecutor
 from agent.statedir import prepare_state_dir
 
 from .app import Core, make_app
-from .assets import expire_idle, index_inline_texts, sweep_forever
+from .assets import expire_idle, index_inline_texts
 from .auth import TokenStore, ensure_tokens_file, local_principal_id
 from .db import Database
+from .gc import housekeeping
 from .guard import ConnectionGuard, ServerLogger
 from .http import AccessLogger
 from .signing import Signer
@@ -188,12 +190,14 @@ def _make_runner(core: Core) -> tuple[web.AppRunner, ConnectionGuard]:
     return runner, guard
 
 
-async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
+async def start_server(settings: Settings, *, embedded: bool,
+                       crash: CrashPoints | None = None) -> LocalServer:
     """Start the local Chronicle on the event loop that calls this.
 
     ``embedded``: listen on ``server.listen`` or an ephemeral loopback port; else the default
     is 127.0.0.1:8470. Either way state lives in ``settings.server_state_dir()`` and
-    ``<state_dir>/endpoint.json`` (0600) tells clients where the server is."""
+    ``<state_dir>/endpoint.json`` (0600) tells clients where the server is. ``crash``: the
+    embedding daemon's crash points (else ``debug.crash_point``'s, read here)."""
     cfg = settings.server
     state_dir = settings.server_state_dir()
     host, port = parse_listen(
@@ -231,7 +235,15 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         public_url = cfg.public_url.rstrip("/") or url
         await storage.start(public_url)
         cleanup.push_async_callback(storage.close)
-        core = Core(cfg, database, storage, tokens, version, public_url)
+        core = Core(cfg, database, storage, tokens, version, public_url,
+                    server_id=signer.identity,
+                    crash=crash or from_settings(settings.debug.crash_point, str(state_dir)))
+        others = await storage.claim(core.server_id)
+        if others:
+            log.warning("%s is also used by %d other local server(s) (%s): the storage sweep "
+                        "will not run on it (it would remove their objects); give each server "
+                        "its own bucket or directory", storage.description, len(others),
+                        ", ".join(others))
         await index_inline_texts(core)
         await expire_idle(core)  # a server that was down: before any uploader touches them
         runner, guard = _make_runner(core)
@@ -250,7 +262,7 @@ async def start_server(settings: Settings, *, embedded: bool) -> LocalServer:
         raise
     cleanup.pop_all()
     log.info("local Chronicle listening on %s (storage %s)", url, storage.description)
-    sweeper = asyncio.create_task(sweep_forever(core), name="chronicle-sweep")
+    sweeper = asyncio.create_task(housekeeping(core, state_dir), name="chronicle-sweep")
     return LocalServer(
         url=url,
         tokens_file=tokens_file,

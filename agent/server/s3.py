@@ -45,7 +45,8 @@ import logging
 import random
 import secrets
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -61,7 +62,15 @@ from agent.chronicle.contract import checksum_header
 from agent.errors import ConfigError
 
 from .sigv4 import Presigner
-from .storage import ObjectInfo, PartInfo, StorageError, UploadGate
+from .storage import (
+    OWNERS_PREFIX,
+    SWEPT_PREFIXES,
+    ObjectInfo,
+    PartInfo,
+    StorageError,
+    Stored,
+    UploadGate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,15 @@ _MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchBucket")
 
 SIGNED_ATTEMPTS = 5
 """Attempts of one presigned request of the server's own (as botocore's standard mode)."""
+
+
+def _epoch(iso: str | None) -> float:
+    """A listing's LastModified (``2026-12-02T06:00:00.000Z``) in seconds since the epoch;
+    now when absent or unreadable (so the sweep's grace period keeps it)."""
+    try:
+        return datetime.fromisoformat(iso or "").timestamp()
+    except ValueError:
+        return datetime.now().timestamp()
 
 
 def _code(e: botocore.exceptions.ClientError) -> str:
@@ -176,12 +194,14 @@ class S3Storage:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, base_url: str) -> None:
+    async def start(self, base_url: str, *, serving: bool = True) -> None:
         self._client = await self._run(self._make_client)
         self._signer = await self._run(Presigner, self._client, self.bucket)
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, ssl=ssl.create_default_context()),
             timeout=aiohttp.ClientTimeout(total=300, sock_connect=10))
+        if not serving:
+            return
         try:
             await self._s3("head_bucket")
         except botocore.exceptions.ClientError as e:
@@ -318,9 +338,15 @@ class S3Storage:
         return ObjectInfo(len(data), digest)
 
     async def sizes(self, prefix: str, keys: Sequence[str]) -> dict[str, int]:
-        """ListObjectsV2, a page of 1000 keys per request, read with ElementTree: botocore's
-        parser spent about 0.1 CPU-s per 1000 keys on their timestamps alone."""
-        wanted, found = set(keys), {}
+        wanted, found = set(keys), dict[str, int]()
+        async for page in self._listing(prefix):
+            found.update((key, size) for key, size, _ in page if key in wanted)
+        return found
+
+    async def _listing(self, prefix: str) -> AsyncIterator[list[tuple[str, int, float]]]:
+        """(key, size, last modified) under ``prefix``: ListObjectsV2, a page of 1000 keys
+        per request, read with ElementTree (botocore's parser spent about 0.1 CPU-s per
+        1000 keys on their timestamps alone)."""
         token: str | None = None
         while True:
             params = {"list-type": "2", "prefix": prefix, "max-keys": "1000"}
@@ -336,13 +362,46 @@ class S3Storage:
                 raise StorageError(f"{self.description}: listing {prefix!r}: HTTP {status} "
                                    f"{body[:300].decode(errors='replace')}")
             ns = root.tag[:-len("ListBucketResult")]  # "{http://s3...}" or ""
-            for o in root.iter(f"{ns}Contents"):
-                key = o.findtext(f"{ns}Key")
-                if key in wanted:
-                    found[key] = int(o.findtext(f"{ns}Size") or 0)
+            yield [(o.findtext(f"{ns}Key") or "", int(o.findtext(f"{ns}Size") or 0),
+                    _epoch(o.findtext(f"{ns}LastModified")))
+                   for o in root.iter(f"{ns}Contents")]
             token = root.findtext(f"{ns}NextContinuationToken")
             if root.findtext(f"{ns}IsTruncated") != "true" or not token:
-                return found
+                return
+
+    async def inventory(self) -> AsyncIterator[list[Stored]]:
+        for prefix in SWEPT_PREFIXES:
+            async for page in self._listing(prefix):
+                yield [Stored("object", key, key, size, at) for key, size, at in page]
+        for prefix in SWEPT_PREFIXES:
+            markers: dict[str, str] = {}
+            while True:
+                r = await self._s3("list_multipart_uploads", Prefix=prefix, MaxUploads=1000,
+                                   **markers)
+                yield [Stored("upload", str(u["Key"]), str(u["UploadId"]), 0,
+                              u["Initiated"].timestamp()) for u in r.get("Uploads", [])]
+                if not r.get("IsTruncated"):
+                    break
+                markers = {"KeyMarker": r.get("NextKeyMarker") or "",
+                           "UploadIdMarker": r.get("NextUploadIdMarker") or ""}
+                if not markers["KeyMarker"]:
+                    break
+
+    async def remove(self, items: Sequence[Stored]) -> None:
+        await self.delete_many([i.ref for i in items if i.kind == "object"])
+        for i in items:
+            if i.kind == "upload" and i.key is not None:
+                await self.abort_multipart(i.key, i.ref)
+
+    def ref_of(self, key: str) -> str:
+        return key
+
+    async def claim(self, owner: str) -> list[str]:
+        marks = [key async for page in self._listing(OWNERS_PREFIX) for key, _, _ in page]
+        mine = OWNERS_PREFIX + owner
+        if mine not in marks:
+            await self.put_object(mine, b"", "application/octet-stream")
+        return sorted(k[len(OWNERS_PREFIX):] for k in marks if k != mine)
 
     async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo | None:
         """Server-side CopyObject (single-PUT components: at most 5 GiB, S3's copy limit).

@@ -55,6 +55,12 @@ class Signer:
             f.write(secret.hex() + "\n")
         return cls(secret)
 
+    @property
+    def identity(self) -> str:
+        """A name for this server that its secret derives and never reveals (it marks the
+        store the server uses: agent.server.gc)."""
+        return hmac.new(self._secret, b"chronicle server identity", "sha256").hexdigest()[:16]
+
     def _mac(self, grant: Grant, expires: int) -> str:
         fields = [grant.method, grant.key, grant.upload_id, str(grant.part_number), str(expires)]
         if grant.sha256:

@@ -14,11 +14,11 @@ configured.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from aiohttp import web
@@ -50,6 +50,34 @@ class PartInfo:
 
     def to_json(self) -> dict[str, object]:
         return {"part_number": self.part_number, "etag": self.etag, "size": self.size}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One thing the store holds, as the storage sweep sees it (:mod:`agent.server.gc`)."""
+
+    kind: Literal["object", "upload"]
+    """An object, or a multipart upload not completed or aborted."""
+    key: str | None
+    """Its object key; None when the store cannot tell (the disk store: a file whose record
+    a crash cut short, a body still being received)."""
+    ref: str
+    """What :meth:`Storage.remove` removes it by (S3: the key, or the upload id)."""
+    size: int
+    modified: float
+    """Seconds since the epoch: last written (an object), started or last written (an
+    upload)."""
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "key": self.key, "ref": self.ref, "size": self.size}
+
+
+SWEPT_PREFIXES = ("assets/", "ready/", "probe/")
+OWNERS_PREFIX = "servers/"
+"""``servers/<id>``: one empty object per local server using the store (see
+:meth:`Storage.claim`)."""
+"""The keys the server writes (component bytes, inline contents, the start-up probe): the
+sweep looks at these only, so a bucket shared with other data keeps that data."""
 
 
 def etag_value(etag: str) -> str:
@@ -89,9 +117,10 @@ class Storage(Protocol):
         """The headers a PUT URL bound to ``sha256`` is signed with and must be sent with."""
         ...
 
-    async def start(self, base_url: str) -> None:
+    async def start(self, base_url: str, *, serving: bool = True) -> None:
         """Prepare (create directories, the bucket); ``base_url`` is where this server is
-        reached (the disk store's URLs point there)."""
+        reached (the disk store's URLs point there). ``serving=False``: only to sweep, maybe
+        beside a running server (nothing is created, probed or cleaned up)."""
 
     async def close(self) -> None: ...
 
@@ -164,6 +193,26 @@ class Storage(Protocol):
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Remove many objects (S3: one DeleteObjects per 1,000 keys, not one call each);
         missing objects are not an error."""
+
+    def inventory(self) -> AsyncIterator[list[Stored]]:
+        """Everything stored under :data:`SWEPT_PREFIXES`, objects then multipart uploads, in
+        pages (S3: one listing request each)."""
+        ...
+
+    async def remove(self, items: Sequence[Stored]) -> None:
+        """Remove what :meth:`inventory` listed (abort the uploads); already gone is not an
+        error."""
+
+    async def claim(self, owner: str) -> list[str]:
+        """Mark the store as used by the server ``owner`` (``servers/<owner>``); the other
+        servers marked there. The storage sweep removes what no row of its own database
+        accounts for, so it refuses to run on a store another server uses."""
+        ...
+
+    def ref_of(self, key: str) -> str:
+        """The ``ref`` an object stored at ``key`` is listed with (to name a ``key=None``
+        entry from the keys the database knows)."""
+        ...
 
 
 def open_storage(
