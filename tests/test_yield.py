@@ -140,8 +140,10 @@ def test_the_progress_floor_completes_an_upload_on_a_fully_busy_machine(
     finishes: its parts, and the finalize, where the embedded server hashes the assembled
     object (work that moves no transfer bytes, in short calls the floor can boost); the
     floor lets go after."""
-    src = big_file(tmp_path, 80 * MiB)  # over the multipart threshold
-    env = {"CHRONICLE_AGENT_AGENT__BUSY_CHECK_S": "0.2",
+    src = big_file(tmp_path, 12 * MiB)  # three parts
+    env = {"CHRONICLE_AGENT_SERVER__MULTIPART_THRESHOLD_BYTES": str(8 * MiB),
+           "CHRONICLE_AGENT_SERVER__PART_SIZE_BYTES": str(5 * MiB),
+           "CHRONICLE_AGENT_AGENT__BUSY_CHECK_S": "0.2",
            "CHRONICLE_AGENT_AGENT__BUSY_BYTES_PER_S": str(16 * MiB),
            "CHRONICLE_AGENT_AGENT__BUSY_CPU_FRACTION": "0.4",
            "CHRONICLE_AGENT_AGENT__NICE": "19"}
