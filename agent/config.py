@@ -14,6 +14,7 @@ key, the value and what was expected.
 
 from __future__ import annotations
 
+import contextvars
 import getpass
 import os
 import tomllib
@@ -393,8 +394,10 @@ def default_config_path() -> tuple[Path, bool]:
     return Path(base) / "chronicle-agent" / "config.toml", False
 
 
-_config_file: Path | None = None
-_config_required = False
+_CONFIG_FILE: contextvars.ContextVar[tuple[Path, bool] | None] = contextvars.ContextVar(
+    "chronicle_agent_config_file", default=None)
+"""The TOML file :func:`load_settings` is reading and whether it was asked for, for the
+duration of that call only: a ``Settings()`` built anywhere else reads no file."""
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -402,13 +405,14 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = _config_file
-        if path is None:
+        chosen = _CONFIG_FILE.get()
+        if chosen is None:
             return {}
+        path, required = chosen
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            if _config_required:
+            if required:
                 raise ConfigError(f"config file {str(path)!r} does not exist") from None
             return {}
         except OSError as e:
@@ -442,19 +446,16 @@ def load_settings(
 ) -> Settings:
     """Build the settings from every source. ``overrides`` are command-line flags, nested
     as in the TOML file (``{"server": {"listen": "127.0.0.1:0"}}``)."""
-    global _config_file, _config_required
-    if config_path is not None:
-        _config_file, _config_required = Path(config_path), True
-    else:
-        _config_file, _config_required = default_config_path()
+    token = _CONFIG_FILE.set((Path(config_path), True) if config_path is not None
+                             else default_config_path())
     try:
         return Settings(**(overrides or {}))
     except ValidationError as e:
         raise ConfigError(_format_error(e)) from None
     except ValueError as e:  # pydantic-settings' own parse errors (bad JSON in env, ...)
         raise ConfigError(str(e).splitlines()[0]) from None
-    finally:  # a Settings built directly later reads no file chosen for this load
-        _config_file, _config_required = None, False
+    finally:
+        _CONFIG_FILE.reset(token)
 
 
 def local_login() -> str:

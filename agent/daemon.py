@@ -155,7 +155,7 @@ class Daemon:
         crash = from_settings(self.settings.debug.crash_point, str(self.state_dir),
                               self.settings.debug.block_loop)
         self.queue = await AsyncQueue.open(self.state_dir / "queue.db")
-        self.watcher = Watcher(self)  # issue 4: watch rules, seals, staging
+        self.watcher = Watcher(self)  # watch rules, seals, staging
         requeued = await self.queue.do(self.queue.s.recover)
         if requeued:
             log.info("resuming %d job(s) left running by the previous daemon", requeued)
@@ -227,7 +227,7 @@ class Daemon:
                 tg.start_soon(self._systemd_watchdog)
                 self.runs.bind(tg)
                 await tg.start(self.workers.run, self.settings.agent.workers)
-                # issue 4: runs of the previous daemon first (which died meanwhile), then the
+                # runs of the previous daemon first (which died meanwhile), then the
                 # watcher's first scan, then the runs' liveness
                 await self.runs.restore()
                 await tg.start(self.watcher.run)

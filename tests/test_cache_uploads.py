@@ -1,4 +1,4 @@
-"""A watched checkpoint's snapshot, once uploaded, is kept in the node-local cache (issue 13),
+"""A watched checkpoint's snapshot, once uploaded, is kept in the node-local cache,
 so a restore on the same node makes no GET at the store (counted at a proxy in front of
 it) and lands byte-exact; the trainer's own files are untouched (mode, content), and with
 ``download.cache_uploads = false`` the restore fetches."""

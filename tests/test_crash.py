@@ -5,7 +5,9 @@ external kill would rarely hit."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -83,6 +85,9 @@ def run_kill_and_restart(src: Path, tmp_path: Path, point: str) -> None:
         daemon.proc.wait(60)  # it kills itself at the crash point
         assert daemon.proc.returncode == -9, daemon.log_tail()
         assert f"crash point {point.split(':')[0]} reached" in daemon.log_text()
+        if point == "before_finalize" and (src / "model.bin").stat().st_size > int(
+                FAST_ENV["CHRONICLE_AGENT_SERVER__MULTIPART_THRESHOLD_BYTES"]):
+            assert_parts_recorded(daemon.state_dir / "queue.db", src / "model.bin")
         daemon.start()  # second start: the crash point is disarmed
         final = daemon.client().wait_job(job["job_id"], 120)
         assert final["state"] == "done", (final, daemon.log_tail())
@@ -93,6 +98,22 @@ def run_kill_and_restart(src: Path, tmp_path: Path, point: str) -> None:
         dest = tmp_path / "dl"
         chron.assets.download(final["asset_id"], dest)
         assert_same_tree(src, dest)
+
+
+def assert_parts_recorded(queue_db: Path, big: Path) -> None:
+    """Every part of ``big`` is in the queue's records with its size and its own ETag,
+    read from the database itself (not only through what a restart makes of it)."""
+    with contextlib.closing(sqlite3.connect(f"file:{queue_db}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT part_number, part_size, size, etag FROM parts "
+                          "WHERE name = ? ORDER BY part_number", (big.name,)).fetchall()
+    size = big.stat().st_size
+    assert rows, "no part of the multipart component was recorded"
+    part_size = rows[0][1]
+    assert [r[0] for r in rows] == list(range(1, -(-size // part_size) + 1)), rows
+    assert [r[2] for r in rows] == [min(part_size, size - (n - 1) * part_size)
+                                    for n, *_ in rows], rows
+    etags = [r[3] for r in rows]
+    assert all(etags) and len(set(etags)) == len(etags), etags
 
 
 def test_external_kill_mid_upload_then_restart(tmp_path: Path) -> None:

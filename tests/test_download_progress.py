@@ -1,4 +1,4 @@
-"""Download progress (issue 13, point 3): ``chronicle-agent download`` draws bytes, rate and
+"""Download progress: ``chronicle-agent download`` draws bytes, rate and
 ETA on a terminal (a real pseudo-terminal) and prints only its result otherwise;
 ``status --watch`` shows a running download beside uploads."""
 

@@ -1,4 +1,4 @@
-"""Large components fetched as ranged GETs at once (issue 13), for real: a daemon whose
+"""Large components fetched as ranged GETs at once, for real: a daemon whose
 storage traffic goes through the fault proxy (which counts requests and bytes), the local
 server's disk store and SeaweedFS.
 

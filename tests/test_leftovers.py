@@ -1,4 +1,4 @@
-"""An interrupted test session leaves no process behind (issue 11): a small pytest session
+"""An interrupted test session leaves no process behind: a small pytest session
 in a subprocess starts SeaweedFS (``weed``, in a session of its own) and a daemon, and is
 then interrupted (SIGINT) or killed outright (SIGKILL, no teardown at all); afterwards none
 of the processes it started, nor anything else carrying its session token, is alive."""

@@ -24,10 +24,10 @@ def test_enqueue_claim_finish(q: Queue) -> None:
     job = q.enqueue(JobKind.UPLOAD, 1000, {"path": "/x", "asset_type": "checkpoint"},
                     run_id="run_1")
     assert job.state == JobState.QUEUED and job.attempts == 0
-    claimed = q.claim("w1", 60)
+    claimed = q.claim("w1")
     assert claimed is not None and claimed.job_id == job.job_id
     assert claimed.state == JobState.RUNNING and claimed.attempts == 1
-    assert q.claim("w1", 60) is None  # nothing else to run
+    assert q.claim("w1") is None  # nothing else to run
     done = q.finish(job.job_id, "w1", JobState.DONE)
     assert done.state == JobState.DONE and done.to_api()["run_id"] == "run_1"
     with pytest.raises(StateConflict):  # guarded: a done job cannot finish again
@@ -36,7 +36,7 @@ def test_enqueue_claim_finish(q: Queue) -> None:
 
 def test_finish_by_another_owner_is_refused(q: Queue) -> None:
     job = q.enqueue(JobKind.INLINE, 1, {})
-    q.claim("w1", 60)
+    q.claim("w1")
     with pytest.raises(StateConflict):
         q.finish(job.job_id, "intruder", JobState.DONE)
 
@@ -46,7 +46,7 @@ def test_running_jobs_survive_a_crash_and_are_recovered(tmp_path: Path) -> None:
     q1 = Queue(path)
     a = q1.enqueue(JobKind.UPLOAD, 1, {"n": 1})
     b = q1.enqueue(JobKind.UPLOAD, 1, {"n": 2})
-    q1.claim("dead-daemon", 60)
+    q1.claim("dead-daemon")
     q1.close()  # the process dies with job a running
     q2 = Queue(path)
     assert q2.recover() == 1
@@ -57,9 +57,9 @@ def test_running_jobs_survive_a_crash_and_are_recovered(tmp_path: Path) -> None:
 
 def test_release_delays_the_next_attempt(q: Queue) -> None:
     job = q.enqueue(JobKind.UPLOAD, 1, {})
-    q.claim("w", 60)
+    q.claim("w")
     q.release(job.job_id, "w", 3600, {"code": "timeout", "message": "timed out"})
-    assert q.claim("w", 60) is None
+    assert q.claim("w") is None
     again = q.get(job.job_id)
     assert again is not None and again.error == {"code": "timeout", "message": "timed out"}
 
@@ -68,7 +68,7 @@ def test_cancel_and_retry(q: Queue) -> None:
     job = q.enqueue(JobKind.UPLOAD, 1, {})
     assert q.request_cancel(job.job_id).state == JobState.CANCELLED
     assert q.retry(job.job_id).state == JobState.QUEUED
-    q.claim("w", 60)
+    q.claim("w")
     flagged = q.request_cancel(job.job_id)
     assert flagged.state == JobState.RUNNING and flagged.cancel_requested
     q.finish(job.job_id, "w", JobState.DONE)
@@ -83,11 +83,11 @@ def test_finalize_waits_for_its_component_jobs(q: Queue) -> None:
                          components=[{"name": "a"}, {"name": "b"}])
     comp = q.enqueue(JobKind.COMPONENT, 1, {"name": "a"}, asset_key=rec.asset_key)
     fin = q.enqueue(JobKind.FINALIZE, 1, {}, asset_key=rec.asset_key)
-    first = q.claim("w", 60)
+    first = q.claim("w")
     assert first is not None and first.job_id == comp.job_id
-    assert q.claim("w", 60) is None  # the finalize is held while the component runs
+    assert q.claim("w") is None  # the finalize is held while the component runs
     q.finish(comp.job_id, "w", JobState.DONE)
-    nxt = q.claim("w", 60)
+    nxt = q.claim("w")
     assert nxt is not None and nxt.job_id == fin.job_id
 
 
@@ -131,13 +131,13 @@ def test_a_callers_token_is_kept_while_work_needs_it_and_no_longer(q: Queue) -> 
     job = q.enqueue(JobKind.DOWNLOAD, 1000, {"asset_id": "a", "dest": "/d"}, cred_id=cred)
     assert job.token == "tok-alice" and "tok-alice" not in repr(job)
     assert "tok-alice" not in str(job.to_api())
-    q.claim("w1", 60)
+    q.claim("w1")
     assert q.prune_credentials(grace_s=0) == 1  # uid 1001's, which nothing uses
     q.finish(job.job_id, "w1", JobState.FAILED, {"code": "x", "message": "y"})
     assert q.prune_credentials(grace_s=0) == 0  # a failed job can be retried: kept
     assert q.token(cred) == "tok-alice"
     q.retry(job.job_id)
-    q.claim("w1", 60)
+    q.claim("w1")
     q.finish(job.job_id, "w1", JobState.DONE)
     assert q.prune_credentials(grace_s=300) == 0  # sent a moment ago: a request may need it
     assert q.prune_credentials(grace_s=0) == 1
@@ -158,7 +158,7 @@ def test_a_callers_token_is_kept_while_work_needs_it_and_no_longer(q: Queue) -> 
 def _end(q: Queue, state: JobState, payload: dict[str, Any] | None = None,
          uid: int = 1000) -> str:
     job = q.enqueue(JobKind.INLINE, uid, payload or {"asset_type": "t", "content": "x" * 100})
-    q.claim("w", 60)
+    q.claim("w")
     if state == JobState.CANCELLED:
         q.request_cancel(job.job_id)  # a running job is flagged; the worker ends it
     q.finish(job.job_id, "w", state)
@@ -195,7 +195,7 @@ def test_pruning_takes_the_finished_assets_records_with_it(q: Queue, tmp_path: P
                          components=[{"name": "a", "size": 1}], job_id=job.job_id)
     q.record_part(rec.asset_key, "a", PartRecord(1, 5 << 20, 1, "etag"))
     q.set_asset(rec.asset_key, state="finalized")
-    q.claim("w", 60)
+    q.claim("w")
     q.finish(job.job_id, "w", JobState.DONE)
     db = sqlite3.connect(tmp_path / "queue.db")
     db.execute("UPDATE assets SET updated_at = updated_at - 1e6")
@@ -236,7 +236,7 @@ def test_quotas_count_a_uids_live_jobs_and_payload_bytes(q: Queue) -> None:
     assert "queue.quota_jobs = 3" in e.value.message
     q.enqueue(JobKind.UPLOAD, 1001, {"path": "/x"}, quota=quota)  # another uid: its own
     # finished jobs free the slot
-    job = q.claim("w", 60)
+    job = q.claim("w")
     assert job is not None
     q.finish(job.job_id, "w", JobState.DONE)
     q.enqueue(JobKind.INLINE, 1000, {"content": "z" * 5000}, quota=quota)

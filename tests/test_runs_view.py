@@ -26,7 +26,7 @@ def _sealed(q: Queue, run_id: str, path: str, state: str = "sealed") -> WatchedR
 
 
 def _finish_next(q: Queue, state: JobState, error: dict[str, str] | None = None) -> None:
-    job = q.claim("test", 60)
+    job = q.claim("test")
     assert job is not None
     q.finish(job.job_id, "test", state, error)
 

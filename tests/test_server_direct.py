@@ -1,4 +1,4 @@
-"""Large PUT bodies read straight from the socket by the thread that writes them (issue 12:
+"""Large PUT bodies read straight from the socket by the thread that writes them (less of
 the local server's CPU per byte): stored whole however the client paces them, answered
 with ``Connection: close``; cut short, superseded or stalled, they leave nothing behind.
 Smaller bodies keep their keep-alive connection."""

@@ -1,5 +1,5 @@
 """The disk store's multipart uploads: parts written in place in the object being assembled,
-completed by a rename after one hash pass (issue 12)."""
+completed by a rename after one hash pass."""
 
 from __future__ import annotations
 

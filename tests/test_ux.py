@@ -1,4 +1,4 @@
-"""What a user sees (issue 11): usage errors that name what is valid, doctor on the daemon
+"""What a user sees: usage errors that name what is valid, doctor on the daemon
 the environment names, a run that has ended, and the README's ``Run`` snippet as written."""
 
 from __future__ import annotations

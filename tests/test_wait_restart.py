@@ -1,4 +1,4 @@
-"""``upload --wait`` across a daemon restart (issue 11): the job survives in the persistent
+"""``upload --wait`` across a daemon restart: the job survives in the persistent
 queue, so the waiting command says the daemon is away, reconnects with backoff and keeps
 waiting on the same job; if the daemon stays away past ``--reconnect-s`` it exits 3 saying
 the job stays queued. Real daemon processes, stopped with SIGTERM mid-upload; the upload is

@@ -18,7 +18,6 @@ from tests.helpers_e2e import chronicle_for, socket_get_text
 from tests.helpers_watch import (
     by_checkpoint,
     download,
-    jobs as jobs_of,
     run_script,
     script,
     second_daemon,
@@ -27,6 +26,9 @@ from tests.helpers_watch import (
     wait_until,
     watch_daemon,
     writer_env,
+)
+from tests.helpers_watch import (
+    jobs as jobs_of,
 )
 
 MiB = 1024 * 1024

@@ -1,4 +1,4 @@
-"""The watcher's DEFAULT rules against the real writers (issue 11): the Hugging Face Trainer,
+"""The watcher's DEFAULT rules against the real writers: the Hugging Face Trainer,
 Lightning's ModelCheckpoint and torch.distributed.checkpoint, each in its own process
 under ``chronicle-agent exec --watch OUT --type checkpoint`` (no --seal, no --marker), a
 real daemon with default watcher settings and its embedded Chronicle.

@@ -35,7 +35,6 @@ CREATE TABLE jobs (
     error_message    TEXT,
     next_attempt_at  REAL NOT NULL DEFAULT 0,
     lease_owner      TEXT,
-    lease_expires_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     created_at       REAL NOT NULL,
     updated_at       REAL NOT NULL
@@ -91,7 +90,7 @@ CREATE TABLE parts (
 """
 
 
-# v2 (issue 4): runs the daemon tracks, and what the watcher decided about each checkpoint,
+# v2: runs the daemon tracks, and what the watcher decided about each checkpoint,
 # so that a restart keeps watching and tracking them and never seals a checkpoint twice.
 _V2 = """
 CREATE TABLE runs (
@@ -133,7 +132,7 @@ CREATE INDEX watched_state ON watched (state);
 CREATE INDEX watched_job ON watched (job_id);
 """
 
-# v3 (issue 6): a caller's own Chronicle token, sent with its requests, so that what the
+# v3: a caller's own Chronicle token, sent with its requests, so that what the
 # daemon does for it is done as the caller (``created_by`` is the researcher). Tokens live
 # only here, in the state directory (0700) and this file (0600); jobs, assets and runs name
 # one by ``cred_id``, and a token no live work needs is deleted (Queue.prune_credentials).
@@ -157,7 +156,7 @@ CREATE INDEX jobs_uid ON jobs (uid, state);
 CREATE INDEX jobs_finished ON jobs (state, updated_at);
 """
 
-# v5 (issue 11): a watcher decision is about a file or directory as it was, not about its
+# v5: a watcher decision is about a file or directory as it was, not about its
 # path forever: its identity (device, inode, birth time) and, for a directory, its own mtime
 # (which changes when entries come or go), so a rescan looks again at a path whose entry is
 # another one now (a second run writing checkpoint-N again).

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,14 @@ class ComponentRecord:
     sha256: str | None
     uploaded: bool
     url_hash: str | None
+
+
+_COMPONENT_COLS = tuple(f.name for f in fields(ComponentRecord))
+
+
+def _component(row: dict[str, Any]) -> ComponentRecord:
+    """A component record from its row, by column name."""
+    return ComponentRecord(**{**row, "uploaded": bool(row["uploaded"])})
 
 
 @dataclass
@@ -396,7 +404,7 @@ class Queue:
         out.update({r[0]: r[1] for r in rows})
         return out
 
-    def claim(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
+    def claim(self, owner: str, now: float | None = None) -> Job | None:
         """Take the oldest runnable job. A finalize job is runnable only once no component
         job of its asset is still queued or running."""
         now = time.time() if now is None else now
@@ -413,8 +421,8 @@ class Queue:
                 return None
             db.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
-                "lease_expires_at = ?, updated_at = ? WHERE job_id = ? AND state = 'queued'",
-                (owner, now + lease_s, now, row[0]),
+                "updated_at = ? WHERE job_id = ? AND state = 'queued'",
+                (owner, now, row[0]),
             )
         return self.get(row[0])
 
@@ -471,7 +479,6 @@ class Queue:
             error_message=error["message"] if error else None,
             result=json.dumps(result) if result is not None else None,
             lease_owner=None,
-            lease_expires_at=None,
         )
         if state in (JobState.DONE, JobState.ABANDONED) and "content" in job.payload:
             self.drop_content(job_id)  # sent (or never to be): only the job row stays
@@ -499,14 +506,13 @@ class Queue:
             error_code=error["code"] if error else None,
             error_message=error["message"] if error else None,
             lease_owner=None,
-            lease_expires_at=None,
         )
 
     def recover(self) -> int:
         """At start: every job left running by a dead daemon goes back to the queue."""
         with self._txn(durable=True) as db:
             cur = db.execute(
-                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, "
                 "next_attempt_at = 0, updated_at = ? WHERE state = 'running'",
                 (time.time(),),
             )
@@ -738,12 +744,9 @@ class Queue:
             )
 
     def components(self, asset_key: str) -> list[ComponentRecord]:
-        rows = self._read(
-            "SELECT asset_key, name, path, size, mtime_ns, ino, dev, content_type, part_size, "
-            "sha256, uploaded, url_hash FROM components WHERE asset_key = ? ORDER BY name",
-            (asset_key,),
-        )
-        return [ComponentRecord(*r[:10], bool(r[10]), r[11]) for r in rows]  # type: ignore[misc,call-arg]
+        rows = self._read(f"SELECT {', '.join(_COMPONENT_COLS)} FROM components "
+                          "WHERE asset_key = ? ORDER BY name", (asset_key,))
+        return [_component(dict(zip(_COMPONENT_COLS, r, strict=True))) for r in rows]
 
     def component_by_url_hash(self, url_hash: str) -> ComponentRecord | None:
         rows = self._read("SELECT asset_key, name FROM components WHERE url_hash = ?", (url_hash,))

@@ -39,11 +39,6 @@ def parent_pid(pid: int) -> int | None:
     return int(f[1]) if f and len(f) > 1 else None
 
 
-def is_zombie_or_gone(pid: int) -> bool:
-    f = _stat_fields(pid)
-    return not f or f[0] in ("Z", "X")
-
-
 def owner_uid(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}").st_uid
@@ -68,10 +63,3 @@ async def wait_exit(fd: int) -> None:
     """Return when the process behind the pidfd has exited."""
     await anyio.wait_readable(fd)
 
-
-def exited(fd: int) -> bool:
-    """Non-blocking: has the process behind the pidfd exited?"""
-    import select
-
-    r, _, _ = select.select([fd], [], [], 0)
-    return bool(r)

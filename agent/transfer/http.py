@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -76,13 +75,6 @@ def create_only(headers: dict[str, str] | None) -> bool:
 
 def _snake(code: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", code).lower()
-
-
-@dataclass
-class SliceResult:
-    size: int
-    sha256: str | None
-    md5: str | None
 
 
 class Watchdog:

@@ -51,7 +51,6 @@ class Workers:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._abandon_reasons: dict[str, str] = {}
         self._stopping = False
-        self._flush_at: dict[str, float] = {}
         dl = engine.settings.download
         self.cache = AssetCache(engine.settings.cache_dir(), dl.cache_max_bytes)
         """The node-local cache of ready assets (opened on the first download)."""
@@ -118,7 +117,7 @@ class Workers:
             # An empty claim changes nothing and must wake nobody: idle workers that woke
             # each other on every empty claim spun a core (seen in the benchmarks).
             try:
-                job = await self.q.do(self.q.s.claim, self.owner, 300.0)
+                job = await self.q.do(self.q.s.claim, self.owner)
             except StateDiskFull:  # a claim writes too: wait for space, keep the worker
                 await anyio.sleep(2)
                 continue
