@@ -65,6 +65,27 @@ def test_import_agent_and_run_is_light() -> None:
     assert out.stdout.strip() == "", f"importing agent.Run pulled in: {out.stdout}"
 
 
+@pytest.mark.parametrize("imports, heavy", [
+    ("import agent.transfer.direct, agent.transfer.primitives, agent.chronicle.sync",
+     ("aiohttp", "anyio", "asyncio", "watchfiles", "sqlite3", "botocore", "pydantic_settings")),
+    # Chronicle() reads the settings: pydantic-settings (which imports asyncio) comes along
+    ("from agent import Chronicle",
+     ("aiohttp", "anyio", "watchfiles", "sqlite3", "botocore")),
+])
+def test_the_in_process_paths_import_nothing_heavy(imports: str, heavy: tuple[str, ...]
+                                                   ) -> None:
+    """``Chronicle()`` and its download with no daemon (agent.transfer.direct, and the
+    transfer primitives it shares with the daemon) need no event-loop library, HTTP stack
+    or database."""
+    code = (f"import sys\n{imports}\nheavy = {heavy!r}\n"
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=clean_env(), cwd=REPO_ROOT,
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "", f"{imports} pulled in: {out.stdout}"
+
+
 def test_lazy_exports() -> None:
     import agent
 

@@ -8,7 +8,8 @@ import aiohttp
 import pytest
 
 from agent import errors as E
-from agent.transfer.http import classify_storage_answer, redact
+from agent.transfer.http import redact
+from agent.transfer.primitives import classify_storage_answer
 from agent.transfer.retry import RetryPolicy
 
 

@@ -43,8 +43,9 @@ from agent.queue.store import (
     credential_id,
     job_state,
 )
+from agent.transfer.primitives import check_component_name
 from agent.transfer.selection import check_patterns, latest_call, require_latest, selected_view
-from agent.transfer.upload import AssetUpload, Progress, check_component_name, url_hash
+from agent.transfer.upload import AssetUpload, Progress, url_hash
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon

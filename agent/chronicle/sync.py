@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from agent.chronicle.contract import Call
 from agent.errors import RetryableError
+from agent.transfer.primitives import backoff_s
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ class SyncChronicle:
             except RetryableError:
                 if not retry_ok or n >= self.attempts:
                     raise
-                time.sleep(min(0.25 * 2**n, 4.0))
+                time.sleep(backoff_s(n, 0.5, 4.0))
 
     def _once(self, call: Call[T]) -> T:
         headers, data = call.request(self._token)

@@ -47,6 +47,7 @@ from agent.queue import runstore
 from agent.queue.runstore import RunRow
 from agent.queue.store import TERMINAL, JobState, StateConflict, _rfc3339
 from agent.runs import liveness
+from agent.transfer.primitives import backoff_s
 from agent.transfer.upload import caller_token
 from agent.watch.seal import glob_root
 
@@ -468,8 +469,10 @@ class RunRegistry:
             if all(j.state in TERMINAL for j in jobs):
                 break
             await q.changed.wait(1.0)
-        delay = 1.0
+        tries = 0
         while True:
+            tries += 1
+            delay = backoff_s(tries, 1.0, 60.0, jitter=False)
             try:
                 token = await self._token(info)
                 await self.d.engine.ensure_run(info.run_id, token)  # a registration may not
@@ -484,7 +487,6 @@ class RunRegistry:
                 log.warning("run %s: could not end it on Chronicle (%s); trying again in "
                             "%.0f s", info.run_id, e, delay)
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 60.0)
         info.state, info.ended_at = "ended", time.time()
         await self._save(info)
         log.info("run %s ended on Chronicle: %s", info.run_id, info.status)

@@ -56,13 +56,13 @@ from agent.chronicle import models as m
 from agent.errors import DiskFull
 from agent.fsid import Identity, call_as, run_as
 from agent.priority import run_bulk
+from agent.transfer.primitives import is_disk_full
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
-_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _NO_LINK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES)
 
 SCHEMA = """
@@ -106,10 +106,6 @@ class Entry:
 Fill = Callable[[Path], Awaitable[list[dict[str, Any]]]]
 """Fetch every component into the given directory, verified; the files ({name, size,
 sha256})."""
-
-
-def is_disk_full(e: OSError) -> bool:
-    return e.errno in _SPACE_ERRNOS
 
 
 class AssetCache:

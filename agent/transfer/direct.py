@@ -13,7 +13,6 @@ import hashlib
 import http.client
 import logging
 import os
-import re
 import shutil
 import time
 import urllib.error
@@ -22,28 +21,26 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.chronicle import models as m
-from agent.errors import (
-    DiskFull,
-    RetryableError,
-    StorageRefused,
-    UrlExpired,
-    VerificationError,
+from agent.errors import DiskFull, RetryableError, UrlExpired, VerificationError
+from agent.transfer.primitives import (
+    backoff_s,
+    check_component_name,
+    classify_storage_answer,
+    is_disk_full,
+    staging_path,
 )
-from agent.transfer.upload import check_component_name
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-_CODE = re.compile(rb"<Code>([^<]*)</Code>")
 
 
 def staging_dir(dest: str, asset: m.Asset) -> str:
     """Beside ``dest``, named after the asset and the components fetched (a download of
     some of them, ``include``/``exclude``, never resumes into another selection's files)."""
-    parent, base = os.path.split(dest.rstrip("/"))
     names = "\0".join(sorted(c.name for c in asset.components))
-    tag = hashlib.sha256(f"{asset.asset_id}\0\0{names}".encode()).hexdigest()[:16]
-    return os.path.join(parent, f".{base}.chronicle-partial-{tag}")
+    return staging_path(dest, hashlib.sha256(f"{asset.asset_id}\0\0{names}".encode())
+                        .hexdigest()[:16])
 
 
 def download_direct(
@@ -85,7 +82,7 @@ def download_direct(
                                 code="checksum_mismatch") from None
                         raise
                     log.info("GET %s: %s; retry %d/%d", name, e.message, n, attempts - 1)
-                    time.sleep(min(0.25 * 2 ** n, 5.0))
+                    time.sleep(backoff_s(n, 0.5, 5.0))
             files.append({"name": name, "size": comp.size or 0, "sha256": sha})
     except (RetryableError, DiskFull):
         raise  # keep the partial files: calling again resumes them
@@ -120,7 +117,7 @@ def _fetch_one(url: str, target: str, comp: m.Component, timeout_s: float) -> st
                     req.add_header("Range", f"bytes={have}-{size - 1}")
                 _stream(req, out, h, have, size, timeout_s, what)
     except OSError as e:
-        if e.errno in (28, 122):  # ENOSPC, EDQUOT
+        if is_disk_full(e):
             raise DiskFull(f"{what}: no space left on device writing {target}") from None
         raise
     sha = h.hexdigest()
@@ -149,16 +146,7 @@ def _stream(req: urllib.request.Request, out: Any, h: Any, have: int, size: int,
             if pos != size:
                 raise RetryableError(f"{what}: got {pos} of {size} bytes", code="truncated")
     except urllib.error.HTTPError as e:
-        body = e.read()
-        code_m = _CODE.search(body or b"")
-        code = code_m.group(1).decode(errors="replace") if code_m else ""
-        if e.code == 403 and b"expired" in body.lower():
-            raise UrlExpired(f"{what}: presigned URL expired") from None
-        if e.code in (408, 429, 500, 502, 503, 504) or code in ("SlowDown", "InternalError"):
-            raise RetryableError(f"{what}: HTTP {e.code} {code}".rstrip(),
-                                 status=e.code) from None
-        raise StorageRefused(f"{what}: HTTP {e.code} {code}".rstrip(), status=e.code,
-                             code=f"http_{e.code}") from None
+        raise classify_storage_answer(e.code, e.read(), what) from None
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
             TimeoutError) as e:
         raise RetryableError(f"{what}: {type(e).__name__}: {getattr(e, 'reason', e)}",

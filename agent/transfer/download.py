@@ -56,11 +56,17 @@ from agent.errors import (
 from agent.fsid import Identity, Refused, call_as, run_as
 from agent.priority import hash_step, run_bulk
 from agent.transfer import rawget
-from agent.transfer.cache import AssetCache, is_disk_full
+from agent.transfer.cache import AssetCache
 from agent.transfer.groups import one_error
-from agent.transfer.http import Watchdog, classify_storage_answer, redact
+from agent.transfer.http import Watchdog, redact
+from agent.transfer.primitives import (
+    check_component_name,
+    classify_storage_answer,
+    is_disk_full,
+    staging_path,
+)
 from agent.transfer.selection import filtered
-from agent.transfer.upload import Engine, Progress, check_component_name
+from agent.transfer.upload import Engine, Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +82,6 @@ READ_BUFFER_BYTES = 1 << 20
 """aiohttp's receive buffer for a download (it holds up to twice this per stream before it
 stops reading the socket): fewer wake-ups per GiB than its 64 KiB default, memory bounded.
 Measured: 4 MiB saved about 8% CPU and cost about 50 MB of peak RSS."""
-
-
-def staging_dir_for(dest: str, job_id: str) -> str:
-    parent, base = os.path.split(dest.rstrip("/"))
-    return os.path.join(parent, f".{base}.chronicle-partial-{job_id}")
 
 
 @dataclass
@@ -136,7 +137,7 @@ async def _download(
         raise
     warnings = check_asset(asset, allow_invalid)
     wanted = filtered(asset, include, exclude)  # the asset itself when that is all of it
-    staging = staging_dir_for(dest, job_id)
+    staging = staging_path(dest, job_id)
     await run_as(ident, lambda: os.makedirs(staging, mode=0o700, exist_ok=True))
     total = sum(c.size or 0 for c in wanted.components)
     await engine.queue.do(engine.queue.s.set_progress, job_id, bytes_total=total)
@@ -179,7 +180,7 @@ def _move_into_place(staging: str, dest: str) -> None:
 
 
 def discard_staging(dest: str, job_id: str) -> None:
-    shutil.rmtree(staging_dir_for(dest, job_id), ignore_errors=True)
+    shutil.rmtree(staging_path(dest, job_id), ignore_errors=True)
 
 
 class _Fetcher:

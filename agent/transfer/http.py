@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,20 +21,12 @@ import anyio
 import anyio.to_thread
 
 from agent.errors import (
-    RETRYABLE_S3_CODES,
-    RETRYABLE_STATUSES,
-    RetryableError,
     Stalled,
-    StorageRefused,
     TransferError,
-    UrlExpired,
 )
 from agent.priority import hash_step, run_bulk
 from agent.transfer.limits import Limits
-
-_CODE = re.compile(rb"<Code>([^<]*)</Code>")
-_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
-
+from agent.transfer.primitives import classify_storage_answer
 
 Opener = Callable[[str], int]
 """Opens a source file for reading, in a worker thread, with the rights of whoever the
@@ -52,29 +43,11 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
 
 
-def classify_storage_answer(status: int, body: bytes, what: str) -> TransferError:
-    """Turn a non-2xx answer from storage into the error tree."""
-    code_m, msg_m = _CODE.search(body or b""), _MESSAGE.search(body or b"")
-    code = code_m.group(1).decode(errors="replace") if code_m else ""
-    message = msg_m.group(1).decode(errors="replace") if msg_m else ""
-    detail = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
-    if status == 403 and "expired" in message.lower():
-        return UrlExpired(f"{what}: presigned URL expired ({detail})")
-    if status in RETRYABLE_STATUSES or code in RETRYABLE_S3_CODES:
-        return RetryableError(f"{what}: {detail}", code=_snake(code) or f"http_{status}",
-                              status=status)
-    return StorageRefused(f"{what}: {detail}", status=status, code=_snake(code) or f"http_{status}")
-
-
 def create_only(headers: dict[str, str] | None) -> bool:
     """Whether a PUT with these headers is create-only (``If-None-Match: *``): a 412 then
     says the key is taken, by the very bytes its URL binds (sent by an attempt whose answer
     was lost)."""
     return any(k.lower() == "if-none-match" for k in headers or {})
-
-
-def _snake(code: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", code).lower()
 
 
 class Watchdog:

@@ -16,6 +16,7 @@ from typing import TypeVar
 import anyio
 
 from agent.errors import RetryableError, TransferError, map_transport_error
+from agent.transfer.primitives import backoff_s
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,8 +32,7 @@ class RetryPolicy:
 
     def delay_s(self, retry_number: int) -> float:
         """Delay before the ``retry_number``-th retry (1-based)."""
-        cap = min(self.base_s * (2 ** (retry_number - 1)), self.max_s)
-        return self.rng.uniform(0, cap)
+        return backoff_s(retry_number, self.base_s, self.max_s, rng=self.rng)
 
     async def run(
         self,

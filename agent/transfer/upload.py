@@ -25,7 +25,6 @@ import hashlib
 import logging
 import math
 import os
-import posixpath
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -62,7 +61,6 @@ from agent.transfer import rawget
 from agent.transfer.groups import one_error
 from agent.transfer.http import (
     Opener,
-    classify_storage_answer,
     create_only,
     hash_file,
     put_file,
@@ -70,6 +68,7 @@ from agent.transfer.http import (
     redact,
 )
 from agent.transfer.limits import Limits
+from agent.transfer.primitives import check_component_name, classify_storage_answer
 from agent.transfer.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -102,23 +101,6 @@ def url_use_by(expires_at: str | None, now: float | None = None) -> float:
 
 def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
-
-
-def check_component_name(name: str) -> str:
-    """Component names are relative POSIX paths: no absolute path, no ``..``, no empty
-    segment, no NUL."""
-    if (
-        not name
-        or "\x00" in name
-        or name.startswith("/")
-        or any(seg in ("", ".", "..") for seg in name.split("/"))
-        or posixpath.normpath(name) != name
-    ):
-        raise UsageError(
-            f"invalid component name {name!r}: must be a relative POSIX path with no "
-            "'..', '.', empty segment or NUL"
-        )
-    return name
 
 
 @dataclass

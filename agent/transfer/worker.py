@@ -35,6 +35,7 @@ from agent.queue.store import AssetRecord, Job, JobKind, JobState
 from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
 from agent.transfer.groups import primary_error
+from agent.transfer.primitives import backoff_s
 from agent.transfer.selection import latest_call, require_latest, selected_view
 from agent.transfer.upload import AssetUpload, Engine, Progress, caller_token, scan_path
 
@@ -155,14 +156,14 @@ class Workers:
             outcome = (JobState.QUEUED, e.to_dict(), None)
         except RetryableError as e:
             if job.attempts < self.job_max_attempts and not self._stopping:
-                retry_in = min(30.0 * 2 ** (job.attempts - 1), 600.0)
+                retry_in = backoff_s(job.attempts, 30.0, 600.0, jitter=False)
                 outcome = (JobState.QUEUED, e.to_dict(), None)
             else:
                 outcome = (JobState.FAILED, e.to_dict(), None)
         except DiskFull as e:  # waits for space; its partial files are kept for the resume
             if job.attempts < self.job_max_attempts and not self._stopping:
                 base = self.e.settings.download.disk_full_retry_s
-                retry_in = min(base * 2 ** (job.attempts - 1), 600.0)
+                retry_in = backoff_s(job.attempts, base, 600.0, jitter=False)
                 outcome = (JobState.QUEUED, e.to_dict(), None)
             else:
                 outcome = (JobState.FAILED, e.to_dict(), None)
