@@ -174,7 +174,9 @@ async def test_pages_and_filters(people: People) -> None:
     assert sorted(sum(pages, [])) == sorted([*made, other])
     assert sorted(await ids(people.owner, "sweep", asset_type="report")) == sorted(made)
     assert await ids(people.owner, "sweep", state="pending") == []
-    for params, why in (({"q": ""}, "q is required"), ({"q": "x", "limit": "0"}, "limit"),
+    assert await ids(people.owner, "\x00sweep\x01") == await ids(people.owner, "sweep")
+    for params, why in (({"q": ""}, "q is required"), ({"q": "\x00\x07"}, "q is required"),
+                        ({"q": "x", "limit": "0"}, "limit"),
                         ({"q": "x", "cursor": "-1"}, "cursor"),
                         ({"q": "x", "state": "gone"}, "state"), ({"q": "x" * 1001}, "1000")):
         r = await people.owner.get("/v1/assets/search", params=params)

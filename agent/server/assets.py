@@ -1131,7 +1131,7 @@ class Assets:
                        "server.search is off)")
         q = ctx.request.query
         text = (q.get("q") or "").strip()
-        if not text:
+        if not db.fts_query(text):
             raise invalid("q is required: the words to search for")
         if len(text) > MAX_QUERY:
             raise invalid(f"q is {len(text)} characters long, the limit is {MAX_QUERY}")

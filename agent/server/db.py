@@ -716,8 +716,10 @@ def index_asset(conn: sqlite3.Connection, asset_id: str, text: str | None = None
 
 def fts_query(q: str) -> str:
     """The caller's words as an FTS5 query: each one quoted (no operator or column filter
-    reaches FTS5 from outside), all of them required, the last one also as a prefix."""
-    words = [w for w in re.split(r"\s+", q.strip()) if w]
+    reaches FTS5 from outside), all of them required, the last one also as a prefix; ""
+    when there is no word. Control characters separate words, as they do in the index
+    (and a NUL would end the query string inside SQLite)."""
+    words = [w for w in re.split(r"[\s\x00-\x1f\x7f]+", q) if w]
     quoted = ['"' + w.replace('"', '""') + '"' for w in words]
     if quoted:
         quoted[-1] += "*"
