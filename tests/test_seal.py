@@ -164,7 +164,7 @@ def test_snapshot_links_copies_and_survives_delete(tmp_path: Path, staging: Stag
     base = staging.base_for(str(tmp_path / "root"), sc.dev)
     assert base == str(tmp_path / "root" / ".chronicle-staging")
     snap = staging.snapshot(sc, base, ["last.pt"])
-    hows = {rel: v[3] for rel, v in snap.files.items()}
+    hows = {rel: f.how for rel, f in snap.files.items()}
     assert hows["last.pt"] in ("copy", "reflink")
     assert hows["model.bin"] in ("link", "reflink")
     expected = {rel: (ck / rel).read_bytes() for rel in hows}
@@ -197,7 +197,7 @@ def test_snapshot_detects_a_rewrite_in_place(tmp_path: Path, staging: Staging) -
     assert sc is not None
     snap = staging.snapshot(sc, base, [])
     assert snap.path.endswith("/last.pt") and Path(snap.path).read_bytes() == b"VERSION one"
-    if snap.files["last.pt"][3] == "link":  # ext4, tmpfs: a link shares the inode
+    if snap.files["last.pt"].how == "link":  # ext4, tmpfs: a link shares the inode
         with open(ck, "wb") as f:  # torch.save onto the same name: same inode
             f.write(b"v2!")
         assert staging.changed(snap) == "last.pt"

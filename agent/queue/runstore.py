@@ -13,10 +13,20 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from agent.queue.store import AssetRecord, Job, JobKind, JobState, Queue, _rfc3339, new_id
+from agent.queue.states import WATCHED_MOVES, RunState, WatchedState, check_move, sources
+from agent.queue.store import (
+    JOB_MOVES,
+    AssetRecord,
+    Job,
+    JobKind,
+    JobState,
+    Queue,
+    _rfc3339,
+    new_id,
+)
 
 # ---- runs -----------------------------------------------------------------------------------
 
@@ -32,7 +42,7 @@ class RunRow:
     lease_s: float
     on_exit: str  # drain | abandon
     watch: list[dict[str, Any]]
-    state: str  # running | ending | ended
+    state: RunState  # running | ending | ended (dying is never stored)
     status: str | None = None
     exit_code: int | None = None
     last_seen: float = field(default_factory=time.time)
@@ -45,26 +55,22 @@ class RunRow:
     it ended."""
 
 
-_RUN_COLS = ("run_id, uid, pid, pid_start, wrapper_pid, liveness, lease_s, on_exit, watch, "
-             "state, status, exit_code, last_seen, created_at, cred_id")
+_RUN_COLS = tuple(f.name for f in fields(RunRow))
+"""The columns of ``runs`` a run row is read from and saved to, by name."""
 
 
-def _run(row: tuple[Any, ...]) -> RunRow:
-    return RunRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-                  json.loads(row[8]), row[9], row[10], row[11], row[12], row[13], row[14],
-                  row[15] if len(row) > 15 else None)
+def _run(row: dict[str, Any]) -> RunRow:
+    """A run row from its row, by column name."""
+    return RunRow(**{**row, "watch": json.loads(row["watch"]), "state": RunState(row["state"])})
 
 
 def save_run(q: Queue, r: RunRow) -> None:
-    now = time.time()
+    values = {c: getattr(r, c) for c in _RUN_COLS} | {
+        "watch": json.dumps(r.watch), "state": str(r.state), "updated_at": time.time()}
     with q._txn(durable=True) as db:
         db.execute(
-            f"INSERT OR REPLACE INTO runs ({_RUN_COLS}, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (r.run_id, r.uid, r.pid, r.pid_start, r.wrapper_pid, r.liveness, r.lease_s,
-             r.on_exit, json.dumps(r.watch), r.state, r.status, r.exit_code, r.last_seen,
-             r.created_at, r.cred_id, now),
-        )
+            f"INSERT OR REPLACE INTO runs ({', '.join(values)}) "
+            f"VALUES ({','.join('?' * len(values))})", tuple(values.values()))
 
 
 def update_run(q: Queue, run_id: str, **cols: Any) -> None:
@@ -78,11 +84,12 @@ def update_run(q: Queue, run_id: str, **cols: Any) -> None:
                    (*cols.values(), time.time(), run_id))
 
 
-def load_runs(q: Queue, states: tuple[str, ...] = ("running", "ending", "ended")) -> list[RunRow]:
+def load_runs(q: Queue, states: tuple[RunState, ...] = (RunState.RUNNING, RunState.ENDING,
+                                                        RunState.ENDED)) -> list[RunRow]:
     marks = ",".join("?" * len(states))
-    rows = q._read(f"SELECT {_RUN_COLS}, updated_at FROM runs WHERE state IN ({marks}) "
-                   "ORDER BY created_at", states)
-    return [_run(r) for r in rows]
+    rows = q._read(f"SELECT {', '.join(_RUN_COLS)} FROM runs WHERE state IN ({marks}) "
+                   "ORDER BY created_at", tuple(map(str, states)))
+    return [_run(dict(zip(_RUN_COLS, r, strict=True))) for r in rows]
 
 
 # ---- watched checkpoints --------------------------------------------------------------------
@@ -94,14 +101,15 @@ class WatchedRow:
     path: str
     run_id: str | None
     rule: str
-    state: str  # sealed | done | abandoned | lost | elsewhere | superseded
+    state: WatchedState
     seal: str | None = None
     fingerprint: str | None = None
     register_key: str | None = None
     job_id: str | None = None
     snapshot: str | None = None
     staged: dict[str, Any] | None = None
-    """What the snapshot holds: {"files": {rel: [size, mtime_ns, ino, how]}}."""
+    """What the snapshot holds: {"path": …, "files": {rel: [size, mtime_ns, ino, how]}}
+    (each file a :class:`~agent.watch.staging.StagedFile`, stored as a JSON list)."""
     created_at: float = field(default_factory=time.time)
     ident: str | None = None
     """Which file or directory was decided (``Scan.ident``); None on rows of schema < 5."""
@@ -109,24 +117,25 @@ class WatchedRow:
     """Its own mtime then (a directory's changes when entries come or go)."""
 
 
-_W_COLS = ("ckpt_id, path, run_id, rule, state, seal, fingerprint, register_key, job_id, "
-           "snapshot, staged, created_at, ident, top_mtime_ns")
-_W_N = len(_W_COLS.split(","))
+_W_COLS = tuple(f.name for f in fields(WatchedRow))
+"""The columns of ``watched`` a row is read from and inserted with, by name."""
+_W_N = len(_W_COLS)
 
 
-def _watched(row: tuple[Any, ...]) -> WatchedRow:
-    return WatchedRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-                      row[9], json.loads(row[10]) if row[10] else None, row[11], row[12],
-                      row[13])
+def _watched(values: tuple[Any, ...]) -> WatchedRow:
+    """A watched row from the values of :data:`_W_COLS`, by name."""
+    row = dict(zip(_W_COLS, values, strict=True))
+    return WatchedRow(**{**row, "state": WatchedState(row["state"]),
+                         "staged": json.loads(row["staged"]) if row["staged"] else None})
 
 
 def _insert_watched(db: sqlite3.Connection, w: WatchedRow) -> None:
-    db.execute(
-        f"INSERT INTO watched ({_W_COLS}, updated_at) VALUES ({','.join('?' * (_W_N + 1))})",
-        (w.ckpt_id, w.path, w.run_id, w.rule, w.state, w.seal, w.fingerprint, w.register_key,
-         w.job_id, w.snapshot, json.dumps(w.staged) if w.staged is not None else None,
-         w.created_at, w.ident, w.top_mtime_ns, time.time()),
-    )
+    values = {c: getattr(w, c) for c in _W_COLS} | {
+        "state": str(w.state),
+        "staged": json.dumps(w.staged) if w.staged is not None else None,
+        "updated_at": time.time()}
+    db.execute(f"INSERT INTO watched ({', '.join(values)}) "
+               f"VALUES ({','.join('?' * len(values))})", tuple(values.values()))
 
 
 def _insert_job(db: sqlite3.Connection, kind: JobKind, state: JobState, uid: int,
@@ -179,17 +188,29 @@ def record_watched(q: Queue, w: WatchedRow) -> None:
         _insert_watched(db, w)
 
 
-def set_watched(q: Queue, ckpt_id: str, *, state: str, snapshot: str | None = None) -> None:
+def set_watched(q: Queue, ckpt_id: str, *, state: WatchedState,
+                snapshot: str | None = None) -> None:
+    """Move a watched row to ``state`` (guarded by :data:`~agent.queue.states.WATCHED_MOVES`:
+    IllegalMove if its state may not become ``state``; a row that is gone is left so)."""
+    state = WatchedState(state)
+    start = sources(WATCHED_MOVES, state)
     with q._txn() as db:
-        db.execute("UPDATE watched SET state = ?, snapshot = ?, updated_at = ? WHERE ckpt_id = ?",
-                   (state, snapshot, time.time(), ckpt_id))
+        cur = db.execute(
+            "UPDATE watched SET state = ?, snapshot = ?, updated_at = ? WHERE ckpt_id = ? "
+            f"AND state IN ({','.join('?' * len(start))})",
+            (str(state), snapshot, time.time(), ckpt_id, *map(str, start)))
+        if not cur.rowcount:
+            row = db.execute("SELECT state FROM watched WHERE ckpt_id = ?",
+                             (ckpt_id,)).fetchone()
+            if row is not None:
+                check_move(WATCHED_MOVES, WatchedState(row[0]), state, f"checkpoint {ckpt_id}")
 
 
 def latest_watched(q: Queue) -> list[WatchedRow]:
     """The latest decision about every path."""
     rows = q._read(
-        f"SELECT {_W_COLS} FROM watched w WHERE created_at = (SELECT max(created_at) FROM "
-        "watched v WHERE v.path = w.path) ORDER BY created_at")
+        f"SELECT {', '.join(_W_COLS)} FROM watched w WHERE created_at = "
+        "(SELECT max(created_at) FROM watched v WHERE v.path = w.path) ORDER BY created_at")
     return [_watched(r) for r in rows]
 
 
@@ -197,21 +218,23 @@ def staged_rows(q: Queue) -> list[tuple[WatchedRow, str, str | None]]:
     """Rows whose snapshot is still in the staging area, with their job's state and error
     code."""
     rows = q._read(
-        f"SELECT {', '.join('w.' + c.strip() for c in _W_COLS.split(','))}, j.state, "
+        f"SELECT {', '.join('w.' + c for c in _W_COLS)}, j.state, "
         "j.error_code FROM watched w JOIN jobs j ON j.job_id = w.job_id "
         "WHERE w.snapshot IS NOT NULL")
     return [(_watched(r[:_W_N]), r[_W_N], r[_W_N + 1]) for r in rows]
 
 
-def relabel_abandoned(q: Queue, job_id: str, expect: tuple[str, ...], code: str,
+def relabel_abandoned(q: Queue, job_id: str, expect: tuple[JobState, ...], code: str,
                       message: str) -> bool:
     """A job that ended because its snapshot was superseded is shown as ``abandoned``."""
+    for state in expect:
+        check_move(JOB_MOVES, state, JobState.ABANDONED, f"job {job_id}")
     marks = ",".join("?" * len(expect))
     with q._txn() as db:
         cur = db.execute(
-            f"UPDATE jobs SET state = 'abandoned', error_code = ?, error_message = ?, "
+            f"UPDATE jobs SET state = ?, error_code = ?, error_message = ?, "
             f"lease_owner = NULL, updated_at = ? WHERE job_id = ? AND state IN ({marks})",
-            (code, message, time.time(), job_id, *expect))
+            (str(JobState.ABANDONED), code, message, time.time(), job_id, *map(str, expect)))
         return bool(cur.rowcount)
 
 
@@ -291,6 +314,16 @@ class CheckpointFate:
                 "bytes_total": self.bytes_total, "created_at": _rfc3339(self.created_at)}
 
 
+_FATE_SELECT = {
+    "ckpt_id": "w.ckpt_id", "path": "w.path", "seal": "w.seal", "detail": _FATE_SQL,
+    "job_id": "w.job_id", "job_state": "j.state", "error_code": "j.error_code",
+    "error_message": "j.error_message", "asset_id": "a.asset_id",
+    "asset_type": "json_extract(j.payload, '$.asset_type')", "bytes_total": "j.bytes_total",
+    "created_at": "w.created_at",
+}
+"""Each field of a checkpoint's fate, by the SQL that reads it (``watched w``, its ``jobs j``,
+their ``assets a``)."""
+
 _REASONS = {
     "elsewhere": {"code": "claimed_elsewhere", "message": "another agent sharing this "
                   "filesystem claimed it at its seal and uploads it"},
@@ -308,14 +341,14 @@ def run_checkpoints(q: Queue, run_ids: list[str] | None = None
     if run_ids is not None:
         where = f"w.run_id IN ({','.join('?' * len(run_ids))})"
     rows = q._read(
-        f"SELECT w.run_id, w.ckpt_id, w.path, w.seal, {_FATE_SQL}, w.job_id, j.state, "
-        "j.error_code, j.error_message, a.asset_id, json_extract(j.payload, '$.asset_type'), "
-        "j.bytes_total, w.created_at FROM watched w LEFT JOIN jobs j ON j.job_id = w.job_id "
+        f"SELECT w.run_id, {', '.join(_FATE_SELECT.values())} FROM watched w "
+        "LEFT JOIN jobs j ON j.job_id = w.job_id "
         f"LEFT JOIN assets a ON a.asset_key = j.asset_key WHERE {where} "
         "ORDER BY w.created_at, w.ckpt_id", tuple(run_ids or ()))
     out: dict[str, list[CheckpointFate]] = {rid: [] for rid in run_ids or ()}
-    for r in rows:
-        out.setdefault(r[0], []).append(CheckpointFate(*r[1:]))
+    for run_id, *values in rows:
+        out.setdefault(run_id, []).append(
+            CheckpointFate(**dict(zip(_FATE_SELECT, values, strict=True))))
     return out
 
 

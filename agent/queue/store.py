@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.errors import AgentError, QuotaExceeded, StateDiskFull
 from agent.queue.schema import open_db
+from agent.queue.states import ASSET_MOVES, AssetState, check_move, sources
 
 
 class JobState(StrEnum):
@@ -48,6 +49,21 @@ class JobKind(StrEnum):
 
 TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.ABANDONED,
                       JobState.LOST})
+
+JOB_MOVES: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.ABANDONED}),
+    JobState.RUNNING: frozenset({JobState.QUEUED}) | TERMINAL,
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.ABANDONED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.ABANDONED}),
+    JobState.DONE: frozenset(),
+    JobState.ABANDONED: frozenset(),
+    JobState.LOST: frozenset(),
+}
+"""The moves of a job (checked by :meth:`Queue._move`; the claim and the recovery at start
+move queued → running → queued in SQL of their own): queued → running (claim), cancelled
+(cancel), abandoned; running → queued (released, or recovered after a crash) or any end;
+failed or cancelled → queued (retry), or abandoned (a superseded checkpoint's job, relabelled).
+A job may also be born abandoned or lost (a checkpoint that never becomes an asset)."""
 
 
 def job_state(value: str) -> JobState:
@@ -144,7 +160,7 @@ class AssetRecord:
     run_id: str | None
     visibility: str | None
     uid: int
-    state: str  # new | registering | registered | finalized | abandoned
+    state: AssetState
     cred_id: str | None = None
     token: str | None = field(default=None, repr=False)
     """The caller's own Chronicle token the asset is registered with (None: the daemon's)."""
@@ -174,6 +190,17 @@ def _component(row: dict[str, Any]) -> ComponentRecord:
     return ComponentRecord(**{**row, "uploaded": bool(row["uploaded"])})
 
 
+_ASSET_SELECT = {f.name: f.name for f in fields(AssetRecord)} | {
+    "token": "(SELECT token FROM credentials WHERE credentials.cred_id = assets.cred_id)"}
+"""Each field of an asset record, by the SQL that reads it from ``assets``."""
+_ASSET_COLS = tuple(_ASSET_SELECT)
+
+
+def _asset_record(row: dict[str, Any]) -> AssetRecord:
+    """An asset record from its row, by column name."""
+    return AssetRecord(**{**row, "state": AssetState(row["state"])})
+
+
 @dataclass
 class PartRecord:
     part_number: int
@@ -182,17 +209,27 @@ class PartRecord:
     etag: str
 
 
-_JOB_COLS = (
-    "job_id, kind, jobs.state, jobs.uid, jobs.run_id, jobs.asset_key, payload, bytes_total, "
-    "bytes_done, "
-    "attempts, error_code, error_message, next_attempt_at, lease_owner, cancel_requested, "
-    "jobs.created_at, jobs.updated_at, result, warnings, assets.asset_id, jobs.cred_id, "
-    "(SELECT token FROM credentials WHERE credentials.cred_id = jobs.cred_id)"
-)
+_PART_COLS = tuple(f.name for f in fields(PartRecord))
+
+_JOB_SELECT = {
+    "job_id": "job_id", "kind": "kind", "state": "jobs.state", "uid": "jobs.uid",
+    "run_id": "jobs.run_id", "asset_key": "jobs.asset_key", "payload": "payload",
+    "bytes_total": "bytes_total", "bytes_done": "bytes_done", "attempts": "attempts",
+    "error_code": "error_code", "error_message": "error_message",
+    "next_attempt_at": "next_attempt_at", "lease_owner": "lease_owner",
+    "cancel_requested": "cancel_requested", "created_at": "jobs.created_at",
+    "updated_at": "jobs.updated_at", "result": "result", "warnings": "warnings",
+    "asset_id": "assets.asset_id", "cred_id": "jobs.cred_id",
+    "token": "(SELECT token FROM credentials WHERE credentials.cred_id = jobs.cred_id)",
+}
+"""The columns a job is read from (by name, :func:`_job`), each by the SQL that reads it
+from :data:`_JOB_FROM`."""
+_JOB_NAMES = tuple(_JOB_SELECT)
+_JOB_COLS = ", ".join(_JOB_SELECT.values())
 _JOB_FROM = "jobs LEFT JOIN assets ON assets.asset_key = jobs.asset_key"
-_JOB_COLS_LISTED = _JOB_COLS.replace(
-    "payload,", "CASE WHEN kind = 'inline' THEN json_remove(payload, '$.content') "
-    "ELSE payload END,", 1)
+_JOB_COLS_LISTED = ", ".join((_JOB_SELECT | {
+    "payload": "CASE WHEN kind = 'inline' THEN json_remove(payload, '$.content') ELSE payload END",
+}).values())
 """A listing leaves inline contents (up to server.inline_max_bytes each) in the database:
 listing a thousand queued inline jobs must not load them all (only the worker needs one)."""
 _HOLDING = "'queued', 'running', 'failed', 'cancelled'"
@@ -221,29 +258,32 @@ class Quota:
                 "cancelled jobs count until queue.finished_retention_s prunes them)")
 
 
-def _job(row: tuple[Any, ...]) -> Job:
+def _job(values: tuple[Any, ...]) -> Job:
+    """A job from the values of :data:`_JOB_SELECT`, by name."""
+    row = dict(zip(_JOB_NAMES, values, strict=True))
     return Job(
-        job_id=row[0],
-        kind=JobKind(row[1]),
-        state=JobState(row[2]),
-        uid=row[3],
-        run_id=row[4],
-        asset_key=row[5],
-        payload=json.loads(row[6]),
-        bytes_total=row[7],
-        bytes_done=row[8],
-        attempts=row[9],
-        error={"code": row[10], "message": row[11]} if row[10] else None,
-        next_attempt_at=row[12],
-        lease_owner=row[13],
-        cancel_requested=bool(row[14]),
-        created_at=row[15],
-        updated_at=row[16],
-        result=json.loads(row[17]) if row[17] else None,
-        warnings=json.loads(row[18]) if row[18] else [],
-        asset_id=row[19],
-        cred_id=row[20],
-        token=row[21],
+        job_id=row["job_id"],
+        kind=JobKind(row["kind"]),
+        state=JobState(row["state"]),
+        uid=row["uid"],
+        run_id=row["run_id"],
+        asset_key=row["asset_key"],
+        payload=json.loads(row["payload"]),
+        bytes_total=row["bytes_total"],
+        bytes_done=row["bytes_done"],
+        attempts=row["attempts"],
+        error=({"code": row["error_code"], "message": row["error_message"]}
+               if row["error_code"] else None),
+        next_attempt_at=row["next_attempt_at"],
+        lease_owner=row["lease_owner"],
+        cancel_requested=bool(row["cancel_requested"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        warnings=json.loads(row["warnings"]) if row["warnings"] else [],
+        asset_id=row["asset_id"],
+        cred_id=row["cred_id"],
+        token=row["token"],
     )
 
 
@@ -319,7 +359,7 @@ class Queue:
                 (
                     jid,
                     str(kind),
-                    "queued",
+                    str(JobState.QUEUED),
                     uid,
                     run_id,
                     asset_key,
@@ -438,6 +478,11 @@ class Queue:
         owner: str | None = None,
         **cols: Any,
     ) -> Job:
+        """Move a job in one of the states ``expect`` (and leased by ``owner``, if given) to
+        ``to`` (with ``cols``): StateConflict if it is in another state; IllegalMove, a bug,
+        if :data:`JOB_MOVES` allows no move from one of ``expect`` to ``to``."""
+        for state in expect:
+            check_move(JOB_MOVES, state, to, f"job {job_id}")
         now = time.time()
         sets = ["state = ?", "updated_at = ?"]
         args: list[Any] = [str(to), now]
@@ -684,7 +729,8 @@ class Queue:
             db.execute(
                 "INSERT INTO assets (asset_key, register_key, asset_type, run_id, visibility, "
                 "uid, state, created_at, updated_at, cred_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (key, reg, asset_type, run_id, visibility, uid, "new", now, now, cred_id),
+                (key, reg, asset_type, run_id, visibility, uid, str(AssetState.NEW), now, now,
+                 cred_id),
             )
             db.executemany(
                 "INSERT INTO components (asset_key, name, path, size, mtime_ns, ino, dev, "
@@ -715,33 +761,51 @@ class Queue:
         return rec
 
     def asset(self, asset_key: str) -> AssetRecord | None:
-        rows = self._read(
-            "SELECT asset_key, register_key, asset_id, asset_type, run_id, visibility, uid, state, "
-            "cred_id, (SELECT token FROM credentials WHERE credentials.cred_id = assets.cred_id) "
-            "FROM assets WHERE asset_key = ?",
-            (asset_key,),
-        )
-        return AssetRecord(*rows[0]) if rows else None
+        rows = self._read(f"SELECT {', '.join(_ASSET_SELECT.values())} FROM assets "
+                          "WHERE asset_key = ?", (asset_key,))
+        return _asset_record(dict(zip(_ASSET_COLS, rows[0], strict=True))) if rows else None
 
     def asset_by_id(self, asset_id: str) -> AssetRecord | None:
         rows = self._read("SELECT asset_key FROM assets WHERE asset_id = ?", (asset_id,))
         return self.asset(rows[0][0]) if rows else None
 
     def set_asset(
-        self, asset_key: str, *, asset_id: str | None = None, state: str | None = None
+        self, asset_key: str, *, asset_id: str | None = None, state: AssetState | None = None
     ) -> None:
+        """Record an asset's id and/or move its record to ``state`` (guarded by
+        :data:`~agent.queue.states.ASSET_MOVES`: IllegalMove if the record is in a state
+        that may not become ``state``). A record that is gone is left so."""
         sets: list[str] = ["updated_at = ?"]
         args: list[Any] = [time.time()]
+        where, wargs = "asset_key = ?", [asset_key]
         if asset_id is not None:
             sets.append("asset_id = ?")
             args.append(asset_id)
         if state is not None:
+            state = AssetState(state)
             sets.append("state = ?")
-            args.append(state)
+            args.append(str(state))
+            where += self._asset_guard(state, wargs)
         with self._txn() as db:
-            db.execute(
-                f"UPDATE assets SET {', '.join(sets)} WHERE asset_key = ?", (*args, asset_key)
-            )
+            cur = db.execute(f"UPDATE assets SET {', '.join(sets)} WHERE {where}",
+                             (*args, *wargs))
+            if not cur.rowcount and state is not None:
+                self._illegal_asset_move(db, asset_key, state)
+
+    @staticmethod
+    def _asset_guard(to: AssetState, args: list[Any]) -> str:
+        """The ``AND state IN (…)`` of an update moving an asset record to ``to`` (its
+        arguments appended to ``args``)."""
+        start = sources(ASSET_MOVES, to)
+        args += map(str, start)
+        return f" AND state IN ({','.join('?' * len(start))})"
+
+    @staticmethod
+    def _illegal_asset_move(db: sqlite3.Connection, asset_key: str, to: AssetState) -> None:
+        """After a guarded update changed nothing: IllegalMove unless the record is gone."""
+        row = db.execute("SELECT state FROM assets WHERE asset_key = ?", (asset_key,)).fetchone()
+        if row is not None:
+            check_move(ASSET_MOVES, AssetState(row[0]), to, f"asset record {asset_key}")
 
     def components(self, asset_key: str) -> list[ComponentRecord]:
         rows = self._read(f"SELECT {', '.join(_COMPONENT_COLS)} FROM components "
@@ -802,11 +866,11 @@ class Queue:
 
     def parts(self, asset_key: str, name: str) -> list[PartRecord]:
         rows = self._read(
-            "SELECT part_number, part_size, size, etag FROM parts WHERE asset_key = ? AND name = ? "
+            f"SELECT {', '.join(_PART_COLS)} FROM parts WHERE asset_key = ? AND name = ? "
             "ORDER BY part_number",
             (asset_key, name),
         )
-        return [PartRecord(*r) for r in rows]
+        return [PartRecord(**dict(zip(_PART_COLS, r, strict=True))) for r in rows]
 
     def record_part(self, asset_key: str, name: str, part: PartRecord) -> None:
         with self._txn() as db:
@@ -823,12 +887,15 @@ class Queue:
     def reset_asset(self, asset_key: str) -> None:
         """Forget everything sent for this asset (it was abandoned): a fresh registration
         key, no id, nothing uploaded."""
+        args: list[Any] = [f"register:{new_id('la')}", str(AssetState.NEW), time.time(),
+                           asset_key]
+        where = "asset_key = ?" + self._asset_guard(AssetState.NEW, args)
         with self._txn() as db:
-            db.execute(
-                "UPDATE assets SET register_key = ?, asset_id = NULL, state = 'new', "
-                "updated_at = ? WHERE asset_key = ?",
-                (f"register:{new_id('la')}", time.time(), asset_key),
-            )
+            cur = db.execute(
+                "UPDATE assets SET register_key = ?, asset_id = NULL, state = ?, "
+                f"updated_at = ? WHERE {where}", args)
+            if not cur.rowcount:
+                self._illegal_asset_move(db, asset_key, AssetState.NEW)
             db.execute(
                 "UPDATE components SET uploaded = 0, sha256 = NULL, part_size = NULL, "
                 "url_hash = NULL WHERE asset_key = ?",

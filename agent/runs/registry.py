@@ -45,6 +45,14 @@ from agent.config import WatchRule
 from agent.errors import AgentError, ChronicleError, UsageError
 from agent.queue import runstore
 from agent.queue.runstore import RunRow
+from agent.queue.states import (
+    RUN_MOVES,
+    SEAL_MOVES,
+    AssetState,
+    RunState,
+    SealMode,
+    check_move,
+)
 from agent.queue.store import TERMINAL, JobState, StateConflict, _rfc3339
 from agent.runs import liveness
 from agent.transfer.primitives import backoff_s
@@ -71,12 +79,12 @@ class RunInfo:
     lease_s: float = 60.0
     on_exit: str = "drain"
     watch: list[dict[str, Any]] = field(default_factory=list)
-    state: str = "running"
+    state: RunState = RunState.RUNNING
     status: str | None = None
     exit_code: int | None = None
     last_seen: float = field(default_factory=time.time)
     created_at: float = field(default_factory=time.time)
-    sealing: str = "open"
+    sealing: SealMode = SealMode.OPEN
     """open (any seal) | strong (dying: no quiescence) | closed (nothing more is sealed)."""
     finished: anyio.Event = field(default_factory=anyio.Event)
     pidfd: int | None = None
@@ -86,26 +94,39 @@ class RunInfo:
     """The caller's own Chronicle credential, if it sent one: the run is made with it."""
     ended_at: float | None = None
 
+    def move(self, to: RunState) -> None:
+        """Its state becomes ``to`` (:data:`~agent.queue.states.RUN_MOVES`)."""
+        self.state = check_move(RUN_MOVES, self.state, to, f"run {self.run_id}")
+
+    def seal_only(self, mode: SealMode) -> None:
+        """Which seals its checkpoints may still get becomes ``mode``
+        (:data:`~agent.queue.states.SEAL_MOVES`)."""
+        self.sealing = check_move(SEAL_MOVES, self.sealing, mode, f"run {self.run_id}'s sealing")
+
     def to_api(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pid": self.pid, "state": self.state,
                 "status": self.status, "exit_code": self.exit_code,
                 "liveness": self.liveness, "lease_s": self.lease_s, "on_exit": self.on_exit,
                 "watch": self.watch, "started_at": _rfc3339(self.created_at),
                 "ended_at": _rfc3339(self.ended_at) if self.ended_at is not None else None,
-                "settled": self.settled or self.state == "ended"}
+                "settled": self.settled or self.state == RunState.ENDED}
 
     def row(self) -> RunRow:
-        return RunRow(self.run_id, self.uid, self.pid, self.pid_start, self.wrapper_pid,
-                      self.liveness, self.lease_s, self.on_exit, self.watch, self.state,
-                      self.status, self.exit_code, self.last_seen, self.created_at,
-                      self.cred_id)
+        return RunRow(run_id=self.run_id, uid=self.uid, pid=self.pid, pid_start=self.pid_start,
+                      wrapper_pid=self.wrapper_pid, liveness=self.liveness,
+                      lease_s=self.lease_s, on_exit=self.on_exit, watch=self.watch,
+                      state=self.state, status=self.status, exit_code=self.exit_code,
+                      last_seen=self.last_seen, created_at=self.created_at,
+                      cred_id=self.cred_id)
 
     @classmethod
     def of(cls, r: RunRow) -> RunInfo:
-        return cls(r.run_id, r.uid, r.pid, r.pid_start, r.wrapper_pid, r.liveness, r.lease_s,
-                   r.on_exit, r.watch, r.state, r.status, r.exit_code, r.last_seen,
-                   r.created_at, cred_id=r.cred_id,
-                   ended_at=r.updated_at if r.state == "ended" else None)
+        return cls(run_id=r.run_id, uid=r.uid, pid=r.pid, pid_start=r.pid_start,
+                   wrapper_pid=r.wrapper_pid, liveness=r.liveness, lease_s=r.lease_s,
+                   on_exit=r.on_exit, watch=r.watch, state=r.state, status=r.status,
+                   exit_code=r.exit_code, last_seen=r.last_seen, created_at=r.created_at,
+                   cred_id=r.cred_id,
+                   ended_at=r.updated_at if r.state == RunState.ENDED else None)
 
 
 def ended_message(info: RunInfo) -> str:
@@ -128,9 +149,9 @@ class RunRegistry:
     def bind(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
 
-    def sealing(self, run_id: str | None) -> str:
+    def sealing(self, run_id: str | None) -> SealMode:
         info = self.runs.get(run_id) if run_id else None
-        return info.sealing if info is not None else "open"
+        return info.sealing if info is not None else SealMode.OPEN
 
     # ---- start -------------------------------------------------------------------------
 
@@ -141,18 +162,18 @@ class RunRegistry:
         for row in await q.do(runstore.load_runs, q.s):
             info = RunInfo.of(row)
             self.runs[info.run_id] = info
-            if info.state == "ended":
-                info.sealing = "closed"
+            if info.state == RunState.ENDED:
+                info.seal_only(SealMode.CLOSED)
                 continue
             self._add_rules(info)
             dead = False
-            if info.state == "running" and info.liveness == "pid" and info.pid:
+            if info.state == RunState.RUNNING and info.liveness == "pid" and info.pid:
                 info.pidfd = liveness.open_pidfd(info.pid, info.pid_start)
                 dead = info.pidfd is None
-            elif info.state == "running":
+            elif info.state == RunState.RUNNING:
                 info.last_seen = max(info.last_seen, time.time())  # the lease starts anew
-            if dead or (info.state == "ending" and info.status != "finished"):
-                info.sealing = "strong"
+            if dead or (info.state == RunState.ENDING and info.status != "finished"):
+                info.seal_only(SealMode.STRONG)
             self._restored.append((info, dead))
         if self._restored:
             log.info("tracking %d run(s) again", len(self._restored))
@@ -162,12 +183,12 @@ class RunRegistry:
         the pids of the living, and expire leases."""
         assert self._tg is not None
         for info, dead in self._restored:
-            if info.state == "running":
+            if info.state == RunState.RUNNING:
                 self._tg.start_soon(self._ensure_remote, info.run_id)
             if dead:
                 self._tg.start_soon(self._died, info, f"its process (pid {info.pid}) exited "
                                     "while the daemon was down, without finish")
-            elif info.state == "ending":
+            elif info.state == RunState.ENDING:
                 self._tg.start_soon(self._settle, info)
             elif info.pidfd is not None:
                 self._tg.start_soon(self._watch_pid, info)
@@ -178,9 +199,9 @@ class RunRegistry:
             await anyio.sleep(0.5)
             now = time.time()
             for info in list(self.runs.values()):
-                if (info.state == "running" and info.liveness == "lease"
+                if (info.state == RunState.RUNNING and info.liveness == "lease"
                         and now - info.last_seen > info.lease_s):
-                    info.state = "dying"
+                    info.move(RunState.DYING)
                     self._tg.start_soon(self._died, info,
                                         f"no heartbeat for {info.lease_s:g} s (lease expired)")
 
@@ -204,11 +225,11 @@ class RunRegistry:
         if existing is not None:
             if uid not in (0, existing.uid):
                 raise Refused(f"run {run_id} belongs to another user")
-            if existing.state != "running":
+            if existing.state != RunState.RUNNING:
                 raise StateConflict(ended_message(existing), code="run_ended")
             new = [r.model_dump(mode="json") for r in rules]
             new = [w for w in new if w not in existing.watch]
-            if new and existing.state == "running":
+            if new and existing.state == RunState.RUNNING:
                 existing.watch += new
                 self._add_rules(existing)
                 await self.d.queue.do(runstore.update_run, self.d.queue.s, run_id,
@@ -296,7 +317,8 @@ class RunRegistry:
         info = self._get(run_id, uid)
         info.last_seen = time.time()
         # persisted now and then only: after a restart every lease starts anew anyway
-        if info.state == "running" and info.last_seen - info.saved_seen >= info.lease_s / 4:
+        if (info.state == RunState.RUNNING
+                and info.last_seen - info.saved_seen >= info.lease_s / 4):
             info.saved_seen = info.last_seen
             await self.d.queue.do(runstore.update_run, self.d.queue.s, run_id,
                                   last_seen=info.last_seen)
@@ -306,8 +328,9 @@ class RunRegistry:
                      uid: int = 0) -> dict[str, Any]:
         await self._wait_ready()
         info = self._get(run_id, uid)
-        if info.state in ("running", "dying"):
-            info.state, info.status, info.exit_code = "ending", status, exit_code
+        if info.state in (RunState.RUNNING, RunState.DYING):
+            info.move(RunState.ENDING)
+            info.status, info.exit_code = status, exit_code
             await self._save(info)
             info.finished.set()
             assert self._tg is not None
@@ -335,7 +358,8 @@ class RunRegistry:
 
     async def _save(self, info: RunInfo) -> None:
         await self.d.queue.do(runstore.update_run, self.d.queue.s, info.run_id,
-                              state="ending" if info.state == "dying" else info.state,
+                              state=RunState.ENDING if info.state == RunState.DYING
+                              else info.state,
                               status=info.status, exit_code=info.exit_code)
 
     async def _watch_pid(self, info: RunInfo) -> None:
@@ -346,20 +370,21 @@ class RunRegistry:
         finally:
             info.pidfd = None
             os.close(fd)
-        if info.state != "running":
+        if info.state != RunState.RUNNING:
             return
         if info.wrapper_pid:  # exec: its reporter (the registering peer) reports the status
             with anyio.move_on_after(EXEC_GRACE_S):
                 await info.finished.wait()
-            if info.state != "running":
+            if info.state != RunState.RUNNING:
                 return
         await self._died(info, f"its process (pid {info.pid}) exited without finish")
 
     async def _died(self, info: RunInfo, why: str) -> None:
-        if info.state not in ("running", "dying"):
+        if info.state not in (RunState.RUNNING, RunState.DYING):
             return
-        info.sealing = "strong"
-        info.state, info.status = "ending", "crashed"
+        info.seal_only(SealMode.STRONG)
+        info.move(RunState.ENDING)
+        info.status = "crashed"
         log.warning("run %s crashed: %s", info.run_id, why)
         await self._save(info)
         await self._settle(info, why)
@@ -385,10 +410,10 @@ class RunRegistry:
                         break
                     await anyio.sleep(w.cfg.check_s)
             else:
-                info.sealing = "strong"
+                info.seal_only(SealMode.STRONG)
                 await w.final_scan(info.run_id, allow_quiescence=False)
             n = await w.abandon_unsealed(info.run_id, why)
-            info.sealing = "closed"
+            info.seal_only(SealMode.CLOSED)
             w.remove_rules(info.run_id)
             m = await self._abandon_presigned(info)
             k = 0
@@ -425,7 +450,7 @@ class RunRegistry:
                 await self.abandon_local_asset(job.asset_key, reason)
         return n
 
-    async def _stop_job(self, job_id: str, state: str, reason: str) -> None:
+    async def _stop_job(self, job_id: str, state: JobState, reason: str) -> None:
         q = self.d.queue
         try:
             if state == JobState.QUEUED:
@@ -444,7 +469,7 @@ class RunRegistry:
         records) and stop the jobs still working on it."""
         q = self.d.queue
         rec = await q.do(q.s.asset, asset_key)
-        if rec is None or rec.state in ("finalized", "abandoned"):
+        if rec is None or rec.state in (AssetState.FINALIZED, AssetState.ABANDONED):
             return
         if rec.asset_id is not None:
             try:
@@ -456,7 +481,7 @@ class RunRegistry:
             except AgentError as e:
                 log.warning("asset %s: could not abandon it on Chronicle (%s); ending the "
                             "run will", rec.asset_id, e)
-        await q.do(q.s.set_asset, asset_key, state="abandoned")
+        await q.do(q.s.set_asset, asset_key, state=AssetState.ABANDONED)
         for job in await q.do(q.s.list_jobs, asset_key=asset_key):
             if not job.terminal:
                 await self._stop_job(job.job_id, job.state, reason)
@@ -487,6 +512,7 @@ class RunRegistry:
                 log.warning("run %s: could not end it on Chronicle (%s); trying again in "
                             "%.0f s", info.run_id, e, delay)
                 await anyio.sleep(delay)
-        info.state, info.ended_at = "ended", time.time()
+        info.move(RunState.ENDED)
+        info.ended_at = time.time()
         await self._save(info)
         log.info("run %s ended on Chronicle: %s", info.run_id, info.status)

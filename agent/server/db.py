@@ -14,7 +14,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -227,25 +227,36 @@ class AssetRow:
         }
 
 
-_ASSET_COLS = (
-    "asset_id, asset_type, state, created_by, visibility, created_at, output_of, "
-    "organization_id, content_type, deprecated_reason, deprecated_at, invalidated_reason, "
-    "invalidated_at, abandoned_reason, finalized_at, asset_key"
-)
-_COMP_COLS = (
-    "name, object_key, position, size, sha256, sha256_verified, content_type, upload_id, "
-    "part_size, uploaded, bound_sha256"
-)
+def _columns(cls: type[Any], *not_columns: str) -> tuple[str, ...]:
+    """The columns a row type is read from and written to: its fields, by name, but
+    ``not_columns`` (what is read from other tables)."""
+    return tuple(f.name for f in fields(cls) if f.name not in not_columns)
+
+
+def _row(cols: tuple[str, ...], row: sqlite3.Row) -> dict[str, Any]:
+    """A row's values by column name (``cols``: what it was selected with)."""
+    return dict(zip(cols, row, strict=True))
+
+
+_RUN_COLS = _columns(RunRow)
+_ASSET_COLS = _columns(AssetRow, "components", "grants")
+_COMP_COLS = _columns(ComponentRow)
 
 
 def _asset(row: sqlite3.Row) -> AssetRow:
-    return AssetRow(*tuple(row))
+    return AssetRow(**_row(_ASSET_COLS, row))
 
 
 def _component(row: sqlite3.Row) -> ComponentRow:
-    c = ComponentRow(*tuple(row))
-    c.sha256_verified, c.uploaded = bool(c.sha256_verified), bool(c.uploaded)
-    return c
+    c = _row(_COMP_COLS, row)
+    return ComponentRow(**{**c, "sha256_verified": bool(c["sha256_verified"]),
+                           "uploaded": bool(c["uploaded"])})
+
+
+def _component_values(c: ComponentRow) -> dict[str, Any]:
+    """A component's columns (:data:`_COMP_COLS`) by name, its flags stored as 0 or 1."""
+    return {n: getattr(c, n) for n in _COMP_COLS} | {
+        "sha256_verified": int(c.sha256_verified), "uploaded": int(c.uploaded)}
 
 
 def _migrate(conn: sqlite3.Connection, version: int) -> None:
@@ -408,10 +419,9 @@ def put_idempotent(conn: sqlite3.Connection, k: IdemKey, status: int, body: Any)
 
 def get_run(conn: sqlite3.Connection, run_id: str) -> RunRow | None:
     row = conn.execute(
-        "SELECT run_id, name, status, created_by, created_at, ended_at FROM runs WHERE run_id=?",
-        (run_id,),
+        f"SELECT {', '.join(_RUN_COLS)} FROM runs WHERE run_id=?", (run_id,)
     ).fetchone()
-    return None if row is None else RunRow(*tuple(row))
+    return None if row is None else RunRow(**_row(_RUN_COLS, row))
 
 
 def insert_run(conn: sqlite3.Connection, run: RunRow) -> None:
@@ -447,14 +457,16 @@ def end_run(conn: sqlite3.Connection, run_id: str, status: str, reason: str) -> 
 
 
 def get_asset(conn: sqlite3.Connection, asset_id: str) -> AssetRow | None:
-    row = conn.execute(f"SELECT {_ASSET_COLS} FROM assets WHERE asset_id=?", (asset_id,)).fetchone()
+    row = conn.execute(f"SELECT {', '.join(_ASSET_COLS)} FROM assets WHERE asset_id=?",
+                       (asset_id,)).fetchone()
     if row is None:
         return None
     asset = _asset(row)
     asset.components = [
         _component(r)
         for r in conn.execute(
-            f"SELECT {_COMP_COLS} FROM components WHERE asset_id=? ORDER BY position", (asset_id,)
+            f"SELECT {', '.join(_COMP_COLS)} FROM components WHERE asset_id=? ORDER BY position",
+            (asset_id,),
         )
     ]
     asset.grants = list_grants(conn, asset_id)
@@ -481,25 +493,9 @@ def list_assets(
 def insert_asset(conn: sqlite3.Connection, asset: AssetRow, text: str = "") -> None:
     """``text``: what search finds an inline asset by (its content as text)."""
     conn.execute(
-        f"INSERT INTO assets ({_ASSET_COLS}) VALUES ({', '.join('?' * 16)})",
-        (
-            asset.asset_id,
-            asset.asset_type,
-            asset.state,
-            asset.created_by,
-            asset.visibility,
-            asset.created_at,
-            asset.output_of,
-            asset.organization_id,
-            asset.content_type,
-            asset.deprecated_reason,
-            asset.deprecated_at,
-            asset.invalidated_reason,
-            asset.invalidated_at,
-            asset.abandoned_reason,
-            asset.finalized_at,
-            asset.asset_key,
-        ),
+        f"INSERT INTO assets ({', '.join(_ASSET_COLS)}) "
+        f"VALUES ({', '.join('?' * len(_ASSET_COLS))})",
+        tuple(getattr(asset, c) for c in _ASSET_COLS),
     )
     insert_components(conn, asset.asset_id, asset.components, text=text)
 
@@ -507,24 +503,9 @@ def insert_asset(conn: sqlite3.Connection, asset: AssetRow, text: str = "") -> N
 def insert_components(conn: sqlite3.Connection, asset_id: str,
                       comps: Iterable[ComponentRow], text: str | None = None) -> None:
     conn.executemany(
-        f"INSERT INTO components (asset_id, {_COMP_COLS}) VALUES ({', '.join('?' * 12)})",
-        [
-            (
-                asset_id,
-                c.name,
-                c.object_key,
-                c.position,
-                c.size,
-                c.sha256,
-                int(c.sha256_verified),
-                c.content_type,
-                c.upload_id,
-                c.part_size,
-                int(c.uploaded),
-                c.bound_sha256,
-            )
-            for c in comps
-        ],
+        f"INSERT INTO components (asset_id, {', '.join(_COMP_COLS)}) "
+        f"VALUES ({', '.join('?' * (1 + len(_COMP_COLS)))})",
+        [(asset_id, *_component_values(c).values()) for c in comps],
     )
     index_asset(conn, asset_id, text)
 
@@ -850,6 +831,10 @@ class VariationRow:
         }
 
 
+_EXPERIMENT_COLS = _columns(ExperimentRow)
+_VARIATION_COLS = _columns(VariationRow, "inputs", "outputs")
+
+
 def insert_experiment(conn: sqlite3.Connection, e: ExperimentRow) -> None:
     conn.execute(
         "INSERT INTO experiments (experiment_id, name, created_by, created_at) VALUES (?,?,?,?)",
@@ -859,11 +844,10 @@ def insert_experiment(conn: sqlite3.Connection, e: ExperimentRow) -> None:
 
 def get_experiment(conn: sqlite3.Connection, experiment_id: str) -> ExperimentRow | None:
     row = conn.execute(
-        "SELECT experiment_id, name, created_by, created_at, retracted_reason, retracted_at "
-        "FROM experiments WHERE experiment_id=?",
+        f"SELECT {', '.join(_EXPERIMENT_COLS)} FROM experiments WHERE experiment_id=?",
         (experiment_id,),
     ).fetchone()
-    return None if row is None else ExperimentRow(*tuple(row))
+    return None if row is None else ExperimentRow(**_row(_EXPERIMENT_COLS, row))
 
 
 def retract_experiment(conn: sqlite3.Connection, experiment_id: str, reason: str) -> None:
@@ -893,13 +877,12 @@ def link_assets(
 
 def get_variation(conn: sqlite3.Connection, variation_id: str) -> VariationRow | None:
     row = conn.execute(
-        "SELECT variation_id, experiment_id, name, created_by, created_at FROM variations "
-        "WHERE variation_id=?",
+        f"SELECT {', '.join(_VARIATION_COLS)} FROM variations WHERE variation_id=?",
         (variation_id,),
     ).fetchone()
     if row is None:
         return None
-    v = VariationRow(*tuple(row))
+    v = VariationRow(**_row(_VARIATION_COLS, row))
     for asset_id, role in conn.execute(
         "SELECT asset_id, role FROM variation_assets WHERE variation_id=? ORDER BY rowid",
         (variation_id,),

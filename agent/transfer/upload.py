@@ -56,6 +56,7 @@ from agent.fsid import Identity, Refused, call_as, thread_uid
 from agent.metrics import Metrics
 from agent.priority import run_bulk
 from agent.queue.aqueue import AsyncQueue, Batched
+from agent.queue.states import AssetState
 from agent.queue.store import AssetRecord, ComponentRecord, PartRecord
 from agent.transfer import rawget
 from agent.transfer.groups import one_error
@@ -382,7 +383,8 @@ class AssetUpload:
             return False
         comps = await self.q.do(self.q.s.components, self.asset.asset_key)
         await self.e.ensure_run(self.asset.run_id, self.token)
-        replay = self.asset.state == "registering"  # sent before, by a daemon that died
+        # sent before, by a daemon that died
+        replay = self.asset.state == AssetState.REGISTERING
         features = await self.e.features()
         later = self._declared_later(comps, features, replay)
         first = [c for c in comps if c.name not in later]
@@ -392,8 +394,9 @@ class AssetUpload:
                                 sha256=c.sha256) for c in first]
         self.e.crash.hit("before_register")
         if not replay:
-            await self.q.do(self.q.s.set_asset, self.asset.asset_key, state="registering")
-            self.asset.state = "registering"
+            await self.q.do(self.q.s.set_asset, self.asset.asset_key,
+                            state=AssetState.REGISTERING)
+            self.asset.state = AssetState.REGISTERING
         urls = await self.e.chronicle.send(
             contract.register(
                 self.asset.asset_type, decl, output_of=self.asset.run_id,
@@ -403,9 +406,9 @@ class AssetUpload:
         )
         self.e.crash.hit("after_register_sent")
         await self.q.do(self.q.s.set_asset, self.asset.asset_key, asset_id=urls.asset_id,
-                        state="registered")
+                        state=AssetState.REGISTERED)
         self.asset.asset_id = urls.asset_id
-        self.asset.state = "registered"
+        self.asset.state = AssetState.REGISTERED
         if replay:
             # Chronicle replays its first answer to a repeated key: those URLs may have
             # expired or point at an address that has changed since. Ask for fresh ones.
@@ -946,19 +949,22 @@ class AssetUpload:
             token=self.token,
         )
         self.e.crash.hit("after_finalize_sent")
-        await self.q.do(self.q.s.set_asset, self.asset.asset_key, state="finalized")
-        self.asset.state = "finalized"
+        await self.q.do(self.q.s.set_asset, self.asset.asset_key,
+                        state=AssetState.FINALIZED)
+        self.asset.state = AssetState.FINALIZED
         log.info("asset %s finalized: %s", self.asset_id, asset.state)
         self.e.crash.hit("after_finalize")
         return asset
 
     async def abandon(self, reason: str) -> None:
-        if self.asset.asset_id is None or self.asset.state in ("finalized", "abandoned"):
+        if self.asset.asset_id is None or self.asset.state in (AssetState.FINALIZED,
+                                                               AssetState.ABANDONED):
             return
         await self.e.chronicle.send(
             contract.abandon(self.asset_id, reason,
                              idempotency_key=f"abandon:{self.asset.register_key}"),
             token=self.token,
         )
-        await self.q.do(self.q.s.set_asset, self.asset.asset_key, state="abandoned")
-        self.asset.state = "abandoned"
+        await self.q.do(self.q.s.set_asset, self.asset.asset_key,
+                        state=AssetState.ABANDONED)
+        self.asset.state = AssetState.ABANDONED

@@ -31,6 +31,7 @@ from agent.errors import (
     StorageRefused,
 )
 from agent.fsid import Identity, run_as
+from agent.queue.states import AssetState
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
 from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
@@ -265,7 +266,7 @@ class Workers:
         assert job.asset_key is not None
         asset = await self.q.do(self.q.s.asset, job.asset_key)
         assert asset is not None
-        if asset.state == "abandoned":  # a retried job whose asset was abandoned
+        if asset.state == AssetState.ABANDONED:  # a retried job whose asset was abandoned
             await self.q.do(self.q.s.reset_asset, job.asset_key)
             asset = await self.q.do(self.q.s.asset, job.asset_key)
             assert asset is not None
@@ -275,7 +276,7 @@ class Workers:
         p = job.payload
         if job.asset_key is not None:
             prior = await self.q.do(self.q.s.asset, job.asset_key)
-            if prior is not None and prior.state == "abandoned":
+            if prior is not None and prior.state == AssetState.ABANDONED:
                 job.asset_key = None  # a retry after a cancel or a changed source: rescan
         ident = self.identity(job)
         if job.asset_key is None:
@@ -299,7 +300,7 @@ class Workers:
             )
             job.asset_key = rec.asset_key
         up = AssetUpload(self.e, await self._asset_for(job), progress, reader=ident)
-        if up.asset.state != "finalized":
+        if up.asset.state != AssetState.FINALIZED:
             try:
                 try:
                     await up.ensure_registered()
@@ -334,7 +335,8 @@ class Workers:
             return
         if asset.state != "abandoned":
             return
-        await self.q.do(self.q.s.set_asset, up.asset.asset_key, state="abandoned")
+        await self.q.do(self.q.s.set_asset, up.asset.asset_key,
+                        state=AssetState.ABANDONED)
         reason = asset.abandoned_reason or "no reason given"
         raise ChronicleError(
             409, "asset_abandoned",
@@ -360,7 +362,7 @@ class Workers:
             idempotency_key=asset.register_key,
         ), token=token)
         await self.q.do(self.q.s.set_asset, asset.asset_key, asset_id=created.asset_id,
-                        state="finalized")
+                        state=AssetState.FINALIZED)
         return None
 
     async def _component(self, job: Job, progress: Progress) -> dict[str, Any] | None:
@@ -410,7 +412,7 @@ class Workers:
         asset = await self.q.do(self.q.s.asset, job.asset_key)
         assert asset is not None
         up = AssetUpload(self.e, asset, Progress())
-        if asset.state != "finalized":
+        if asset.state != AssetState.FINALIZED:
             await up.finalize()
         return None
 

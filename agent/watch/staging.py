@@ -50,7 +50,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 from agent.fsid import Identity, call_as
 from agent.statedir import shared_makedirs
@@ -67,17 +67,28 @@ class SnapshotChanged(Exception):
     """A file changed (or vanished) while the snapshot was taken."""
 
 
+class StagedFile(NamedTuple):
+    """A file placed in a snapshot, as it was placed (a JSON list in the ``watched`` row's
+    ``staged``: ``[size, mtime_ns, ino, how]``)."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    how: str
+    """reflink, link or copy."""
+
+
 @dataclass
 class Snapshot:
     dir: str
     """The snapshot's own directory (removed at cleanup)."""
     path: str
     """What is uploaded: ``dir/<checkpoint base name>``."""
-    files: dict[str, list[Any]]
-    """rel → [size, mtime_ns, ino, how] of the staged file (how: reflink, link, copy)."""
+    files: dict[str, StagedFile]
+    """rel → the staged file."""
 
-    def linked(self) -> dict[str, list[Any]]:
-        return {k: v for k, v in self.files.items() if v[3] == "link"}
+    def linked(self) -> dict[str, StagedFile]:
+        return {k: f for k, f in self.files.items() if f.how == "link"}
 
 
 def load_agent_id(state_dir: Path) -> str:
@@ -261,7 +272,7 @@ class Staging:
                                 f"snap_{int(time.time() * 1000):x}{secrets.token_hex(4)}")
         call_as(placer, os.makedirs, snap_dir, 0o700)
         top = os.path.join(snap_dir, os.path.basename(sc.path.rstrip("/")))
-        placed: dict[str, list[Any]] = {}
+        placed: dict[str, StagedFile] = {}
         try:
             if sc.is_dir:
                 call_as(placer, os.mkdir, top, 0o700)
@@ -279,7 +290,7 @@ class Staging:
         return Snapshot(snap_dir, top, placed)
 
     def _place(self, src: int, f: FileInfo, dst: str, base: str, copy: bool,
-               placer_is_user: bool) -> list[Any]:
+               placer_is_user: bool) -> StagedFile:
         os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
         if base not in self._no_reflink:
             how = self._clone(src, f, dst, base)
@@ -296,7 +307,7 @@ class Staging:
                 st = os.stat(dst, follow_symlinks=False)
                 if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.ino):
                     raise SnapshotChanged(f"{f.path} changed since it was sealed")
-                return [st.st_size, st.st_mtime_ns, st.st_ino, "link"]
+                return StagedFile(st.st_size, st.st_mtime_ns, st.st_ino, "link")
         return self._copy(src, f, dst)
 
     @staticmethod
@@ -317,7 +328,7 @@ class Staging:
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise SnapshotChanged(f"{f.path} changed while it was staged")
 
-    def _clone(self, src: int, f: FileInfo, dst: str, base: str) -> list[Any] | None:
+    def _clone(self, src: int, f: FileInfo, dst: str, base: str) -> StagedFile | None:
         out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.ioctl(out, FICLONE, src)
@@ -334,9 +345,9 @@ class Staging:
             st = os.fstat(out)
         finally:
             os.close(out)
-        return [st.st_size, st.st_mtime_ns, st.st_ino, "reflink"]
+        return StagedFile(st.st_size, st.st_mtime_ns, st.st_ino, "reflink")
 
-    def _copy(self, src: int, f: FileInfo, dst: str) -> list[Any]:
+    def _copy(self, src: int, f: FileInfo, dst: str) -> StagedFile:
         with open(dst, "xb") as out_f, os.fdopen(os.dup(src), "rb") as in_f:
             in_f.seek(0)
             shutil.copyfileobj(in_f, out_f, 1 << 20)
@@ -344,7 +355,7 @@ class Staging:
             self._unchanged_after(src, f)
             os.utime(out_f.fileno(), ns=(f.mtime_ns, f.mtime_ns))
             st = os.fstat(out_f.fileno())
-        return [st.st_size, st.st_mtime_ns, st.st_ino, "copy"]
+        return StagedFile(st.st_size, st.st_mtime_ns, st.st_ino, "copy")
 
     def changed(self, snap: Snapshot) -> str | None:
         """A linked file of the snapshot rewritten in place since: which one."""
@@ -353,13 +364,13 @@ class Staging:
     @staticmethod
     def _changed(snap: Snapshot) -> str | None:
         top = snap.path
-        for rel, (size, mtime_ns, ino, _how) in snap.linked().items():
+        for rel, f in snap.linked().items():
             p = top if not os.path.isdir(top) else os.path.join(top, *rel.split("/"))
             try:
                 st = os.stat(p)
             except FileNotFoundError:
                 return rel
-            if (st.st_size, st.st_mtime_ns, st.st_ino) != (size, mtime_ns, ino):
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.ino):
                 return rel
         return None
 

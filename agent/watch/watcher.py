@@ -44,10 +44,11 @@ from agent.config import WatchRule
 from agent.fsid import Identity, Refused, call_as
 from agent.queue import runstore
 from agent.queue.runstore import WatchedRow
+from agent.queue.states import WATCHED_MOVES, AssetState, SealMode, WatchedState, check_move
 from agent.queue.store import JobState
 from agent.watch import seal
 from agent.watch.seal import STAGING_DIR_NAME, Scan
-from agent.watch.staging import Snapshot, SnapshotChanged, Staging
+from agent.watch.staging import Snapshot, SnapshotChanged, StagedFile, Staging
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -59,7 +60,7 @@ NETWORK_FS = frozenset({
     "glusterfs", "beegfs", "fuse.beegfs", "fuse.sshfs", "9p", "afs", "fuse.cephfs",
     "panfs", "orangefs", "fuse.juicefs", "fuse.s3fs", "fuse.gcsfuse", "wekafs",
 })
-DONE_STATES = ("sealed", "done", "elsewhere")
+DONE_STATES = frozenset({WatchedState.SEALED, WatchedState.DONE, WatchedState.ELSEWHERE})
 """A path whose latest row is in one of these states, with the same fingerprint, is
 handled."""
 
@@ -234,7 +235,8 @@ class Watcher:
             staged = row.staged or {}
             if row.snapshot:
                 snap = Snapshot(row.snapshot, str(staged.get("path", row.snapshot)),
-                                dict(staged.get("files", {})))
+                                {rel: StagedFile(*v)
+                                 for rel, v in staged.get("files", {}).items()})
                 self.staged[row.ckpt_id] = Staged(row, snap)
         known = {s.snap.dir for s in self.staged.values()}
         roots = {r.root for r in self.rules.values()}
@@ -444,7 +446,7 @@ class Watcher:
                 continue
             run_id = r.run_for(path)
             mode = self.d.runs.sealing(run_id)
-            if mode == "closed":
+            if mode == SealMode.CLOSED:
                 self.pending.pop(path, None)
                 continue
             if sc is None:
@@ -474,7 +476,7 @@ class Watcher:
                 wait = min(wait, max(self.cfg.check_s,
                                      pend.since + r.rule.quiescence_s - now + 0.01))
             pend.next_check = now + wait
-            quiet_ok = allow_quiescence and mode == "open" and not (
+            quiet_ok = allow_quiescence and mode == SealMode.OPEN and not (
                 sc.is_dir and (
                     self.strong.get((r.key, os.path.dirname(path)), set()) & seal.STRONG_DIR_SEALS
                     or (same and last is not None and last.state in DONE_STATES
@@ -499,8 +501,9 @@ class Watcher:
         if owner == "unknown":
             return  # another agent is writing its claim right now: look again next time
         if owner is not None:
-            row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, "elsewhere", kind, fp,
-                             key, ident=sc.ident(), top_mtime_ns=sc.mtime_ns)
+            row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key,
+                             WatchedState.ELSEWHERE, kind, fp, key, ident=sc.ident(),
+                             top_mtime_ns=sc.mtime_ns)
             await q.do(runstore.record_watched, q.s, row)
             self._decide(row)
             log.info("checkpoint %s sealed (%s): claimed by agent %s, not uploaded here",
@@ -546,8 +549,9 @@ class Watcher:
             log.warning("checkpoint %s: cannot snapshot it (%s); trying again", path, e)
             pend.problem = f"could not be staged ({e.strerror or e})"
             return
-        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, "sealed", kind, fp, key,
-                         snapshot=snap.dir, staged={"path": snap.path, "files": snap.files},
+        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, WatchedState.SEALED,
+                         kind, fp, key, snapshot=snap.dir,
+                         staged={"path": snap.path, "files": snap.files},
                          ident=sc.ident(), top_mtime_ns=sc.mtime_ns)
         payload = {"path": snap.path, "asset_type": r.rule.asset_type,
                    "visibility": self.d.settings.upload.visibility, "register_key": key,
@@ -556,10 +560,10 @@ class Watcher:
                              sc.size)
         self._decide(row)
         self.staged[row.ckpt_id] = Staged(row, snap)
-        self.staging.held_bytes += sum(v[0] for v in snap.files.values() if v[3] != "link")
+        self.staging.held_bytes += sum(f.size for f in snap.files.values() if f.how != "link")
         self.seals += 1
         self._count(run_id, "sealed", kind)
-        hows = sorted({v[3] for v in snap.files.values()})
+        hows = sorted({f.how for f in snap.files.values()})
         log.info("checkpoint %s sealed (%s), staged by %s: job %s", path, kind,
                  "+".join(hows), job.job_id)
 
@@ -608,7 +612,8 @@ class Watcher:
                 uid = (await anyio.to_thread.run_sync(os.lstat, path)).st_uid
             except OSError:
                 uid = os.getuid()
-        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key, str(job_state), seal_kind,
+        row = WatchedRow(runstore.new_ckpt_id(), path, run_id, r.key,
+                         WatchedState(str(job_state)), seal_kind,
                          sc.fingerprint() if sc else None,
                          ident=sc.ident() if sc else None,
                          top_mtime_ns=sc.mtime_ns if sc else None)
@@ -665,29 +670,30 @@ class Watcher:
             st = self.staged.get(row.ckpt_id)
             snap_dir = row.snapshot
             assert snap_dir is not None
-            superseded = row.state == "superseded" or (st is not None
-                                                       and st.row.state == "superseded")
+            superseded = row.state == WatchedState.SUPERSEDED or (
+                st is not None and st.row.state == WatchedState.SUPERSEDED)
             if jstate == JobState.DONE:
-                new_state = "superseded" if superseded else "done"
+                new_state = WatchedState.SUPERSEDED if superseded else WatchedState.DONE
             elif jstate in (JobState.ABANDONED, JobState.CANCELLED):
-                new_state = "superseded" if superseded else "abandoned"
+                new_state = WatchedState.SUPERSEDED if superseded else WatchedState.ABANDONED
                 if superseded and jstate == JobState.CANCELLED:
-                    await self._relabel(row, ("cancelled",))
+                    await self._relabel(row, (JobState.CANCELLED,))
             elif jstate == JobState.FAILED and (superseded or code == "source_changed"):
-                await self._relabel(row, ("failed",))
-                new_state = "superseded"
+                await self._relabel(row, (JobState.FAILED,))
+                new_state = WatchedState.SUPERSEDED
                 self._recheck.add(row.path)
             else:
                 continue  # queued, running, or failed for another reason (kept for `retry`)
-            if new_state == "done":
+            if new_state == WatchedState.DONE:
                 await self._keep_in_cache(row.job_id, snap_dir)
             await anyio.to_thread.run_sync(self.staging.remove, snap_dir)
             await q.do(runstore.set_watched, q.s, row.ckpt_id, state=new_state)
             self.staged.pop(row.ckpt_id, None)
-            if self.decided.get(row.path, None) is not None and \
-                    self.decided[row.path].ckpt_id == row.ckpt_id:
-                self.decided[row.path].state = new_state
-                self.decided[row.path].snapshot = None
+            decided = self.decided.get(row.path)
+            if decided is not None and decided.ckpt_id == row.ckpt_id:
+                decided.state = check_move(WATCHED_MOVES, decided.state, new_state,
+                                           f"checkpoint {row.ckpt_id}")
+                decided.snapshot = None
             log.info("snapshot of %s removed (job %s %s)", row.path, row.job_id, jstate)
 
     async def _keep_in_cache(self, job_id: str | None, snap_dir: str) -> None:
@@ -702,7 +708,7 @@ class Watcher:
         rec = None if job is None or job.asset_key is None else \
             await q.do(q.s.asset, job.asset_key)
         if job is None or job.asset_key is None or rec is None or rec.asset_id is None \
-                or rec.state != "finalized":
+                or rec.state != AssetState.FINALIZED:
             return
         root = os.path.join(snap_dir, "")
         files = [{"name": c.name, "size": c.size or 0, "sha256": c.sha256, "path": c.path}
@@ -715,7 +721,7 @@ class Watcher:
         except OSError as e:
             log.warning("cache: snapshot of %s not kept: %s", rec.asset_id, e)
 
-    async def _relabel(self, row: WatchedRow, expect: tuple[str, ...]) -> None:
+    async def _relabel(self, row: WatchedRow, expect: tuple[JobState, ...]) -> None:
         q = self.d.queue
         assert row.job_id is not None
         await q.change(runstore.relabel_abandoned, q.s, row.job_id, expect, "source_changed",
@@ -725,7 +731,7 @@ class Watcher:
     async def _supervise(self) -> None:
         """Linked snapshots rewritten in place: supersede their jobs."""
         watch = {cid: s for cid, s in self.staged.items()
-                 if s.row.state == "sealed" and s.snap.linked()}
+                 if s.row.state == WatchedState.SEALED and s.snap.linked()}
         if not watch:
             return
         changed = await anyio.to_thread.run_sync(
@@ -742,9 +748,12 @@ class Watcher:
             log.warning("checkpoint %s: %s was rewritten in place after the seal; its job %s "
                         "is abandoned and the checkpoint will be sealed again", row.path, rel,
                         row.job_id)
-            row.state = "superseded"
-            await q.do(runstore.set_watched, q.s, cid, state="superseded", snapshot=row.snapshot)
-            if not await q.change(runstore.relabel_abandoned, q.s, row.job_id, ("queued",),
+            row.state = check_move(WATCHED_MOVES, row.state, WatchedState.SUPERSEDED,
+                                   f"checkpoint {cid}")
+            await q.do(runstore.set_watched, q.s, cid, state=WatchedState.SUPERSEDED,
+                       snapshot=row.snapshot)
+            if not await q.change(runstore.relabel_abandoned, q.s, row.job_id,
+                                  (JobState.QUEUED,),
                                   "source_changed",
                                   f"{row.path} was rewritten in place after it was sealed: "
                                   "this snapshot is not uploaded; the checkpoint is sealed "
