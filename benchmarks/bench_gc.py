@@ -42,7 +42,7 @@ import aiohttp  # noqa: E402
 from agent.config import Settings  # noqa: E402
 from agent.server import start_server  # noqa: E402
 from agent.server.gc import sweep_storage  # noqa: E402
-from tests.helpers_seaweed import start_seaweed  # noqa: E402
+from tests.support.helpers_seaweed import start_seaweed  # noqa: E402
 
 KiB = 1024
 

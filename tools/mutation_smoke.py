@@ -91,7 +91,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/watch/seal.py",
         'if any(n.endswith(".distcp") for n in names) and ".metadata" not in names:',
         'if any(n.endswith(".dcp") for n in names) and ".metadata" not in names:',
-        ("tests/test_seal.py", "tests/test_watch.py -k late_metadata"),
+        ("tests/unit/test_seal.py", "tests/e2e/test_watch.py -k late_metadata"),
         "looks_unfinished checks the wrong extension: DCP shards without .metadata may be "
         "sealed by quiescence",
     ),
@@ -103,7 +103,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        recs = await q.do(runstore.unfinalized_presigned, q.s, info.run_id)\n"
         "        return 0\n"
         "        for rec in recs:\n",
-        ("tests/test_runs.py -k dead_run_abandons",),
+        ("tests/e2e/test_runs.py -k dead_run_abandons",),
         "a dead run's unfinalized presigned assets are not abandoned by the daemon",
     ),
     Mutation(
@@ -113,8 +113,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         'else "")',
         '    return f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{parts.query}" if '
         'parts.query else "")',
-        ("tests/test_faults.py::test_retryable_faults_are_survived[disk]",
-         "tests/test_upload.py"),
+        ("tests/e2e/test_faults.py::test_retryable_faults_are_survived[disk]",
+         "tests/e2e/test_upload.py"),
         "redact keeps the query string: presigned URLs' signatures reach the debug log",
     ),
     Mutation(
@@ -122,7 +122,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/queue/store.py",
         "(asset_key, name, part.part_number, part.part_size, part.size, part.etag),",
         '(asset_key, name, part.part_number, part.part_size, part.size, ""),',
-        ("tests/test_queue.py tests/test_crash.py",),
+        ("tests/unit/test_queue.py tests/e2e/test_crash.py",),
         "the queue records a multipart part without its ETag",
     ),
     Mutation(
@@ -130,7 +130,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/server/gc.py",
         'if item.kind == "object" or item.ref in holding.upload_ids:',
         'if item.kind == "object":',
-        ("tests/test_gc.py",),
+        ("tests/e2e/test_gc.py",),
         "the storage sweep removes the multipart uploads a pending asset's components name",
     ),
     Mutation(
@@ -138,7 +138,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/server/gc.py",
         "        return grace_s + url_expiry_s\n    return grace_s\n",
         "        return url_expiry_s\n    return 0.0\n",
-        ("tests/test_gc.py -k grace",),
+        ("tests/e2e/test_gc.py -k grace",),
         "the storage sweep ignores server.gc_grace_s (young leftovers removed at once)",
     ),
     Mutation(
@@ -146,7 +146,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/server/db.py",
         "OR a.visibility = 'public'",
         "OR a.visibility != 'private'",
-        ("tests/test_search.py",),
+        ("tests/e2e/test_search.py",),
         "search's access rule lets anyone find organization/team assets",
     ),
     Mutation(
@@ -158,7 +158,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         '{declared}"\n'
         "            )\n",
         "",
-        ('tests/test_server.py -k "wrong_digest_or_size or declared_size_at_register"',),
+        ('tests/e2e/test_server.py -k "wrong_digest_or_size or declared_size_at_register"',),
         "finalize no longer compares the stored size with the declared one",
     ),
     Mutation(
@@ -168,7 +168,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            await run_as(ident, os.unlink, target)\n",
         "        if comp.sha256 and sha != h.hexdigest():\n"
         "            await run_as(ident, os.unlink, target)\n",
-        ("tests/test_download.py::test_corrupted_byte_is_fetched_again_never_accepted",),
+        ("tests/e2e/test_download.py::test_corrupted_byte_is_fetched_again_never_accepted",),
         "a downloaded component's SHA-256 is compared with itself, never with the asset's",
     ),
     Mutation(
@@ -176,7 +176,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/errors.py",
         "RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})",
         "RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 504})",
-        ("tests/test_faults.py::test_retryable_faults_are_survived[disk]",),
+        ("tests/e2e/test_faults.py::test_retryable_faults_are_survived[disk]",),
         "a 503 without an S3 error code is not retried",
     ),
     Mutation(
@@ -184,7 +184,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/server/assets.py",
         "            save(conn)\n            db.touch(conn, asset_id)\n",
         "            save(conn)\n",
-        ("tests/test_pending_ttl.py::test_an_idle_pending_asset_expires_a_busy_one_does_not",),
+        ("tests/e2e/test_pending_ttl.py::test_an_idle_pending_asset_expires_a_busy_one_does_not",),
         "asking for upload URLs is not recorded as upload activity: busy assets expire",
     ),
     Mutation(
@@ -192,7 +192,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/transfer/upload.py",
         "self.plans[name] = Plan(url=url, headers=urls.upload_headers.get(name))",
         "self.plans[name] = Plan(url=url)",
-        ("tests/test_checksum_urls.py::test_the_daemon_uploads_with_and_without_the_feature",),
+        ("tests/e2e/test_checksum_urls.py::test_the_daemon_uploads_with_and_without_the_feature",),
         "the daemon drops the headers the server lists for a checksum-bound URL",
     ),
     Mutation(
@@ -200,7 +200,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/server/assets.py",
         'ok = await core.db.read(db.planned_key, asset_id, key) == "pending"',
         "ok = await core.db.read(db.planned_key, asset_id, key) is not None",
-        ("tests/test_server_hardening.py::"
+        ("tests/e2e/test_server_hardening.py::"
          "test_disk_put_refused_once_abandoned_or_deleted_while_pending",),
         "the disk store's upload gate lets a PUT through for an asset no longer pending",
     ),
@@ -209,7 +209,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "agent/api/app.py",
         "if job is None or (uid not in (0, job.uid)):",
         "if job is None:",
-        ("tests/test_two_users.py::test_jobs_belong_to_the_uid_that_made_them",),
+        ("tests/e2e/test_two_users.py::test_jobs_belong_to_the_uid_that_made_them",),
         "the socket API lets any uid see, cancel and retry another uid's job",
     ),
 )

@@ -4,7 +4,7 @@ Built so that it cannot drift from the server: its paths, methods and path param
 from the application's own route table; its bounds and enums from the constants the handlers
 validate with; its answers from the wire contract's models (:mod:`agent.chronicle.models`).
 A served route with no entry in :data:`OPERATIONS` is left out of the document, which the
-fuzz tests (``tests/test_fuzz_api.py``) refuse.
+fuzz tests (``tests/e2e/test_fuzz_api.py``) refuse.
 
 :data:`ERROR` and :func:`operation` are shared with the socket API's document
 (:mod:`agent.api.openapi`): both speak the contract's error shape.

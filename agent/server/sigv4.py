@@ -7,7 +7,7 @@ second for its download URLs. This signs with the same algorithm
 microseconds: the bucket's URL prefix is learnt once from one URL botocore makes (so
 path-style, virtual-hosted and custom endpoints come out as botocore builds them), the
 signing key is derived once a day, and credentials are read from botocore's provider each
-time (so refreshed credentials are used). ``tests/test_sigv4.py`` checks the URLs against
+time (so refreshed credentials are used). ``tests/unit/test_sigv4.py`` checks the URLs against
 botocore's, byte for byte, and the store accepts them.
 """
 

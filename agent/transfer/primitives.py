@@ -2,7 +2,7 @@
 in-process paths (``Chronicle().assets.download`` with no daemon, the SDK's own calls) share.
 
 Standard library and :mod:`agent.errors` only, so the in-process paths stay light
-(``tests/test_client.py`` checks the imports):
+(``tests/e2e/test_client.py`` checks the imports):
 
 - :func:`backoff_s`: how long to wait before a retry (every retry loop uses it);
 - :func:`classify_storage_answer`: a storage answer that is not 2xx, as the error tree
