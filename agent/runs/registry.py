@@ -42,7 +42,7 @@ import anyio.to_thread
 from agent.access import Refused
 from agent.chronicle import contract
 from agent.config import WatchRule
-from agent.errors import AgentError, ChronicleError, UsageError
+from agent.errors import AgentError, AssetNotPending, ChronicleError, UsageError
 from agent.queue import runstore
 from agent.queue.runstore import RunRow
 from agent.queue.states import (
@@ -476,6 +476,10 @@ class RunRegistry:
                 await self.d.engine.chronicle.send(contract.abandon(
                     rec.asset_id, reason, idempotency_key=f"abandon:{rec.register_key}"),
                     token=caller_token(rec.cred_id, rec.token, f"asset {rec.asset_id}"))
+            except AssetNotPending as e:  # finalized meanwhile: a ready asset stays ready
+                log.info("asset %s: not abandoned (%s): it was finalized first; the record "
+                         "is left to its upload", rec.asset_id, e)
+                return
             except ChronicleError as e:
                 log.info("asset %s: not abandoned on Chronicle (%s)", rec.asset_id, e)
             except AgentError as e:

@@ -3,6 +3,7 @@ settled within 2 s, runs survive a daemon restart, and the training process neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.chronicle import contract
 from agent.queue.schema import _V1, SCHEMA_VERSION
 from agent.queue.store import JobKind, Queue
 from tests.support.helpers_e2e import chronicle_for
@@ -143,6 +145,46 @@ def test_dead_run_abandons_unfinalized_presigned_assets(tmp_path: Path, token: s
         assert a.abandoned_reason == "run run_pres ended (crashed) without finalizing it", a
         wait_until(lambda: chron.assets.get(b_id).state == "ready", 30, "b ready")
         wait_until(lambda: run_status(chron, "run_pres") == "crashed", 10, "run crashed")
+
+
+FINALIZED_ELSEWHERE_WRITER = """
+    import os, sys, time
+    from agent import Run
+    src, go = sys.argv[1], sys.argv[2]
+    run = Run("run_raced", heartbeat_interval_s=None)
+    a = run.create_asset_presigned("checkpoint", ["x.bin"])  # finalized by someone else
+    run.upload_component(name="x.bin", asset_id=a.asset_id, local_path=src).wait(30)
+    print(a.asset_id, flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.05)
+    os._exit(0)  # dies without finish and without finalizing: its end abandons the asset
+"""
+
+
+def test_an_asset_finalized_before_the_runs_end_abandons_it_stays_ready(
+        tmp_path: Path) -> None:
+    """The dead run's unfinalized asset was finalized on Chronicle meanwhile (another
+    uploader of it, or a finalize that raced the abandon): Chronicle refuses the abandon,
+    and the daemon's record of the asset stays what it was, not abandoned."""
+    src = tmp_path / "blob.bin"
+    src.write_bytes(os.urandom(200_000))
+    go = tmp_path / "go"
+    writer = script(tmp_path, "raced.py", FINALIZED_ELSEWHERE_WRITER)
+    with watch_daemon() as d:
+        with spawn_script(writer, str(src), str(go), env=writer_env(d)) as proc:
+            assert proc.stdout is not None
+            asset_id = proc.stdout.readline().strip()
+            chron = chronicle_for(d)
+            assert chron.send(contract.finalize(asset_id, {})).state == "ready"
+            go.touch()
+            assert proc.wait(30) == 0
+        wait_until(lambda: "it was finalized first" in d.log_text(), 10, "the refused abandon")
+        assert chron.assets.get(asset_id).state == "ready"
+        with contextlib.closing(sqlite3.connect(f"file:{d.state_dir / 'queue.db'}?mode=ro",
+                                                uri=True)) as db:
+            states = [r[0] for r in db.execute("SELECT state FROM assets WHERE asset_id = ?",
+                                               (asset_id,))]
+        assert states and "abandoned" not in states, states
 
 
 def test_lease_expiry_and_on_exit_abandon(tmp_path: Path) -> None:
