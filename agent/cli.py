@@ -431,7 +431,7 @@ def cmd_server(ctx: Ctx) -> int:
     from agent.statedir import private_umask
 
     private_umask()  # server.db holds signed URLs: every file it creates is private
-    from agent.server import serve_forever  # type: ignore[attr-defined, unused-ignore]
+    from agent.server.runner import serve_forever
 
     return int(serve_forever(settings))
 

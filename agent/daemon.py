@@ -66,7 +66,7 @@ class Daemon:
         self.engine: Engine
         self.yielder: Yielder
         self.workers: Workers
-        self.runs = RunRegistry(self)
+        self.runs: RunRegistry
         self.watcher: Watcher
         self._lock_fd: int | None = None
         self._server: Any = None
@@ -103,7 +103,7 @@ class Daemon:
         url = self.settings.chronicle.url
         if url:
             return url.rstrip("/"), self.settings.token()
-        from agent.server import start_server
+        from agent.server.runner import start_server
 
         self._server = await start_server(self.settings, embedded=True, crash=crash)
         token = self._server.local_token
@@ -155,7 +155,6 @@ class Daemon:
         crash = from_settings(self.settings.debug.crash_point, str(self.state_dir),
                               self.settings.debug.block_loop)
         self.queue = await AsyncQueue.open(self.state_dir / "queue.db")
-        self.watcher = Watcher(self)  # watch rules, seals, staging
         requeued = await self.queue.do(self.queue.s.recover)
         if requeued:
             log.info("resuming %d job(s) left running by the previous daemon", requeued)
@@ -188,6 +187,12 @@ class Daemon:
                                      self.metrics, crash)
                 self.workers = Workers(self.engine, owner=new_id("daemon"),
                                        job_max_attempts=up.job_max_attempts)
+                # each part gets the narrow things it uses; the watcher asks the runs how
+                # to seal, a run's end asks the watcher what is still unsealed
+                self.runs = RunRegistry(self.queue, self.settings, self.engine, self.workers)
+                self.watcher = Watcher(self.queue, self.settings, self.state_dir, self.metrics,
+                                       self.runs, self.workers)
+                self.runs.attach(self.watcher)
                 await self._serve()
             finally:
                 with anyio.CancelScope(shield=True):

@@ -40,8 +40,8 @@ import _common  # noqa: E402,F401  (stop on SIGTERM through the finally blocks)
 import aiohttp  # noqa: E402
 
 from agent.config import Settings  # noqa: E402
-from agent.server import start_server  # noqa: E402
 from agent.server.gc import sweep_storage  # noqa: E402
+from agent.server.runner import start_server  # noqa: E402
 from tests.support.helpers_seaweed import start_seaweed  # noqa: E402
 
 KiB = 1024

@@ -14,7 +14,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import anyio.to_thread
@@ -48,7 +48,36 @@ from agent.transfer.selection import check_patterns, latest_call, require_latest
 from agent.transfer.upload import AssetUpload, Progress, url_hash
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    from pathlib import Path
+
+    from agent.config import Settings
+    from agent.metrics import Metrics
+    from agent.queue.aqueue import AsyncQueue
+    from agent.runs.registry import RunRegistry
+    from agent.transfer.upload import Engine
+    from agent.transfer.worker import Workers
+    from agent.watch.watcher import Watcher
+    from agent.yielding import Yielder
+
+
+class Services(Protocol):
+    """What the socket API serves from (the daemon offers it): the queue it writes jobs
+    to, the runs, the watcher and the workers it reports on, the engine that registers."""
+
+    settings: Settings
+    queue: AsyncQueue
+    runs: RunRegistry
+    watcher: Watcher
+    workers: Workers
+    engine: Engine
+    metrics: Metrics
+    yielder: Yielder
+    chronicle_url: str
+    socket_path: Path
+    state_dir: Path
+    inline_max_bytes: int
+
+    def staging_bytes(self) -> int: ...
 
 log = logging.getLogger(__name__)
 Visibility = Literal["private", "organization", "team", "public"]
@@ -293,9 +322,9 @@ TOKEN_CHECK_WAIT_S = 2.0
 
 
 class Api:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-        self.q = daemon.queue
+    def __init__(self, services: Services) -> None:
+        self.d = services
+        self.q = services.queue
         self._checked: dict[str, tuple[str, float]] = {}
         """credential_id(uid, token) → (principal id, good until): tokens Chronicle
         accepted."""

@@ -33,7 +33,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -60,7 +60,9 @@ from agent.transfer.upload import caller_token
 from agent.watch.seal import glob_root
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    from agent.chronicle.aio import AsyncChronicle
+    from agent.config import Settings, WatcherSection
+    from agent.queue.aqueue import AsyncQueue
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +140,47 @@ def ended_message(info: RunInfo) -> str:
             "give this one a new id (or none: one is made up)")
 
 
+class RunsChronicle(Protocol):
+    """What the registry asks of Chronicle (the daemon's upload engine offers it)."""
+
+    chronicle: AsyncChronicle
+
+    async def ensure_run(self, run_id: str | None, token: str | None = None) -> None: ...
+
+
+class Canceller(Protocol):
+    """Stops a running job (the workers)."""
+
+    def cancel_running(self, job_id: str, abandon_reason: str | None = None) -> None: ...
+
+
+class Sealer(Protocol):
+    """The watcher, as a run's start and end use it: its rules, and what it still waits to
+    seal."""
+
+    cfg: WatcherSection
+    tally: dict[str | None, dict[str, int]]
+
+    def add_rules(self, run_id: str, rules: list[WatchRule], uid: int) -> None: ...
+    def remove_rules(self, run_id: str) -> None: ...
+    def longest_quiescence_s(self) -> float: ...
+    def unsealed(self, run_id: str) -> int: ...
+    async def final_scan(self, run_id: str, *, allow_quiescence: bool) -> None: ...
+    async def abandon_unsealed(self, run_id: str, why: str) -> int: ...
+
+
 class RunRegistry:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    """The runs this daemon tracks. Built from the narrow things it uses: the queue, the
+    settings, Chronicle, a job canceller; the watcher (a :class:`Sealer`) is attached once
+    it exists (it asks the registry how to seal each run's checkpoints)."""
+
+    def __init__(self, queue: AsyncQueue, settings: Settings, chronicle: RunsChronicle,
+                 canceller: Canceller) -> None:
+        self.queue = queue
+        self.settings = settings
+        self.chronicle = chronicle
+        self.canceller = canceller
+        self._sealer: Sealer | None = None
         self.runs: dict[str, RunInfo] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._ready = anyio.Event()
@@ -148,6 +188,15 @@ class RunRegistry:
 
     def bind(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
+
+    def attach(self, sealer: Sealer) -> None:
+        self._sealer = sealer
+
+    @property
+    def sealer(self) -> Sealer:
+        if self._sealer is None:
+            raise RuntimeError("no watcher attached to the run registry")
+        return self._sealer
 
     def sealing(self, run_id: str | None) -> SealMode:
         info = self.runs.get(run_id) if run_id else None
@@ -158,7 +207,7 @@ class RunRegistry:
     async def restore(self) -> None:
         """Before the watcher starts: the runs of the previous daemon, with their rules,
         and which of them died meanwhile (their checkpoints get strong seals only)."""
-        q = self.d.queue
+        q = self.queue
         for row in await q.do(runstore.load_runs, q.s):
             info = RunInfo.of(row)
             self.runs[info.run_id] = info
@@ -232,7 +281,7 @@ class RunRegistry:
             if new and existing.state == RunState.RUNNING:
                 existing.watch += new
                 self._add_rules(existing)
-                await self.d.queue.do(runstore.update_run, self.d.queue.s, run_id,
+                await self.queue.do(runstore.update_run, self.queue.s, run_id,
                                       watch=existing.watch)
             return existing.to_api()
         chosen = None if lease else await anyio.to_thread.run_sync(
@@ -242,14 +291,14 @@ class RunRegistry:
             pid_start=liveness.start_time(chosen) if chosen else None,
             wrapper_pid=peer_pid if exec_wrapper and peer_pid else None,
             liveness="pid" if chosen else "lease",
-            lease_s=self.d.settings.runs.lease_s,
-            on_exit=on_exit or self.d.settings.runs.on_exit,
+            lease_s=self.settings.runs.lease_s,
+            on_exit=on_exit or self.settings.runs.on_exit,
             watch=[r.model_dump(mode="json") for r in rules],
             cred_id=cred_id,
         )
         if chosen:
             info.pidfd = liveness.open_pidfd(chosen, info.pid_start)
-        await self.d.queue.do(runstore.save_run, self.d.queue.s, info.row())
+        await self.queue.do(runstore.save_run, self.queue.s, info.row())
         self.runs[run_id] = info
         self._add_rules(info)
         assert self._tg is not None
@@ -279,7 +328,7 @@ class RunRegistry:
     def _check_rules(self, rules: list[WatchRule], uid: int) -> None:
         """A caller may only have the daemon watch (and upload) what it owns, within
         ``agent.roots`` when those are set."""
-        allowed = [str(p).rstrip("/") for p in self.d.settings.agent.roots]
+        allowed = [str(p).rstrip("/") for p in self.settings.agent.roots]
         for r in rules:
             root = glob_root(r.path)
             if allowed and not any(root == a or root.startswith(a + "/") for a in allowed):
@@ -295,7 +344,7 @@ class RunRegistry:
 
     def _add_rules(self, info: RunInfo) -> None:
         if info.watch:
-            self.d.watcher.add_rules(info.run_id, [WatchRule.model_validate(w)
+            self.sealer.add_rules(info.run_id, [WatchRule.model_validate(w)
                                                    for w in info.watch], info.uid)
 
     def _get(self, run_id: str, uid: int = 0) -> RunInfo:
@@ -320,7 +369,7 @@ class RunRegistry:
         if (info.state == RunState.RUNNING
                 and info.last_seen - info.saved_seen >= info.lease_s / 4):
             info.saved_seen = info.last_seen
-            await self.d.queue.do(runstore.update_run, self.d.queue.s, run_id,
+            await self.queue.do(runstore.update_run, self.queue.s, run_id,
                                   last_seen=info.last_seen)
         return info.to_api()
 
@@ -344,7 +393,7 @@ class RunRegistry:
         on Chronicle; uploads create it too if this fails)."""
         info = self.runs.get(run_id)
         try:
-            await self.d.engine.ensure_run(run_id, await self._token(info))
+            await self.chronicle.ensure_run(run_id, await self._token(info))
         except AgentError as e:
             log.warning("run %s: could not create it on Chronicle yet: %s", run_id, e)
 
@@ -352,12 +401,12 @@ class RunRegistry:
         """The token the run is made with on Chronicle: its caller's, else the daemon's."""
         if info is None or info.cred_id is None:
             return None
-        q = self.d.queue
+        q = self.queue
         return caller_token(info.cred_id, await q.do(q.s.token, info.cred_id),
                             f"run {info.run_id}")
 
     async def _save(self, info: RunInfo) -> None:
-        await self.d.queue.do(runstore.update_run, self.d.queue.s, info.run_id,
+        await self.queue.do(runstore.update_run, self.queue.s, info.run_id,
                               state=RunState.ENDING if info.state == RunState.DYING
                               else info.state,
                               status=info.status, exit_code=info.exit_code)
@@ -397,14 +446,13 @@ class RunRegistry:
             log.exception("run %s: settling its end failed", info.run_id)
 
     async def _settle_steps(self, info: RunInfo, why: str | None) -> None:
-        w = self.d.watcher
+        w = self.sealer
         clean = info.status == "finished"
         why = why or f"run {info.run_id} ended ({info.status}) before it was sealed"
         if not info.settled:
             if clean:
                 await w.final_scan(info.run_id, allow_quiescence=True)
-                longest = max([r.rule.quiescence_s for r in w.rules.values()] or [0.0])
-                deadline = time.monotonic() + longest + 2 * w.cfg.check_s
+                deadline = time.monotonic() + w.longest_quiescence_s() + 2 * w.cfg.check_s
                 while True:  # the watcher keeps looking meanwhile
                     if not w.unsealed(info.run_id) or time.monotonic() >= deadline:
                         break
@@ -430,7 +478,7 @@ class RunRegistry:
         await self._end_when_drained(info)
 
     async def _abandon_presigned(self, info: RunInfo) -> int:
-        q = self.d.queue
+        q = self.queue
         recs = await q.do(runstore.unfinalized_presigned, q.s, info.run_id)
         for rec in recs:
             await self.abandon_local_asset(
@@ -438,7 +486,7 @@ class RunRegistry:
         return len(recs)
 
     async def _abandon_pending(self, info: RunInfo) -> int:
-        q = self.d.queue
+        q = self.queue
         n = 0
         for job in await q.do(q.s.list_jobs, run_id=info.run_id):
             if job.terminal:
@@ -451,7 +499,7 @@ class RunRegistry:
         return n
 
     async def _stop_job(self, job_id: str, state: JobState, reason: str) -> None:
-        q = self.d.queue
+        q = self.queue
         try:
             if state == JobState.QUEUED:
                 await q.change(q.s.abandon_job, job_id, reason)
@@ -462,18 +510,18 @@ class RunRegistry:
             await q.change(q.s.request_cancel, job_id)
         except StateConflict:
             return
-        self.d.workers.cancel_running(job_id, abandon_reason=reason)
+        self.canceller.cancel_running(job_id, abandon_reason=reason)
 
     async def abandon_local_asset(self, asset_key: str, reason: str) -> None:
         """Abandon an asset this daemon registered (on Chronicle, then in the queue's
         records) and stop the jobs still working on it."""
-        q = self.d.queue
+        q = self.queue
         rec = await q.do(q.s.asset, asset_key)
         if rec is None or rec.state in (AssetState.FINALIZED, AssetState.ABANDONED):
             return
         if rec.asset_id is not None:
             try:
-                await self.d.engine.chronicle.send(contract.abandon(
+                await self.chronicle.chronicle.send(contract.abandon(
                     rec.asset_id, reason, idempotency_key=f"abandon:{rec.register_key}"),
                     token=caller_token(rec.cred_id, rec.token, f"asset {rec.asset_id}"))
             except AssetNotPending as e:  # finalized meanwhile: a ready asset stays ready
@@ -492,7 +540,7 @@ class RunRegistry:
         log.info("asset %s abandoned: %s", rec.asset_id or asset_key, reason)
 
     async def _end_when_drained(self, info: RunInfo) -> None:
-        q = self.d.queue
+        q = self.queue
         while True:
             jobs = await q.do(q.s.list_jobs, run_id=info.run_id)
             if all(j.state in TERMINAL for j in jobs):
@@ -504,8 +552,8 @@ class RunRegistry:
             delay = backoff_s(tries, 1.0, 60.0, jitter=False)
             try:
                 token = await self._token(info)
-                await self.d.engine.ensure_run(info.run_id, token)  # a registration may not
-                await self.d.engine.chronicle.send(contract.end_run(  # have reached Chronicle
+                await self.chronicle.ensure_run(info.run_id, token)  # a registration may not
+                await self.chronicle.chronicle.send(contract.end_run(  # have reached Chronicle
                     info.run_id, info.status or "finished",
                     idempotency_key=f"run-end:{info.run_id}"), token=token)
                 break

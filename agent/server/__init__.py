@@ -6,13 +6,14 @@ It shares nothing with the rest of the agent but the wire contract and ``agent.c
 
 ::
 
+    from agent.server.runner import serve_forever, start_server
+
     server = await start_server(settings, embedded=True)   # the daemon
     ...                                                     # server.url, server.tokens_file
     await server.stop()
 
     serve_forever(settings)                                 # chronicle-agent server
+
+(The package itself imports nothing: its modules import one another through it, so an
+import here would make a cycle.)
 """
-
-from .runner import LocalServer, serve_forever, start_server
-
-__all__ = ["LocalServer", "serve_forever", "start_server"]

@@ -33,7 +33,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -51,7 +51,27 @@ from agent.watch.seal import STAGING_DIR_NAME, Scan
 from agent.watch.staging import Snapshot, SnapshotChanged, StagedFile, Staging
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    from pathlib import Path
+
+    from agent.config import Settings
+    from agent.metrics import Metrics
+    from agent.queue.aqueue import AsyncQueue
+    from agent.transfer.cache import AssetCache
+
+
+class RunPolicy(Protocol):
+    """What the watcher asks of the runs (the run registry)."""
+
+    def sealing(self, run_id: str | None) -> SealMode: ...
+    async def abandon_local_asset(self, asset_key: str, reason: str) -> None: ...
+
+
+class Jobs(Protocol):
+    """What the watcher asks of the workers: stop a job, the node-local cache."""
+
+    cache: AssetCache
+
+    def cancel_running(self, job_id: str, abandon_reason: str | None = None) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +171,19 @@ class Staged:
 
 
 class Watcher:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-        self.cfg = daemon.settings.watcher
-        self.staging = Staging(daemon.state_dir, self.cfg.staging_max_bytes)
+    """Watches the rules' roots, seals checkpoints and makes their upload jobs. Built from
+    the narrow things it uses: the queue, the settings and state dir, the metrics, the runs
+    (how to seal each run's checkpoints) and the workers (stop a job, the cache)."""
+
+    def __init__(self, queue: AsyncQueue, settings: Settings, state_dir: Path,
+                 metrics: Metrics, runs: RunPolicy, jobs: Jobs) -> None:
+        self.queue = queue
+        self.settings = settings
+        self.metrics = metrics
+        self.runs = runs
+        self.jobs = jobs
+        self.cfg = settings.watcher
+        self.staging = Staging(state_dir, self.cfg.staging_max_bytes)
         self.rules: dict[str, BoundRule] = {}
         self.pending: dict[str, Pending] = {}
         self.tmp_live: dict[str, tuple[str, str | None]] = {}
@@ -181,7 +210,7 @@ class Watcher:
         self._roots_changed = anyio.Event()
         self._lock = anyio.Lock()
         logging.getLogger("watchfiles").setLevel(logging.WARNING)  # a line per event batch
-        for i, rule in enumerate(daemon.settings.watch):
+        for i, rule in enumerate(settings.watch):
             self.rules[f"config:{i}"] = BoundRule(f"config:{i}", rule, None, None)
 
     # ---- what others call ---------------------------------------------------------------
@@ -205,6 +234,10 @@ class Watcher:
         self._roots_changed.set()
         self.wake()
 
+    def longest_quiescence_s(self) -> float:
+        """The longest quiescence period of any rule (how long a clean end may wait)."""
+        return max([r.rule.quiescence_s for r in self.rules.values()] or [0.0])
+
     def remove_rules(self, run_id: str) -> None:
         for key in [k for k, r in self.rules.items() if r.run_id == run_id]:
             del self.rules[key]
@@ -226,7 +259,7 @@ class Watcher:
             await self._loop()
 
     async def _load(self) -> None:
-        q = self.d.queue
+        q = self.queue
         for row in await q.do(runstore.latest_watched, q.s):
             self.decided[row.path] = row
             if row.seal and row.state in DONE_STATES:
@@ -445,7 +478,7 @@ class Watcher:
                 self.pending.pop(path, None)
                 continue
             run_id = r.run_for(path)
-            mode = self.d.runs.sealing(run_id)
+            mode = self.runs.sealing(run_id)
             if mode == SealMode.CLOSED:
                 self.pending.pop(path, None)
                 continue
@@ -492,7 +525,7 @@ class Watcher:
 
     async def _seal(self, path: str, sc: Scan, r: BoundRule, run_id: str | None, kind: str,
                     pend: Pending) -> None:
-        q = self.d.queue
+        q = self.queue
         key = seal.register_key(run_id, path, sc.version())
         fp = sc.fingerprint()
         ident = self._ident(r, sc)
@@ -554,7 +587,7 @@ class Watcher:
                          staged={"path": snap.path, "files": snap.files},
                          ident=sc.ident(), top_mtime_ns=sc.mtime_ns)
         payload = {"path": snap.path, "asset_type": r.rule.asset_type,
-                   "visibility": self.d.settings.upload.visibility, "register_key": key,
+                   "visibility": self.settings.upload.visibility, "register_key": key,
                    "checkpoint": path, "seal": kind}
         job = await q.change(runstore.seal_checkpoint, q.s, row, self._uid(r, sc), payload,
                              sc.size)
@@ -576,7 +609,7 @@ class Watcher:
     def _count(self, run_id: str | None, fate: str, reason: str) -> None:
         tally = self.tally.setdefault(run_id, {})
         tally[fate] = tally.get(fate, 0) + 1
-        self.d.metrics.checkpoint(fate, reason)
+        self.metrics.checkpoint(fate, reason)
 
     async def _lost(self, path: str, r: BoundRule, run_id: str | None, gone: Pending) -> None:
         """An unsealed checkpoint is gone: a visible record of what could not be captured
@@ -605,7 +638,7 @@ class Watcher:
                                 job_state: JobState = JobState.ABANDONED) -> None:
         """A checkpoint that never becomes an asset: a job row born ``abandoned`` (or
         ``lost``), a WARNING line and a count."""
-        q = self.d.queue
+        q = self.queue
         uid = r.uid
         if uid is None:
             try:
@@ -665,7 +698,7 @@ class Watcher:
     async def _cleanup(self) -> None:
         if not self.staged:
             return
-        q = self.d.queue
+        q = self.queue
         for row, jstate, code in await q.do(runstore.staged_rows, q.s):
             st = self.staged.get(row.ckpt_id)
             snap_dir = row.snapshot
@@ -700,10 +733,10 @@ class Watcher:
         """A finalized upload's snapshot becomes its asset's entry in the node-local cache
         (``download.cache_uploads``): moved there, so a restore on this node fetches
         nothing. Only files inside the snapshot are moved."""
-        cache = getattr(getattr(self.d, "workers", None), "cache", None)
-        if job_id is None or cache is None or not self.d.settings.download.cache_uploads:
+        cache = self.jobs.cache
+        if job_id is None or not self.settings.download.cache_uploads:
             return
-        q = self.d.queue
+        q = self.queue
         job = await q.do(q.s.get, job_id)
         rec = None if job is None or job.asset_key is None else \
             await q.do(q.s.asset, job.asset_key)
@@ -722,7 +755,7 @@ class Watcher:
             log.warning("cache: snapshot of %s not kept: %s", rec.asset_id, e)
 
     async def _relabel(self, row: WatchedRow, expect: tuple[JobState, ...]) -> None:
-        q = self.d.queue
+        q = self.queue
         assert row.job_id is not None
         await q.change(runstore.relabel_abandoned, q.s, row.job_id, expect, "source_changed",
                        f"{row.path} was rewritten in place after it was sealed: this snapshot "
@@ -737,7 +770,7 @@ class Watcher:
         changed = await anyio.to_thread.run_sync(
             lambda: {cid: rel for cid, s in watch.items()
                      if (rel := self.staging.changed(s.snap)) is not None})
-        q = self.d.queue
+        q = self.queue
         for cid, rel in changed.items():
             st = watch[cid]
             row = st.row
@@ -759,9 +792,9 @@ class Watcher:
                                   "this snapshot is not uploaded; the checkpoint is sealed "
                                   "again"):
                 await q.change(q.s.request_cancel, row.job_id)
-                self.d.workers.cancel_running(row.job_id)
+                self.jobs.cancel_running(row.job_id)
             elif job.asset_key:
-                await self.d.runs.abandon_local_asset(job.asset_key, "superseded by a rewrite")
+                await self.runs.abandon_local_asset(job.asset_key, "superseded by a rewrite")
             self._recheck.add(row.path)
         if changed:
             self.wake()

@@ -1006,7 +1006,8 @@ async def test_a_given_tokens_file_is_used(tmp_path: Path) -> None:
 
 def test_serve_forever_prints_url_and_tokens_and_stops_on_sigterm(tmp_path: Path) -> None:
     code = (
-        "import sys; from agent.config import Settings; from agent.server import serve_forever;"
+        "import sys; from agent.config import Settings; "
+        "from agent.server.runner import serve_forever;"
         f"sys.exit(serve_forever(Settings(agent={{'state_dir': {str(tmp_path)!r}}},"
         "server={'listen': '127.0.0.1:0'})))"
     )
@@ -1044,7 +1045,7 @@ def test_serve_forever_reports_a_taken_port(tmp_path: Path) -> None:
     import socket
 
     from agent.config import Settings
-    from agent.server import serve_forever
+    from agent.server.runner import serve_forever
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import pytest
 
 from agent.config import Settings
 from agent.errors import ConfigError
-from agent.server import start_server
+from agent.server.runner import start_server
 from agent.server.storage import MiB, open_storage
 from tests.support.helpers_seaweed import Seaweed, use_seaweed_env
 from tests.support.helpers_server import running_server, sha256
@@ -177,7 +177,7 @@ def test_a_disk_backed_server_never_imports_botocore(tmp_path: Path) -> None:
     code = f"""
 import asyncio, sys
 from agent.config import Settings
-from agent.server import start_server
+from agent.server.runner import start_server
 
 async def main():
     s = await start_server(Settings(agent={{"state_dir": {str(tmp_path)!r}}}), embedded=True)

@@ -18,7 +18,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from agent.config import Settings
-from agent.server import LocalServer, start_server
+from agent.server.runner import LocalServer, start_server
 
 MiB = 1024 * 1024
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.chronicle.sdk import Chronicle
 from agent.config import Settings
-from agent.server import LocalServer, start_server
+from agent.server.runner import LocalServer, start_server
 
 
 def scope(sid: str) -> dict[str, str]:
