@@ -321,6 +321,33 @@ TOKEN_CHECK_WAIT_S = 2.0
 """How long a request waits for Chronicle's word on a caller's new token."""
 
 
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/v1/health", "health"),
+    ("GET", "/metrics", "metrics"),
+    ("GET", "/openapi.json", "openapi"),
+    ("POST", "/v1/runs", "create_run"),
+    ("GET", "/v1/runs", "list_runs"),
+    ("GET", "/v1/runs/{run_id}", "get_run"),
+    ("GET", "/v1/runs/{run_id}/checkpoints", "run_checkpoints"),
+    ("POST", "/v1/runs/{run_id}/heartbeat", "heartbeat"),
+    ("POST", "/v1/runs/{run_id}/finish", "finish_run"),
+    ("POST", "/v1/uploads", "upload"),
+    ("POST", "/v1/assets/inline", "inline"),
+    ("POST", "/v1/assets/presigned", "presigned"),
+    ("POST", "/v1/assets/{asset_id}/components", "component"),
+    ("POST", "/v1/assets/{asset_id}/finalize", "finalize"),
+    ("POST", "/v1/downloads", "download"),
+    ("GET", "/v1/assets/latest", "latest"),
+    ("GET", "/v1/jobs", "jobs"),
+    ("GET", "/v1/jobs/{job_id}", "job"),
+    ("GET", "/v1/jobs/{job_id}/wait", "wait"),
+    ("POST", "/v1/jobs/{job_id}/cancel", "cancel"),
+    ("POST", "/v1/jobs/{job_id}/retry", "retry"),
+)
+"""The socket API's routes: (method, path, the Api method that serves it). Its OpenAPI
+document is generated over them (agent/api/openapi.py)."""
+
+
 class Api:
     def __init__(self, services: Services) -> None:
         self.d = services
@@ -335,28 +362,8 @@ class Api:
         self.body_budget = budget
         app = web.Application(middlewares=[errors_middleware, budget.middleware],
                               client_max_size=max_body)
-        r = app.router
-        r.add_get("/v1/health", self.health)
-        r.add_get("/metrics", self.metrics)
-        r.add_get("/openapi.json", self.openapi)
-        r.add_post("/v1/runs", self.create_run)
-        r.add_get("/v1/runs", self.list_runs)
-        r.add_get("/v1/runs/{run_id}", self.get_run)
-        r.add_get("/v1/runs/{run_id}/checkpoints", self.run_checkpoints)
-        r.add_post("/v1/runs/{run_id}/heartbeat", self.heartbeat)
-        r.add_post("/v1/runs/{run_id}/finish", self.finish_run)
-        r.add_post("/v1/uploads", self.upload)
-        r.add_post("/v1/assets/inline", self.inline)
-        r.add_post("/v1/assets/presigned", self.presigned)
-        r.add_post("/v1/assets/{asset_id}/components", self.component)
-        r.add_post("/v1/assets/{asset_id}/finalize", self.finalize)
-        r.add_post("/v1/downloads", self.download)
-        r.add_get("/v1/assets/latest", self.latest)
-        r.add_get("/v1/jobs", self.jobs)
-        r.add_get("/v1/jobs/{job_id}", self.job)
-        r.add_get("/v1/jobs/{job_id}/wait", self.wait)
-        r.add_post("/v1/jobs/{job_id}/cancel", self.cancel)
-        r.add_post("/v1/jobs/{job_id}/retry", self.retry)
+        for method, path, name in ROUTES:
+            app.router.add_route(method, path, getattr(self, name))
         return app
 
     # ---- helpers -------------------------------------------------------------------------
@@ -461,7 +468,7 @@ class Api:
     async def openapi(self, request: web.Request) -> web.Response:
         from agent.api.openapi import document
 
-        return web.json_response(document())
+        return web.json_response(document(request.app.router))
 
     async def metrics(self, request: web.Request) -> web.Response:
         counts = await self.q.do(self.q.s.counts)

@@ -129,7 +129,6 @@ def test_the_socket_api_publishes_its_openapi_document(fuzz_daemon: DaemonProc) 
     assert doc["openapi"].startswith("3.")
     ops = operations(doc)
     assert ("POST", "/v1/uploads", ops[[o[1] for o in ops].index("/v1/uploads")][2]) in ops
-    assert len(ops) >= 15
 
 
 def _fill(path: str, segment: str | Mapping[str, str]) -> str:
