@@ -439,7 +439,7 @@ def cmd_server(ctx: Ctx) -> int:
 def cmd_server_gc(ctx: Ctx) -> int:
     import asyncio
 
-    from agent.progress import format_bytes
+    from agent.progress import format_bytes, format_duration
     from agent.server.gc import SweepBusy, sweep_state_dir
 
     args = ctx.args
@@ -458,7 +458,8 @@ def cmd_server_gc(ctx: Ctx) -> int:
         return EXIT_FAILED if report.errors else EXIT_OK
     if report.removed:
         ctx.print(format_table(("WHAT", "SIZE", "AGE", "KEY", "REASON"), [
-            (r.item.kind, format_bytes(r.item.size), _age(r.age_s), r.item.key or r.item.ref,
+            (r.item.kind, format_bytes(r.item.size), format_duration(r.age_s),
+             r.item.key or r.item.ref,
              r.reason) for r in report.removed]))
     verb = "would remove" if report.dry_run else "removed"
     objects = sum(1 for r in report.removed if r.item.kind == "object")
@@ -470,13 +471,6 @@ def cmd_server_gc(ctx: Ctx) -> int:
     for error in report.errors:
         ctx.warn(f"{PROG}: error: {error}")
     return EXIT_FAILED if report.errors else EXIT_OK
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 # ---- transfers ----------------------------------------------------------------------------

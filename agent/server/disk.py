@@ -460,6 +460,7 @@ class DiskStorage:
         whose record is missing or describes an older file (a crash between the two) has
         no key, a record without its file is listed with size 0."""
         found: dict[str, Stored] = {}
+        inodes: dict[str, int] = {}
         records: dict[str, Path] = {}
         with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
             for entry in it:
@@ -470,6 +471,7 @@ class DiskStorage:
                     st = entry.stat(follow_symlinks=False)
                     found[entry.name] = Stored("object", None, entry.name, st.st_size,
                                                st.st_mtime)
+                    inodes[entry.name] = st.st_ino
         for name, path in records.items():
             try:
                 record = json.loads(path.read_text())
@@ -480,7 +482,7 @@ class DiskStorage:
             data = found.get(name)
             if data is None:
                 found[name] = Stored("object", str(key), name, 0, st.st_mtime)
-            elif record.get("ino") == os.stat(d / name).st_ino and record.get("size") == data.size:
+            elif record.get("ino") == inodes[name] and record.get("size") == data.size:
                 found[name] = Stored("object", str(key), name, data.size, data.modified)
         return list(found.values())
 

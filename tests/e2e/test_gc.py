@@ -20,9 +20,8 @@ import re
 import secrets
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ class Outside:
     """Lists the store and puts stray objects into it without the server's code."""
 
     def __init__(self, kind: str, root: Path, seaweed: Seaweed | None, bucket: str) -> None:
-        self.kind, self.root, self.bucket = kind, root, bucket
+        self.kind, self.root, self.bucket, self.seaweed = kind, root, bucket, seaweed
         self.s3: Any = None
         if seaweed is not None:
             import botocore.session
@@ -201,10 +200,7 @@ class ServerProc:
 
 @asynccontextmanager
 async def server_proc(tmp_path: Path, outside: Outside) -> AsyncIterator[ServerProc]:
-    sw_env: dict[str, str] = {}
-    if outside.s3 is not None:
-        sw_env = {"AWS_ACCESS_KEY_ID": outside.s3._request_signer._credentials.access_key,
-                  "AWS_SECRET_ACCESS_KEY": outside.s3._request_signer._credentials.secret_key}
+    sw_env = outside.seaweed.env() if outside.seaweed is not None else {}
     env = {**sw_env, "CHRONICLE_AGENT_SERVER__MULTIPART_THRESHOLD_BYTES": str(5 * MiB),
            "CHRONICLE_AGENT_SERVER__PART_SIZE_BYTES": str(5 * MiB)}
     srv = ServerProc(tmp_path, outside.storage_url, env)
@@ -212,13 +208,6 @@ async def server_proc(tmp_path: Path, outside: Outside) -> AsyncIterator[ServerP
         yield srv
     finally:
         await srv.stop()
-
-
-@contextmanager
-def timing(label: str) -> Iterator[None]:
-    t0 = time.monotonic()
-    yield
-    print(f"{label}: {time.monotonic() - t0:.2f}s")
 
 
 async def _make(api: Api, run_id: str, files: dict[str, bytes], *, finish: bool) -> str:
