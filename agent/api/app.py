@@ -21,7 +21,7 @@ import anyio.to_thread
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent import __version__
+from agent import __version__, validation
 from agent.access import Refused, check_readable, check_writable_dest, file_size
 from agent.chronicle import contract
 from agent.errors import (
@@ -212,10 +212,7 @@ async def errors_middleware(
                                   f"{request.method} {request.path}: {e.reason}")
         raise
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "body"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        return error_response(400, "invalid_request", f"{loc}: {msg}")
+        return error_response(400, "invalid_request", validation.message(e))
     except StateConflict as e:
         return error_response(404 if e.code == "not_found" else 409, e.code, e.message)
     except ChronicleError as e:

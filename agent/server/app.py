@@ -30,6 +30,7 @@ from agent.crashpoints import CrashPoints
 
 from . import auth, db
 from .auth import Principal, Protected, TokenStore
+from .bodies import B, Body, parse
 from .db import AssetRow, Database, IdemKey
 from .http import (
     RETRY_AFTER_S,
@@ -160,19 +161,26 @@ class Ctx:
         core: Core,
         request: web.Request,
         principal: Principal,
-        body: dict[str, Any],
+        body: Body | None,
         idem: IdemKey | None,
     ) -> None:
         self.core = core
         self.request = request
         self.principal = principal
-        self.body = body
+        self._body = body
         self._idem = idem
         self.committed = False
         """Whether :meth:`commit` made its change (clean-ups on failure check it)."""
 
     def arg(self, name: str) -> str:
         return self.request.match_info[name]
+
+    def body(self, model: type[B]) -> B:
+        """The request body, validated by the route's model (which must be ``model``)."""
+        if not isinstance(self._body, model):
+            raise TypeError(f"this route's body is {type(self._body).__name__}, "
+                            f"not {model.__name__}")
+        return self._body
 
     async def commit(self, fn: Callable[[sqlite3.Connection], Reply]) -> Reply:
         """Run ``fn`` in one write transaction that also stores this call's idempotency
@@ -206,6 +214,9 @@ class Ctx:
 
 
 Handler = Callable[[Ctx], Awaitable[Reply]]
+Route = tuple[str, str, Handler, type[Body] | None]
+"""A handler module's route: method, path template, handler, and the model its body is
+validated with (None: no body is read; a GET never reads one)."""
 
 
 def _request_hash(request: web.Request, body: dict[str, Any]) -> str:
@@ -226,9 +237,10 @@ def _body_size(request: web.Request, core: Core) -> int:
 
 
 def endpoint(
-    core: Core, handler: Handler, *, mutating: bool = False
+    core: Core, handler: Handler, *, mutating: bool = False, model: type[Body] | None = None
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Wrap a handler: authenticate, parse the body and apply ``Idempotency-Key``."""
+    """Wrap a handler: authenticate, validate the body with ``model`` and apply
+    ``Idempotency-Key`` (to a mutating call)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         principal = await core.authenticate(request)
@@ -238,8 +250,9 @@ def endpoint(
             return await answer(request, principal, await read_json_object(request))
 
     async def answer(
-        request: web.Request, principal: Principal, body: dict[str, Any]
+        request: web.Request, principal: Principal, raw: dict[str, Any]
     ) -> web.StreamResponse:
+        body = parse(model, raw) if model is not None else None
         key = request.headers.get("Idempotency-Key") if mutating else None
         if not key:
             ctx = Ctx(core, request, principal, body, None)
@@ -248,7 +261,7 @@ def endpoint(
             raise invalid(
                 f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
             )
-        idem = IdemKey(principal.id, key, _request_hash(request, body))
+        idem = IdemKey(principal.id, key, _request_hash(request, raw))
         async with core.idem_locks.hold(f"{principal.id}\0{key}"):
             stored = await core.db.read(db.get_idempotent, idem)
             if stored is not None:
@@ -353,10 +366,13 @@ def _public_storage(description: str) -> str:
 async def _openapi(request: web.Request) -> web.Response:
     from .openapi import document
 
-    return web.json_response(document(request.app.router, request.app[CORE].version))
+    return web.json_response(document(request.app.router, request.app[CORE].version,
+                                      request.app[BODIES]))
 
 
 CORE = web.AppKey("core", Core)
+BODIES = web.AppKey("bodies", dict[tuple[str, str], type[Body]])
+"""Each route's request-body model, by method and path template (for the OpenAPI document)."""
 
 
 def client_max(core: Core) -> int:
@@ -372,8 +388,13 @@ def make_app(core: Core) -> web.Application:
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/openapi.json", _openapi)  # no auth, like the health check
     app.router.add_get("/metrics", _metrics)  # housekeeping totals only: no auth either
+    bodies: dict[tuple[str, str], type[Body]] = {}
     for module in (runs, assets, sharing):
-        for method, path, handler, mutating in module.routes(core):
-            app.router.add_route(method, path, endpoint(core, handler, mutating=mutating))
+        for method, path, handler, model in module.routes(core):
+            app.router.add_route(method, path, endpoint(
+                core, handler, mutating=method != "GET", model=model))
+            if model is not None:
+                bodies[method, path] = model
+    app[BODIES] = bodies
     core.storage.add_routes(app, partial(assets.upload_gate, core))
     return app

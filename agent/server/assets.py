@@ -15,19 +15,32 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 from . import db
-from .app import Core, Ctx, Handler, can, new_id, require_asset, require_run_for_output
-from .auth import VISIBILITIES
+from .app import Core, Ctx, Route, can, new_id, require_asset, require_run_for_output
+from .bodies import (
+    MAX_COMPONENTS,
+    STATES,
+    AddComponents,
+    ComponentSpec,
+    Finalize,
+    FinalizeSpec,
+    Inline,
+    PartClaim,
+    Placement,
+    Reason,
+    RefreshUrls,
+    Register,
+    clash,
+)
 from .db import AssetRow, ComponentRow, utcnow
 from .http import (
     Reply,
@@ -36,14 +49,9 @@ from .http import (
     forbidden,
     invalid,
     one_of,
-    opt_object,
-    opt_size,
-    opt_str,
     query_flag,
-    req_str,
 )
 from .storage import (
-    MAX_PARTS,
     MIN_PART_BYTES,
     PartInfo,
     PartsRefused,
@@ -54,15 +62,6 @@ from .storage import (
 
 log = logging.getLogger(__name__)
 
-MAX_COMPONENTS = 100_000
-MAX_NAME_BYTES = 900
-"""S3 keys are at most 1024 bytes; ours are ``assets/<asset_id>/<name>``."""
-MAX_SEGMENT_BYTES = 255
-"""A file name's limit on every common file system (a store with a filer maps keys to files)."""
-MAX_ASSET_TYPE = 128
-"""Characters; the contract sets no alphabet, so only control characters are refused."""
-STATES = ("pending", "ready", "abandoned")
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 UPLOAD_PREFIX = "assets"
@@ -110,111 +109,6 @@ async def upload_gate(core: Core, key: str) -> AsyncIterator[bool]:
         yield ok
 
 
-# ---- validation --------------------------------------------------------------------------------
-
-
-def name_problem(name: str) -> str | None:
-    """Why ``name`` is not a usable component name (a relative POSIX path), or None."""
-    if not name:
-        return "is empty"
-    if "\x00" in name:
-        return "contains NUL"
-    if name.startswith("/"):
-        return "is absolute"
-    segments = name.split("/")
-    if "" in segments:
-        return "has an empty path segment"
-    if ".." in segments:
-        return "contains '..'"
-    if "." in segments:
-        return "contains a '.' segment"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return f"is longer than {MAX_NAME_BYTES} bytes"
-    control = next((ch for ch in name if _is_control(ch)), None)
-    if control is not None:
-        return f"contains the control character U+{ord(control):04X}"
-    if any(len(seg.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES for seg in segments):
-        return f"has a path segment longer than {MAX_SEGMENT_BYTES} bytes"
-    return None
-
-
-def _is_control(ch: str) -> bool:
-    return ch < " " or "\x7f" <= ch <= "\x9f"
-
-
-def clash(names: list[str]) -> tuple[str, str] | None:
-    """Two names of one asset where one is a directory of the other (``a`` and ``a/b``):
-    no file system (nor an S3 store with a filer) holds both. The pair, or None."""
-    files = set(names)
-    for name in names:
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            prefix = "/".join(parts[:i])
-            if prefix in files:
-                return prefix, name
-    return None
-
-
-def check_name(name: str, where: str) -> None:
-    problem = name_problem(name)
-    if problem:
-        raise invalid(
-            f"{where}: component name {name!r} {problem} (names are relative POSIX paths)"
-        )
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    name: str
-    size: int | None = None
-    content_type: str | None = None
-    sha256: str | None = None
-
-
-def opt_sha256(raw: dict[str, Any], where: str) -> str | None:
-    """An optional ``sha256`` field: 64 hex digits, returned in lower case."""
-    sha = opt_str(raw, "sha256", where=where)
-    if sha is not None and not _SHA256.fullmatch(sha):
-        raise invalid(f"{where}sha256 must be 64 hex digits")
-    return sha.lower() if sha is not None else None
-
-
-def parse_components(value: Any, *, field: str = "components") -> list[ComponentSpec]:
-    if not isinstance(value, list) or not value:
-        raise invalid(f"{field} must be a non-empty array of names or {{name, size}} objects")
-    if len(value) > MAX_COMPONENTS:
-        raise invalid(f"{field}: at most {MAX_COMPONENTS} components per asset")
-    specs: list[ComponentSpec] = []
-    seen: set[str] = set()
-    for i, item in enumerate(value):
-        where = f"{field}[{i}]"
-        if isinstance(item, str):
-            spec = ComponentSpec(item)
-        elif isinstance(item, dict):
-            spec = ComponentSpec(
-                req_str(item, "name", where=f"{where}."),
-                opt_size(item, "size", where=f"{where}."),
-                opt_str(item, "content_type", where=f"{where}."),
-                opt_sha256(item, f"{where}."),
-            )
-        else:
-            raise invalid(f"{where} must be a name or a {{name, size, content_type, sha256}} "
-                          "object")
-        check_name(spec.name, where)
-        if spec.name in seen:
-            raise invalid(f"{where}: component {spec.name!r} is listed twice")
-        seen.add(spec.name)
-        specs.append(spec)
-    both = clash([s.name for s in specs])
-    if both:
-        raise invalid(
-            f"{field}: component {both[1]!r} needs {both[0]!r} to be a directory, but "
-            f"{both[0]!r} is also a component (a name cannot be both a file and a directory)"
-        )
-    return specs
-
-
-MAX_ASSET_KEY = 256
 MAX_QUERY = 1000
 
 
@@ -272,77 +166,11 @@ def _int_param(value: str | None, name: str, default: int, low: int, high: int) 
     return int(value)
 
 
-def parse_asset_key(body: dict[str, Any], output_of: str | None) -> str | None:
-    """API 1.1 ``asset_keys``: at most 256 printable characters, with ``output_of``."""
-    key = opt_str(body, "key")
-    if key is None:
-        return None
-    if not key or len(key) > MAX_ASSET_KEY or not key.isprintable():
-        raise invalid(f"key must be 1 to {MAX_ASSET_KEY} printable characters")
-    if not output_of:
-        raise invalid("key needs output_of: uploaders join an asset by run, type and key")
-    return key
-
-
-def parse_asset_type(body: dict[str, Any]) -> str:
-    value = req_str(body, "asset_type")
-    if len(value) > MAX_ASSET_TYPE:
-        raise invalid(f"asset_type is {len(value)} characters long, the limit is {MAX_ASSET_TYPE}")
-    control = next((ch for ch in value if _is_control(ch)), None)
-    if control is not None:
-        raise invalid(f"asset_type contains the control character U+{ord(control):04X}")
-    return value
-
-
-@dataclass(frozen=True)
-class FinalizeSpec:
-    size: int | None = None
-    sha256: str | None = None
-    content_type: str | None = None
-    parts: tuple[PartInfo, ...] | None = None
-
-
-def parse_finalize(body: dict[str, Any]) -> dict[str, FinalizeSpec]:
-    specs: dict[str, FinalizeSpec] = {}
-    for name, raw in opt_object(body, "components").items():
-        where = f"components[{name!r}]."
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise invalid(f"components[{name!r}] must be an object")
-        sha = opt_sha256(raw, where)
-        parts = None
-        if raw.get("parts") is not None:
-            if not isinstance(raw["parts"], list):
-                raise invalid(f"{where}parts must be an array of {{part_number, etag}}")
-            parsed = []
-            for j, p in enumerate(raw["parts"]):
-                pw = f"{where}parts[{j}]."
-                if not isinstance(p, dict):
-                    raise invalid(f"{pw[:-1]} must be an object {{part_number, etag}}")
-                n = p.get("part_number")
-                if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PARTS:
-                    raise invalid(f"{pw}part_number must be an integer 1-{MAX_PARTS}")
-                parsed.append(PartInfo(n, req_str(p, "etag", where=pw)))
-            numbers = [p.part_number for p in parsed]
-            if numbers != sorted(set(numbers)):
-                raise invalid(f"{where}parts must be in ascending part_number order, no repeats")
-            parts = tuple(parsed)
-        specs[name] = FinalizeSpec(
-            opt_size(raw, "size", where=where),
-            sha.lower() if sha else None,
-            opt_str(raw, "content_type", where=where),
-            parts,
-        )
-    return specs
-
-
-def _placement(ctx: Ctx) -> tuple[str, str | None]:
-    visibility = one_of(opt_str(ctx.body, "visibility"), VISIBILITIES, "visibility") or "private"
-    organization_id = opt_str(ctx.body, "organization_id")
+def _placement(ctx: Ctx, body: Placement) -> tuple[str, str | None]:
+    organization_id = body.organization_id
     if organization_id and not ctx.principal.member_of(organization_id):
         raise forbidden(f"you are not a member of {organization_id}")
-    return visibility, organization_id
+    return body.visibility or "private", organization_id
 
 
 def _missing(message: str) -> Exception:
@@ -536,14 +364,13 @@ class Assets:
     # -- register, inline --
 
     async def register(self, ctx: Ctx) -> Reply:
-        asset_type = parse_asset_type(ctx.body)
-        output_of = opt_str(ctx.body, "output_of") or None  # "" is no run
-        key = parse_asset_key(ctx.body, output_of)
+        body = ctx.body(Register)
+        asset_type, key, specs = body.asset_type, body.key, body.components
+        output_of = body.output_of or None  # "" is no run
         if key is not None and not self.cfg.asset_keys:
             raise invalid("key: this server does not offer assets built by several uploaders "
                           "(API 1.1 asset_keys; server.asset_keys is off)")
-        visibility, organization_id = _placement(ctx)
-        specs = parse_components(ctx.body.get("components"))
+        visibility, organization_id = _placement(ctx, body)
         if output_of:
             await self.core.db.read(require_run_for_output, ctx.principal, output_of)
         if key is None:
@@ -583,7 +410,7 @@ class Assets:
             created_at=utcnow(),
             output_of=output_of,
             organization_id=organization_id,
-            content_type=opt_str(ctx.body, "content_type"),
+            content_type=ctx.body(Register).content_type,
             asset_key=key,
             components=comps,
         )
@@ -601,7 +428,7 @@ class Assets:
             raise fail(404, "not_found", "this server does not offer adding components (API "
                        "1.1 asset_keys; server.asset_keys is off)")
         asset_id = ctx.arg("asset_id")
-        specs = parse_components(ctx.body.get("components"))
+        specs = ctx.body(AddComponents).components
         async with self.core.asset_locks.hold(asset_id):
             return await self._join(ctx, asset_id, specs)
 
@@ -690,11 +517,8 @@ class Assets:
         return run
 
     async def inline(self, ctx: Ctx) -> Reply:
-        asset_type = parse_asset_type(ctx.body)
-        if ctx.body.get("content") is None:
-            raise invalid("content is required (a JSON value or a string)")
-        content = ctx.body["content"]
-        content_type = opt_str(ctx.body, "content_type")
+        body = ctx.body(Inline)
+        asset_type, content, content_type = body.asset_type, body.content, body.content_type
         if isinstance(content, str):
             data = content.encode("utf-8", "surrogatepass")
             content_type = content_type or "text/plain"
@@ -709,8 +533,8 @@ class Assets:
                 f"inline content is {len(data)} bytes, the limit is {limit} "
                 "(server.inline_max_bytes): upload it as a binary asset",
             )
-        output_of = opt_str(ctx.body, "output_of") or None
-        visibility, organization_id = _placement(ctx)
+        output_of = body.output_of or None
+        visibility, organization_id = _placement(ctx, body)
         if output_of:
             await self.core.db.read(require_run_for_output, ctx.principal, output_of)
         asset_id = new_id("ast")
@@ -753,8 +577,9 @@ class Assets:
 
     async def upload_urls(self, ctx: Ctx) -> Reply:
         asset_id = ctx.arg("asset_id")
-        wanted = parse_components(ctx.body["components"]) if ctx.body.get("components") else None
-        parts_filter = self._parse_parts_filter(ctx.body)
+        body = ctx.body(RefreshUrls)
+        wanted = body.components
+        parts_filter = {name: sorted(set(numbers)) for name, numbers in (body.parts or {}).items()}
         async with self.core.asset_locks.hold(asset_id):
             asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "write")
             if asset.state != "pending":
@@ -814,17 +639,6 @@ class Assets:
         return [c for c, gone in zip(comps, flags, strict=True) if gone]
 
     @staticmethod
-    def _parse_parts_filter(body: dict[str, Any]) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for name, numbers in opt_object(body, "parts").items():
-            if not isinstance(numbers, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) for n in numbers
-            ):
-                raise invalid(f"parts[{name!r}] must be an array of part numbers")
-            out[name] = sorted(set(numbers))
-        return out
-
-    @staticmethod
     def _check_parts_filter(comps: list[ComponentRow], parts: dict[str, list[int]]) -> None:
         for c in comps:
             numbers = parts.get(c.name)
@@ -874,7 +688,7 @@ class Assets:
 
     async def finalize(self, ctx: Ctx) -> Reply:
         asset_id = ctx.arg("asset_id")
-        specs = parse_finalize(ctx.body)
+        specs = ctx.body(Finalize).specs()
         async with self.core.asset_locks.hold(asset_id):
             asset = await self.core.db.read(require_asset, ctx.principal, asset_id, "write")
             names = {c.name for c in asset.components}
@@ -1042,7 +856,7 @@ class Assets:
 
     @staticmethod
     def _choose_parts(
-        name: str, claimed: tuple[PartInfo, ...] | None, stored: list[PartInfo], planned: int
+        name: str, claimed: list[PartClaim] | None, stored: list[PartInfo], planned: int
     ) -> list[PartInfo]:
         """The parts to assemble: those the client names (each must be stored with that
         ETag), else parts 1..N of the plan (or all stored parts, which must be contiguous)."""
@@ -1073,7 +887,7 @@ class Assets:
 
     async def abandon(self, ctx: Ctx) -> Reply:
         asset_id = ctx.arg("asset_id")
-        reason = opt_str(ctx.body, "reason") or ""
+        reason = ctx.body(Reason).reason or ""
 
         def txn(conn: sqlite3.Connection) -> Reply:
             asset = require_asset(conn, ctx.principal, asset_id, "write")
@@ -1171,7 +985,7 @@ class Assets:
 
     async def _flag(self, ctx: Ctx, flag: str) -> Reply:
         asset_id = ctx.arg("asset_id")
-        reason = opt_str(ctx.body, "reason") or ""
+        reason = ctx.body(Reason).reason or ""
 
         def txn(conn: sqlite3.Connection) -> Reply:
             require_asset(conn, ctx.principal, asset_id, "write")
@@ -1204,20 +1018,20 @@ class Assets:
         return reply
 
 
-def routes(core: Core) -> list[tuple[str, str, Handler, bool]]:
+def routes(core: Core) -> list[Route]:
     a = Assets(core)
     return [
-        ("POST", "/v1/assets", a.register, True),
-        ("GET", "/v1/assets", a.list, False),
-        ("POST", "/v1/assets/inline", a.inline, True),
-        ("GET", "/v1/assets/search", a.search, False),
-        ("GET", "/v1/assets/{asset_id}", a.get, False),
-        ("DELETE", "/v1/assets/{asset_id}", a.delete, True),
-        ("POST", "/v1/assets/{asset_id}/upload-urls", a.upload_urls, True),
-        ("POST", "/v1/assets/{asset_id}/components", a.add_components, True),
-        ("GET", "/v1/assets/{asset_id}/uploads", a.uploads, False),
-        ("POST", "/v1/assets/{asset_id}/finalize", a.finalize, True),
-        ("POST", "/v1/assets/{asset_id}/abandon", a.abandon, True),
-        ("POST", "/v1/assets/{asset_id}/deprecate", a.deprecate, True),
-        ("POST", "/v1/assets/{asset_id}/invalidate", a.invalidate, True),
+        ("POST", "/v1/assets", a.register, Register),
+        ("GET", "/v1/assets", a.list, None),
+        ("POST", "/v1/assets/inline", a.inline, Inline),
+        ("GET", "/v1/assets/search", a.search, None),
+        ("GET", "/v1/assets/{asset_id}", a.get, None),
+        ("DELETE", "/v1/assets/{asset_id}", a.delete, None),
+        ("POST", "/v1/assets/{asset_id}/upload-urls", a.upload_urls, RefreshUrls),
+        ("POST", "/v1/assets/{asset_id}/components", a.add_components, AddComponents),
+        ("GET", "/v1/assets/{asset_id}/uploads", a.uploads, None),
+        ("POST", "/v1/assets/{asset_id}/finalize", a.finalize, Finalize),
+        ("POST", "/v1/assets/{asset_id}/abandon", a.abandon, Reason),
+        ("POST", "/v1/assets/{asset_id}/deprecate", a.deprecate, Reason),
+        ("POST", "/v1/assets/{asset_id}/invalidate", a.invalidate, Reason),
     ]

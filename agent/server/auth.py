@@ -28,9 +28,10 @@ from typing import Any
 from agent.config import local_login
 from agent.errors import ConfigError
 
+from .bodies import ACTIONS
+
 log = logging.getLogger(__name__)
 
-ACTIONS = ("read", "write", "delete", "administer")
 EVERYONE = "everyone"
 _IMPLIED: dict[str, frozenset[str]] = {
     "administer": frozenset(ACTIONS),
@@ -38,7 +39,6 @@ _IMPLIED: dict[str, frozenset[str]] = {
     "delete": frozenset({"delete", "read"}),
     "read": frozenset({"read"}),
 }
-VISIBILITIES = ("private", "organization", "team", "public")
 
 
 @dataclass(frozen=True)

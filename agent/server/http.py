@@ -1,5 +1,6 @@
 """HTTP plumbing shared by the local server's handlers: error replies in the contract's shape,
-request-body parsing and field validation, the access logger (paths only, never query strings)
+reading a request body as a JSON object (its fields are checked by the models of
+:mod:`.bodies`), the access logger (paths only, never query strings)
 and the middleware that turns every failure into ``{"error": {"code", "message"}}``.
 
 Errors are the agent's own :class:`agent.errors.ChronicleError` tree, raised server-side with
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from agent.errors import ChronicleError, chronicle_error
+from agent.validation import json_type
 
-from .storage import MAX_OBJECT_BYTES, StorageError
+from .storage import StorageError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -81,7 +83,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     except (ValueError, RecursionError) as e:  # a 5000-digit number, "[[[[…" nested deep
         raise invalid(f"request body is not acceptable JSON: {e}"[:300]) from None
     if not isinstance(body, dict):
-        raise invalid(f"request body must be a JSON object, not {_json_type(body)}")
+        raise invalid(f"request body must be a JSON object, not {json_type(body)}")
     try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 store takes
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -93,58 +95,13 @@ def _no_constant(name: str) -> Any:
     raise invalid(f"request body is not valid JSON: {name} is not a JSON number")
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def opt_str(body: dict[str, Any], field: str, *, where: str = "") -> str | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise invalid(f"{where}{field} must be a string, not {_json_type(value)}")
-    return value
-
-
-def req_str(body: dict[str, Any], field: str, *, where: str = "") -> str:
-    value = opt_str(body, field, where=where)
+def req_str(fields: Mapping[str, Any], field: str, *, where: str = "") -> str:
+    """A required, non-empty string (a query parameter; bodies have their models)."""
+    value = fields.get(field)
+    if value is not None and not isinstance(value, str):
+        raise invalid(f"{where}{field} must be a string, not {json_type(value)}")
     if not value:
         raise invalid(f"{where}{field} is required (a non-empty string)")
-    return value
-
-
-def opt_size(body: dict[str, Any], field: str, *, where: str = "") -> int | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OBJECT_BYTES:
-        raise invalid(f"{where}{field} must be an integer 0-{MAX_OBJECT_BYTES}, not {value!r}")
-    return value
-
-
-def opt_bool(body: dict[str, Any], field: str) -> bool:
-    value = body.get(field, False)
-    if not isinstance(value, bool):
-        raise invalid(f"{field} must be true or false, not {value!r}")
-    return value
-
-
-def opt_object(body: dict[str, Any], field: str, *, where: str = "") -> dict[str, Any]:
-    value = body.get(field)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid(f"{where}{field} must be a JSON object, not {_json_type(value)}")
     return value
 
 

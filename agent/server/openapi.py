@@ -24,18 +24,9 @@ from pydantic.json_schema import models_json_schema
 from agent.chronicle import models as m
 
 from .app import MAX_IDEMPOTENCY_KEY
-from .assets import (
-    _SHA256,
-    MAX_ASSET_TYPE,
-    MAX_COMPONENTS,
-    MAX_NAME_BYTES,
-    MAX_SEGMENT_BYTES,
-    STATES,
-)
-from .auth import ACTIONS, VISIBILITIES
+from .assets import MAX_QUERY
+from .bodies import ACTIONS, STATES, Body
 from .disk import STORAGE_PREFIX
-from .runs import _RUN_ID, RUN_STATUSES
-from .storage import MAX_OBJECT_BYTES, MAX_PARTS
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["code", "message"],
@@ -75,71 +66,21 @@ def operation(summary: str, ok: int, answer: Mapping[str, Any] | None, *,
     return op
 
 
-# ---- schema pieces, from the handlers' own bounds -------------------------------------------
-
-
-def _maybe(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` or null: what ``opt_*`` accept (null reads as absent)."""
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _obj(required: Mapping[str, Any] | None = None,
-         optional: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A JSON object; unknown fields are ignored by the handlers, so allowed here."""
-    schema: dict[str, Any] = {"type": "object",
-                              "properties": {**(required or {}), **(optional or {})}}
-    if required:
-        schema["required"] = list(required)
-    return schema
+# ---- schema pieces --------------------------------------------------------------------------
 
 
 def _enum(values: Iterable[str]) -> dict[str, Any]:
     return {"type": "string", "enum": list(values)}
 
 
-def _whole(pattern: re.Pattern[str]) -> dict[str, Any]:
-    """A string that the handler's ``fullmatch`` of ``pattern`` accepts."""
-    return {"type": "string", "pattern": f"^(?:{pattern.pattern})$"}
-
-
 def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "schema": schema}
 
 
-NAME = {"type": "string", "minLength": 1}
-"""What ``req_str`` accepts: a non-empty string."""
-TEXT = _maybe({"type": "string"})
-"""What ``opt_str`` accepts."""
-SIZE = _maybe({"type": "integer", "minimum": 0, "maximum": MAX_OBJECT_BYTES})
-"""What ``opt_size`` accepts: bytes."""
-REASON = _obj(optional={"reason": TEXT})
-PLACEMENT = {"visibility": _maybe(_enum(VISIBILITIES)), "organization_id": TEXT}
-NO_CONTROL = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
-"""No C0 or C1 control character (what ``_is_control`` refuses)."""
-ASSET_TYPE = {"type": "string", "minLength": 1, "maxLength": MAX_ASSET_TYPE,
-              "pattern": NO_CONTROL}
-COMPONENT_NAME = {
-    "type": "string", "minLength": 1, "pattern": NO_CONTROL,
-    "description": "a relative POSIX path: no leading '/', no empty, '.' or '..' segment, "
-                   f"no control character, at most {MAX_NAME_BYTES} bytes of UTF-8 and "
-                   f"{MAX_SEGMENT_BYTES} per segment; in one asset no name is a directory of "
-                   "another ('a' beside 'a/b')",
-}
-COMPONENTS = {
-    "type": "array", "minItems": 1, "maxItems": MAX_COMPONENTS,
-    "description": "each name at most once",
-    "items": {"anyOf": [COMPONENT_NAME, _obj({"name": COMPONENT_NAME},
-                                             {"size": SIZE, "content_type": TEXT,
-                                              "sha256": _maybe(_whole(_SHA256))})]},
-}
-PART_NUMBER = {"type": "integer", "minimum": 1, "maximum": MAX_PARTS}
-FINALIZE_COMPONENT = _obj(optional={
-    "size": SIZE,
-    "sha256": _maybe(_whole(_SHA256)),
-    "content_type": TEXT,
-    "parts": _maybe({"type": "array", "description": "ascending part_number, no repeats",
-                     "items": _obj({"part_number": PART_NUMBER, "etag": NAME})}),
-})
+def _obj(required: Mapping[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": dict(required), "required": list(required)}
+
+
 IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key", "in": "header", "required": False,
     "description": "repeating a call with the same key and body returns the first answer",
@@ -156,7 +97,6 @@ class Op:
     ok: int
     answer: type[BaseModel] | dict[str, Any] | None
     """A contract model, an inline schema, or None for an answer without a body."""
-    body: dict[str, Any] | None = None
     query: tuple[dict[str, Any], ...] = ()
 
 
@@ -165,57 +105,44 @@ HEALTH = _obj({"status": {"const": "ok"}, "url": {"type": "string"},
                "features": {"type": "array",
                             "items": {"enum": ["checksum_urls", "search", "asset_keys"]},
                             "description": "API 1.1 features this server offers"}})
+SEARCH_PAGE = _obj({"assets": {"type": "array", "items": {"type": "object"}},
+                    "next_cursor": {"anyOf": [{"type": "string"}, {"type": "null"}]}})
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/v1/health"): Op("the server's health (no auth)", 200, HEALTH),
     ("GET", "/openapi.json"): Op("this document (no auth)", 200, {"type": "object"}),
     # runs
-    ("POST", "/v1/runs"): Op(
-        "create a run; an existing run_id answers 200 with that run", 201, m.Run,
-        _obj(optional={"run_id": _maybe(_whole(_RUN_ID)), "name": TEXT})),
+    ("POST", "/v1/runs"): Op("create a run; an existing run_id answers 200 with that run",
+                             201, m.Run),
     ("GET", "/v1/runs/{run_id}"): Op("a run", 200, m.Run),
     ("POST", "/v1/runs/{run_id}/end"): Op(
-        "end a run; its pending assets are abandoned (listed in abandoned)", 200, m.Run,
-        _obj(optional={"status": _maybe(_enum(RUN_STATUSES))})),
+        "end a run; its pending assets are abandoned (listed in abandoned)", 200, m.Run),
     # experiments and variations
-    ("POST", "/v1/experiments"): Op("create an experiment", 201, m.Experiment,
-                                    _obj({"name": NAME})),
+    ("POST", "/v1/experiments"): Op("create an experiment", 201, m.Experiment),
     ("GET", "/v1/experiments/{experiment_id}"): Op("an experiment", 200, m.Experiment),
     ("POST", "/v1/experiments/{experiment_id}/variations"): Op(
-        "add a variation with input assets", 201, m.Variation,
-        _obj({"name": NAME}, {"inputs": _maybe({"type": "array", "items": NAME}),
-                              "allow_invalid_assets": {"type": "boolean"}})),
+        "add a variation with input assets", 201, m.Variation),
     ("POST", "/v1/experiments/{experiment_id}/retract"): Op(
-        "retract an experiment, invalidating its outputs", 200, m.Experiment, REASON),
+        "retract an experiment, invalidating its outputs", 200, m.Experiment),
     ("GET", "/v1/variations/{variation_id}"): Op("a variation", 200, m.Variation),
-    ("POST", "/v1/variations/{variation_id}/outputs"): Op(
-        "link an output asset", 200, m.Variation, _obj({"asset_id": NAME})),
+    ("POST", "/v1/variations/{variation_id}/outputs"): Op("link an output asset", 200,
+                                                          m.Variation),
     # assets
     ("POST", "/v1/assets"): Op(
         "register an asset: its upload URLs (presigned flow); with a key (API 1.1 "
         "asset_keys, needs output_of) a later call for the same run, type and key joins the "
-        "pending asset (200, URLs of its components only)", 201, m.UploadUrls,
-        _obj({"asset_type": ASSET_TYPE, "components": COMPONENTS},
-             {"output_of": TEXT, "content_type": TEXT,
-              "key": {"type": "string", "minLength": 1, "maxLength": 256,
-                      "pattern": NO_CONTROL}, **PLACEMENT})),
+        "pending asset (200, URLs of its components only)", 201, m.UploadUrls),
     ("GET", "/v1/assets"): Op(
         "the assets the caller may read", 200, m.AssetList,
         query=(_query("output_of", {"type": "string"}), _query("state", _enum(STATES)),
                _query("asset_type", {"type": "string"}))),
     ("POST", "/v1/assets/inline"): Op(
         "an inline asset, stored as one component named content and finalized", 201,
-        m.Asset,
-        _obj({"asset_type": ASSET_TYPE,
-              "content": {"not": {"type": "null"},
-                          "description": "a string (text/plain) or any other JSON value"}},
-             {"content_type": TEXT, "output_of": TEXT, **PLACEMENT})),
+        m.Asset),
     ("GET", "/v1/assets/search"): Op(
         "full-text search (API 1.1): the assets the caller may read matching q, best first; "
-        "each with its snippet and the first line of its text", 200,
-        _obj({"assets": {"type": "array", "items": {"type": "object"}},
-              "next_cursor": _maybe({"type": "string"})}),
-        query=(_query("q", {"type": "string", "minLength": 1, "maxLength": 1000}, True),
+        "each with its snippet and the first line of its text", 200, SEARCH_PAGE,
+        query=(_query("q", {"type": "string", "minLength": 1, "maxLength": MAX_QUERY}, True),
                _query("asset_type", {"type": "string"}), _query("state", _enum(STATES)),
                _query("output_of", {"type": "string"}),
                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}),
@@ -226,41 +153,30 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("DELETE", "/v1/assets/{asset_id}"): Op("delete an asset and its bytes", 204, None),
     ("POST", "/v1/assets/{asset_id}/upload-urls"): Op(
         "fresh upload URLs; a declared size plans or re-plans a component", 200,
-        m.UploadUrls,
-        _obj(optional={"components": _maybe(COMPONENTS),
-                       "parts": _maybe({"type": "object", "additionalProperties": {
-                           "type": "array", "items": PART_NUMBER}})})),
+        m.UploadUrls),
     ("POST", "/v1/assets/{asset_id}/components"): Op(
         "add components to a pending asset (API 1.1 asset_keys): URLs of these components; "
         "one declared before with another size or digest is a 409 conflict", 200,
-        m.UploadUrls, _obj({"components": COMPONENTS})),
+        m.UploadUrls),
     ("GET", "/v1/assets/{asset_id}/uploads"): Op("what storage holds of an asset", 200,
                                                  m.Uploads),
     ("POST", "/v1/assets/{asset_id}/finalize"): Op(
-        "check the components against storage and make the asset ready", 200, m.Asset,
-        _obj(optional={"components": _maybe({"type": "object",
-                                             "additionalProperties": _maybe(FINALIZE_COMPONENT)})
-                       })),
-    ("POST", "/v1/assets/{asset_id}/abandon"): Op("abandon a pending asset", 200, m.Asset,
-                                                  REASON),
-    ("POST", "/v1/assets/{asset_id}/deprecate"): Op("flag an asset deprecated", 200, m.Asset,
-                                                    REASON),
+        "check the components against storage and make the asset ready", 200, m.Asset),
+    ("POST", "/v1/assets/{asset_id}/abandon"): Op("abandon a pending asset", 200, m.Asset),
+    ("POST", "/v1/assets/{asset_id}/deprecate"): Op("flag an asset deprecated", 200, m.Asset),
     ("POST", "/v1/assets/{asset_id}/invalidate"): Op("flag an asset invalidated", 200,
-                                                     m.Asset, REASON),
+                                                     m.Asset),
     # access
-    ("POST", "/v1/assets/{asset_id}/access"): Op(
-        "grant an action", 200, m.Grants, _obj({"principal_id": NAME, "action": _enum(ACTIONS)})),
+    ("POST", "/v1/assets/{asset_id}/access"): Op("grant an action", 200, m.Grants),
     ("DELETE", "/v1/assets/{asset_id}/access"): Op(
         "revoke an action", 200, m.Grants,
-        query=(_query("principal_id", NAME, True), _query("action", _enum(ACTIONS), True))),
+        query=(_query("principal_id", {"type": "string", "minLength": 1}, True),
+               _query("action", _enum(ACTIONS), True))),
     ("GET", "/v1/assets/{asset_id}/access"): Op("the explicit grants", 200, m.Grants),
-    ("POST", "/v1/assets/{asset_id}/share"): Op("a read grant for a scope", 200, m.Grants,
-                                                _obj({"scope_id": NAME})),
-    ("PUT", "/v1/assets/{asset_id}/visibility"): Op(
-        "set an asset's visibility", 200, m.Asset, _obj({"visibility": _enum(VISIBILITIES)})),
-    ("POST", "/v1/assets/{asset_id}/move"): Op(
-        "move an asset into an organization", 200, m.Asset,
-        _obj({"organization_id": NAME}, {"visibility": _maybe(_enum(VISIBILITIES))})),
+    ("POST", "/v1/assets/{asset_id}/share"): Op("a read grant for a scope", 200, m.Grants),
+    ("PUT", "/v1/assets/{asset_id}/visibility"): Op("set an asset's visibility", 200, m.Asset),
+    ("POST", "/v1/assets/{asset_id}/move"): Op("move an asset into an organization", 200,
+                                               m.Asset),
     ("GET", "/v1/me/scopes"): Op("the caller's teams and organizations", 200, m.Scopes),
 }
 """Every JSON route of the local server, by method and path template."""
@@ -307,20 +223,25 @@ METRICS_OP = {
 }
 
 
-def _model_schemas() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """The answers' ``$ref`` by model name, and the schemas they point at."""
-    models = sorted({o.answer for o in OPERATIONS.values() if isinstance(o.answer, type)},
-                    key=lambda c: c.__name__)
-    refs, defs = models_json_schema([(c, "validation") for c in models],
-                                    ref_template="#/components/schemas/{model}")
-    return {c.__name__: dict(r) for (c, _), r in refs.items()}, defs.get("$defs", {})
+def _schemas(bodies: Iterable[type[Body]]) -> tuple[dict[type[BaseModel], Any], dict[str, Any]]:
+    """Each model's ``$ref`` (the answers' and the request bodies'), and the schemas they
+    point at."""
+    models: set[type[BaseModel]] = {o.answer for o in OPERATIONS.values()
+                                     if isinstance(o.answer, type)}
+    models.update(bodies)
+    refs, defs = models_json_schema(
+        [(c, "validation") for c in sorted(models, key=lambda c: c.__name__)],
+        ref_template="#/components/schemas/{model}")
+    by_model = {c: dict(r) for (c, _), r in refs.items() if issubclass(c, BaseModel)}
+    return by_model, defs.get("$defs", {})
 
 
-def _render(method: str, path: str, op: Op, refs: Mapping[str, Any]) -> dict[str, Any]:
-    answer = refs[op.answer.__name__] if isinstance(op.answer, type) else op.answer
-    out = operation(op.summary, op.ok, answer, body=op.body,
-                    body_required=bool(op.body and op.body.get("required")),
-                    path=re.findall(r"{(\w+)}", path), query=op.query)
+def _render(method: str, path: str, op: Op, body: type[Body] | None,
+            refs: Mapping[type[BaseModel], Any]) -> dict[str, Any]:
+    answer = refs[op.answer] if isinstance(op.answer, type) else op.answer
+    required = body is not None and any(f.is_required() for f in body.model_fields.values())
+    out = operation(op.summary, op.ok, answer, body=refs[body] if body else None,
+                    body_required=required, path=re.findall(r"{(\w+)}", path), query=op.query)
     if method != "GET":  # what the endpoint wrapper calls mutating
         out.setdefault("parameters", []).append(IDEMPOTENCY_KEY)
         out["responses"]["503"] = _reply(
@@ -333,9 +254,12 @@ def _render(method: str, path: str, op: Op, refs: Mapping[str, Any]) -> dict[str
     return out
 
 
-def document(router: web.UrlDispatcher, version: str) -> dict[str, Any]:
-    """The document of the routes ``router`` serves."""
-    refs, schemas = _model_schemas()
+def document(router: web.UrlDispatcher, version: str,
+             bodies: Mapping[tuple[str, str], type[Body]] | None = None) -> dict[str, Any]:
+    """The document of the routes ``router`` serves; ``bodies``: each route's request-body
+    model (:data:`agent.server.app.BODIES`)."""
+    bodies = bodies or {}
+    refs, schemas = _schemas(bodies.values())
     paths: dict[str, dict[str, Any]] = {}
     for route in router.routes():
         resource = route.resource
@@ -348,7 +272,7 @@ def document(router: web.UrlDispatcher, version: str) -> dict[str, Any]:
             paths[path] = {"get": METRICS_OP}
         elif (method, path) in OPERATIONS:
             paths.setdefault(path, {})[method.lower()] = _render(
-                method, path, OPERATIONS[method, path], refs)
+                method, path, OPERATIONS[method, path], bodies.get((method, path)), refs)
     return {
         "openapi": "3.1.0",
         "info": {"title": "chronicle-agent local Chronicle", "version": version,

@@ -8,30 +8,17 @@ deprecated ones warned about), link outputs, retract (invalidates every output).
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 from typing import Any
 
 from . import auth, db
-from .app import Core, Ctx, Handler, new_id, require_asset
+from .app import Core, Ctx, Route, new_id, require_asset
 from .assets import release_storage
+from .bodies import Named, OutputLink, Reason, RunCreate, RunEnd, VariationCreate
 from .db import ExperimentRow, RunRow, VariationRow, utcnow
-from .http import (
-    Reply,
-    conflict,
-    forbidden,
-    invalid,
-    not_found,
-    one_of,
-    opt_bool,
-    opt_str,
-    req_str,
-)
+from .http import Reply, conflict, forbidden, not_found
 
 log = logging.getLogger(__name__)
-
-RUN_STATUSES = ("finished", "failed", "crashed")
-_RUN_ID = re.compile(r"[^\s/\\?#%\x00-\x1f]{1,256}")
 
 
 class Runs:
@@ -39,13 +26,9 @@ class Runs:
         self.core = core
 
     async def create(self, ctx: Ctx) -> Reply:
-        run_id = opt_str(ctx.body, "run_id") or new_id("run")
-        if not _RUN_ID.fullmatch(run_id):
-            raise invalid(
-                f"run_id {run_id!r} is not usable: 1-256 characters, no whitespace, '/', "
-                "'\\', '?', '#', '%' or control characters"
-            )
-        run = RunRow(run_id, opt_str(ctx.body, "name"), "running", ctx.principal.id, utcnow())
+        body = ctx.body(RunCreate)
+        run_id = body.run_id or new_id("run")
+        run = RunRow(run_id, body.name, "running", ctx.principal.id, utcnow())
 
         def txn(conn: sqlite3.Connection) -> Reply:
             existing = db.get_run(conn, run_id)
@@ -64,7 +47,7 @@ class Runs:
 
     async def end(self, ctx: Ctx) -> Reply:
         run_id = ctx.arg("run_id")
-        status = one_of(opt_str(ctx.body, "status"), RUN_STATUSES, "status") or "finished"
+        status = ctx.body(RunEnd).status or "finished"
         abandoned: list[str] = []
 
         def txn(conn: sqlite3.Connection) -> Reply:
@@ -90,7 +73,7 @@ class Experiments:
         self.core = core
 
     async def create(self, ctx: Ctx) -> Reply:
-        exp = ExperimentRow(new_id("exp"), req_str(ctx.body, "name"), ctx.principal.id, utcnow())
+        exp = ExperimentRow(new_id("exp"), ctx.body(Named).name, ctx.principal.id, utcnow())
 
         def txn(conn: sqlite3.Connection) -> Reply:
             db.insert_experiment(conn, exp)
@@ -106,13 +89,10 @@ class Experiments:
 
     async def add_variation(self, ctx: Ctx) -> Reply:
         experiment_id = ctx.arg("experiment_id")
-        name = req_str(ctx.body, "name")
-        inputs = ctx.body.get("inputs") or []
-        if not isinstance(inputs, list) or not all(isinstance(i, str) and i for i in inputs):
-            raise invalid("inputs must be an array of asset ids")
-        allow_invalid = opt_bool(ctx.body, "allow_invalid_assets")
-        var = VariationRow(new_id("var"), experiment_id, name, ctx.principal.id, utcnow())
-        var.inputs = list(dict.fromkeys(inputs))
+        body = ctx.body(VariationCreate)
+        allow_invalid = body.allow_invalid_assets
+        var = VariationRow(new_id("var"), experiment_id, body.name, ctx.principal.id, utcnow())
+        var.inputs = list(dict.fromkeys(body.inputs or []))
 
         def txn(conn: sqlite3.Connection) -> Reply:
             _owned_experiment(conn, ctx, experiment_id)
@@ -146,7 +126,7 @@ class Experiments:
 
     async def add_output(self, ctx: Ctx) -> Reply:
         variation_id = ctx.arg("variation_id")
-        asset_id = req_str(ctx.body, "asset_id")
+        asset_id = ctx.body(OutputLink).asset_id
 
         def txn(conn: sqlite3.Connection) -> Reply:
             var = db.get_variation(conn, variation_id)
@@ -165,7 +145,7 @@ class Experiments:
 
     async def retract(self, ctx: Ctx) -> Reply:
         experiment_id = ctx.arg("experiment_id")
-        reason = opt_str(ctx.body, "reason") or ""
+        reason = ctx.body(Reason).reason or ""
 
         def txn(conn: sqlite3.Connection) -> Reply:
             _owned_experiment(conn, ctx, experiment_id)
@@ -202,16 +182,16 @@ def _owned_experiment(conn: sqlite3.Connection, ctx: Ctx, experiment_id: str) ->
     return exp
 
 
-def routes(core: Core) -> list[tuple[str, str, Handler, bool]]:
+def routes(core: Core) -> list[Route]:
     r, e = Runs(core), Experiments(core)
     return [
-        ("POST", "/v1/runs", r.create, True),
-        ("GET", "/v1/runs/{run_id}", r.get, False),
-        ("POST", "/v1/runs/{run_id}/end", r.end, True),
-        ("POST", "/v1/experiments", e.create, True),
-        ("GET", "/v1/experiments/{experiment_id}", e.get, False),
-        ("POST", "/v1/experiments/{experiment_id}/variations", e.add_variation, True),
-        ("POST", "/v1/experiments/{experiment_id}/retract", e.retract, True),
-        ("GET", "/v1/variations/{variation_id}", e.get_variation, False),
-        ("POST", "/v1/variations/{variation_id}/outputs", e.add_output, True),
+        ("POST", "/v1/runs", r.create, RunCreate),
+        ("GET", "/v1/runs/{run_id}", r.get, None),
+        ("POST", "/v1/runs/{run_id}/end", r.end, RunEnd),
+        ("POST", "/v1/experiments", e.create, Named),
+        ("GET", "/v1/experiments/{experiment_id}", e.get, None),
+        ("POST", "/v1/experiments/{experiment_id}/variations", e.add_variation, VariationCreate),
+        ("POST", "/v1/experiments/{experiment_id}/retract", e.retract, Reason),
+        ("GET", "/v1/variations/{variation_id}", e.get_variation, None),
+        ("POST", "/v1/variations/{variation_id}/outputs", e.add_output, OutputLink),
     ]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sqlite3
 
 from . import auth, db
-from .app import Core, Ctx, Handler, require_asset
-from .auth import ACTIONS, VISIBILITIES
-from .http import Reply, forbidden, one_of, opt_str, req_str
+from .app import Core, Ctx, Route, require_asset
+from .bodies import ACTIONS, GrantAccess, Move, SetVisibility, Share
+from .http import Reply, forbidden, one_of, req_str
 
 
 def _grants(conn: sqlite3.Connection, asset_id: str) -> Reply:
@@ -21,10 +21,8 @@ class Sharing:
         self.core = core
 
     async def grant(self, ctx: Ctx) -> Reply:
-        principal_id = req_str(ctx.body, "principal_id")
-        action = one_of(req_str(ctx.body, "action"), ACTIONS, "action")
-        assert action is not None
-        return await self._change(ctx, principal_id, action, add=True)
+        body = ctx.body(GrantAccess)
+        return await self._change(ctx, body.principal_id, body.action, add=True)
 
     async def revoke(self, ctx: Ctx) -> Reply:
         q = dict(ctx.request.query)
@@ -34,7 +32,7 @@ class Sharing:
         return await self._change(ctx, principal_id, action, add=False)
 
     async def share(self, ctx: Ctx) -> Reply:
-        return await self._change(ctx, req_str(ctx.body, "scope_id"), "read", add=True)
+        return await self._change(ctx, ctx.body(Share).scope_id, "read", add=True)
 
     async def _change(self, ctx: Ctx, principal_id: str, action: str, *, add: bool) -> Reply:
         asset_id = ctx.arg("asset_id")
@@ -59,15 +57,13 @@ class Sharing:
         return await self.core.db.read(read)
 
     async def visibility(self, ctx: Ctx) -> Reply:
-        visibility = one_of(req_str(ctx.body, "visibility"), VISIBILITIES, "visibility")
-        assert visibility is not None
+        visibility = ctx.body(SetVisibility).visibility
         return await self._place(ctx, visibility=visibility, organization_id=None, move=False)
 
     async def move(self, ctx: Ctx) -> Reply:
-        organization_id = req_str(ctx.body, "organization_id")
-        visibility = one_of(opt_str(ctx.body, "visibility"), VISIBILITIES, "visibility")
+        body = ctx.body(Move)
         return await self._place(
-            ctx, visibility=visibility, organization_id=organization_id, move=True
+            ctx, visibility=body.visibility, organization_id=body.organization_id, move=True
         )
 
     async def _place(
@@ -97,14 +93,14 @@ class Sharing:
         return Reply(200, {"principal_id": p.id, "scopes": [s.to_json() for s in p.scopes]})
 
 
-def routes(core: Core) -> list[tuple[str, str, Handler, bool]]:
+def routes(core: Core) -> list[Route]:
     s = Sharing(core)
     return [
-        ("POST", "/v1/assets/{asset_id}/access", s.grant, True),
-        ("DELETE", "/v1/assets/{asset_id}/access", s.revoke, True),
-        ("GET", "/v1/assets/{asset_id}/access", s.list, False),
-        ("POST", "/v1/assets/{asset_id}/share", s.share, True),
-        ("PUT", "/v1/assets/{asset_id}/visibility", s.visibility, True),
-        ("POST", "/v1/assets/{asset_id}/move", s.move, True),
-        ("GET", "/v1/me/scopes", s.me, False),
+        ("POST", "/v1/assets/{asset_id}/access", s.grant, GrantAccess),
+        ("DELETE", "/v1/assets/{asset_id}/access", s.revoke, None),
+        ("GET", "/v1/assets/{asset_id}/access", s.list, None),
+        ("POST", "/v1/assets/{asset_id}/share", s.share, Share),
+        ("PUT", "/v1/assets/{asset_id}/visibility", s.visibility, SetVisibility),
+        ("POST", "/v1/assets/{asset_id}/move", s.move, Move),
+        ("GET", "/v1/me/scopes", s.me, None),
     ]

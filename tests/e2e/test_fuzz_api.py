@@ -281,6 +281,8 @@ def _check_openapi_31(doc: dict[str, Any]) -> None:
         body = op.get("requestBody", {}).get("content", {}).get("application/json")
         if body is not None:
             schema = body["schema"]
+            if "$ref" in schema:  # a request body's model
+                schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
             assert schema["type"] == "object", where
             assert set(schema.get("required", [])) <= set(schema["properties"]), where
             assert op["requestBody"]["required"] == bool(schema.get("required")), where

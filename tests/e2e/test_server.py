@@ -23,7 +23,7 @@ import pytest
 from yarl import URL
 
 from agent.server import db as server_db
-from agent.server.assets import name_problem
+from agent.server.bodies import name_problem
 from agent.server.storage import MiB, part_count, plan_part_size
 from tests.support.helpers_server import Running, add_principal, running_server, sha256
 
