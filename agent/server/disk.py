@@ -92,6 +92,8 @@ STALL_S = 120.0
 """A body that sends nothing for this long is cut short (its connection closed)."""
 COPY_CHUNK = 4 * 1024 * 1024
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+_NEW_UPLOAD = re.compile(r"\.new-[0-9a-f]{32}")
+"""An upload directory being made (renamed to its id once whole), or left by a crash."""
 _PART_FILE = re.compile(r"(\d{5})\.([0-9a-f]{32})\.(\d+)")
 PARTIAL = "object.partial"
 STORAGE_PREFIX = "/storage/"
@@ -498,16 +500,18 @@ class DiskStorage:
         return found
 
     def _upload_dirs(self) -> list[Stored]:
-        """Multipart uploads: ``multipart/<id>``, its key from ``KEY`` (none when its
-        creation was cut short); modified = the latest part written."""
+        """Multipart uploads: ``multipart/<id>``, its key from ``KEY``; none for an upload
+        whose creation was cut short (``.new-<id>``, or an older layout's directory without
+        ``KEY``); modified = the latest part written."""
         found = []
         with contextlib.suppress(FileNotFoundError), os.scandir(self._multipart) as it:
             for entry in it:
-                if not _UPLOAD_ID.fullmatch(entry.name):
+                made = _UPLOAD_ID.fullmatch(entry.name)
+                if not made and not _NEW_UPLOAD.fullmatch(entry.name):
                     continue
                 d = Path(entry.path)
                 try:
-                    key: str | None = (d / "KEY").read_text()
+                    key: str | None = (d / "KEY").read_text() if made else None
                 except OSError:
                     key = None
                 times, size = [], 0
@@ -525,7 +529,8 @@ class DiskStorage:
         for item in items:
             if item.kind == "upload":
                 async with self._locks.hold(f"upload:{item.ref}"):
-                    d = self._upload_dir(item.ref)
+                    d = self._upload_dir(item.ref) or (
+                        self._multipart / item.ref if _NEW_UPLOAD.fullmatch(item.ref) else None)
                     if d is not None:
                         await self._run(shutil.rmtree, d, True)
             elif item.ref.startswith("tmp/"):
@@ -555,11 +560,14 @@ class DiskStorage:
         if part_size <= 0:
             raise ValueError(f"part size {part_size}")
         upload_id = secrets.token_hex(16)
-        d = self._multipart / upload_id
-        d.mkdir(mode=0o700)
-        os.close(os.open(d / PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        (d / "PART_SIZE").write_text(str(part_size))
-        (d / "KEY").write_text(key)  # last: until it is there, the upload does not exist
+        # made under another name and renamed whole: the storage sweep never sees an upload
+        # without its KEY (or with half of it)
+        new = self._multipart / f".new-{upload_id}"
+        new.mkdir(mode=0o700)
+        os.close(os.open(new / PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        (new / "PART_SIZE").write_text(str(part_size))
+        (new / "KEY").write_text(key)
+        os.rename(new, self._multipart / upload_id)
         return upload_id
 
     async def create_multipart(self, key: str, part_size: int) -> str:

@@ -128,10 +128,17 @@ def verdict(item: Stored, holding: db.Holding | None) -> str | None:
             else "a multipart upload of a ready asset")
 
 
+IN_FLIGHT_S = 600.0
+"""What the store holds no record of yet may be a write in progress (a body being received,
+an upload being made): it goes only once this old, whatever the grace period."""
+
+
 def _limit(item: Stored, grace_s: float, url_expiry_s: float) -> float:
     """How old garbage must be to go: a possible tombstone outlives every upload URL."""
     if item.kind == "object" and item.size == 0 and (item.key or "").startswith("assets/"):
         return grace_s + url_expiry_s
+    if item.key is None:
+        return max(grace_s, IN_FLIGHT_S)
     return grace_s
 
 

@@ -20,6 +20,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,17 +97,23 @@ class Outside:
             {"key": key, "size": st.st_size, "sha256": sha256(data), "ino": st.st_ino}))
         return key
 
-    def put_nameless(self) -> set[str]:
-        """The disk store's wreckage of a crash: a file without its record, a body cut
-        short, an upload directory whose creation stopped before its KEY."""
+    def put_nameless(self, age_s: float = 2 * 3600) -> set[str]:
+        """The disk store's wreckage of a crash ``age_s`` ago: a file without its record, a
+        body cut short, upload directories whose creation stopped (before it was renamed
+        into place, and an older layout's without its KEY)."""
         h = secrets.token_hex(32)
         (self.root / "objects" / h[:2]).mkdir(exist_ok=True)
-        (self.root / "objects" / h[:2] / h).write_bytes(os.urandom(100))
-        tmp = secrets.token_hex(12)
-        (self.root / "tmp" / tmp).write_bytes(os.urandom(50))
-        upload = secrets.token_hex(16)
-        (self.root / "multipart" / upload).mkdir()
-        return {f"file:{h}", f"file:tmp/{tmp}", f"upload:?:{upload}"}
+        made = [self.root / "objects" / h[:2] / h, self.root / "tmp" / secrets.token_hex(12)]
+        made[0].write_bytes(os.urandom(100))
+        made[1].write_bytes(os.urandom(50))
+        uploads = [secrets.token_hex(16), f".new-{secrets.token_hex(16)}"]
+        for upload in uploads:
+            (self.root / "multipart" / upload).mkdir()
+            made.append(self.root / "multipart" / upload)
+        then = time.time() - age_s
+        for path in made:
+            os.utime(path, (then, then))
+        return {f"file:{h}", f"file:tmp/{made[1].name}", *(f"upload:?:{u}" for u in uploads)}
 
 
 @pytest.fixture(params=["disk", "s3"])
@@ -321,8 +328,11 @@ async def test_one_sweep_removes_what_faults_left_and_nothing_live(
                      outside.put_stray("probe/create-only-0123", b"probe")}
             not_ours = outside.put_stray("someone-else/data.bin", b"keep me")
             await srv.start(server__gc_interval_s="0")
+            in_flight: set[str] = set()
             if outside.kind == "disk":  # after the start (it clears tmp/)
                 stray |= outside.put_nameless()
+                # as young as a write in progress: kept whatever the grace period
+                in_flight = outside.put_nameless(age_s=0)
             assert (await api.get(f"/v1/assets/{deleted}")).status == 404
             got = (await api.get(f"/v1/assets/{ended}")).body
             assert got["state"] == "abandoned", got
@@ -332,7 +342,7 @@ async def test_one_sweep_removes_what_faults_left_and_nothing_live(
             assert garbage <= before
             assert all(_of(before, a) for a in (deleted, ended, *down)), (
                 [a for a in (deleted, ended, *down) if not _of(before, a)], before)
-            keep = _of(before, pending) | {not_ours}
+            keep = _of(before, pending) | {not_ours} | in_flight
             dry = await srv.gc("--dry-run", "--grace", "0")
             assert outside.listing() == before  # a dry run removes nothing
             report = await srv.gc("--grace", "0")
