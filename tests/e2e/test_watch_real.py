@@ -124,18 +124,12 @@ def hf_case(d: DaemonProc, tmp: Path, run_id: str, out: Path, *args: str) -> Non
                                                                 "checkpoint-12"]
 
 
-def test_hf_trainer_into_a_directory_that_does_not_exist_yet(tmp_path: Path) -> None:
-    """(a) Trainer 5.x writes checkpoint-N in place, trainer_state.json last; keep-last-2
-    deletes each a moment later. OUT and its parent are created by the Trainer."""
-    out = tmp_path / "hf" / "out"
-    with start_daemon() as d:
-        hf_case(d, tmp_path, "run_hf_a", out)
-
-
 def test_hf_trainer_twice_into_the_same_directory(tmp_path: Path) -> None:
-    """(b) A second run into the same OUT writes the same checkpoint-N names (the same seed:
-    the same bytes but for mtimes): each of its checkpoints is a new asset of its own."""
-    out = tmp_path / "out"
+    """(a) Trainer 5.x writes checkpoint-N in place, trainer_state.json last; keep-last-2
+    deletes each a moment later. OUT and its parent do not exist yet: the Trainer creates
+    them. (b) A second run into the same OUT writes the same checkpoint-N names (the same
+    seed: the same bytes but for mtimes): each of its checkpoints is a new asset of its own."""
+    out = tmp_path / "hf" / "out"
     with start_daemon() as d:
         hf_case(d, tmp_path, "run_hf_b1", out)
         hf_case(d, tmp_path, "run_hf_b2", out)
