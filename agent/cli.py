@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quiescence fallback, in seconds (default 30)")
     p.add_argument("--on-exit", choices=("drain", "abandon"),
                    help="what a failed or crashed run's sealed checkpoints do (runs.on_exit)")
+    p.add_argument("--nodes", metavar="N", type=int,
+                   help="how many nodes write each checkpoint: above 1, every node's agent "
+                        "joins one asset per checkpoint (default: $SLURM_NNODES, else 1)")
+    p.add_argument("--node-rank", metavar="R", type=int,
+                   help="this node's rank among them (default: $SLURM_NODEID, $GROUP_RANK "
+                        "or $NODE_RANK)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="print neither the run id at the start nor the summary at the end")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND…")
@@ -632,6 +638,30 @@ def cmd_download(ctx: Ctx) -> int:
 # ---- runs ---------------------------------------------------------------------------------
 
 
+def _nodes(nodes: int | None, rank: int | None, env: Mapping[str, str]) -> dict[str, int]:
+    """``exec``'s multi-node settings for its watch rules: the flags, else the launcher's
+    variables (Slurm's, torchrun's node rank); nothing for one node."""
+    def number(*names: str) -> int | None:
+        for name in names:
+            value = env.get(name, "")
+            if value.isdigit():
+                return int(value)
+        return None
+
+    nodes = nodes if nodes is not None else number("SLURM_NNODES") or 1
+    if nodes < 1:
+        raise UsageError(f"--nodes must be at least 1, not {nodes}")
+    if nodes == 1:
+        return {}
+    rank = rank if rank is not None else number("SLURM_NODEID", "GROUP_RANK", "NODE_RANK")
+    if rank is None:
+        raise UsageError(f"--nodes {nodes} needs this node's rank: --node-rank R (or "
+                         "$SLURM_NODEID, $GROUP_RANK, $NODE_RANK); node 0 ends the run")
+    if not 0 <= rank < nodes:
+        raise UsageError(f"--node-rank {rank} is not one of 0-{nodes - 1} (--nodes {nodes})")
+    return {"nodes": nodes, "node_rank": rank}
+
+
 def cmd_exec(ctx: Ctx) -> int:
     from agent.runs.execwrap import rules_from_args, run_exec
 
@@ -644,6 +674,7 @@ def cmd_exec(ctx: Ctx) -> int:
                        ("copy_files", args.copy_files), ("quiescence_s", args.quiescence_s)):
         if value:
             extra[key] = value
+    extra.update(_nodes(args.nodes, args.node_rank, os.environ))
     rules = rules_from_args(args.watch, args.asset_type, extra)
     return run_exec(ctx.client(), command, run_id=args.run, rules=rules,
                     on_exit=args.on_exit, err=ctx.err, quiet=args.quiet)

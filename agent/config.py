@@ -167,6 +167,13 @@ class WatchRule(_Section):
     """Names a writer gives a checkpoint before renaming it into place ("{name}" is the
     final name, "*" any text): ignored until renamed; the rename seals (rename_dir,
     rename_file)."""
+    nodes: int = Field(default=1, ge=1, le=65536)
+    """How many nodes write each checkpoint (docs/multinode.md). Above 1, every node's
+    agent joins one asset per checkpoint (API 1.1 asset_keys) with the files it holds, and
+    the node holding the checkpoint's index (DCP .metadata, a safetensors index) finalizes
+    it once every file the index names is uploaded."""
+    node_rank: int | None = Field(default=None, ge=0)
+    """This node's rank among them (0 ends the run on Chronicle; None: unknown)."""
 
     @field_validator("path")
     @classmethod

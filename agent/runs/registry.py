@@ -547,7 +547,15 @@ class RunRegistry:
                 break
             await q.changed.wait(1.0)
         tries = 0
-        while True:
+        nodes = max([int(w.get("nodes") or 1) for w in info.watch] or [1])
+        ranks = {w.get("node_rank") for w in info.watch if int(w.get("nodes") or 1) > 1}
+        if nodes > 1 and 0 not in ranks:
+            # ending the run on Chronicle abandons its pending assets: the checkpoints the
+            # other nodes still upload into. Node 0 ends it once its own jobs are done.
+            log.info("run %s ended on this node (node %s of %d); node 0 ends it on Chronicle",
+                     info.run_id, "/".join(str(r) for r in ranks), nodes)
+            tries = -1
+        while tries >= 0:
             tries += 1
             delay = backoff_s(tries, 1.0, 60.0, jitter=False)
             try:
@@ -567,4 +575,5 @@ class RunRegistry:
         info.move(RunState.ENDED)
         info.ended_at = time.time()
         await self._save(info)
-        log.info("run %s ended on Chronicle: %s", info.run_id, info.status)
+        if tries >= 0:
+            log.info("run %s ended on Chronicle: %s", info.run_id, info.status)

@@ -301,6 +301,8 @@ class Engine:
         """Keep-alive connections of the direct paths (agent.transfer.rawget): downloads'
         GETs and small files' PUTs."""
         self._features: frozenset[str] | None = None
+        self.warned_no_joins = False
+        """Whether the log said that Chronicle cannot join several nodes' parts."""
         self.uploaded = Batched(queue, queue.s.mark_uploaded)
         """Components recorded as uploaded, many to a transaction when they finish
         together (a directory of small files)."""
@@ -347,10 +349,13 @@ class AssetUpload:
     def __init__(
         self, engine: Engine, asset: AssetRecord, progress: Progress, token: str | None = None,
         *, reader: Identity | None | Literal["owner"] = "owner",
+        join: dict[str, Any] | None = None,
     ) -> None:
         """``reader``: whose rights the source files are opened with: by default the
         asset's owner (uid, and ``gid`` from its job); None only for the daemon's own
-        private staging area."""
+        private staging area. ``join``: this node's part of a checkpoint several nodes
+        write (:mod:`agent.transfer.joined`)."""
+        self.join = join
         self.e = engine
         self.q = engine.queue
         self.asset = asset
@@ -401,6 +406,7 @@ class AssetUpload:
             contract.register(
                 self.asset.asset_type, decl, output_of=self.asset.run_id,
                 visibility=self.asset.visibility, idempotency_key=self.asset.register_key,
+                key=self.join_key(features),
             ),
             token=self.token,
         )
@@ -420,6 +426,25 @@ class AssetUpload:
                  f"; {len(later)} more declared while these upload" if later else "")
         self.e.crash.hit("after_register")
         return True
+
+    def join_key(self, features: frozenset[str]) -> str | None:
+        """The key that joins the run's one asset of a checkpoint several nodes write; None
+        for an asset of its own (one node, or a server without ``asset_keys``: each node's
+        part is then an asset of its own)."""
+        if self.join is None or not self.asset.run_id:
+            return None
+        if "asset_keys" not in features:
+            if not self.e.warned_no_joins:
+                self.e.warned_no_joins = True
+                log.warning("Chronicle does not offer assets built by several uploaders (API "
+                            "1.1 asset_keys): each node uploads its part of a checkpoint as an "
+                            "asset of its own")
+            return None
+        return str(self.join["key"])
+
+    async def joined(self) -> bool:
+        """Whether this asset is this node's part of one several nodes build."""
+        return self.join_key(await self.e.features()) is not None
 
     def _pipelined(self, features: frozenset[str]) -> bool:
         """Whether small components can be declared while others upload (API 1.1: their

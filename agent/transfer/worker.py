@@ -33,6 +33,7 @@ from agent.errors import (
 from agent.fsid import Identity, run_as
 from agent.queue.states import AssetState
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
+from agent.transfer import joined
 from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
 from agent.transfer.groups import primary_error
@@ -299,13 +300,18 @@ class Workers:
                 job_id=job.job_id, register_key=p.get("register_key"), cred_id=job.cred_id,
             )
             job.asset_key = rec.asset_key
-        up = AssetUpload(self.e, await self._asset_for(job), progress, reader=ident)
+        up = AssetUpload(self.e, await self._asset_for(job), progress, reader=ident,
+                         join=p.get("join"))
+        result = None
         if up.asset.state != AssetState.FINALIZED:
             try:
                 try:
                     await up.ensure_registered()
                     await up.upload_all()
-                    await up.finalize()
+                    if await up.joined():
+                        result = await joined.finish(up, p["path"])
+                    else:
+                        await up.finalize()
                 except (ChronicleError, StorageRefused) as e:
                     await self._abandoned_remotely(job, up, e)
                     raise
@@ -318,7 +324,7 @@ class Workers:
                     f"{e.message}; the partial asset was abandoned, and `chronicle-agent retry "
                     f"{job.job_id}` uploads the files as they are then"
                 ) from None
-        return None
+        return result
 
     async def _abandoned_remotely(self, job: Job, up: AssetUpload, err: Exception) -> None:
         """After a refusal that an abandoned asset explains (409 ``asset_not_pending``, the

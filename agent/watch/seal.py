@@ -327,9 +327,10 @@ def in_staging(path: str) -> bool:
 # ---- the decision --------------------------------------------------------------------------
 
 
-def looks_unfinished(sc: Scan) -> bool:
-    """Signs that a stronger seal is still to come."""
-    if sc.is_dir:
+def looks_unfinished(sc: Scan, nodes: int = 1) -> bool:
+    """Signs that a stronger seal is still to come (not when several nodes write the
+    checkpoint: only one of them holds its ``.metadata``)."""
+    if sc.is_dir and nodes == 1:
         names = {f.rel for f in sc.files}
         if any(n.endswith(".distcp") for n in names) and ".metadata" not in names:
             return True
@@ -376,7 +377,7 @@ def check_seal(
         and allow_quiescence
         and stable_for_s >= rule.quiescence_s
         and age_s >= rule.quiescence_s
-        and not looks_unfinished(sc)
+        and not looks_unfinished(sc, rule.nodes)
     ):
         return "quiescence"
     return None

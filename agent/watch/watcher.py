@@ -586,9 +586,14 @@ class Watcher:
                          kind, fp, key, snapshot=snap.dir,
                          staged={"path": snap.path, "files": snap.files},
                          ident=sc.ident(), top_mtime_ns=sc.mtime_ns)
-        payload = {"path": snap.path, "asset_type": r.rule.asset_type,
-                   "visibility": self.settings.upload.visibility, "register_key": key,
-                   "checkpoint": path, "seal": kind}
+        payload: dict[str, Any] = {
+            "path": snap.path, "asset_type": r.rule.asset_type,
+            "visibility": self.settings.upload.visibility, "register_key": key,
+            "checkpoint": path, "seal": kind}
+        if r.rule.nodes > 1 and run_id is not None:
+            # every node's agent joins the run's one asset of this checkpoint by its name
+            payload["join"] = {"key": os.path.basename(path), "nodes": r.rule.nodes,
+                               "node_rank": r.rule.node_rank}
         job = await q.change(runstore.seal_checkpoint, q.s, row, self._uid(r, sc), payload,
                              sc.size)
         self._decide(row)

@@ -1,0 +1,111 @@
+"""One checkpoint written by several nodes: each node's agent joins the run's one asset of
+that checkpoint (API 1.1 ``asset_keys``) with the files it holds; the node holding the
+checkpoint's index finalizes it once every file the index names is uploaded
+(``docs/multinode.md``).
+
+A job's ``join`` (from the watcher): ``{"key": <the checkpoint's name>, "nodes": N,
+"node_rank": R | None}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from agent.chronicle import contract
+from agent.chronicle import models as m
+from agent.errors import ChronicleError
+from agent.watch.indexes import Whole, whole_by_index
+
+if TYPE_CHECKING:
+    from agent.transfer.upload import AssetUpload
+
+log = logging.getLogger(__name__)
+
+POLL_S = (1.0, 5.0)
+"""How often the finalizing node asks what is uploaded: from the first to the second,
+doubling."""
+REPORT_S = 60.0
+"""How often a wait for the other nodes is logged."""
+
+
+def missing(expected: frozenset[str], asset: m.Asset, uploads: m.Uploads) -> list[str]:
+    """The files of ``expected`` that are not yet in the asset whole: not declared by any
+    node, or declared and not all uploaded (a multipart one: until its parts cover its
+    declared size)."""
+    sizes = {c.name: c.size for c in asset.components}
+    out = []
+    for name in sorted(expected):
+        held = uploads.components.get(name)
+        if name not in sizes or held is None:
+            out.append(name)
+        elif not held.uploaded:
+            size = sizes[name]
+            numbers = sorted(p.part_number for p in held.parts)
+            total = sum(p.size or 0 for p in held.parts)
+            if not (numbers and numbers == list(range(1, len(numbers) + 1))
+                    and size is not None and total == size):
+                out.append(name)
+    return out
+
+
+def read_index(open_fd: Callable[[str], int], directory: str, names: list[str]) -> Whole | None:
+    """What the checkpoint holds when whole, by the index among this node's files (in a
+    worker thread; ``open_fd`` opens as the checkpoint's owner)."""
+
+    def read(name: str, limit: int) -> bytes:
+        fd = open_fd(os.path.join(directory, name))
+        with os.fdopen(fd, "rb") as f:
+            return f.read(limit + 1)
+
+    return whole_by_index(names, read)
+
+
+async def finish(up: AssetUpload, directory: str) -> dict[str, Any]:
+    """After this node's files are uploaded: finalize when this node holds the index (once
+    the whole checkpoint is uploaded), else leave it to that node. The job's result."""
+    comps = await up.q.do(up.q.s.components, up.asset.asset_key)
+    names = [c.name for c in comps]
+    whole = await anyio.to_thread.run_sync(read_index, up.open_src, directory, names)
+    if whole is None:
+        log.info("asset %s: this node's %d file(s) are uploaded; the node holding the "
+                 "checkpoint's index finalizes it", up.asset_id, len(names))
+        return {"asset_id": up.asset_id, "joined": True, "finalized_here": False,
+                "files_here": len(names)}
+    log.info("asset %s: this node holds its index (%s, %d file(s)); finalizing once every "
+             "node's files are uploaded", up.asset_id, whole.index, len(whole.files))
+    await wait_whole(up, whole.files)
+    await up.finalize()
+    return {"asset_id": up.asset_id, "joined": True, "finalized_here": True,
+            "files_here": len(names), "files": len(whole.files)}
+
+
+async def wait_whole(up: AssetUpload, expected: frozenset[str]) -> None:
+    """Until every file of ``expected`` is uploaded to the asset (by whichever node). An
+    asset abandoned meanwhile (its run ended, or a node's agent gave it up) ends the wait
+    with Chronicle's refusal."""
+    delay, reported = POLL_S[0], time.monotonic()
+    while True:
+        asset = await up.e.chronicle.send(contract.get_asset(up.asset_id), token=up.token)
+        if asset.state == "ready":  # this node's finalize went through before a restart
+            return
+        if asset.state != "pending":
+            raise ChronicleError(409, "asset_not_pending",
+                                 f"asset {up.asset_id} was abandoned before every node's "
+                                 f"files were uploaded ({asset.abandoned_reason or 'no reason'})")
+        uploads = await up.e.chronicle.send(contract.list_uploads(up.asset_id), token=up.token)
+        left = missing(expected, asset, uploads)
+        if not left:
+            return
+        if time.monotonic() - reported >= REPORT_S:
+            reported = time.monotonic()
+            log.info("asset %s: waiting for %d file(s) from the other nodes (%s%s)",
+                     up.asset_id, len(left), ", ".join(left[:5]), " …" if len(left) > 5 else "")
+        await anyio.sleep(delay)
+        delay = min(delay * 2, POLL_S[1])
