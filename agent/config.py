@@ -230,6 +230,10 @@ class QueueSection(_Section):
 class RunsSection(_Section):
     lease_s: float = Field(default=60.0, gt=0)
     on_exit: Literal["drain", "abandon"] = "drain"
+    join_wait_s: float = Field(default=600.0, ge=0)
+    """A checkpoint several nodes write (docs/multinode.md): how long the node that
+    finalizes it still waits for the other nodes' files once its own run has ended; then
+    the asset is abandoned (never finalized partial) and the job fails ``nodes_missing``."""
 
 
 class ServerSection(_Section):

@@ -73,6 +73,12 @@ def save_run(q: Queue, r: RunRow) -> None:
             f"VALUES ({','.join('?' * len(values))})", tuple(values.values()))
 
 
+def run_state(q: Queue, run_id: str) -> RunState | None:
+    """The run's state here, or None for a run this daemon does not know."""
+    rows = q._read("SELECT state FROM runs WHERE run_id = ?", (run_id,))
+    return RunState(rows[0][0]) if rows else None
+
+
 def update_run(q: Queue, run_id: str, **cols: Any) -> None:
     allowed = {"state", "status", "exit_code", "last_seen", "watch"}
     assert set(cols) <= allowed, cols

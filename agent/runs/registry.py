@@ -221,7 +221,10 @@ class RunRegistry:
                 dead = info.pidfd is None
             elif info.state == RunState.RUNNING:
                 info.last_seen = max(info.last_seen, time.time())  # the lease starts anew
-            if dead or (info.state == RunState.ENDING and info.status != "finished"):
+            # an exec run's reporter may still report a clean exit (it rides out a daemon
+            # restart): its checkpoints keep every seal until that grace is over (_exited)
+            if (dead and not info.wrapper_pid) or (
+                    info.state == RunState.ENDING and info.status != "finished"):
                 info.seal_only(SealMode.STRONG)
             self._restored.append((info, dead))
         if self._restored:
@@ -235,7 +238,7 @@ class RunRegistry:
             if info.state == RunState.RUNNING:
                 self._tg.start_soon(self._ensure_remote, info.run_id)
             if dead:
-                self._tg.start_soon(self._died, info, f"its process (pid {info.pid}) exited "
+                self._tg.start_soon(self._exited, info, f"its process (pid {info.pid}) exited "
                                     "while the daemon was down, without finish")
             elif info.state == RunState.ENDING:
                 self._tg.start_soon(self._settle, info)
@@ -419,14 +422,20 @@ class RunRegistry:
         finally:
             info.pidfd = None
             os.close(fd)
+        await self._exited(info, f"its process (pid {info.pid}) exited without finish")
+
+    async def _exited(self, info: RunInfo, why: str) -> None:
+        """The run's process is gone: an ``exec`` run's reporter (the registering peer)
+        reports its status, maybe after riding out a daemon restart, so it gets a grace
+        period first; without that report the run died."""
         if info.state != RunState.RUNNING:
             return
-        if info.wrapper_pid:  # exec: its reporter (the registering peer) reports the status
+        if info.wrapper_pid:
             with anyio.move_on_after(EXEC_GRACE_S):
                 await info.finished.wait()
             if info.state != RunState.RUNNING:
                 return
-        await self._died(info, f"its process (pid {info.pid}) exited without finish")
+        await self._died(info, why)
 
     async def _died(self, info: RunInfo, why: str) -> None:
         if info.state not in (RunState.RUNNING, RunState.DYING):

@@ -20,7 +20,9 @@ import anyio.to_thread
 
 from agent.chronicle import contract
 from agent.chronicle import models as m
-from agent.errors import ChronicleError
+from agent.errors import AgentError, ChronicleError
+from agent.queue import runstore
+from agent.queue.states import RunState
 from agent.watch.indexes import Whole, whole_by_index
 
 if TYPE_CHECKING:
@@ -86,11 +88,40 @@ async def finish(up: AssetUpload, directory: str) -> dict[str, Any]:
             "files_here": len(names), "files": len(whole.files)}
 
 
+async def after_refusal(up: AssetUpload, err: Exception) -> dict[str, Any] | None:
+    """A joined asset refused this node's call because it is no longer pending: if another
+    node finalized it with this node's files in it (they were uploaded before a restart
+    lost their record), the job is done: its result. If it was finalized without them
+    (this node's part came late), a clear failure. None: for the caller to handle (an
+    abandoned asset, another refusal)."""
+    if up.asset.asset_id is None or getattr(err, "code", "") != "asset_not_pending":
+        return None
+    asset = await up.e.chronicle.send(contract.get_asset(up.asset_id), token=up.token)
+    if asset.state != "ready":
+        return None
+    comps = await up.q.do(up.q.s.components, up.asset.asset_key)
+    names = {c.name for c in comps}
+    held = {c.name for c in asset.components}
+    if names <= held:
+        log.info("asset %s: finalized by the node holding its index, with this node's %d "
+                 "file(s) in it", up.asset_id, len(names))
+        return {"asset_id": up.asset_id, "joined": True, "finalized_here": False,
+                "files_here": len(names)}
+    late = sorted(names - held)
+    raise ChronicleError(409, "joined_too_late",
+                         f"asset {up.asset_id} (checkpoint {up.join and up.join.get('key')}) "
+                         f"was finalized before this node's part joined it: {len(late)} "
+                         f"file(s) of this node are not in it ({', '.join(late[:5])}"
+                         f"{' …' if len(late) > 5 else ''})") from err
+
+
 async def wait_whole(up: AssetUpload, expected: frozenset[str]) -> None:
     """Until every file of ``expected`` is uploaded to the asset (by whichever node). An
     asset abandoned meanwhile (its run ended, or a node's agent gave it up) ends the wait
     with Chronicle's refusal."""
     delay, reported = POLL_S[0], time.monotonic()
+    give_up: float | None = None
+    """Once the run stopped running here: when to stop waiting for the other nodes."""
     while True:
         asset = await up.e.chronicle.send(contract.get_asset(up.asset_id), token=up.token)
         if asset.state == "ready":  # this node's finalize went through before a restart
@@ -103,9 +134,34 @@ async def wait_whole(up: AssetUpload, expected: frozenset[str]) -> None:
         left = missing(expected, asset, uploads)
         if not left:
             return
+        give_up = await _give_up_at(up, give_up, left)
         if time.monotonic() - reported >= REPORT_S:
             reported = time.monotonic()
             log.info("asset %s: waiting for %d file(s) from the other nodes (%s%s)",
                      up.asset_id, len(left), ", ".join(left[:5]), " …" if len(left) > 5 else "")
         await anyio.sleep(delay)
         delay = min(delay * 2, POLL_S[1])
+
+
+async def _give_up_at(up: AssetUpload, give_up: float | None, left: list[str]) -> float | None:
+    """When the wait ends, once this node's run has ended (``runs.join_wait_s`` later);
+    past it, the asset is abandoned and :class:`~agent.errors.AgentError` ``nodes_missing``
+    raised: a checkpoint is never finalized partial."""
+    run_id = up.asset.run_id
+    state = await up.q.do(runstore.run_state, up.q.s, run_id) if run_id else None
+    if state is None or state == RunState.RUNNING:
+        return None
+    now = time.monotonic()
+    if give_up is None:
+        wait_s = up.e.settings.runs.join_wait_s
+        log.info("asset %s: run %s ended here; waiting up to %.0f s more for %d file(s) from "
+                 "the other nodes (runs.join_wait_s)", up.asset_id, run_id, wait_s, len(left))
+        return now + wait_s
+    if now < give_up:
+        return give_up
+    shown = ", ".join(left[:5]) + (" …" if len(left) > 5 else "")
+    why = (f"{len(left)} file(s) its index names never arrived from the other nodes "
+           f"({shown}) within runs.join_wait_s after run {run_id} ended here")
+    await up.abandon(why)
+    raise AgentError(f"asset {up.asset_id} abandoned, never finalized partial: {why}",
+                     code="nodes_missing")

@@ -313,6 +313,10 @@ class Workers:
                     else:
                         await up.finalize()
                 except (ChronicleError, StorageRefused) as e:
+                    if up.join is not None:
+                        done = await joined.after_refusal(up, e)
+                        if done is not None:
+                            return done
                     await self._abandoned_remotely(job, up, e)
                     raise
             except SourceChanged as e:

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from tests.support.helpers_daemon import DaemonProc, start_daemon
+from tests.support.helpers_e2e import socket_get_text
 from tests.support.helpers_seaweed import Seaweed, use_seaweed_env
 from tests.support.helpers_standalone import Standalone, standalone_server
 from tests.support.helpers_watch import daemon_run, run_status, tree, wait_until, writer_env
@@ -36,28 +37,65 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def cluster(seaweed: Seaweed, tmp_path: Path,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Standalone, list[DaemonProc]]]:
-    """A local Chronicle on its own SeaweedFS bucket, and two daemons (nodes) using it."""
+def server(seaweed: Seaweed, tmp_path: Path,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[Standalone]:
+    """A local Chronicle on a SeaweedFS bucket of its own, that every node's daemon uses."""
     use_seaweed_env(seaweed, monkeypatch)
-    bucket = f"mn-{secrets.token_hex(4)}"
     with standalone_server(tmp_path / "srv", {"user_alice": []},
-                           storage=seaweed.storage_url(bucket)) as srv, ExitStack() as stack:
-        env = {"CHRONICLE_AGENT_CHRONICLE__URL": srv.url,
-               "CHRONICLE_AGENT_CHRONICLE__TOKEN": srv.tokens["user_alice"]}
-        nodes = [stack.enter_context(start_daemon(env)) for _ in range(2)]
-        yield srv, nodes
+                           storage=seaweed.storage_url(f"mn-{secrets.token_hex(4)}")) as srv:
+        yield srv
 
 
-def exec_node(d: DaemonProc, run_id: str, out: Path, rank: int, first_rank: int, port: int,
+def nodes(stack: ExitStack, srv: Standalone, *envs: dict[str, str]) -> list[DaemonProc]:
+    """A daemon per node, each with its own state directory and socket, all on ``srv``."""
+    env = {"CHRONICLE_AGENT_CHRONICLE__URL": srv.url,
+           "CHRONICLE_AGENT_CHRONICLE__TOKEN": srv.tokens["user_alice"]}
+    return [stack.enter_context(start_daemon({**env, **more})) for more in envs]
+
+
+def writer(out: Path, rank: int, port: int, steps: int) -> list[str]:
+    """Node ``rank``'s two ranks (2*rank, 2*rank+1) of a 4-rank DCP job, writing to ``out``."""
+    return [sys.executable, str(WRITER), str(out), "--first-rank", str(2 * rank), "--local",
+            "2", "--world", "4", "--port", str(port), "--steps", str(steps)]
+
+
+def exec_node(d: DaemonProc | None, run_id: str, out: Path, rank: int, port: int,
               steps: int) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "agent", "exec", "--run", run_id, "--watch", str(out),
-           "--type", "checkpoint", "--nodes", "2", "--node-rank", str(rank),
-           "--quiescence-s", "2", "--", sys.executable, str(WRITER), str(out),
-           "--first-rank", str(first_rank), "--local", "2", "--world", "4", "--port",
-           str(port), "--steps", str(steps)]
+    """Node ``rank``'s ranks under ``chronicle-agent exec --nodes 2`` with its daemon
+    ``d``; without one (None), the ranks alone: a node whose part nobody uploads."""
+    cmd = writer(out, rank, port, steps)
+    if d is not None:
+        cmd = [sys.executable, "-m", "agent", "exec", "--run", run_id, "--watch", str(out),
+               "--type", "checkpoint", "--nodes", "2", "--node-rank", str(rank),
+               "--quiescence-s", "2", "--", *cmd]
     return subprocess.Popen(cmd, env=writer_env(d), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs: list[subprocess.Popen[str]], daemons: list[DaemonProc], run_id: str) -> None:
+    """Every node's command exits 0; then every job of the run is terminal on every node,
+    and the run ended there."""
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    for d in daemons:
+        try:
+            wait_until(lambda d=d: daemon_run(d, run_id)["state"] == "ended", 60,
+                       f"run {run_id} to end on {d.root}", every_s=0.2)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{describe(daemons, run_id)}") from None
+
+
+def describe(daemons: list[DaemonProc], run_id: str) -> str:
+    """Each node's jobs of the run and the tail of its log (requests left out)."""
+    out = []
+    for rank, d in enumerate(daemons):
+        lines = [ln for ln in d.log_text().splitlines()
+                 if "agent.server.access" not in ln and "agent.transfer." not in ln]
+        out += [f"--- node {rank} jobs:", *(f"{j['state']} {j.get('error')} {j.get('result')}"
+                                            for j in node_jobs(d, run_id)),
+                f"--- node {rank} log:", *lines[-40:]]
+    return "\n".join(out)
 
 
 def node_jobs(d: DaemonProc, run_id: str) -> list[dict[str, Any]]:
@@ -66,29 +104,17 @@ def node_jobs(d: DaemonProc, run_id: str) -> list[dict[str, Any]]:
     return [j for j in json.loads(r.stdout)["jobs"] if "checkpoint" in j]
 
 
-def test_node_local_dcp_steps_end_as_one_asset_each(
-        cluster: tuple[Standalone, list[DaemonProc]], seaweed: Seaweed, tmp_path: Path) -> None:
-    srv, nodes = cluster
-    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 3
-    outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
-    procs = [exec_node(d, run_id, out, rank, 2 * rank, port, steps)
-             for rank, (d, out) in enumerate(zip(nodes, outs, strict=True))]
-    for p in procs:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err[-3000:]
-    for d in nodes:  # every job of the run terminal on every node, and the run ended there
-        wait_until(lambda d=d: daemon_run(d, run_id)["state"] == "ended", 60,
-                   f"run {run_id} to end on {d.root}", every_s=0.2)
-
+def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path],
+                steps: int) -> None:
+    """Every step is one ready asset holding the union of both nodes' files, byte for byte,
+    read back from the store by an independent S3 client (a step's .metadata tells it
+    apart: the names are the same every step)."""
     ch = srv.client("user_alice")
     assets = wait_until(lambda: [a for a in ch.assets.list(output_of=run_id)
                                  if a.state == "ready"] if all(
         a.state == "ready" for a in ch.assets.list(output_of=run_id)) else None, 30,
         "every asset of the run ready")
     assert len(assets) == steps, [(a.asset_id, a.state) for a in assets]
-
-    # every step is one asset holding the union of both nodes' files, byte for byte, read
-    # back from the store by an independent S3 client (a step's .metadata tells it apart)
     s3 = s3_client(seaweed)
     local = {n: {**tree(outs[0] / f"step-{n}"), **tree(outs[1] / f"step-{n}")}
              for n in range(1, steps + 1)}
@@ -103,20 +129,77 @@ def test_node_local_dcp_steps_end_as_one_asset_each(
         for name, data in local[step].items():
             assert s3_read(s3, urls[name]) == data, (step, name)
     assert sorted(seen) == list(range(1, steps + 1))
-
-    # each node sent only its own files, and only node 0 (holding .metadata) finalized
-    for rank, d in enumerate(nodes):
-        js = node_jobs(d, run_id)
-        assert len(js) == steps and all(j["state"] == "done" for j in js), js
-        for j in js:
-            result = j.get("result") or {}
-            assert result.get("joined") is True, j
-            assert result["finalized_here"] is (rank == 0), j
-            assert result["files_here"] == (3 if rank == 0 else 2), j
-    # node 0 ended the run on Chronicle, once its own jobs were done; node 1 left it to it
     assert run_status(ch, run_id) == "finished"
-    assert "node 0 ends it on Chronicle" in nodes[1].log_text()
-    assert "node 0 ends it on Chronicle" not in nodes[0].log_text()
+
+
+def test_node_local_dcp_steps_end_as_one_asset_each(
+        server: Standalone, seaweed: Seaweed, tmp_path: Path) -> None:
+    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 3
+    outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
+    with ExitStack() as stack:
+        daemons = nodes(stack, server, {}, {})
+        finish([exec_node(d, run_id, out, rank, port, steps)
+                for rank, (d, out) in enumerate(zip(daemons, outs, strict=True))],
+               daemons, run_id)
+        check_steps(server, seaweed, run_id, outs, steps)
+        # each node sent only its own files, and only node 0 (holding .metadata) finalized
+        for rank, d in enumerate(daemons):
+            js = node_jobs(d, run_id)
+            assert len(js) == steps and all(j["state"] == "done" for j in js), js
+            for j in js:
+                result = j.get("result") or {}
+                assert result.get("joined") is True, j
+                assert result["finalized_here"] is (rank == 0), j
+                assert result["files_here"] == (3 if rank == 0 else 2), j
+        # node 0 ended the run on Chronicle once its own jobs were done; node 1 left it
+        assert "node 0 ends it on Chronicle" in daemons[1].log_text()
+        assert "node 0 ends it on Chronicle" not in daemons[0].log_text()
+
+
+def test_an_agent_killed_mid_step_finishes_its_part_after_its_restart(
+        server: Standalone, seaweed: Seaweed, tmp_path: Path) -> None:
+    """Node 1's daemon kills itself (kill -9) once its first file of step-1 is uploaded;
+    restarted, it uploads the rest of its part, and every step ends whole."""
+    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 2
+    outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
+    with ExitStack() as stack:
+        daemons = nodes(stack, server, {}, {
+            "CHRONICLE_AGENT_DEBUG__CRASH_POINT": "after_component:1@1"})
+        procs = [exec_node(d, run_id, out, rank, port, steps)
+                 for rank, (d, out) in enumerate(zip(daemons, outs, strict=True))]
+        killed = daemons[1]
+        assert killed.proc is not None
+        killed.proc.wait(120)
+        assert killed.proc.returncode == -9, killed.log_tail()
+        killed.start()  # the crash point is armed on the first start only
+        finish(procs, daemons, run_id)
+        check_steps(server, seaweed, run_id, outs, steps)
+        assert all(j["state"] == "done" for j in node_jobs(killed, run_id)), describe(
+            daemons, run_id)
+
+
+def test_a_node_that_never_uploads_leaves_no_partial_asset(
+        server: Standalone, seaweed: Seaweed, tmp_path: Path) -> None:
+    """Node 1's ranks write their shards, but no agent uploads them: node 0 never finalizes
+    a step; once its run has ended and runs.join_wait_s passed, it abandons each step's
+    asset and its jobs fail nodes_missing, with a WARNING and a count in /metrics."""
+    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 2
+    outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
+    with ExitStack() as stack:
+        (d,) = nodes(stack, server, {"CHRONICLE_AGENT_RUNS__JOIN_WAIT_S": "2"})
+        finish([exec_node(d, run_id, outs[0], 0, port, steps),
+                exec_node(None, run_id, outs[1], 1, port, steps)], [d], run_id)
+        assets = server.client("user_alice").assets.list(output_of=run_id)
+        assert len(assets) == steps and all(a.state == "abandoned" for a in assets), assets
+        assert all("never arrived from the other nodes" in (a.abandoned_reason or "")
+                   for a in assets), assets
+        js = node_jobs(d, run_id)
+        assert [j["state"] for j in js] == ["failed"] * steps, js
+        assert all(j["error"]["code"] == "nodes_missing" for j in js), js
+        assert "__2_0.distcp" in js[0]["error"]["message"], js
+        assert "WARNING" in d.log_text() and "nodes_missing" in d.log_text()
+        metrics = socket_get_text(d.socket_path, "/metrics")
+        assert f'chronicle_agent_jobs{{state="failed"}} {steps}' in metrics, metrics
 
 
 def s3_client(sw: Seaweed) -> Any:
