@@ -171,7 +171,8 @@ class WatchRule(_Section):
     """How many nodes write each checkpoint (docs/multinode.md). Above 1, every node's
     agent joins one asset per checkpoint (API 1.1 asset_keys) with the files it holds, and
     the node holding the checkpoint's index (DCP .metadata, a safetensors index) finalizes
-    it once every file the index names is uploaded."""
+    it once every file the index names is uploaded and every node has joined; with no
+    index, node 0 does once every node has joined."""
     node_rank: int | None = Field(default=None, ge=0)
     """This node's rank among them (0 ends the run on Chronicle; None: unknown)."""
 

@@ -9,8 +9,10 @@ A job's ``join`` (from the watcher): ``{"key": <the checkpoint's name>, "nodes":
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ from agent.chronicle import models as m
 from agent.errors import AgentError, ChronicleError
 from agent.queue import runstore
 from agent.queue.states import RunState
+from agent.transfer.primitives import classify_storage_answer
 from agent.watch.indexes import Whole, whole_by_index
 
 if TYPE_CHECKING:
@@ -69,23 +72,70 @@ def read_index(open_fd: Callable[[str], int], directory: str, names: list[str]) 
     return whole_by_index(names, read)
 
 
+NODES_DIR = ".chronicle-nodes"
+"""Each node adds ``.chronicle-nodes/<rank>`` (``<rank>.index`` if it holds the index), an
+empty component, once its own files are uploaded: how the others count who has joined."""
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def node_marker(join: dict[str, Any], has_index: bool) -> str:
+    rank = join.get("node_rank")
+    return f"{NODES_DIR}/{rank if rank is not None else socket.gethostname()}" + (
+        ".index" if has_index else "")
+
+
 async def finish(up: AssetUpload, directory: str) -> dict[str, Any]:
-    """After this node's files are uploaded: finalize when this node holds the index (once
-    the whole checkpoint is uploaded), else leave it to that node. The job's result."""
+    """After this node's files are uploaded: say so (its marker), then finalize if this
+    node is the one: the node holding the checkpoint's index, once every file it names and
+    every node's marker are uploaded; with no index anywhere, node 0 once every node's
+    marker is. The job's result."""
+    assert up.join is not None
     comps = await up.q.do(up.q.s.components, up.asset.asset_key)
     names = [c.name for c in comps]
     whole = await anyio.to_thread.run_sync(read_index, up.open_src, directory, names)
-    if whole is None:
-        log.info("asset %s: this node's %d file(s) are uploaded; the node holding the "
-                 "checkpoint's index finalizes it", up.asset_id, len(names))
-        return {"asset_id": up.asset_id, "joined": True, "finalized_here": False,
-                "files_here": len(names)}
-    log.info("asset %s: this node holds its index (%s, %d file(s)); finalizing once every "
-             "node's files are uploaded", up.asset_id, whole.index, len(whole.files))
-    await wait_whole(up, whole.files)
+    await add_marker(up, node_marker(up.join, whole is not None))
+    nodes = int(up.join.get("nodes") or 1)
+    result = {"asset_id": up.asset_id, "joined": True, "finalized_here": False,
+              "files_here": len(names)}
+    if whole is not None:
+        log.info("asset %s: this node holds its index (%s, %d file(s)); finalizing once "
+                 "every node's files are uploaded", up.asset_id, whole.index, len(whole.files))
+        await wait_whole(up, whole.files, nodes)
+    elif up.join.get("node_rank") == 0:
+        log.info("asset %s: node 0 finalizes it once all %d nodes have uploaded their files "
+                 "(unless one of them holds an index)", up.asset_id, nodes)
+        markers = await wait_whole(up, frozenset(), nodes)
+        holder = next((m for m in markers if m.endswith(".index")), None)
+        if holder is not None:
+            # node 0 ends the run on Chronicle, which abandons what is pending: not before
+            # the node holding the index has finalized it
+            log.info("asset %s: %s holds its index and finalizes it; waiting for that",
+                     up.asset_id, holder)
+            await wait_ready(up)
+            return result
+    else:
+        log.info("asset %s: this node's %d file(s) are uploaded; another node finalizes it",
+                 up.asset_id, len(names))
+        return result
     await up.finalize()
-    return {"asset_id": up.asset_id, "joined": True, "finalized_here": True,
-            "files_here": len(names), "files": len(whole.files)}
+    return result | {"finalized_here": True}
+
+
+async def add_marker(up: AssetUpload, name: str) -> None:
+    """Declare and PUT this node's empty marker (declaring it again is harmless)."""
+    urls = await up.e.chronicle.send(contract.add_components(up.asset_id, [m.ComponentDecl(
+        name=name, size=0, sha256=EMPTY_SHA256)]), token=up.token)
+    url = urls.upload_urls.get(name)
+    if url is None:  # a multipart plan for an empty object: not something a server makes
+        raise ChronicleError(502, "bad_plan", f"no single upload URL for {name}")
+    headers = {"Content-Length": "0", **urls.upload_headers.get(name, {})}
+    async with up.e.session.put(url, data=b"", headers=headers,
+                                skip_auto_headers=("Content-Type",)) as resp:
+        body = await resp.read()
+        if resp.status == 412:  # a create-only URL, and it is there: a repeat
+            return
+        if resp.status >= 300:
+            raise classify_storage_answer(resp.status, body, f"PUT {name} of {up.asset_id}")
 
 
 async def after_refusal(up: AssetUpload, err: Exception) -> dict[str, Any] | None:
@@ -115,30 +165,54 @@ async def after_refusal(up: AssetUpload, err: Exception) -> dict[str, Any] | Non
                          f"{' …' if len(late) > 5 else ''})") from err
 
 
-async def wait_whole(up: AssetUpload, expected: frozenset[str]) -> None:
-    """Until every file of ``expected`` is uploaded to the asset (by whichever node). An
-    asset abandoned meanwhile (its run ended, or a node's agent gave it up) ends the wait
-    with Chronicle's refusal."""
+async def wait_whole(up: AssetUpload, expected: frozenset[str], nodes: int) -> list[str]:
+    """Until every file of ``expected``, ``nodes`` nodes' markers and everything declared
+    are uploaded to the asset (by whichever node); the markers. An asset abandoned
+    meanwhile (its run ended, or a node's agent gave it up) ends the wait with Chronicle's
+    refusal."""
     delay, reported = POLL_S[0], time.monotonic()
     give_up: float | None = None
     """Once the run stopped running here: when to stop waiting for the other nodes."""
     while True:
         asset = await up.e.chronicle.send(contract.get_asset(up.asset_id), token=up.token)
-        if asset.state == "ready":  # this node's finalize went through before a restart
-            return
+        if asset.state == "ready":  # finalized: by this node before a restart, or by the
+            return [c.name for c in asset.components  # index holder (node 0 waiting)
+                    if c.name.startswith(NODES_DIR + "/")]
         if asset.state != "pending":
             raise ChronicleError(409, "asset_not_pending",
                                  f"asset {up.asset_id} was abandoned before every node's "
                                  f"files were uploaded ({asset.abandoned_reason or 'no reason'})")
         uploads = await up.e.chronicle.send(contract.list_uploads(up.asset_id), token=up.token)
-        left = missing(expected, asset, uploads)
+        declared = frozenset(c.name for c in asset.components)
+        left = missing(expected | declared, asset, uploads)
+        markers = sorted(n for n in declared if n.startswith(NODES_DIR + "/")
+                         and n not in left)
+        if not left and len(markers) >= nodes:
+            return markers
         if not left:
-            return
+            left = [f"{nodes - len(markers)} more node(s)"]
         give_up = await _give_up_at(up, give_up, left)
         if time.monotonic() - reported >= REPORT_S:
             reported = time.monotonic()
             log.info("asset %s: waiting for %d file(s) from the other nodes (%s%s)",
                      up.asset_id, len(left), ", ".join(left[:5]), " …" if len(left) > 5 else "")
+        await anyio.sleep(delay)
+        delay = min(delay * 2, POLL_S[1])
+
+
+async def wait_ready(up: AssetUpload) -> None:
+    """Until another node has finalized the asset (bounded like :func:`wait_whole` once
+    this node's run has ended)."""
+    delay, give_up = POLL_S[0], None
+    while True:
+        asset = await up.e.chronicle.send(contract.get_asset(up.asset_id), token=up.token)
+        if asset.state == "ready":
+            return
+        if asset.state != "pending":
+            raise ChronicleError(409, "asset_not_pending",
+                                 f"asset {up.asset_id} was abandoned before the node holding "
+                                 f"its index finalized it ({asset.abandoned_reason or '?'})")
+        give_up = await _give_up_at(up, give_up, ["its finalize"])
         await anyio.sleep(delay)
         delay = min(delay * 2, POLL_S[1])
 
@@ -160,8 +234,8 @@ async def _give_up_at(up: AssetUpload, give_up: float | None, left: list[str]) -
     if now < give_up:
         return give_up
     shown = ", ".join(left[:5]) + (" …" if len(left) > 5 else "")
-    why = (f"{len(left)} file(s) its index names never arrived from the other nodes "
-           f"({shown}) within runs.join_wait_s after run {run_id} ended here")
+    why = (f"what the checkpoint needs never arrived from the other nodes ({shown}) within "
+           f"runs.join_wait_s after run {run_id} ended here")
     await up.abandon(why)
     raise AgentError(f"asset {up.asset_id} abandoned, never finalized partial: {why}",
                      code="nodes_missing")

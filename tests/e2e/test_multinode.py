@@ -27,7 +27,9 @@ from tests.support.helpers_seaweed import Seaweed, use_seaweed_env
 from tests.support.helpers_standalone import Standalone, standalone_server
 from tests.support.helpers_watch import daemon_run, run_status, tree, wait_until, writer_env
 
-WRITER = Path(__file__).resolve().parents[1] / "support" / "writers" / "dcp_nodes.py"
+WRITERS = Path(__file__).resolve().parents[1] / "support" / "writers"
+WRITER = WRITERS / "dcp_nodes.py"
+ST_WRITER = WRITERS / "safetensors_nodes.py"
 
 
 def free_port() -> int:
@@ -120,8 +122,9 @@ def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path]
              for n in range(1, steps + 1)}
     seen = []
     for a in assets:
-        assert {c.name for c in a.components} == {".metadata", *(f"__{r}_0.distcp"
-                                                                 for r in range(4))}
+        assert {c.name for c in a.components} == {
+            ".metadata", *(f"__{r}_0.distcp" for r in range(4)),
+            ".chronicle-nodes/0.index", ".chronicle-nodes/1"}  # who joined
         urls = ch.assets.get(a.asset_id, include_presigned=True).download_urls
         meta = s3_read(s3, urls[".metadata"])
         step = next(n for n, files in local.items() if files[".metadata"] == meta)
@@ -154,6 +157,55 @@ def test_node_local_dcp_steps_end_as_one_asset_each(
         # node 0 ended the run on Chronicle once its own jobs were done; node 1 left it
         assert "node 0 ends it on Chronicle" in daemons[1].log_text()
         assert "node 0 ends it on Chronicle" not in daemons[0].log_text()
+
+
+@pytest.mark.parametrize("index_on", ["1", "none"])
+def test_three_nodes_by_a_safetensors_index_or_by_their_count(
+        server: Standalone, seaweed: Seaweed, tmp_path: Path, index_on: str) -> None:
+    """Three nodes, each writing its own real safetensors shard of each step. With an index
+    (written on node 1, naming every shard) node 1 finalizes; with none, node 0 does once
+    all three nodes joined. Either way one asset per step, byte-exact, and only that node
+    finalized."""
+    run_id, steps, n = f"run_st_{secrets.token_hex(3)}", 2, 3
+    outs = [tmp_path / f"node{r}" / "ckpt" for r in range(n)]
+    shards = [f"model-{r + 1:05d}-of-{n:05d}.safetensors" for r in range(n)]
+    index = ["model.safetensors.index.json"] if index_on != "none" else []
+    finalizer = int(index_on) if index else 0
+    with ExitStack() as stack:
+        daemons = nodes(stack, server, *({} for _ in range(n)))
+        procs = []
+        for rank, (d, out) in enumerate(zip(daemons, outs, strict=True)):
+            cmd = [sys.executable, "-m", "agent", "exec", "--run", run_id, "--watch",
+                   str(out), "--type", "checkpoint", "--nodes", str(n), "--node-rank",
+                   str(rank), "--quiescence-s", "1", "--", sys.executable,
+                   str(ST_WRITER), str(out), "--rank", str(rank), "--nodes", str(n),
+                   "--steps", str(steps), "--index-on", index_on]
+            procs.append(subprocess.Popen(cmd, env=writer_env(d), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        finish(procs, daemons, run_id)
+        ch = server.client("user_alice")
+        assets = ch.assets.list(output_of=run_id)
+        assert len(assets) == steps and all(a.state == "ready" for a in assets), assets
+        s3 = s3_client(seaweed)
+        for a in assets:
+            markers = {f".chronicle-nodes/{r}" + (".index" if index and r == finalizer
+                                                  else "") for r in range(n)}
+            assert {c.name for c in a.components} == {*shards, *index, *markers}
+            urls = ch.assets.get(a.asset_id, include_presigned=True).download_urls
+            got = {name: s3_read(s3, urls[name]) for name in [*shards, *index]}
+            step = next(k for k in range(1, steps + 1) if all(
+                got[shards[r]] == (outs[r] / f"step-{k}" / shards[r]).read_bytes()
+                for r in range(n)))
+            if index:
+                assert got[index[0]] == (outs[finalizer] / f"step-{step}" / index[0]
+                                         ).read_bytes()
+        for rank, d in enumerate(daemons):
+            js = node_jobs(d, run_id)
+            assert len(js) == steps and all(j["state"] == "done" for j in js), describe(
+                daemons, run_id)
+            assert all(j["result"]["finalized_here"] is (rank == finalizer) for j in js), (
+                rank, [j["result"] for j in js], describe(daemons, run_id))
+        assert run_status(ch, run_id) == "finished"
 
 
 def test_an_agent_killed_mid_step_finishes_its_part_after_its_restart(
