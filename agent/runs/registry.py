@@ -486,6 +486,31 @@ class RunRegistry:
                     f", {k} pending job(s) abandoned (on_exit = abandon)" if k else "")
         await self._end_when_drained(info)
 
+    async def _others_done(self, info: RunInfo) -> None:
+        """Node 0 of a run several nodes write, before it ends the run on Chronicle (which
+        abandons whatever of it is pending): until no asset of the run is pending (the other
+        nodes' uploads), or ``runs.join_wait_s``."""
+        deadline = time.monotonic() + self.settings.runs.join_wait_s
+        delay = 1.0
+        while time.monotonic() < deadline:
+            try:
+                token = await self._token(info)
+                pending = await self.chronicle.chronicle.send(contract.list_assets(
+                    output_of=info.run_id, state="pending"), token=token)
+            except AgentError as e:
+                log.warning("run %s: cannot see its pending assets (%s); ending it anyway",
+                            info.run_id, e)
+                return
+            if not pending.assets:
+                return
+            log.info("run %s: %d asset(s) of the other nodes still pending; ending the run "
+                     "on Chronicle once they are not (at most runs.join_wait_s)", info.run_id,
+                     len(pending.assets))
+            await anyio.sleep(delay)
+            delay = min(2 * delay, 10.0)
+        log.warning("run %s: asset(s) still pending after runs.join_wait_s; ending the run "
+                    "abandons them", info.run_id)
+
     async def _abandon_presigned(self, info: RunInfo) -> int:
         q = self.queue
         recs = await q.do(runstore.unfinalized_presigned, q.s, info.run_id)
@@ -564,6 +589,8 @@ class RunRegistry:
             log.info("run %s ended on this node (node %s of %d); node 0 ends it on Chronicle",
                      info.run_id, "/".join(str(r) for r in ranks), nodes)
             tries = -1
+        elif nodes > 1:
+            await self._others_done(info)
         while tries >= 0:
             tries += 1
             delay = backoff_s(tries, 1.0, 60.0, jitter=False)

@@ -9,10 +9,8 @@ A job's ``join`` (from the watcher): ``{"key": <the checkpoint's name>, "nodes":
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,6 +24,7 @@ from agent.errors import AgentError, ChronicleError
 from agent.queue import runstore
 from agent.queue.states import RunState
 from agent.transfer.primitives import classify_storage_answer
+from agent.transfer.upload import EMPTY_SHA256, NODES_DIR, node_marker
 from agent.watch.indexes import Whole, whole_by_index
 
 if TYPE_CHECKING:
@@ -72,18 +71,6 @@ def read_index(open_fd: Callable[[str], int], directory: str, names: list[str]) 
     return whole_by_index(names, read)
 
 
-NODES_DIR = ".chronicle-nodes"
-"""Each node adds ``.chronicle-nodes/<rank>`` (``<rank>.index`` if it holds the index), an
-empty component, once its own files are uploaded: how the others count who has joined."""
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def node_marker(join: dict[str, Any], has_index: bool) -> str:
-    rank = join.get("node_rank")
-    return f"{NODES_DIR}/{rank if rank is not None else socket.gethostname()}" + (
-        ".index" if has_index else "")
-
-
 async def finish(up: AssetUpload, directory: str) -> dict[str, Any]:
     """After this node's files are uploaded: say so (its marker), then finalize if this
     node is the one: the node holding the checkpoint's index, once every file it names and
@@ -125,10 +112,25 @@ async def add_marker(up: AssetUpload, name: str) -> None:
     """Declare and PUT this node's empty marker (declaring it again is harmless)."""
     urls = await up.e.chronicle.send(contract.add_components(up.asset_id, [m.ComponentDecl(
         name=name, size=0, sha256=EMPTY_SHA256)]), token=up.token)
-    url = urls.upload_urls.get(name)
+    await _put_empty(up, name, urls.upload_urls.get(name), urls.upload_headers.get(name, {}))
+
+
+async def put_own_part_marker(up: AssetUpload) -> None:
+    """On a Chronicle without ``asset_keys``: PUT the marker that names this node in its
+    own part's asset (declared at register; its URL asked for again after a restart)."""
+    assert up.join is not None
+    name = node_marker(up.join)
+    if up.plans.get(name) is None or up.plans[name].url is None:
+        await up.refresh([name])
+    plan = up.plans[name]
+    await _put_empty(up, name, plan.url, plan.headers or {})
+
+
+async def _put_empty(up: AssetUpload, name: str, url: str | None,
+                     bound: dict[str, str]) -> None:
     if url is None:  # a multipart plan for an empty object: not something a server makes
         raise ChronicleError(502, "bad_plan", f"no single upload URL for {name}")
-    headers = {"Content-Length": "0", **urls.upload_headers.get(name, {})}
+    headers = {"Content-Length": "0", **bound}
     async with up.e.session.put(url, data=b"", headers=headers,
                                 skip_auto_headers=("Content-Type",)) as resp:
         body = await resp.read()

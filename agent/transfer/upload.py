@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -343,6 +344,24 @@ def caller_token(cred_id: str | None, token: str | None, what: str) -> str | Non
     return token
 
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+NODES_DIR = ".chronicle-nodes"
+"""Where a multi-node checkpoint's asset names its nodes (docs/multinode.md): an empty
+component ``.chronicle-nodes/<rank>`` (``<rank>.index`` on the node holding the index) per
+node, added once that node's files are uploaded; on a Chronicle without ``asset_keys``, the
+one node of each node's own asset, declared at register."""
+
+
+def node_marker(join: dict[str, Any], has_index: bool = False) -> str:
+    rank = join.get("node_rank")
+    return f"{NODES_DIR}/{rank if rank is not None else socket.gethostname()}" + (
+        ".index" if has_index else "")
+
+
+def own_part_marker(join: dict[str, Any]) -> m.ComponentDecl:
+    return m.ComponentDecl(name=node_marker(join), size=0, sha256=EMPTY_SHA256)
+
+
 class AssetUpload:
     """Drives one local asset record to ``ready``."""
 
@@ -397,6 +416,8 @@ class AssetUpload:
             await self._declare_digests(first)
         decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type,
                                 sha256=c.sha256) for c in first]
+        if self.join is not None and self.join_key(features) is None and self.asset.run_id:
+            decl.append(own_part_marker(self.join))  # one node's part, as an asset of its own
         self.e.crash.hit("before_register")
         if not replay:
             await self.q.do(self.q.s.set_asset, self.asset.asset_key,

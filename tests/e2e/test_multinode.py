@@ -137,7 +137,7 @@ def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path]
 
 def test_node_local_dcp_steps_end_as_one_asset_each(
         server: Standalone, seaweed: Seaweed, tmp_path: Path) -> None:
-    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 3
+    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 2
     outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
     with ExitStack() as stack:
         daemons = nodes(stack, server, {}, {})
@@ -205,6 +205,34 @@ def test_three_nodes_by_a_safetensors_index_or_by_their_count(
                 daemons, run_id)
             assert all(j["result"]["finalized_here"] is (rank == finalizer) for j in js), (
                 rank, [j["result"] for j in js], describe(daemons, run_id))
+        assert run_status(ch, run_id) == "finished"
+
+
+def test_without_asset_keys_each_node_part_is_an_asset_of_its_own(
+        seaweed: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a Chronicle that does not offer asset_keys, each daemon says so once and
+    uploads its node's part of each step as an asset of its own, named by the node's
+    marker; nothing is lost and node 0 ends the run once the others' parts are ready."""
+    use_seaweed_env(seaweed, monkeypatch)
+    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 2
+    outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
+    with standalone_server(tmp_path / "srv", {"user_alice": []}, asset_keys=False,
+                           storage=seaweed.storage_url(f"mn-{secrets.token_hex(4)}")
+                           ) as srv, ExitStack() as stack:
+        daemons = nodes(stack, srv, {}, {})
+        finish([exec_node(d, run_id, out, rank, port, steps)
+                for rank, (d, out) in enumerate(zip(daemons, outs, strict=True))],
+               daemons, run_id)
+        ch = srv.client("user_alice")
+        assets = ch.assets.list(output_of=run_id)
+        assert len(assets) == 2 * steps and all(a.state == "ready" for a in assets), assets
+        parts = sorted(sorted(c.name for c in a.components) for a in assets)
+        assert parts == [[".chronicle-nodes/0", ".metadata", "__0_0.distcp", "__1_0.distcp"]
+                         ] * steps + [[".chronicle-nodes/1", "__2_0.distcp", "__3_0.distcp"]
+                                      ] * steps
+        for d in daemons:
+            assert d.log_text().count("does not offer assets built by several uploaders") == 1
+            assert all(j["state"] == "done" for j in node_jobs(d, run_id))
         assert run_status(ch, run_id) == "finished"
 
 
