@@ -23,8 +23,9 @@ from agent.chronicle import models as m
 from agent.errors import AgentError, ChronicleError
 from agent.queue import runstore
 from agent.queue.states import RunState
+from agent.transfer.http import create_only
 from agent.transfer.primitives import classify_storage_answer
-from agent.transfer.upload import EMPTY_SHA256, NODES_DIR, node_marker
+from agent.transfer.upload import NODES_DIR, marker_decl, node_marker
 from agent.watch.indexes import Whole, whole_by_index
 
 if TYPE_CHECKING:
@@ -63,12 +64,8 @@ def read_index(open_fd: Callable[[str], int], directory: str, names: list[str]) 
     """What the checkpoint holds when whole, by the index among this node's files (in a
     worker thread; ``open_fd`` opens as the checkpoint's owner)."""
 
-    def read(name: str, limit: int) -> bytes:
-        fd = open_fd(os.path.join(directory, name))
-        with os.fdopen(fd, "rb") as f:
-            return f.read(limit + 1)
-
-    return whole_by_index(names, read)
+    return whole_by_index(names, lambda name: os.fdopen(open_fd(os.path.join(directory, name)),
+                                                        "rb"))
 
 
 async def finish(up: AssetUpload, directory: str) -> dict[str, Any]:
@@ -110,8 +107,8 @@ async def finish(up: AssetUpload, directory: str) -> dict[str, Any]:
 
 async def add_marker(up: AssetUpload, name: str) -> None:
     """Declare and PUT this node's empty marker (declaring it again is harmless)."""
-    urls = await up.e.chronicle.send(contract.add_components(up.asset_id, [m.ComponentDecl(
-        name=name, size=0, sha256=EMPTY_SHA256)]), token=up.token)
+    urls = await up.e.chronicle.send(contract.add_components(up.asset_id, [marker_decl(name)]),
+                                     token=up.token)
     await _put_empty(up, name, urls.upload_urls.get(name), urls.upload_headers.get(name, {}))
 
 
@@ -134,7 +131,7 @@ async def _put_empty(up: AssetUpload, name: str, url: str | None,
     async with up.e.session.put(url, data=b"", headers=headers,
                                 skip_auto_headers=("Content-Type",)) as resp:
         body = await resp.read()
-        if resp.status == 412:  # a create-only URL, and it is there: a repeat
+        if resp.status == 412 and create_only(bound):  # there already: a repeat
             return
         if resp.status >= 300:
             raise classify_storage_answer(resp.status, body, f"PUT {name} of {up.asset_id}")

@@ -358,8 +358,9 @@ def node_marker(join: dict[str, Any], has_index: bool = False) -> str:
         ".index" if has_index else "")
 
 
-def own_part_marker(join: dict[str, Any]) -> m.ComponentDecl:
-    return m.ComponentDecl(name=node_marker(join), size=0, sha256=EMPTY_SHA256)
+def marker_decl(name: str) -> m.ComponentDecl:
+    """A node marker as declared: empty, its digest bound where the server binds them."""
+    return m.ComponentDecl(name=name, size=0, sha256=EMPTY_SHA256)
 
 
 class AssetUpload:
@@ -416,8 +417,9 @@ class AssetUpload:
             await self._declare_digests(first)
         decl = [m.ComponentDecl(name=c.name, size=c.size, content_type=c.content_type,
                                 sha256=c.sha256) for c in first]
-        if self.join is not None and self.join_key(features) is None and self.asset.run_id:
-            decl.append(own_part_marker(self.join))  # one node's part, as an asset of its own
+        if self.own_part(features):
+            assert self.join is not None
+            decl.append(marker_decl(node_marker(self.join)))
         self.e.crash.hit("before_register")
         if not replay:
             await self.q.do(self.q.s.set_asset, self.asset.asset_key,
@@ -466,6 +468,12 @@ class AssetUpload:
     async def joined(self) -> bool:
         """Whether this asset is this node's part of one several nodes build."""
         return self.join_key(await self.e.features()) is not None
+
+    def own_part(self, features: frozenset[str]) -> bool:
+        """Whether this asset is one node's part of a multi-node checkpoint, as an asset of
+        its own (Chronicle cannot join them): its node's marker names it."""
+        return self.join is not None and bool(self.asset.run_id) and \
+            self.join_key(features) is None
 
     def _pipelined(self, features: frozenset[str]) -> bool:
         """Whether small components can be declared while others upload (API 1.1: their

@@ -311,7 +311,7 @@ class Workers:
                     if await up.joined():
                         result = await joined.finish(up, p["path"])
                     else:
-                        if up.join is not None and up.asset.run_id:
+                        if up.own_part(await self.e.features()):
                             await joined.put_own_part_marker(up)
                         await up.finalize()
                 except (ChronicleError, StorageRefused) as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -129,10 +130,11 @@ def _field(state: Any, name: str) -> Any:
     return None
 
 
-def dcp_files(data: bytes) -> frozenset[str]:
-    """The shard files a DCP ``.metadata`` names."""
+def dcp_files(data: bytes | BinaryIO) -> frozenset[str]:
+    """The shard files a DCP ``.metadata`` names (its bytes, or the open file, read as the
+    pickle is, not whole first)."""
     try:
-        root = _Reader(io.BytesIO(data)).load()
+        root = _Reader(io.BytesIO(data) if isinstance(data, bytes) else data).load()
     except UnreadableIndex:
         raise
     except Exception as e:  # a damaged pickle raises anything from EOFError to TypeError
@@ -147,10 +149,10 @@ def dcp_files(data: bytes) -> frozenset[str]:
     return frozenset(files)
 
 
-def safetensors_files(data: bytes) -> frozenset[str]:
+def safetensors_files(data: bytes | BinaryIO) -> frozenset[str]:
     """The shard files a safetensors index's ``weight_map`` names."""
     try:
-        doc = json.loads(data)
+        doc = json.loads(data) if isinstance(data, bytes) else json.load(data)
     except ValueError as e:
         raise UnreadableIndex(f"not a JSON safetensors index ({e})") from None
     weights = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -180,16 +182,16 @@ def find_index(names: Iterable[str]) -> tuple[str, str] | None:
     return ("safetensors_index", st[0]) if len(st) == 1 else None
 
 
-def whole_by_index(names: Iterable[str], read: Callable[[str, int], bytes]) -> Whole | None:
+def whole_by_index(names: Iterable[str], open_file: Callable[[str], BinaryIO]) -> Whole | None:
     """What the checkpoint holds when whole, by its index among ``names``; None without an
-    index. ``read(name, limit)``: the file's bytes, refusing more than ``limit`` (called as
-    the checkpoint's owner). An index that cannot be read raises :class:`UnreadableIndex`."""
+    index. ``open_file(name)``: the file, open for reading (as the checkpoint's owner). An
+    index that cannot be read raises :class:`UnreadableIndex`."""
     found = find_index(names)
     if found is None:
         return None
     kind, index = found
-    data = read(index, MAX_INDEX_BYTES)
-    if len(data) > MAX_INDEX_BYTES:
-        raise UnreadableIndex(f"{index} is larger than {MAX_INDEX_BYTES} bytes")
-    files = dcp_files(data) if kind == "dcp_metadata" else safetensors_files(data)
+    with open_file(index) as f:
+        if os.fstat(f.fileno()).st_size > MAX_INDEX_BYTES:
+            raise UnreadableIndex(f"{index} is larger than {MAX_INDEX_BYTES} bytes")
+        files = dcp_files(f) if kind == "dcp_metadata" else safetensors_files(f)
     return Whole(kind, index, files | {index})

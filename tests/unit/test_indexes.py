@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from agent.watch.indexes import UnreadableIndex, whole_by_index
 
 
 def _reader(d: Path):  # type: ignore[no-untyped-def]
-    return lambda name, limit: (d / name).read_bytes()
+    return lambda name: open(d / name, "rb")
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: no group
@@ -91,5 +92,5 @@ def test_a_safetensors_index_names_its_shards(tmp_path: Path) -> None:
 
 
 def test_no_index_or_two_is_none() -> None:
-    assert whole_by_index(["a.bin", "config.json"], lambda n, lim: b"") is None
+    assert whole_by_index(["a.bin", "config.json"], lambda n: open(os.devnull, "rb")) is None
     assert indexes.find_index(["a.safetensors.index.json", "b.safetensors.index.json"]) is None
