@@ -56,7 +56,7 @@ from agent.queue.states import (
 from agent.queue.store import TERMINAL, JobState, StateConflict, _rfc3339
 from agent.runs import liveness
 from agent.transfer.primitives import backoff_s
-from agent.transfer.upload import caller_token
+from agent.transfer.upload import caller_token, part_marker
 from agent.watch.seal import glob_root
 
 if TYPE_CHECKING:
@@ -146,6 +146,8 @@ class RunsChronicle(Protocol):
     chronicle: AsyncChronicle
 
     async def ensure_run(self, run_id: str | None, token: str | None = None) -> None: ...
+
+    async def features(self) -> frozenset[str]: ...
 
 
 class Canceller(Protocol):
@@ -486,30 +488,46 @@ class RunRegistry:
                     f", {k} pending job(s) abandoned (on_exit = abandon)" if k else "")
         await self._end_when_drained(info)
 
-    async def _others_done(self, info: RunInfo) -> None:
+    async def _others_done(self, info: RunInfo, nodes: int) -> None:
         """Node 0 of a run several nodes write, before it ends the run on Chronicle (which
-        abandons whatever of it is pending): until no asset of the run is pending (the other
-        nodes' uploads), or ``runs.join_wait_s``."""
+        abandons whatever of it is pending and takes no new asset): until no asset of the
+        run is pending (the other nodes' uploads) and, on a Chronicle without
+        ``asset_keys``, every node's part of each of this node's checkpoints is there; at
+        most ``runs.join_wait_s``."""
         deadline = time.monotonic() + self.settings.runs.join_wait_s
         delay = 1.0
+        parts: set[str] = set()
+        try:
+            if "asset_keys" not in await self.chronicle.features():
+                q = self.queue
+                keys = {str(j.payload["join"]["key"]) for j in await q.do(
+                    q.s.list_jobs, run_id=info.run_id) if j.payload.get("join")}
+                parts = {part_marker(k, r) for k in keys for r in range(nodes)}
+        except AgentError as e:
+            log.warning("run %s: cannot ask Chronicle what it offers (%s)", info.run_id, e)
         while time.monotonic() < deadline:
             try:
                 token = await self._token(info)
-                pending = await self.chronicle.chronicle.send(contract.list_assets(
-                    output_of=info.run_id, state="pending"), token=token)
+                assets = (await self.chronicle.chronicle.send(contract.list_assets(
+                    output_of=info.run_id), token=token)).assets
             except AgentError as e:
-                log.warning("run %s: cannot see its pending assets (%s); ending it anyway",
+                log.warning("run %s: cannot see its assets (%s); ending it anyway",
                             info.run_id, e)
                 return
-            if not pending.assets:
+            pending = [a.asset_id for a in assets if a.state == "pending"]
+            missing = sorted(parts - {c.name for a in assets if a.state == "ready"
+                                      for c in a.components})
+            if not pending and not missing:
                 return
-            log.info("run %s: %d asset(s) of the other nodes still pending; ending the run "
-                     "on Chronicle once they are not (at most runs.join_wait_s)", info.run_id,
-                     len(pending.assets))
+            log.info("run %s: waiting for the other nodes before ending the run on Chronicle "
+                     "(at most runs.join_wait_s): %d asset(s) pending%s", info.run_id,
+                     len(pending), f", parts not there yet: {', '.join(missing[:8])}"
+                     if missing else "")
             await anyio.sleep(delay)
             delay = min(2 * delay, 10.0)
-        log.warning("run %s: asset(s) still pending after runs.join_wait_s; ending the run "
-                    "abandons them", info.run_id)
+        log.warning("run %s: asset(s) still pending or nodes' parts missing after "
+                    "runs.join_wait_s; ending the run on Chronicle (it abandons what is "
+                    "pending)", info.run_id)
 
     async def _abandon_presigned(self, info: RunInfo) -> int:
         q = self.queue
@@ -590,7 +608,7 @@ class RunRegistry:
                      info.run_id, "/".join(str(r) for r in ranks), nodes)
             tries = -1
         elif nodes > 1:
-            await self._others_done(info)
+            await self._others_done(info, nodes)
         while tries >= 0:
             tries += 1
             delay = backoff_s(tries, 1.0, 60.0, jitter=False)

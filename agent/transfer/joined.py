@@ -25,7 +25,7 @@ from agent.queue import runstore
 from agent.queue.states import RunState
 from agent.transfer.http import create_only
 from agent.transfer.primitives import classify_storage_answer
-from agent.transfer.upload import NODES_DIR, marker_decl, node_marker
+from agent.transfer.upload import NODES_DIR, marker_decl, node_marker, own_part_marker
 from agent.watch.indexes import Whole, whole_by_index
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ async def put_own_part_marker(up: AssetUpload) -> None:
     """On a Chronicle without ``asset_keys``: PUT the marker that names this node in its
     own part's asset (declared at register; its URL asked for again after a restart)."""
     assert up.join is not None
-    name = node_marker(up.join)
+    name = own_part_marker(up.join)
     if up.plans.get(name) is None or up.plans[name].url is None:
         await up.refresh([name])
     plan = up.plans[name]

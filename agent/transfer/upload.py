@@ -348,14 +348,25 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 NODES_DIR = ".chronicle-nodes"
 """Where a multi-node checkpoint's asset names its nodes (docs/multinode.md): an empty
 component ``.chronicle-nodes/<rank>`` (``<rank>.index`` on the node holding the index) per
-node, added once that node's files are uploaded; on a Chronicle without ``asset_keys``, the
-one node of each node's own asset, declared at register."""
+node, added once that node's files are uploaded; on a Chronicle without ``asset_keys``,
+``.chronicle-nodes/<checkpoint>/<rank>`` in each node's own asset, declared at register."""
 
 
 def node_marker(join: dict[str, Any], has_index: bool = False) -> str:
     rank = join.get("node_rank")
     return f"{NODES_DIR}/{rank if rank is not None else socket.gethostname()}" + (
         ".index" if has_index else "")
+
+
+def part_marker(key: str, rank: object) -> str:
+    """The marker naming one node's part of checkpoint ``key`` as an asset of its own (a
+    Chronicle without ``asset_keys``): ``.chronicle-nodes/<checkpoint>/<rank>``, so that the
+    parts of every step can be told apart, and node 0 can tell when all of them are there."""
+    return f"{NODES_DIR}/{key}/{rank if rank is not None else socket.gethostname()}"
+
+
+def own_part_marker(join: dict[str, Any]) -> str:
+    return part_marker(str(join["key"]), join.get("node_rank"))
 
 
 def marker_decl(name: str) -> m.ComponentDecl:
@@ -419,7 +430,7 @@ class AssetUpload:
                                 sha256=c.sha256) for c in first]
         if self.own_part(features):
             assert self.join is not None
-            decl.append(marker_decl(node_marker(self.join)))
+            decl.append(marker_decl(own_part_marker(self.join)))
         self.e.crash.hit("before_register")
         if not replay:
             await self.q.do(self.q.s.set_asset, self.asset.asset_key,

@@ -62,14 +62,14 @@ def writer(out: Path, rank: int, port: int, steps: int) -> list[str]:
 
 
 def exec_node(d: DaemonProc | None, run_id: str, out: Path, rank: int, port: int,
-              steps: int) -> subprocess.Popen[str]:
+              steps: int, quiescence_s: float = 2) -> subprocess.Popen[str]:
     """Node ``rank``'s ranks under ``chronicle-agent exec --nodes 2`` with its daemon
     ``d``; without one (None), the ranks alone: a node whose part nobody uploads."""
     cmd = writer(out, rank, port, steps)
     if d is not None:
         cmd = [sys.executable, "-m", "agent", "exec", "--run", run_id, "--watch", str(out),
                "--type", "checkpoint", "--nodes", "2", "--node-rank", str(rank),
-               "--quiescence-s", "2", "--", *cmd]
+               "--quiescence-s", str(quiescence_s), "--", *cmd]
     return subprocess.Popen(cmd, env=writer_env(d), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -212,7 +212,9 @@ def test_without_asset_keys_each_node_part_is_an_asset_of_its_own(
         seaweed: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against a Chronicle that does not offer asset_keys, each daemon says so once and
     uploads its node's part of each step as an asset of its own, named by the node's
-    marker; nothing is lost and node 0 ends the run once the others' parts are ready."""
+    marker; nothing is lost and node 0 ends the run once the others' parts are ready (node
+    1, which has no .metadata, seals by a longer quiescence: its last part registers well
+    after node 0's is ready, and a run ended on Chronicle would refuse it)."""
     use_seaweed_env(seaweed, monkeypatch)
     run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 2
     outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
@@ -220,16 +222,18 @@ def test_without_asset_keys_each_node_part_is_an_asset_of_its_own(
                            storage=seaweed.storage_url(f"mn-{secrets.token_hex(4)}")
                            ) as srv, ExitStack() as stack:
         daemons = nodes(stack, srv, {}, {})
-        finish([exec_node(d, run_id, out, rank, port, steps)
+        finish([exec_node(d, run_id, out, rank, port, steps, quiescence_s=2 + 5 * rank)
                 for rank, (d, out) in enumerate(zip(daemons, outs, strict=True))],
                daemons, run_id)
         ch = srv.client("user_alice")
         assets = ch.assets.list(output_of=run_id)
         assert len(assets) == 2 * steps and all(a.state == "ready" for a in assets), assets
         parts = sorted(sorted(c.name for c in a.components) for a in assets)
-        assert parts == [[".chronicle-nodes/0", ".metadata", "__0_0.distcp", "__1_0.distcp"]
-                         ] * steps + [[".chronicle-nodes/1", "__2_0.distcp", "__3_0.distcp"]
-                                      ] * steps
+        assert parts == sorted(
+            [[f".chronicle-nodes/step-{s}/0", ".metadata", "__0_0.distcp", "__1_0.distcp"]
+             for s in range(1, steps + 1)]
+            + [[f".chronicle-nodes/step-{s}/1", "__2_0.distcp", "__3_0.distcp"]
+               for s in range(1, steps + 1)])
         for d in daemons:
             assert d.log_text().count("does not offer assets built by several uploaders") == 1
             assert all(j["state"] == "done" for j in node_jobs(d, run_id))

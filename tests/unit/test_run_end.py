@@ -37,6 +37,9 @@ class Chronicle:
     async def ensure_run(self, run_id: str | None, token: str | None = None) -> None:
         self.calls.append(("ensure", str(run_id), None))
 
+    async def features(self) -> frozenset[str]:
+        return frozenset({"checksum_urls", "asset_keys"})
+
 
 class Canceller:
     def __init__(self) -> None:
