@@ -623,6 +623,8 @@ def cmd_download(ctx: Ctx) -> int:
     selected = result.get("selected") or final.get("selected")
     if args.json:
         out: dict[str, Any] = {"asset_id": asset_id, "dest": str(dest), "files": files}
+        out.update({k: result[k] for k in ("cached", "fetched", "fetched_bytes")
+                    if k in result})
         if args.latest and selected:
             out["selected"] = selected
         ctx.print_json(out)
@@ -631,7 +633,12 @@ def cmd_download(ctx: Ctx) -> int:
         ctx.print(f"latest ready {args.asset_type} of run {args.run}: {asset_id} "
                   f"(created {selected.get('created_at')})")
     total = sum(int(f.get("size") or 0) for f in files)
-    ctx.print(f"{asset_id}: {len(files)} file(s), {format_bytes(total)} in {dest}")
+    fetched = result.get("fetched")
+    where = "" if not isinstance(fetched, int) else (
+        " (all from the node cache)" if fetched == 0 else
+        f" ({fetched} fetched, {len(files) - fetched} from the node cache)"
+        if fetched < len(files) else "")
+    ctx.print(f"{asset_id}: {len(files)} file(s), {format_bytes(total)} in {dest}{where}")
     return EXIT_OK
 
 

@@ -1,7 +1,10 @@
 """The node-local cache of ready assets: one fetch per asset, however many jobs want it.
 
 A ready asset is immutable, so one verified copy can serve every later download of the same
-asset id on this node. Layout under ``download.cache_dir`` (default ``<state_dir>/cache``)::
+asset id on this node. An entry holds some or all of its asset's components: a download of a
+selection (one rank's shards) fills it with those, a later one with the rest, and what this
+node uploaded of a checkpoint several nodes wrote is its entry from the start. Layout
+under ``download.cache_dir`` (default ``<state_dir>/cache``)::
 
     index.db                    one row per entry: asset id, state, bytes, manifest, last use
     fill/<asset_id>/<name>      an entry being filled: partial files, resumed with Range
@@ -9,7 +12,9 @@ asset id on this node. Layout under ``download.cache_dir`` (default ``<state_dir
     trash/                      entries being removed
 
 - Filling: one fill per asset at a time (a per-asset lock). A second job that wants the same
-  asset waits for that fill, then materializes from the finished entry. An interrupted fill
+  asset waits for that fill, then materializes from the finished entry. A fill fetches only
+  the wanted components the entry does not hold (its files move back into ``fill/`` while
+  it runs). An interrupted fill
   (a failed attempt, a killed daemon) keeps its partial files; the next fill of the asset
   resumes them.
 - Verification: each component is verified (size and SHA-256) as it is fetched; once all are
@@ -18,8 +23,8 @@ asset id on this node. Layout under ``download.cache_dir`` (default ``<state_dir
   a hardlink is dropped and fetched again, never served), and the first use after a daemon
   start hashes the files again.
 - Cap: before a fill, least recently used entries (never one in use) are evicted until the
-  new one fits under ``download.cache_max_bytes``. An asset larger than the cap, or whose id
-  is not a safe file name, bypasses the cache.
+  new one fits under ``download.cache_max_bytes``. A selection larger than the cap, or an
+  asset whose id is not a safe file name, bypasses the cache.
 - Materializing: each file is hardlinked into the destination's staging directory when both
   are on one filesystem, else copied in the kernel (``copy_file_range``, resumable from what
   a previous attempt copied).
@@ -101,10 +106,13 @@ class Entry:
     files: list[CachedFile]
     filled: bool
     """True when this use filled the entry (a fetch), False on a hit."""
+    fetched: int = 0
+    """The components this use fetched from the store (the others were here)."""
+    fetched_bytes: int = 0
 
 
-Fill = Callable[[Path], Awaitable[list[dict[str, Any]]]]
-"""Fetch every component into the given directory, verified; the files ({name, size,
+Fill = Callable[[Path, list[str]], Awaitable[list[dict[str, Any]]]]
+"""Fetch the named components into the given directory, verified; the files ({name, size,
 sha256})."""
 
 
@@ -126,9 +134,11 @@ class AssetCache:
 
     # ---- what callers ask ---------------------------------------------------------------
 
-    def usable_for(self, asset: m.Asset) -> bool:
-        """Whether this asset goes through the cache (else straight to its destination)."""
-        total = sum(c.size or 0 for c in asset.components)
+    def usable_for(self, asset: m.Asset, wanted: m.Asset | None = None) -> bool:
+        """Whether a download of ``wanted`` (a selection of the asset's components; the
+        whole asset by default) goes through the cache (else straight to its
+        destination)."""
+        total = sum(c.size or 0 for c in (wanted or asset).components)
         return (self.max_bytes > 0 and total <= self.max_bytes
                 and _SAFE_ID.fullmatch(asset.asset_id) is not None
                 and asset.asset_id not in (".", ".."))
@@ -138,27 +148,41 @@ class AssetCache:
                 "entries": self._entries}
 
     @asynccontextmanager
-    async def use(self, asset: m.Asset, fill: Fill) -> AsyncIterator[Entry]:
-        """The asset's verified entry, filled by ``fill`` unless it is already here; held
-        (never evicted) until the block ends. Concurrent uses of one asset wait for one
-        fill."""
+    async def use(self, asset: m.Asset, fill: Fill,
+                  names: frozenset[str] | None = None) -> AsyncIterator[Entry]:
+        """The asset's verified entry holding the components ``names`` (all by default),
+        filled by ``fill`` with those it does not hold yet; the entry's ``files`` are those
+        named. Held (never evicted) until the block ends. Concurrent uses of one asset wait
+        for one fill."""
         await self.open()
         aid = asset.asset_id
+        need = names if names is not None else frozenset(c.name for c in asset.components)
         lock = self._fill_lock(aid)
         try:
             async with lock:
-                entry = await anyio.to_thread.run_sync(self._lookup, asset,
-                                                       aid not in self._verified)
-                if entry is None:
-                    total = sum(c.size or 0 for c in asset.components)
+                have = await anyio.to_thread.run_sync(self._lookup, asset,
+                                                      aid not in self._verified)
+                held = {f.name: f for f in have or []}
+                missing = sorted(need - set(held))
+                if missing:
+                    sizes = {c.name: c.size or 0 for c in asset.components}
+                    total = sum(f.size for f in held.values()) + sum(sizes[n] for n in missing)
                     busy = self._busy() - {aid}
                     fill_dir = await anyio.to_thread.run_sync(self._begin_fill, aid, total,
-                                                              busy)
-                    files = await fill(fill_dir)
-                    entry = await anyio.to_thread.run_sync(self._commit, aid, files)
-                    log.info("cache: %s filled (%d file(s), %d bytes)", aid, len(files), total)
+                                                              busy, have is not None)
+                    files = await fill(fill_dir, missing)
+                    entry = await anyio.to_thread.run_sync(
+                        self._commit, aid, [f.to_json() for f in held.values()] + files)
+                    entry.fetched = len(files)
+                    entry.fetched_bytes = sum(int(f["size"]) for f in files)
+                    log.info("cache: %s filled (%d file(s), %d bytes fetched%s)", aid,
+                             entry.fetched, entry.fetched_bytes,
+                             f"; {len(held)} file(s) were here" if held else "")
                 else:
+                    assert have is not None
+                    entry = Entry(aid, self.root / "objects" / aid, have, filled=False)
                     log.info("cache: %s served from the cache", aid)
+                entry.files = [f for f in entry.files if f.name in need]
                 self._verified.add(aid)
                 self._pins[aid] = self._pins.get(aid, 0) + 1
         finally:
@@ -173,7 +197,8 @@ class AssetCache:
                 del self._pins[aid]
 
     async def adopt(self, asset_id: str, files: list[dict[str, Any]]) -> bool:
-        """Keep the files an upload just finalized as the asset's entry: each
+        """Keep the files an upload just finalized (or this node's part of an asset several
+        nodes build) as the asset's entry: each
         ``{"name", "size", "sha256", "path"}`` is moved (renamed: no copy, so only from
         the same filesystem, e.g. a watcher's snapshot) into the cache. False when it
         cannot be (cache off or too small, an unsafe id, another filesystem, already
@@ -346,7 +371,7 @@ class AssetCache:
             self._conn().execute("UPDATE entries SET last_used = ? WHERE asset_id = ?",
                                  (time.time(), aid))
 
-    def _lookup(self, asset: m.Asset, rehash: bool) -> Entry | None:
+    def _lookup(self, asset: m.Asset, rehash: bool) -> list[CachedFile] | None:
         aid = asset.asset_id
         with self._db_lock:
             row = self._conn().execute(
@@ -362,9 +387,11 @@ class AssetCache:
             self._remove(aid)
             return None
         self._touch(aid)
-        return Entry(aid, path, files, filled=False)
+        return files
 
-    def _begin_fill(self, aid: str, total: int, busy: set[str]) -> Path:
+    def _begin_fill(self, aid: str, total: int, busy: set[str], keep: bool = False) -> Path:
+        """A fill directory for ``aid`` (``keep``: holding the entry's verified files, which
+        the fill adds to), once the cache has room for ``total`` bytes of it."""
         now = time.time()
         with self._db_lock:
             db = self._conn()
@@ -376,6 +403,9 @@ class AssetCache:
             others = db.execute(
                 "SELECT asset_id, bytes FROM entries WHERE asset_id != ? ORDER BY last_used",
                 (aid,)).fetchall()
+        fill_dir = self.root / "fill" / aid
+        if keep and not fill_dir.exists():
+            os.rename(self.root / "objects" / aid, fill_dir)
         self._trash(self.root / "objects" / aid)  # a stale copy, if any
         used = total + sum(b for _, b in others)
         for other, size in others:
@@ -389,7 +419,6 @@ class AssetCache:
         if used > self.max_bytes:
             log.warning("cache: %d bytes over its cap of %d while entries are in use",
                         used - self.max_bytes, self.max_bytes)
-        fill_dir = self.root / "fill" / aid
         fill_dir.mkdir(exist_ok=True, mode=0o700)
         self._recount()
         return fill_dir
@@ -420,8 +449,8 @@ class AssetCache:
 def _check(asset: m.Asset, files: list[CachedFile], path: Path, rehash: bool) -> str | None:
     """Why the entry cannot serve ``asset`` (None: it can)."""
     want = {c.name: c for c in asset.components}
-    if set(want) != {f.name for f in files}:
-        return "its components differ from the asset's"
+    if not {f.name for f in files} <= set(want):
+        return "it holds files that are not the asset's components"
     for f in files:
         c = want[f.name]
         if (c.size is not None and c.size != f.size) or (c.sha256 and c.sha256 != f.sha256):

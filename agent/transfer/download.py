@@ -14,9 +14,8 @@
    failure the destination holds no partial file.
 
 With ``include`` / ``exclude`` patterns (:mod:`agent.transfer.selection`) only the selected
-components are fetched, verified and placed. A selection that is not the whole asset
-bypasses the cache (straight into the staging directory): a cache entry always holds a
-whole asset, so a partial one is never taken for it.
+components are fetched, verified and placed; through the cache, only those the asset's
+entry does not hold yet (an entry holds any subset of its asset's components).
 
 A full disk (ENOSPC) raises :class:`~agent.errors.DiskFull`: the worker puts the job back in
 the queue with a delay and the partial files stay for the next attempt.
@@ -91,6 +90,9 @@ class DownloadResult:
     warnings: list[str]
     cached: bool
     """True when the bytes came from the node-local cache without a fetch."""
+    fetched: int = 0
+    """The components fetched from the store (the others came from the cache)."""
+    fetched_bytes: int = 0
 
 
 async def download_asset(
@@ -141,18 +143,30 @@ async def _download(
     await run_as(ident, lambda: os.makedirs(staging, mode=0o700, exist_ok=True))
     total = sum(c.size or 0 for c in wanted.components)
     await engine.queue.do(engine.queue.s.set_progress, job_id, bytes_total=total)
-    fetcher = _Fetcher(engine, wanted, token, progress)
-    cached = False
-    if cache is not None and wanted is asset and cache.usable_for(asset):
-        async with cache.use(asset, fetcher.fetch_all) as entry:
-            cached = not entry.filled
+    if cache is not None and cache.usable_for(asset, wanted):
+
+        async def fill(fill_dir: Any, names: list[str]) -> list[dict[str, Any]]:
+            return await _Fetcher(engine, subset(wanted, names), token, progress).fetch_all(
+                fill_dir)
+
+        async with cache.use(asset, fill, frozenset(c.name for c in wanted.components)
+                             ) as entry:
             progress.add(-progress.bytes_done)  # from here: bytes in place at the destination
             files = await cache.materialize(entry, staging, progress.add, ident)
+        fetched, fetched_bytes = entry.fetched, entry.fetched_bytes
     else:
-        files = await fetcher.fetch_all(staging, ident)
+        files = await _Fetcher(engine, wanted, token, progress).fetch_all(staging, ident)
+        fetched, fetched_bytes = len(files), total
     await run_as(ident, _move_into_place, staging, dest)
     files.sort(key=lambda f: f["name"])
-    return DownloadResult(asset, files, warnings, cached)
+    return DownloadResult(asset, files, warnings, fetched == 0, fetched, fetched_bytes)
+
+
+def subset(asset: m.Asset, names: list[str]) -> m.Asset:
+    """The asset as if it held only the components ``names``."""
+    keep = set(names)
+    return asset.model_copy(update={"components": [c for c in asset.components
+                                                   if c.name in keep]})
 
 
 def check_asset(asset: m.Asset, allow_invalid: bool) -> list[str]:

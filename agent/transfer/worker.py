@@ -450,7 +450,8 @@ class Workers:
         if res.warnings:
             await self.q.do(self.q.s.set_progress, job.job_id, warnings=res.warnings)
         out = {"asset_id": p["asset_id"], "dest": p["dest"], "files": res.files,
-               "cached": res.cached}
+               "cached": res.cached, "fetched": res.fetched,
+               "fetched_bytes": res.fetched_bytes}
         if "selected" in p:
             out["selected"] = p["selected"]
         return out

@@ -737,7 +737,10 @@ class Watcher:
     async def _keep_in_cache(self, job_id: str | None, snap_dir: str) -> None:
         """A finalized upload's snapshot becomes its asset's entry in the node-local cache
         (``download.cache_uploads``): moved there, so a restore on this node fetches
-        nothing. Only files inside the snapshot are moved."""
+        nothing. So does this node's part of a checkpoint several nodes build (its job done
+        once its files are in: another node may finalize), so that restoring this node's
+        ranks fetches only what other nodes wrote. Only files inside the snapshot are
+        moved."""
         cache = self.jobs.cache
         if job_id is None or not self.settings.download.cache_uploads:
             return
@@ -746,7 +749,8 @@ class Watcher:
         rec = None if job is None or job.asset_key is None else \
             await q.do(q.s.asset, job.asset_key)
         if job is None or job.asset_key is None or rec is None or rec.asset_id is None \
-                or rec.state != AssetState.FINALIZED:
+                or not (rec.state == AssetState.FINALIZED
+                        or (job.state == JobState.DONE and (job.result or {}).get("joined"))):
             return
         root = os.path.join(snap_dir, "")
         files = [{"name": c.name, "size": c.size or 0, "sha256": c.sha256, "path": c.path}

@@ -55,20 +55,22 @@ def nodes(stack: ExitStack, srv: Standalone, *envs: dict[str, str]) -> list[Daem
     return [stack.enter_context(start_daemon({**env, **more})) for more in envs]
 
 
-def writer(out: Path, rank: int, port: int, steps: int) -> list[str]:
-    """Node ``rank``'s two ranks (2*rank, 2*rank+1) of a 4-rank DCP job, writing to ``out``."""
-    return [sys.executable, str(WRITER), str(out), "--first-rank", str(2 * rank), "--local",
-            "2", "--world", "4", "--port", str(port), "--steps", str(steps)]
+def writer(out: Path, rank: int, port: int, steps: int, nodes: int = 2) -> list[str]:
+    """Node ``rank``'s ranks of a 4-rank DCP job over ``nodes`` nodes (4 / nodes ranks
+    each: 2*rank, 2*rank+1 with two nodes), writing to ``out``."""
+    local = 4 // nodes
+    return [sys.executable, str(WRITER), str(out), "--first-rank", str(local * rank),
+            "--local", str(local), "--world", "4", "--port", str(port), "--steps", str(steps)]
 
 
 def exec_node(d: DaemonProc | None, run_id: str, out: Path, rank: int, port: int,
-              steps: int, quiescence_s: float = 2) -> subprocess.Popen[str]:
-    """Node ``rank``'s ranks under ``chronicle-agent exec --nodes 2`` with its daemon
+              steps: int, quiescence_s: float = 2, nodes: int = 2) -> subprocess.Popen[str]:
+    """Node ``rank``'s ranks under ``chronicle-agent exec --nodes N`` with its daemon
     ``d``; without one (None), the ranks alone: a node whose part nobody uploads."""
-    cmd = writer(out, rank, port, steps)
+    cmd = writer(out, rank, port, steps, nodes)
     if d is not None:
         cmd = [sys.executable, "-m", "agent", "exec", "--run", run_id, "--watch", str(out),
-               "--type", "checkpoint", "--nodes", "2", "--node-rank", str(rank),
+               "--type", "checkpoint", "--nodes", str(nodes), "--node-rank", str(rank),
                "--quiescence-s", str(quiescence_s), "--", *cmd]
     return subprocess.Popen(cmd, env=writer_env(d), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -108,8 +110,8 @@ def node_jobs(d: DaemonProc, run_id: str) -> list[dict[str, Any]]:
 
 def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path],
                 steps: int) -> None:
-    """Every step is one ready asset holding the union of both nodes' files, byte for byte,
-    read back from the store by an independent S3 client (a step's .metadata tells it
+    """Every step is one ready asset holding the union of every node's files, byte for
+    byte, read back from the store by an independent S3 client (a step's .metadata tells it
     apart: the names are the same every step)."""
     ch = srv.client("user_alice")
     assets = wait_until(lambda: [a for a in ch.assets.list(output_of=run_id)
@@ -118,13 +120,14 @@ def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path]
         "every asset of the run ready")
     assert len(assets) == steps, [(a.asset_id, a.state) for a in assets]
     s3 = s3_client(seaweed)
-    local = {n: {**tree(outs[0] / f"step-{n}"), **tree(outs[1] / f"step-{n}")}
+    local = {n: {k: v for out in outs for k, v in tree(out / f"step-{n}").items()}
              for n in range(1, steps + 1)}
     seen = []
     for a in assets:
         assert {c.name for c in a.components} == {
             ".metadata", *(f"__{r}_0.distcp" for r in range(4)),
-            ".chronicle-nodes/0.index", ".chronicle-nodes/1"}  # who joined
+            ".chronicle-nodes/0.index", *(f".chronicle-nodes/{r}"  # who joined
+                                          for r in range(1, len(outs)))}
         urls = ch.assets.get(a.asset_id, include_presigned=True).download_urls
         meta = s3_read(s3, urls[".metadata"])
         step = next(n for n, files in local.items() if files[".metadata"] == meta)
@@ -135,13 +138,18 @@ def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path]
     assert run_status(ch, run_id) == "finished"
 
 
-def test_node_local_dcp_steps_end_as_one_asset_each(
+def test_four_nodes_dcp_steps_end_as_one_asset_each_and_every_rank_restores_its_own(
         server: Standalone, seaweed: Seaweed, tmp_path: Path) -> None:
-    run_id, port, steps = f"run_mn_{secrets.token_hex(3)}", free_port(), 2
-    outs = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
+    """Four nodes of one rank each: three steps of a real dcp.save, one asset per step.
+    Then every node restores only its rank's shard and .metadata through its own daemon:
+    its shard comes from its node cache (it uploaded it), only .metadata is fetched, by the
+    nodes that did not write it; and dcp.load on every rank, from its node's restored
+    directory, gets back what that rank saved."""
+    run_id, port, steps, n = f"run_mn_{secrets.token_hex(3)}", free_port(), 3, 4
+    outs = [tmp_path / f"node{r}" / "ckpt" for r in range(n)]
     with ExitStack() as stack:
-        daemons = nodes(stack, server, {}, {})
-        finish([exec_node(d, run_id, out, rank, port, steps)
+        daemons = nodes(stack, server, *({} for _ in range(n)))
+        finish([exec_node(d, run_id, out, rank, port, steps, nodes=n)
                 for rank, (d, out) in enumerate(zip(daemons, outs, strict=True))],
                daemons, run_id)
         check_steps(server, seaweed, run_id, outs, steps)
@@ -153,10 +161,37 @@ def test_node_local_dcp_steps_end_as_one_asset_each(
                 result = j.get("result") or {}
                 assert result.get("joined") is True, j
                 assert result["finalized_here"] is (rank == 0), j
-                assert result["files_here"] == (3 if rank == 0 else 2), j
-        # node 0 ended the run on Chronicle once its own jobs were done; node 1 left it
-        assert "node 0 ends it on Chronicle" in daemons[1].log_text()
-        assert "node 0 ends it on Chronicle" not in daemons[0].log_text()
+                assert result["files_here"] == (2 if rank == 0 else 1), j
+        # node 0 ended the run on Chronicle once its own jobs were done; the others left it
+        for rank, d in enumerate(daemons):
+            assert ("node 0 ends it on Chronicle" in d.log_text()) is (rank > 0), rank
+
+        # restore the last step per rank, with filters, each node through its own daemon
+        restored = [tmp_path / f"node{r}" / "restore" for r in range(n)]
+        for rank, d in enumerate(daemons):
+            wait_until(lambda d=d: len(list((d.state_dir / "cache" / "objects").iterdir()))
+                       == steps, 30, "every step's own files kept in the node cache")
+            r = subprocess.run(
+                [sys.executable, "-m", "agent", "download", "--run", run_id, "--type",
+                 "checkpoint", "--latest", str(restored[rank]), "--include", ".metadata",
+                 "--include", f"__{rank}_*", "--json"], env=writer_env(d),
+                capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            got = json.loads(r.stdout)
+            assert tree(restored[rank]) == {
+                k: v for k, v in tree(outs[0] / f"step-{steps}").items() if k == ".metadata"
+            } | tree(outs[rank] / f"step-{steps}"), rank
+            # its own shard from its node cache: only .metadata fetched, where not written
+            assert got["fetched"] == (0 if rank == 0 else 1), (rank, got)
+        load_port = free_port()
+        loaders = [subprocess.Popen(
+            [sys.executable, str(WRITER), str(restored[rank]), "--first-rank", str(rank),
+             "--local", "1", "--world", "4", "--port", str(load_port), "--load", str(steps)],
+            env=writer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in range(n)]
+        for p in loaders:
+            _, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-3000:]
 
 
 @pytest.mark.parametrize("index_on", ["1", "none"])

@@ -247,14 +247,25 @@ def test_include_exclude_fetch_only_the_selected_components(
     assert files_under(tmp_path / "restore" / "no-shards") == {
         ".metadata", "optim/rank_0.pt", "optim/rank_1.pt"}
 
-    # a filtered download never fills the node cache with part of an asset
+    # the node cache's entry holds what the filtered downloads selected, and only that; a
+    # whole download then fetches only the rest, and a selection it holds fetches nothing
     cache = d.state_dir / "cache"
-    assert not (cache / "objects" / aid).exists() and not (cache / "fill" / aid).exists()
+    held = {".metadata", "__1_0.distcp", "optim/rank_0.pt", "optim/rank_1.pt"}
+    assert files_under(cache / "objects" / aid) == held
+    assert not (cache / "fill" / aid).exists()
     full = d.client().wait_job(d.client().request("POST", "/v1/downloads", {
         "asset_id": aid, "dest": str(tmp_path / "full")})["job_id"], WAIT_S)
-    assert final_ok(full, d)["result"]["cached"] is False
+    res = final_ok(full, d)["result"]
+    rest = files_under(src) - held
+    assert res["cached"] is False and res["fetched"] == len(rest), res
+    assert res["fetched_bytes"] == sum((src / n).stat().st_size for n in rest), res
     assert_same_tree(src, tmp_path / "full")
     assert files_under(cache / "objects" / aid) == files_under(src)
+    code, out, err = download_cli(capsys, aid, str(tmp_path / "restore" / "again"),
+                                  "--include", "__0_*", "--json")
+    assert code == 0, err
+    assert json.loads(out)["cached"] is True and json.loads(out)["fetched"] == 0, out
+    assert files_under(tmp_path / "restore" / "again") == {"__0_0.distcp"}
 
     # selecting nothing is an error naming the patterns, not an empty download
     code, _out, err = download_cli(capsys, aid, str(tmp_path / "restore" / "empty"),

@@ -2,13 +2,17 @@
 node writing to its own (node-local) directory.
 
     python tests/support/writers/dcp_nodes.py OUT --first-rank R --local N --world W
-        --port P [--steps 3] [--pause-s 0.5] [--size-kib 256]
+        --port P [--steps 3] [--pause-s 0.5] [--size-kib 256] [--load STEP]
 
 Starts ``--local`` processes with global ranks R..R+N-1 of a gloo group of ``--world``
 (rendezvous on 127.0.0.1:P). Each step, every rank saves its own shard of a model (its keys
 are its own, so it writes its own ``__<rank>_0.distcp``) with ``dcp.save(state,
 checkpoint_id=OUT/step-N)``; global rank 0 writes ``.metadata``, which names every rank's
-file, into its node's ``OUT/step-N``. The script exits 0 once every step is saved."""
+file, into its node's ``OUT/step-N``. The script exits 0 once every step is saved.
+
+With ``--load STEP``, the same ranks restore instead: each ``dcp.load``s its own keys from
+``OUT`` (a restored checkpoint directory holding ``.metadata`` and at least the node's own
+ranks' files) and exits non-zero unless every tensor equals what it saved at that step."""
 
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ def rank_main(local: int, a: argparse.Namespace) -> None:
     torch.manual_seed(rank)
     n = a.size_kib * 256  # float32s
     shard = {f"layer{rank}.weight": torch.randn(n), f"layer{rank}.bias": torch.randn(64)}
+    if a.load:
+        load(rank, shard, a)
+        return
     for step in range(1, a.steps + 1):
         for t in shard.values():
             t.add_(0.01 * step)
@@ -38,6 +45,25 @@ def rank_main(local: int, a: argparse.Namespace) -> None:
             warnings.simplefilter("ignore")
             dcp.save({"model": shard, "step": torch.tensor(step)} if rank == 0
                      else {"model": shard}, checkpoint_id=os.path.join(a.out, f"step-{step}"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def load(rank: int, shard: dict[str, torch.Tensor], a: argparse.Namespace) -> None:
+    for step in range(1, a.load + 1):  # what it held when it saved step --load
+        for t in shard.values():
+            t.add_(0.01 * step)
+    got = {"model": {k: torch.zeros_like(v) for k, v in shard.items()}}
+    if rank == 0:
+        got["step"] = torch.tensor(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(got, checkpoint_id=a.out)
+    for k, v in shard.items():
+        if not torch.equal(got["model"][k], v):
+            raise SystemExit(f"rank {rank}: {k} differs from what step {a.load} saved")
+    if rank == 0 and int(got["step"]) != a.load:
+        raise SystemExit(f"rank 0: step is {int(got['step'])}, not {a.load}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -52,6 +78,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--pause-s", type=float, default=0.5)
     p.add_argument("--size-kib", type=int, default=256)
+    p.add_argument("--load", type=int, default=0)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     mp.spawn(rank_main, args=(a,), nprocs=a.local, join=True)
