@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", metavar="R", type=int,
                    help="this node's rank among them (default: $SLURM_NODEID, $GROUP_RANK "
                         "or $NODE_RANK)")
+    p.add_argument("--shared", action="store_true",
+                   help="with --nodes: every node sees each checkpoint whole (a shared "
+                        "filesystem); the agents split its files between them (found by "
+                        "itself where a DCP or safetensors index names only files present)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="print neither the run id at the start nor the summary at the end")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND…")
@@ -682,6 +686,10 @@ def cmd_exec(ctx: Ctx) -> int:
         if value:
             extra[key] = value
     extra.update(_nodes(args.nodes, args.node_rank, os.environ))
+    if args.shared:
+        if not extra:
+            raise UsageError("--shared needs more than one node (--nodes N)")
+        extra["shared"] = True
     rules = rules_from_args(args.watch, args.asset_type, extra)
     return run_exec(ctx.client(), command, run_id=args.run, rules=rules,
                     on_exit=args.on_exit, err=ctx.err, quiet=args.quiet)

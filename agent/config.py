@@ -175,6 +175,10 @@ class WatchRule(_Section):
     index, node 0 does once every node has joined."""
     node_rank: int | None = Field(default=None, ge=0)
     """This node's rank among them (0 ends the run on Chronicle; None: unknown)."""
+    shared: bool = False
+    """Every node sees each checkpoint whole (a shared filesystem): the agents split its
+    files between them (agent.transfer.shares). Found by itself where the checkpoint's
+    index names only files that are here; set it for writers without an index."""
 
     @field_validator("path")
     @classmethod
@@ -235,6 +239,10 @@ class RunsSection(_Section):
     """A checkpoint several nodes write (docs/multinode.md): how long the node that
     finalizes it still waits for the other nodes' files once its own run has ended; then
     the asset is abandoned (never finalized partial) and the job fails ``nodes_missing``."""
+    takeover_s: float = Field(default=120.0, gt=0)
+    """A checkpoint on a filesystem several nodes share, its files split between their
+    agents: how long an agent's share waits with no sign of life from that agent (its
+    heartbeat file on the shared filesystem) before another agent takes it over."""
 
 
 class ServerSection(_Section):

@@ -15,7 +15,7 @@ from agent.errors import AgentError
 from agent.statedir import create_private, private_sqlite, sqlite_files
 
 APP_ID = 0x43484147  # "CHAG", in SQLite's application_id header field
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _V1 = """
 CREATE TABLE jobs (
@@ -165,7 +165,35 @@ ALTER TABLE watched ADD COLUMN ident TEXT;
 ALTER TABLE watched ADD COLUMN top_mtime_ns INTEGER;
 """
 
-_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5}
+# v6: several local records may name one Chronicle asset: the shares of a checkpoint that
+# several nodes' agents split (agent.transfer.shares), this agent's own and one it took over
+# from a silent agent, join one asset. asset_id is no longer unique, only indexed. SQLite
+# cannot drop a constraint: the table is rebuilt (foreign keys off meanwhile, so that
+# dropping the old table removes no component; checked before the commit).
+_V6 = """
+CREATE TABLE assets_v6 (
+    asset_key    TEXT PRIMARY KEY,
+    register_key TEXT NOT NULL UNIQUE,
+    asset_id     TEXT,
+    asset_type   TEXT NOT NULL,
+    run_id       TEXT,
+    visibility   TEXT,
+    uid          INTEGER NOT NULL,
+    state        TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    cred_id      TEXT
+);
+INSERT INTO assets_v6 (asset_key, register_key, asset_id, asset_type, run_id, visibility, uid,
+                       state, created_at, updated_at, cred_id)
+    SELECT asset_key, register_key, asset_id, asset_type, run_id, visibility, uid, state,
+           created_at, updated_at, cred_id FROM assets;
+DROP TABLE assets;
+ALTER TABLE assets_v6 RENAME TO assets;
+CREATE INDEX assets_id ON assets (asset_id);
+"""
+
+_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6}
 """Schema version → the script that brings the previous version to it."""
 
 
@@ -188,18 +216,25 @@ def _configure(conn: sqlite3.Connection) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, version: int) -> None:
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("PRAGMA foreign_keys=OFF")  # a rebuilt table: no cascade (v6); not in a txn
     try:
-        for v in range(version + 1, SCHEMA_VERSION + 1):  # each step keeps every row
-            for stmt in _MIGRATIONS[v].split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-        conn.execute(f"PRAGMA application_id={APP_ID}")
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for v in range(version + 1, SCHEMA_VERSION + 1):  # each step keeps every row
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise sqlite3.IntegrityError(f"foreign keys broken by the migration: {broken[:3]}")
+            conn.execute(f"PRAGMA application_id={APP_ID}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
 
 
 def _create(path: Path) -> None:

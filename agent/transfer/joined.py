@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,6 +25,7 @@ from agent.queue import runstore
 from agent.queue.states import RunState
 from agent.transfer.http import create_only
 from agent.transfer.primitives import classify_storage_answer
+from agent.transfer.shares import Claims, SharePlan, Watch
 from agent.transfer.upload import NODES_DIR, marker_decl, node_marker, own_part_marker
 from agent.watch.indexes import Whole, whole_by_index
 
@@ -103,6 +104,76 @@ async def finish(up: AssetUpload, directory: str) -> dict[str, Any]:
         return result
     await up.finalize()
     return result | {"finalized_here": True}
+
+
+async def finish_shared(up: AssetUpload, plan: SharePlan, claims: Claims | None,
+                        takeover_s: float,
+                        take: Callable[[int, int], Awaitable[None]]) -> dict[str, Any]:
+    """After this agent's share of a checkpoint every node sees whole (a shared
+    filesystem: :mod:`agent.transfer.shares`) is uploaded: say so (the share's marker);
+    then, unless this job uploads a share taken over from another agent (the job that took
+    it waits), wait until every file and every share's marker are uploaded, taking over
+    the shares of agents that fell silent, and finalize on node 0 (or, once the asset has
+    been whole for ``takeover_s`` with no finalize, on any node). The job's result."""
+    assert up.join is not None
+    mine = int(up.join.get("share", plan.mine))
+    await add_marker(up, f"{NODES_DIR}/{mine}")
+    result: dict[str, Any] = {
+        "asset_id": up.asset_id, "joined": True, "finalized_here": False, "share": mine,
+        "files_here": len(plan.shares[mine]), "bytes_here": plan.share_bytes(mine)}
+    if "share" in up.join:
+        log.info("asset %s: share %d (taken over) uploaded", up.asset_id, mine)
+        return result
+    expected = frozenset(plan.files) | {f"{NODES_DIR}/{i}" for i, names in
+                                        enumerate(plan.shares) if names}
+    watch, took = Watch(takeover_s), list[int]()
+    delay, reported, give_up = POLL_S[0], time.monotonic(), None
+    whole_since: float | None = None
+    while True:
+        asset = await up.e.chronicle.send(contract.get_asset(up.asset_id), token=up.token)
+        if asset.state == "ready":
+            return result | {"taken_over": took}
+        if asset.state != "pending":
+            raise ChronicleError(409, "asset_not_pending",
+                                 f"asset {up.asset_id} was abandoned before every share was "
+                                 f"uploaded ({asset.abandoned_reason or 'no reason'})")
+        uploads = await up.e.chronicle.send(contract.list_uploads(up.asset_id), token=up.token)
+        left = missing(expected | {c.name for c in asset.components}, asset, uploads)
+        now = time.monotonic()
+        if not left:
+            whole_since = now if whole_since is None else whole_since
+            if mine == 0 or 0 in took or now - whole_since >= takeover_s:
+                if mine != 0 and 0 not in took:
+                    log.warning("asset %s: whole for %.0f s and node 0 has not finalized it; "
+                                "finalizing it here", up.asset_id, now - whole_since)
+                await up.finalize()
+                return result | {"finalized_here": True, "taken_over": took}
+        elif claims is not None:
+            for i, names in enumerate(plan.shares):
+                if i == mine or not names or i in took or f"{NODES_DIR}/{i}" not in left:
+                    continue
+                claim, alive = await claims.look(i)
+                if not watch.stale(i, (claim, alive), now):
+                    continue
+                watch.forget(i)
+                gen = 0 if claim is None else claim.generation + 1
+                if claim is not None and claim.agent == claims.agent:
+                    gen = claim.generation  # ours already: a restart after taking it
+                elif not await claims.make(i, gen):
+                    continue  # another agent took it first
+                log.warning("asset %s: share %d (%d file(s)) %s for %.0f s; this agent "
+                            "takes it over", up.asset_id, i, len(names),
+                            "never claimed" if claim is None else
+                            f"claimed by agent {claim.agent}, silent", takeover_s)
+                await take(i, gen)
+                took.append(i)
+        give_up = await _give_up_at(up, give_up, left or ["its finalize"])
+        if now - reported >= REPORT_S:
+            reported = now
+            log.info("asset %s: waiting for %d file(s) of the other shares (%s%s)",
+                     up.asset_id, len(left), ", ".join(left[:5]), " …" if len(left) > 5 else "")
+        await anyio.sleep(delay)
+        delay = min(delay * 2, POLL_S[1])
 
 
 async def add_marker(up: AssetUpload, name: str) -> None:

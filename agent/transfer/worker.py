@@ -33,12 +33,13 @@ from agent.errors import (
 from agent.fsid import Identity, run_as
 from agent.queue.states import AssetState
 from agent.queue.store import AssetRecord, Job, JobKind, JobState
-from agent.transfer import joined
+from agent.transfer import joined, shares
 from agent.transfer.cache import AssetCache
 from agent.transfer.download import discard_staging, download_asset
 from agent.transfer.groups import primary_error
 from agent.transfer.primitives import backoff_s
 from agent.transfer.selection import latest_call, require_latest, selected_view
+from agent.transfer.shares import SharePlan
 from agent.transfer.upload import AssetUpload, Engine, Progress, caller_token, scan_path
 
 log = logging.getLogger(__name__)
@@ -274,16 +275,28 @@ class Workers:
         return asset
 
     async def _upload(self, job: Job, progress: Progress) -> dict[str, Any] | None:
+        # a share of a checkpoint several nodes' agents split: say this agent is alive
+        async with shares.beating(shares.Claims.of(job.payload.get("join"),
+                                                   self.identity(job))):
+            return await self._upload_job(job, progress)
+
+    async def _upload_job(self, job: Job, progress: Progress) -> dict[str, Any] | None:
         p = job.payload
         if job.asset_key is not None:
             prior = await self.q.do(self.q.s.asset, job.asset_key)
             if prior is not None and prior.state == AssetState.ABANDONED:
                 job.asset_key = None  # a retry after a cancel or a changed source: rescan
         ident = self.identity(job)
+        share = await self._share_plan(job, ident)
+        if share is not None and not share.shares[share.mine]:
+            log.info("checkpoint %s: share %d of %d holds no file (fewer files than nodes); "
+                     "nothing to send here", p.get("checkpoint") or p["path"], share.mine,
+                     share.nodes)
+            return {"joined": True, "finalized_here": False, "share": share.mine,
+                    "files_here": 0, "bytes_here": 0}
         if job.asset_key is None:
             try:
-                comps = await run_as(ident, scan_path, p["path"],
-                                     self.roots if ident is not None else [])
+                comps = await self._scan(job, ident)
             except FileNotFoundError as e:
                 raise SourceChanged(f"{e.filename} vanished while {p['path']} was scanned; "
                                     f"`chronicle-agent retry {job.job_id}` scans it again"
@@ -294,10 +307,15 @@ class Workers:
                                     f"{job.job_id}` scans it again") from None
             if p.get("content_type") and len(comps) == 1:
                 comps[0]["content_type"] = p["content_type"]
+            register_key = p.get("register_key")
+            if share is not None:  # this node's share only, registered as such
+                mine = set(share.shares[share.mine])
+                comps = [c for c in comps if c["name"] in mine]
+                register_key = f"{register_key}/{shares.share_id(p['join'])}"
             rec = await self.q.do(
                 self.q.s.create_asset, asset_type=p["asset_type"], uid=job.uid,
                 run_id=job.run_id, visibility=p.get("visibility"), components=comps,
-                job_id=job.job_id, register_key=p.get("register_key"), cred_id=job.cred_id,
+                job_id=job.job_id, register_key=register_key, cred_id=job.cred_id,
             )
             job.asset_key = rec.asset_key
         up = AssetUpload(self.e, await self._asset_for(job), progress, reader=ident,
@@ -308,12 +326,7 @@ class Workers:
                 try:
                     await up.ensure_registered()
                     await up.upload_all()
-                    if await up.joined():
-                        result = await joined.finish(up, p["path"])
-                    else:
-                        if up.own_part(await self.e.features()):
-                            await joined.put_own_part_marker(up)
-                        await up.finalize()
+                    result = await self._finish(job, up, share, ident)
                 except (ChronicleError, StorageRefused) as e:
                     if up.join is not None:
                         done = await joined.after_refusal(up, e)
@@ -331,6 +344,63 @@ class Workers:
                     f"{job.job_id}` uploads the files as they are then"
                 ) from None
         return result
+
+    async def _finish(self, job: Job, up: AssetUpload, share: SharePlan | None,
+                      ident: Identity | None) -> dict[str, Any] | None:
+        """Once this job's files are uploaded: finalize, or, for a part of a checkpoint
+        several nodes write, what :mod:`agent.transfer.joined` does. The job's result."""
+        if share is not None and await up.joined():
+            return await joined.finish_shared(
+                up, share, shares.Claims.of(job.payload["join"], ident),
+                self.e.settings.runs.takeover_s, lambda i, gen: self._take_over(job, i, gen))
+        if await up.joined():
+            return await joined.finish(up, job.payload["path"])
+        if up.own_part(await self.e.features()):
+            await joined.put_own_part_marker(up)
+        await up.finalize()
+        return None
+
+    async def _scan(self, job: Job, ident: Identity | None) -> list[dict[str, Any]]:
+        return await run_as(ident, scan_path, job.payload["path"],
+                            self.roots if ident is not None else [])
+
+    async def _share_plan(self, job: Job, ident: Identity | None) -> SharePlan | None:
+        """How the agents of several nodes split a checkpoint they all see whole (a shared
+        filesystem; agent.transfer.shares); None where each holds its own files. The same
+        answer after a restart: it depends only on the snapshot's names and sizes."""
+        join = job.payload.get("join")
+        if not join or int(join.get("nodes") or 1) < 2:
+            return None
+        try:
+            comps = await self._scan(job, ident)
+        except OSError:
+            return None  # the upload's own scan says what is wrong
+        plan = await run_as(ident, shares.plan, comps, int(join["nodes"]),
+                            join.get("share", join.get("node_rank")), bool(join.get("shared")),
+                            shares.opener(job.payload["path"]))
+        if plan is not None and "share" not in join:
+            log.info("checkpoint %s: every node sees it whole; this node (%d of %d) sends "
+                     "share %d: %d file(s), %d bytes of %d", job.payload.get("checkpoint"),
+                     plan.mine, plan.nodes, plan.mine, len(plan.shares[plan.mine]),
+                     plan.share_bytes(plan.mine), sum(plan.files.values()))
+            claims = shares.Claims.of(join, ident)
+            if claims is None:
+                log.warning("checkpoint %s: its claims are not on the shared filesystem "
+                            "(staging there is not possible): the share of a node whose "
+                            "agent dies is not taken over", job.payload.get("checkpoint"))
+            else:
+                await claims.make(plan.mine, 0)  # ours (or, after a restart, already)
+        return plan
+
+    async def _take_over(self, job: Job, share: int, generation: int) -> None:
+        """Queue the upload of another node's share of this job's checkpoint, from this
+        agent's own snapshot (its claim at ``generation`` is ours)."""
+        p = job.payload
+        payload = {**p, "join": {**p["join"], "share": share, "generation": generation}}
+        jid = f"{job.job_id}.s{share}g{generation}"
+        if await self.q.do(self.q.s.get, jid) is None:
+            await self.q.change(self.q.s.enqueue, JobKind.UPLOAD, job.uid, payload,
+                                run_id=job.run_id, job_id=jid, cred_id=job.cred_id)
 
     async def _abandoned_remotely(self, job: Job, up: AssetUpload, err: Exception) -> None:
         """After a refusal that an abandoned asset explains (409 ``asset_not_pending``, the

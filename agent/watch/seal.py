@@ -327,10 +327,11 @@ def in_staging(path: str) -> bool:
 # ---- the decision --------------------------------------------------------------------------
 
 
-def looks_unfinished(sc: Scan, nodes: int = 1) -> bool:
+def looks_unfinished(sc: Scan, nodes: int = 1, shared: bool = False) -> bool:
     """Signs that a stronger seal is still to come (not when several nodes write the
-    checkpoint: only one of them holds its ``.metadata``)."""
-    if sc.is_dir and nodes == 1:
+    checkpoint into directories of their own: only one of them holds its ``.metadata``;
+    on a filesystem they share, every node sees it come)."""
+    if sc.is_dir and (nodes == 1 or shared):
         names = {f.rel for f in sc.files}
         if any(n.endswith(".distcp") for n in names) and ".metadata" not in names:
             return True
@@ -377,7 +378,7 @@ def check_seal(
         and allow_quiescence
         and stable_for_s >= rule.quiescence_s
         and age_s >= rule.quiescence_s
-        and not looks_unfinished(sc, rule.nodes)
+        and not looks_unfinished(sc, rule.nodes, rule.shared)
     ):
         return "quiescence"
     return None

@@ -39,7 +39,6 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from typing import NamedTuple
 
 from agent.fsid import Identity, call_as
 from agent.statedir import shared_makedirs
+from agent.transfer.shares import claim_name
 from agent.watch.seal import STAGING_DIR_NAME, FileInfo, Scan
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,7 @@ class Staging:
         return call_as(placer, self._claim, self.claims_dir(base, placer), key, path)
 
     def _claim(self, d: str, key: str, path: str) -> str | None:
-        name = hashlib.sha256(key.encode()).hexdigest()[:40]
-        p = os.path.join(d, name)
+        p = os.path.join(d, claim_name(key))
         body = json.dumps({"agent": self.agent_id, "key": key, "path": path,
                            "host": socket.gethostname(), "at": time.time()})
         try:

@@ -41,11 +41,13 @@ import anyio.to_thread
 import watchfiles
 
 from agent.config import WatchRule
-from agent.fsid import Identity, Refused, call_as
+from agent.fsid import Identity, Refused, call_as, run_as
 from agent.queue import runstore
 from agent.queue.runstore import WatchedRow
 from agent.queue.states import WATCHED_MOVES, AssetState, SealMode, WatchedState, check_move
 from agent.queue.store import JobState
+from agent.transfer import shares
+from agent.transfer.shares import claim_name
 from agent.watch import seal
 from agent.watch.seal import STAGING_DIR_NAME, Scan
 from agent.watch.staging import Snapshot, SnapshotChanged, StagedFile, Staging
@@ -206,6 +208,10 @@ class Watcher:
         self._last_rescan = 0.0
         self._last_account = 0.0
         self._last_prune = 0.0
+        self._beats: dict[str, Identity | None] = {}
+        """Claims directories on filesystems several nodes' agents share, where this agent
+        says it is alive (agent.transfer.shares)."""
+        self._last_beat = 0.0
         self._wake = anyio.Event()
         self._roots_changed = anyio.Event()
         self._lock = anyio.Lock()
@@ -530,7 +536,11 @@ class Watcher:
         fp = sc.fingerprint()
         ident = self._ident(r, sc)
         base = await anyio.to_thread.run_sync(self.staging.base_for, r.root, sc.dev, ident)
-        owner = await anyio.to_thread.run_sync(self.staging.claim, base, key, path, ident)
+        several = r.rule.nodes > 1 and run_id is not None
+        # several nodes of one run: each agent uploads its part (its own files, or its share
+        # of a checkpoint they all see: agent.transfer.shares), none claims the whole
+        owner = None if several else await anyio.to_thread.run_sync(
+            self.staging.claim, base, key, path, ident)
         if owner == "unknown":
             return  # another agent is writing its claim right now: look again next time
         if owner is not None:
@@ -590,10 +600,16 @@ class Watcher:
             "path": snap.path, "asset_type": r.rule.asset_type,
             "visibility": self.settings.upload.visibility, "register_key": key,
             "checkpoint": path, "seal": kind}
-        if r.rule.nodes > 1 and run_id is not None:
+        if several:
             # every node's agent joins the run's one asset of this checkpoint by its name
             payload["join"] = {"key": os.path.basename(path), "nodes": r.rule.nodes,
-                               "node_rank": r.rule.node_rank}
+                               "node_rank": r.rule.node_rank, "shared": r.rule.shared,
+                               "agent": self.staging.agent_id}
+            if base != self.staging.fallback_base():  # claims the other nodes can see
+                placer = self.staging.placer(base, ident)
+                claims = self.staging.claims_dir(base, placer)
+                payload["join"] |= {"claims": claims, "claim": claim_name(key)}
+                self._beats[claims] = placer
         job = await q.change(runstore.seal_checkpoint, q.s, row, self._uid(r, sc), payload,
                              sc.size)
         self._decide(row)
@@ -813,6 +829,14 @@ class Watcher:
         if now - self._last_prune > 3600:
             self._last_prune = now
             await anyio.to_thread.run_sync(self.staging.prune_claims)
+        if self._beats and now - self._last_beat >= shares.HEARTBEAT_S:
+            self._last_beat = now
+            for claims, placer in list(self._beats.items()):
+                try:
+                    await run_as(placer, shares.heartbeat, claims, self.staging.agent_id)
+                except OSError as e:
+                    log.warning("cannot say this agent is alive in %s (%s): other nodes' "
+                                "agents may take over its shares", claims, e)
         if now - self._last_account < min(2.0, self.cfg.check_s * 2):
             return
         self._last_account = now

@@ -64,14 +64,16 @@ def writer(out: Path, rank: int, port: int, steps: int, nodes: int = 2) -> list[
 
 
 def exec_node(d: DaemonProc | None, run_id: str, out: Path, rank: int, port: int,
-              steps: int, quiescence_s: float = 2, nodes: int = 2) -> subprocess.Popen[str]:
+              steps: int, quiescence_s: float = 2, nodes: int = 2,
+              shared: bool = False) -> subprocess.Popen[str]:
     """Node ``rank``'s ranks under ``chronicle-agent exec --nodes N`` with its daemon
     ``d``; without one (None), the ranks alone: a node whose part nobody uploads."""
     cmd = writer(out, rank, port, steps, nodes)
     if d is not None:
         cmd = [sys.executable, "-m", "agent", "exec", "--run", run_id, "--watch", str(out),
                "--type", "checkpoint", "--nodes", str(nodes), "--node-rank", str(rank),
-               "--quiescence-s", str(quiescence_s), "--", *cmd]
+               "--quiescence-s", str(quiescence_s), *(["--shared"] if shared else []),
+               "--", *cmd]
     return subprocess.Popen(cmd, env=writer_env(d), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -109,7 +111,7 @@ def node_jobs(d: DaemonProc, run_id: str) -> list[dict[str, Any]]:
 
 
 def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path],
-                steps: int) -> None:
+                steps: int, markers: set[str] | None = None) -> None:
     """Every step is one ready asset holding the union of every node's files, byte for
     byte, read back from the store by an independent S3 client (a step's .metadata tells it
     apart: the names are the same every step)."""
@@ -126,8 +128,9 @@ def check_steps(srv: Standalone, seaweed: Seaweed, run_id: str, outs: list[Path]
     for a in assets:
         assert {c.name for c in a.components} == {
             ".metadata", *(f"__{r}_0.distcp" for r in range(4)),
-            ".chronicle-nodes/0.index", *(f".chronicle-nodes/{r}"  # who joined
-                                          for r in range(1, len(outs)))}
+            *(markers if markers is not None else {  # who joined
+                ".chronicle-nodes/0.index",
+                *(f".chronicle-nodes/{r}" for r in range(1, len(outs)))})}
         urls = ch.assets.get(a.asset_id, include_presigned=True).download_urls
         meta = s3_read(s3, urls[".metadata"])
         step = next(n for n, files in local.items() if files[".metadata"] == meta)
@@ -192,6 +195,73 @@ def test_four_nodes_dcp_steps_end_as_one_asset_each_and_every_rank_restores_its_
         for p in loaders:
             _, err = p.communicate(timeout=180)
             assert p.returncode == 0, err[-3000:]
+
+
+def test_shared_directory_spreads_the_bytes_across_the_agents(
+        server: Standalone, seaweed: Seaweed, tmp_path: Path) -> None:
+    """Four nodes' agents watching one shared directory that a real dcp.save from four
+    ranks (one per node) writes: each agent sees every step whole and sends its share of
+    the files only (split by bytes, the same on every node); one asset per step, byte for
+    byte, finalized by node 0."""
+    run_id, port, steps, n = f"run_sh_{secrets.token_hex(3)}", free_port(), 2, 4
+    out = tmp_path / "shared" / "ckpt"
+    with ExitStack() as stack:
+        daemons = nodes(stack, server, *({} for _ in range(n)))
+        finish([exec_node(d, run_id, out, rank, port, steps, nodes=n, shared=True)
+                for rank, d in enumerate(daemons)], daemons, run_id)
+        check_steps(server, seaweed, run_id, [out], steps,
+                    {f".chronicle-nodes/{r}" for r in range(n)})
+        total = {k: sum(len(v) for v in tree(out / f"step-{k}").values())
+                 for k in range(1, steps + 1)}
+        split: dict[int, list[int]] = {}
+        for rank, d in enumerate(daemons):
+            js = node_jobs(d, run_id)
+            assert len(js) == steps and all(j["state"] == "done" for j in js), describe(
+                daemons, run_id)
+            for j in js:
+                res = j["result"]
+                assert res["share"] == rank and res["finalized_here"] is (rank == 0), res
+                assert not res.get("taken_over"), res
+                split.setdefault(rank, []).append(res["bytes_here"])
+        for k in range(steps):  # the split: every agent sent a share, together all of it
+            sent = [split[r][k] for r in range(n)]
+            assert sum(sent) in total.values(), (sent, total)
+            assert all(b > 0.2 * sum(sent) for b in sent), sent
+        print(f"shared directory, {n} agents, bytes sent per agent each step: {split}")
+
+
+def test_a_silent_agents_share_is_taken_over(
+        server: Standalone, seaweed: Seaweed, tmp_path: Path) -> None:
+    """Three nodes' agents on one shared directory; node 2's agent dies (kill -9) right
+    after it registered its share of the first step and never comes back. The others take
+    over its share of that step (claimed, then silent) and of the next (never claimed)
+    after runs.takeover_s: every step is still one whole asset, byte for byte."""
+    run_id, port, steps, n = f"run_sh_{secrets.token_hex(3)}", free_port(), 2, 3
+    out = tmp_path / "shared" / "ckpt"
+    fast = {"CHRONICLE_AGENT_RUNS__TAKEOVER_S": "4"}
+    with ExitStack() as stack:
+        daemons = nodes(stack, server, fast, fast,
+                        {**fast, "CHRONICLE_AGENT_DEBUG__CRASH_POINT": "after_register@1"})
+        procs = [subprocess.Popen(  # node 0: ranks 0 and 1; node 1: rank 2; node 2: rank 3
+            [sys.executable, "-m", "agent", "exec", "--run", run_id, "--watch", str(out),
+             "--type", "checkpoint", "--nodes", str(n), "--node-rank", str(rank),
+             "--quiescence-s", "30", "--shared", "--", sys.executable, str(WRITER), str(out),
+             "--first-rank", str(first), "--local", str(2 if rank == 0 else 1), "--world",
+             "4", "--port", str(port), "--steps", str(steps)],
+            env=writer_env(d), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank, first, d in zip((0, 1, 2), (0, 2, 3), daemons, strict=True)]
+        dead = daemons[2]
+        assert dead.proc is not None
+        dead.proc.wait(120)
+        assert dead.proc.returncode == -9, dead.log_tail()
+        procs[2].communicate(timeout=180)  # its ranks go on; its exec cannot report
+        finish(procs[:2], daemons[:2], run_id)
+        check_steps(server, seaweed, run_id, [out], steps,
+                    {f".chronicle-nodes/{r}" for r in range(n)})
+        took = [s for d in daemons[:2] for j in node_jobs(d, run_id)
+                for s in (j.get("result") or {}).get("taken_over") or []]
+        assert sorted(took) == [2] * steps, describe(daemons[:2], run_id)
+        assert any("takes it over" in d.log_text() for d in daemons[:2])
 
 
 @pytest.mark.parametrize("index_on", ["1", "none"])

@@ -322,13 +322,27 @@ def test_schema_v1_database_is_migrated(tmp_path: Path) -> None:
     conn.execute(
         "INSERT INTO jobs (job_id, kind, state, uid, payload, created_at, updated_at) "
         "VALUES ('job_old', 'upload', 'queued', 0, ?, 1, 1)", (json.dumps({"path": "/x"}),))
+    conn.execute(
+        "INSERT INTO assets (asset_key, register_key, asset_id, asset_type, uid, state, "
+        "created_at, updated_at) VALUES ('la_old', 'reg_old', 'ast_1', 'checkpoint', 0, "
+        "'registered', 1, 1)")
+    conn.execute("INSERT INTO components (asset_key, name, size) VALUES ('la_old', 'w.bin', 3)")
     conn.commit()
     conn.close()
     q = Queue(db)
     try:
         job = q.get("job_old")
         assert job is not None and job.kind == JobKind.UPLOAD and job.payload == {"path": "/x"}
-        assert q._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 5
+        assert q._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 6
+        # v6: the assets table rebuilt, its rows and their components kept; one Chronicle
+        # asset may now have several local records (the shares of a shared checkpoint)
+        old = q.asset("la_old")
+        assert old is not None and old.asset_id == "ast_1"
+        assert [c.name for c in q.components("la_old")] == ["w.bin"]
+        rec = q.create_asset(asset_type="checkpoint", uid=0, run_id=None, visibility=None,
+                             components=[{"name": "x.bin", "size": 1}])
+        q.set_asset(rec.asset_key, asset_id="ast_1")
+        assert q._read("PRAGMA foreign_keys")[0][0] == 1
         indexes = {r[0] for r in q._read("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"jobs_uid", "jobs_finished"} <= indexes  # v4: quotas and pruning
         assert job.cred_id is None and job.token is None
