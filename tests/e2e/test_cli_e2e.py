@@ -90,6 +90,7 @@ def test_upload_file_wait_then_download(
         "asset_id": asset_id,
         "dest": str(dest),
         "files": [{"name": "model.bin", "size": 300_000, "sha256": _sha256(src)}],
+        "cached": False, "fetched": 1, "fetched_bytes": 300_000,  # nothing in the node cache
     }
     assert (dest / "model.bin").read_bytes() == src.read_bytes()
 
