@@ -157,6 +157,9 @@ class Pending:
     idle: int = 0
     """Looks that found nothing changed: re-checks back off (events still wake them)."""
     dev_ino: tuple[int, int] = (0, 0)
+    ident: str = ""
+    """Its device, inode and birth time (:meth:`Scan.ident`): an inode number the
+    filesystem reused for a new file after this one was deleted is not this one renamed."""
     files: int = 0
     size: int = 0
     first_seen: float = field(default_factory=time.time)
@@ -452,11 +455,14 @@ class Watcher:
     def _ident(self, r: BoundRule, sc: Scan) -> Identity:
         return Identity.of(self._uid(r, sc))
 
-    def _scan_all(self, cands: dict[str, str], inodes: dict[tuple[int, int], str]
+    def _scan_all(self, cands: dict[str, str],
+                  inodes: dict[tuple[int, int], tuple[str, str]]
                   ) -> tuple[dict[str, tuple[Scan | None, bool]], set[str]]:
         """Scans of the candidates, whether each appeared by a rename, and the unsealed
         paths that are gone because they were renamed to one of them (``inodes``: the
-        unsealed checkpoints by device and inode)."""
+        unsealed checkpoints by device and inode: their path and identity, birth time
+        included, so that a new file given a deleted one's inode number is not taken for
+        it renamed, and the deleted one is recorded as lost)."""
         out: dict[str, tuple[Scan | None, bool]] = {}
         moved_away: set[str] = set()
         for p, key in cands.items():
@@ -464,15 +470,16 @@ class Watcher:
             renamed = tmp is not None and not os.path.lexists(tmp)
             sc = call_as(self._rule_ident(self.rules.get(key)), seal.scan, p)
             if sc is not None:
-                was = inodes.get((sc.dev, sc.ino))
-                if was is not None and was != p and not os.path.lexists(was):
+                was, ident = inodes.get((sc.dev, sc.ino), (None, None))
+                if was is not None and was != p and not os.path.lexists(was) \
+                        and ident == sc.ident():
                     renamed = True  # the same file or directory under its new name
                     moved_away.add(was)
             out[p] = (sc, renamed)
         return out, moved_away
 
     async def _evaluate(self, cands: dict[str, str], allow_quiescence: bool) -> None:
-        inodes = {pend.dev_ino: p for p, pend in self.pending.items()}
+        inodes = {pend.dev_ino: (p, pend.ident) for p, pend in self.pending.items()}
         scans, moved_away = await anyio.to_thread.run_sync(self._scan_all, dict(cands), inodes)
         for p in moved_away:
             log.debug("unsealed checkpoint %s was renamed", p)
@@ -505,11 +512,12 @@ class Watcher:
             if pend is None or pend.fingerprint != fp:
                 old = pend
                 pend = self.pending[path] = Pending(r.key, run_id, fp, now, is_dir=sc.is_dir)
-                if old is not None and old.dev_ino == (sc.dev, sc.ino):
+                if old is not None and old.ident == sc.ident():
                     pend.first_seen, pend.problem = old.first_seen, old.problem
             else:
                 pend.idle += 1
             pend.dev_ino, pend.files, pend.size = (sc.dev, sc.ino), len(sc.files), sc.size
+            pend.ident = sc.ident()
             wait = min(self.cfg.check_s * 2 ** min(pend.idle, 8), 10.0)
             if "quiescence" in r.rule.seal:  # never later than when it may become quiet
                 wait = min(wait, max(self.cfg.check_s,

@@ -453,3 +453,36 @@ def test_polling_rule_and_per_run_rules_over_the_socket(tmp_path: Path) -> None:
         bad = d.run_cli("jobs", "--run", "run_sock")
         assert bad.returncode == 0 and "done" in bad.stdout
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_deleted_checkpoint_is_not_taken_for_the_new_file_given_its_inode(
+        tmp_path: Path) -> None:
+    """A checkpoint deleted before it could be captured, and a new file created at once
+    that the filesystem gives the same inode number (ext4 does: a real Lightning top-k
+    rotation met it): the deleted one is recorded lost, never taken for renamed and
+    forgotten; the new one is its own checkpoint."""
+    out = tmp_path / "out"
+    out.mkdir()
+    rules = [{"path": f"{out}/*.bin", "seal": ["marker", "quiescence"], "quiescence_s": 4,
+              "run_id": "run_ino"}]
+    with watch_daemon(rules) as d:
+        probe = out / "probe.tmp"  # ext4 then gives the lowest free inode: this one's
+        probe.write_bytes(b"p")
+        probe.unlink()
+        first = out / "epoch3.bin"
+        first.write_bytes(random.Random(3).randbytes(4096))
+        time.sleep(2.5)  # seen, unsealed (its quiescence is 4 s)
+        ino = first.stat().st_ino
+        first.unlink()
+        second = out / "last.bin"
+        second.write_bytes(random.Random(4).randbytes(4096))
+        if second.stat().st_ino != ino:
+            pytest.skip("this filesystem did not give the new file the deleted one's inode")
+        js = wait_jobs_terminal(d, 2)
+        by_name = {Path(j["checkpoint"]).name: j for j in js}
+        assert sorted(by_name) == ["epoch3.bin", "last.bin"], js
+        assert by_name["epoch3.bin"]["state"] == "lost", js
+        assert by_name["epoch3.bin"]["error"]["code"] == "deleted_before_seal", js
+        assert by_name["last.bin"]["state"] == "done", js
+        got = tree(download(d, by_name["last.bin"]["asset_id"], tmp_path / "dl"))
+        assert got == {"last.bin": random.Random(4).randbytes(4096)}
