@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", action="store_true",
                    help="with --nodes: every node sees each checkpoint whole (a shared "
                         "filesystem); the agents split its files between them (found by "
-                        "itself where a DCP or safetensors index names only files present)")
+                        "itself on NFS, Lustre, GPFS... where a DCP or safetensors index "
+                        "names only files present)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="print neither the run id at the start nor the summary at the end")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND…")

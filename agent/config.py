@@ -177,8 +177,9 @@ class WatchRule(_Section):
     """This node's rank among them (0 ends the run on Chronicle; None: unknown)."""
     shared: bool = False
     """Every node sees each checkpoint whole (a shared filesystem): the agents split its
-    files between them (agent.transfer.shares). Found by itself where the checkpoint's
-    index names only files that are here; set it for writers without an index."""
+    files between them (agent.transfer.shares). Found by itself on a network filesystem
+    (NFS, Lustre, GPFS…) where the checkpoint's index names only files that are here; set
+    it for writers without an index, or a shared filesystem not known as one."""
 
     @field_validator("path")
     @classmethod

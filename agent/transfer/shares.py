@@ -1,8 +1,9 @@
 """One checkpoint on a filesystem several nodes share, uploaded by all their agents at once
 (``docs/multinode.md``).
 
-When every node's agent of a run sees the same whole checkpoint (a shared filesystem: its
-index names only files that are here, or the rule says ``shared``), each takes a share of
+When every node's agent of a run sees the same whole checkpoint (the rule says ``shared``,
+or the checkpoint is on a network filesystem and its index names only files that are here),
+each takes a share of
 its files instead of one agent sending everything: the files are split into ``nodes``
 shares balanced by bytes, the same split on every node (it depends only on the names and
 sizes, identical on a shared filesystem). Share R is node R's. Each agent joins the run's
@@ -82,15 +83,20 @@ def split(files: dict[str, int], n: int) -> list[list[str]]:
 
 
 def plan(comps: Iterable[dict[str, Any]], nodes: int, rank: int | None, shared: bool,
-         open_file: Any) -> SharePlan | None:
-    """The split of a checkpoint this node sees whole, among ``nodes`` agents; None when
+         open_file: Any, network_fs: bool = False) -> SharePlan | None:
+    """The split of a checkpoint every node sees whole, among ``nodes`` agents; None when
     each node holds only its own files (node-local directories). Whole: the rule says
-    ``shared``, or the checkpoint's index names only files that are here (in a worker
-    thread, as the checkpoint's owner: ``open_file(name)`` opens one of its files)."""
+    ``shared``, or the checkpoint is on a network filesystem (``network_fs``) and its index
+    names only files that are here (in a worker thread, as the checkpoint's owner:
+    ``open_file(name)`` opens one of its files). Never guessed on a local filesystem: there,
+    a node holding every file is the only node that wrote any (rank 0 saving a whole
+    model), and it sends them all."""
     files = {str(c["name"]): int(c["size"] or 0) for c in comps}
     if nodes < 2 or rank is None or not 0 <= rank < nodes:
         return None
     if not shared:
+        if not network_fs:
+            return None
         try:
             whole = whole_by_index(files, open_file)
         except (UnreadableIndex, OSError) as e:

@@ -377,7 +377,7 @@ class Workers:
             return None  # the upload's own scan says what is wrong
         plan = await run_as(ident, shares.plan, comps, int(join["nodes"]),
                             join.get("share", join.get("node_rank")), bool(join.get("shared")),
-                            shares.opener(job.payload["path"]))
+                            shares.opener(job.payload["path"]), bool(join.get("network_fs")))
         if plan is not None and "share" not in join:
             log.info("checkpoint %s: every node sees it whole; this node (%d of %d) sends "
                      "share %d: %d file(s), %d bytes of %d", job.payload.get("checkpoint"),

@@ -612,6 +612,8 @@ class Watcher:
             # every node's agent joins the run's one asset of this checkpoint by its name
             payload["join"] = {"key": os.path.basename(path), "nodes": r.rule.nodes,
                                "node_rank": r.rule.node_rank, "shared": r.rule.shared,
+                               "network_fs": await anyio.to_thread.run_sync(is_network_fs,
+                                                                            path),
                                "agent": self.staging.agent_id}
             if base != self.staging.fallback_base():  # claims the other nodes can see
                 placer = self.staging.placer(base, ident)

@@ -460,29 +460,38 @@ def test_a_deleted_checkpoint_is_not_taken_for_the_new_file_given_its_inode(
     """A checkpoint deleted before it could be captured, and a new file created at once
     that the filesystem gives the same inode number (ext4 does: a real Lightning top-k
     rotation met it): the deleted one is recorded lost, never taken for renamed and
-    forgotten; the new one is its own checkpoint."""
+    forgotten; the new one is its own checkpoint. (Another process may take the freed inode
+    first: then the pair is tried again under new names, up to five times.)"""
     out = tmp_path / "out"
     out.mkdir()
     rules = [{"path": f"{out}/*.bin", "seal": ["marker", "quiescence"], "quiescence_s": 4,
               "run_id": "run_ino"}]
+    reused = None
     with watch_daemon(rules) as d:
-        probe = out / "probe.tmp"  # ext4 then gives the lowest free inode: this one's
-        probe.write_bytes(b"p")
-        probe.unlink()
-        first = out / "epoch3.bin"
-        first.write_bytes(random.Random(3).randbytes(4096))
-        time.sleep(2.5)  # seen, unsealed (its quiescence is 4 s)
-        ino = first.stat().st_ino
-        first.unlink()
-        second = out / "last.bin"
-        second.write_bytes(random.Random(4).randbytes(4096))
-        if second.stat().st_ino != ino:
-            pytest.skip("this filesystem did not give the new file the deleted one's inode")
-        js = wait_jobs_terminal(d, 2)
+        for k in range(5):
+            probe = out / f"probe{k}.tmp"  # ext4 then gives the lowest free inode: this one
+            probe.write_bytes(b"p")
+            probe.unlink()
+            first = out / f"epoch{k}.bin"
+            first.write_bytes(random.Random(k).randbytes(4096))
+            time.sleep(2.5)  # seen, unsealed (its quiescence is 4 s)
+            ino = first.stat().st_ino
+            first.unlink()
+            second = out / f"last{k}.bin"
+            second.write_bytes(random.Random(100 + k).randbytes(4096))
+            if second.stat().st_ino == ino:
+                reused = k
+                break
+        if reused is None:
+            pytest.skip("this filesystem never gave the new file the deleted one's inode")
+        js = wait_jobs_terminal(d, 2 * (reused + 1))
         by_name = {Path(j["checkpoint"]).name: j for j in js}
-        assert sorted(by_name) == ["epoch3.bin", "last.bin"], js
-        assert by_name["epoch3.bin"]["state"] == "lost", js
-        assert by_name["epoch3.bin"]["error"]["code"] == "deleted_before_seal", js
-        assert by_name["last.bin"]["state"] == "done", js
-        got = tree(download(d, by_name["last.bin"]["asset_id"], tmp_path / "dl"))
-        assert got == {"last.bin": random.Random(4).randbytes(4096)}
+        assert sorted(by_name) == sorted([f"epoch{k}.bin" for k in range(reused + 1)]
+                                         + [f"last{k}.bin" for k in range(reused + 1)]), js
+        for k in range(reused + 1):
+            lost, new = by_name[f"epoch{k}.bin"], by_name[f"last{k}.bin"]
+            assert lost["state"] == "lost", js
+            assert lost["error"]["code"] == "deleted_before_seal", js
+            assert new["state"] == "done", js
+        got = tree(download(d, by_name[f"last{reused}.bin"]["asset_id"], tmp_path / "dl"))
+        assert got == {f"last{reused}.bin": random.Random(100 + reused).randbytes(4096)}

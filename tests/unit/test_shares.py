@@ -29,22 +29,25 @@ def test_one_big_file_goes_to_one_share() -> None:
     assert got == [["model.safetensors"], ["config.json"], ["tok.json"]]
 
 
-def test_plan_says_shared_only_when_the_index_names_files_all_here(tmp_path: Path) -> None:
+def test_plan_guesses_shared_on_a_network_fs_where_the_index_names_files_all_here(
+        tmp_path: Path) -> None:
     index = json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}})
     (tmp_path / "model.safetensors.index.json").write_text(index)
     comps = [{"name": "model.safetensors.index.json", "size": len(index)},
              {"name": "model-1.safetensors", "size": 100},
              {"name": "model-2.safetensors", "size": 90}]
     files = shares.opener(str(tmp_path))
-    plan = shares.plan(comps, 2, 1, False, files)
+    plan = shares.plan(comps, 2, 1, False, files, network_fs=True)
     assert plan is not None and plan.mine == 1 and plan.nodes == 2
     assert plan.shares == [["model-1.safetensors"],
                            ["model-2.safetensors", "model.safetensors.index.json"]]
     assert plan.share_bytes(1) == 90 + len(index)
+    # on a local filesystem never guessed: node 0 may be the only node that wrote any
+    assert shares.plan(comps, 2, 1, False, files) is None
     # node-local: this node holds the index but not every file it names
-    assert shares.plan(comps[:2], 2, 0, False, files) is None
+    assert shares.plan(comps[:2], 2, 0, False, files, network_fs=True) is None
     # no index: only when the rule says shared
-    assert shares.plan(comps[1:], 2, 0, False, files) is None
+    assert shares.plan(comps[1:], 2, 0, False, files, network_fs=True) is None
     assert shares.plan(comps[1:], 2, 0, True, files) is not None
     assert shares.plan(comps, 1, 0, True, files) is None  # one node
     assert shares.plan(comps, 2, None, True, files) is None  # no rank
