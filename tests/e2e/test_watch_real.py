@@ -219,13 +219,16 @@ def cpu_burners(n: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def test_hf_trainer_with_both_cores_busy(tmp_path: Path) -> None:
     """(f) (a) again while two CPU burners keep both cores busy; the daemon at its default
-    nice and I/O class (the other tests keep the runner's priority)."""
+    nice and I/O class (the other tests keep the runner's priority). A save every 1.6 s, so
+    each checkpoint lives about 3.2 s: at 0.8 s, a slow run of the whole suite on this VM
+    once saw checkpoint-8 deleted by the rotation while the niced daemon was still linking
+    it (recorded lost, with its reason)."""
     defaults = AgentSection()
     env = {"CHRONICLE_AGENT_AGENT__NICE": str(defaults.nice),
            "CHRONICLE_AGENT_AGENT__IO_CLASS": defaults.io_class}
     with start_daemon(env) as d, cpu_burners(os.cpu_count() or 2):
         assert os.getpriority(os.PRIO_PROCESS, d.pid or 0) == defaults.nice
-        hf_case(d, tmp_path, "run_hf_busy", tmp_path / "hf" / "out")
+        hf_case(d, tmp_path, "run_hf_busy", tmp_path / "hf" / "out", "--pause-s", "0.8")
 
 
 def test_checkpoint_rotated_away_while_the_staging_area_is_full_is_lost(
